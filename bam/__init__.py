@@ -1,0 +1,28 @@
+"""bam: self-supervised visual pretraining with Balanced self-Attention Matching.
+
+The objective (`BAMLoss`) is importable without Lightning; the training, evaluation and
+checkpoint APIs are loaded on first use so that `import bam` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from bam.losses import BAMLoss, balanced_target, bam_loss, positive_mask
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily, on first attribute access)
+_LAZY = {
+    "BAMModule": "bam.methods.bam",
+    "build_backbone": "bam.models.backbones",
+    "Projector": "bam.models.projector",
+}
+
+__all__ = ["BAMLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bam' has no attribute {name!r}")

@@ -1,0 +1,41 @@
+"""The projection head between backbone features and the objective's embedding space."""
+from __future__ import annotations
+
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class Projector(nn.Sequential):
+    """MLP of `num_layers` linear layers: in -> hidden -> ... -> out.
+
+    The authors' ViT default is 3 layers, 4096 hidden, 4096 out, GELU, bias, no batch norm. Small
+    CNNs need `batch_norm=True` to leave the uniform-attention start (loss at log N).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 4096,
+        out_dim: int = 4096,
+        num_layers: int = 3,
+        activation: str = "gelu",
+        batch_norm: bool = False,
+        last_batch_norm: bool = False,
+        bias: bool = True,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"the projector needs at least 1 layer, got num_layers={num_layers}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown projector activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for index, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+            last = index == num_layers - 1
+            layers.append(nn.Linear(d_in, d_out, bias=bias))
+            if (batch_norm and not last) or (last and last_batch_norm):
+                layers.append(nn.BatchNorm1d(d_out, affine=not last))
+            if not last:
+                layers.append(ACTIVATIONS[activation]())
+        super().__init__(*layers)
+        self.out_dim = out_dim

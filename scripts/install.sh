@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything bam needs on a fresh Debian/Ubuntu machine, idempotently:
+# system libraries (for the optional FFCV loader), then a virtual environment at ./.venv with
+# bam installed in editable mode and its test extras. The environment is cached under
+# ~/.cache/bam keyed by a hash of setup.cfg, so re-running after a fresh clone is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+system_packages=(libturbojpeg0-dev libopencv-dev pkg-config)
+if ! dpkg -s "${system_packages[@]}" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${system_packages[@]}" >/dev/null
+fi
+
+key=$(cat setup.cfg scripts/install.sh | sha1sum | cut -c1-12)
+cached="${BAM_CACHE:-$HOME/.cache/bam}/venv-$key"
+if [ ! -x "$cached/bin/bam" ] || [ ! -f "$cached/.complete" ]; then
+  rm -rf "$cached"
+  python3 -m venv "$cached"
+  "$cached/bin/pip" install -q --upgrade pip "setuptools>=64" wheel
+  "$cached/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
+  "$cached/bin/pip" install -q -e ".[test]"
+  touch "$cached/.complete"
+fi
+# The cached environment may have been made from another clone: point it at this one.
+"$cached/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
+ln -sfn "$cached" .venv
+echo "bam environment ready: $(pwd)/.venv"
