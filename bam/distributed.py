@@ -66,3 +66,16 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
+
+
+@torch.no_grad()
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate the rows of `tensor` from every process (row counts may differ); every
+    returned row was really written by some process (no padding rows survive)."""
+    if not is_distributed():
+        return tensor
+    counts = gather(torch.tensor([tensor.shape[0]], device=tensor.device)).flatten().tolist()
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = gather(padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])

@@ -1,0 +1,3 @@
+from bam.cli import main
+
+main()

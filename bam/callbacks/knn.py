@@ -1,0 +1,97 @@
+"""Online k-NN evaluation of the backbone during pretraining (authors' protocol)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Subset
+
+from bam.distributed import gather_rows, rank, world_size
+from bam.evaluation.knn import knn_accuracy
+from bam.models import build_backbone
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class OnlineKNN(pl.Callback):
+    """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one.
+
+    The datamodule provides `knn_dataloaders() -> (bank, query)` loaders of labelled, normalised
+    images (the bank is already bounded by the datamodule's `knn_bank_fraction`). Under DDP each
+    process embeds its own shard and the shards are gathered, so every row of the bank is real.
+
+    With `compare_baselines`, the end of training also evaluates the same architecture randomly
+    initialised and k-NN on raw pixels on the same split, prints the three side by side and
+    writes them to `knn_report.json` in the run's log directory.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        compare_baselines: bool = False,
+    ) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.k = k
+        self.temperature = temperature
+        self.compare_baselines = compare_baselines
+        self.report: dict[str, dict[int, float]] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
+        pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=False)
+        self.report["trained backbone"] = accuracy
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.compare_baselines:
+            return
+        hp = pl_module.hparams
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            random_net = build_backbone(hp.backbone, **(hp.backbone_kwargs or {})).to(pl_module.device)
+        self.report["random init (same architecture)"] = self.evaluate(trainer, random_net, random_net)
+        self.report["raw pixels"] = self.evaluate(trainer, lambda images: images.flatten(1), None)
+        self._print_and_save(trainer)
+
+    def evaluate(self, trainer: pl.Trainer, features: FeatureFn, module: torch.nn.Module | None) -> dict[int, float]:
+        bank_loader, query_loader = trainer.datamodule.knn_dataloaders()
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.eval()
+        try:
+            bank, bank_labels = _embed(bank_loader, features, trainer.strategy.root_device)
+            query, query_labels = _embed(query_loader, features, trainer.strategy.root_device)
+        finally:
+            if module is not None:
+                module.train(was_training)
+        return knn_accuracy(bank, bank_labels, query, query_labels, self.k, self.temperature)
+
+    def _print_and_save(self, trainer: pl.Trainer) -> None:
+        lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]
+        for name, accuracy in self.report.items():
+            lines.append(f"{name:<40} {accuracy[1]:>6.2f}% {accuracy[5]:>6.2f}%")
+        rank_zero_info("\n".join(lines))
+        if trainer.is_global_zero and trainer.log_dir:
+            path = Path(trainer.log_dir) / "knn_report.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({name: {"top1": a[1], "top5": a[5]} for name, a in self.report.items()}, indent=2))
+
+
+@torch.no_grad()
+def _embed(loader: DataLoader, features: FeatureFn, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of this process's shard of `loader`'s dataset, gathered over processes."""
+    shard = Subset(loader.dataset, range(rank(), len(loader.dataset), world_size()))
+    shard_loader = DataLoader(shard, batch_size=loader.batch_size, num_workers=loader.num_workers)
+    outputs, labels = [], []
+    for images, targets in shard_loader:
+        outputs.append(features(images.to(device)).float())
+        labels.append(targets.to(device))
+    return gather_rows(torch.cat(outputs)), gather_rows(torch.cat(labels))

@@ -1,0 +1,40 @@
+"""The `bam` command: one entry point, one subcommand per stage.
+
+Each stage lives in its own module and exposes `main(argv: list[str])`; this file only maps
+names to those modules, so adding a stage is one line in `STAGES`.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+# stage name -> (module defining `main(argv)`, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: bam STAGE [options]   (bam STAGE --help for a stage's options)", "", "stages:"]
+    lines += [f"  {name:<{width}}  {description}" for name, (_, description) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        sys.exit(f"bam: unknown stage {stage!r}.{hint}\n\n{usage()}")
+    module, _ = STAGES[stage]
+    importlib.import_module(module).main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The base LightningModule every pretraining method builds on.
+
+It owns what methods share: the student encoder (timm backbone + projector) and its optional
+momentum teacher, the optimiser (timm's factory, no weight decay on biases and 1-D parameters),
+the per-step schedules (lr warm-up + cosine, cosine weight decay, cosine teacher momentum), the
+multi-crop plumbing and the loss health checks. A method implements `compute_loss` only.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from bam.methods.monitoring import LossMonitor
+from bam.methods.schedules import cosine
+from bam.models import Projector, build_backbone, feature_dim
+from bam.models.encoder import MultiCropEncoder
+
+
+class SSLMethod(pl.LightningModule):
+    """Shared training logic of the self-supervised methods.
+
+    Args:
+        backbone: timm model name (bam's presets included, see `bam.models.backbones`).
+        backbone_kwargs: extra keyword arguments for `timm.create_model`.
+        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm,
+        proj_last_batch_norm, proj_bias: the projector MLP (see `bam.models.Projector`).
+        momentum_teacher: keep an EMA copy of the student that embeds the targets.
+        teacher_momentum, teacher_momentum_final: cosine EMA momentum schedule over all steps.
+        optimizer: any name timm's optimiser factory knows (adamw, sgd, lars, lamb, ...).
+        lr: peak learning rate per 256 images; the peak used is `lr * global_batch / 256`.
+        min_lr: final learning rate of the cosine decay.
+        warmup_epochs: linear learning-rate warm-up, in epochs (applied per step).
+        weight_decay, weight_decay_final: cosine weight-decay schedule (biases and 1-D parameters
+            are never decayed).
+        sgd_momentum: momentum of SGD-like optimisers (sgd, lars).
+        gradient_checkpointing: recompute backbone activations in backward to save memory.
+        compile_backbone: `torch.compile` the student backbone in place (keys stay unchanged).
+        sync_batchnorm: convert batch norm to SyncBatchNorm when training on several processes.
+        stuck_loss_patience: steps at log(N) before warning that nothing is learned (0 = off).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "bam_vit_small_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        proj_hidden_dim: int = 4096,
+        proj_out_dim: int = 4096,
+        proj_layers: int = 3,
+        proj_activation: str = "gelu",
+        proj_batch_norm: bool = False,
+        proj_last_batch_norm: bool = False,
+        proj_bias: bool = True,
+        momentum_teacher: bool = False,
+        teacher_momentum: float = 0.995,
+        teacher_momentum_final: float = 1.0,
+        optimizer: str = "adamw",
+        lr: float = 3e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10,
+        weight_decay: float = 0.04,
+        weight_decay_final: float = 0.4,
+        sgd_momentum: float = 0.9,
+        gradient_checkpointing: bool = False,
+        compile_backbone: bool = False,
+        sync_batchnorm: bool = True,
+        stuck_loss_patience: int = 200,
+    ) -> None:
+        super().__init__()
+        # Called here so that the subclass's arguments (collected from its __init__ frame too)
+        # and every default end up in the checkpoint's hyper_parameters.
+        self.save_hyperparameters()
+        net = build_backbone(backbone, **(backbone_kwargs or {}))
+        if gradient_checkpointing:
+            _enable_gradient_checkpointing(net, backbone)
+        head = Projector(
+            feature_dim(net),
+            proj_hidden_dim,
+            proj_out_dim,
+            proj_layers,
+            proj_activation,
+            proj_batch_norm,
+            proj_last_batch_norm,
+            proj_bias,
+        )
+        self.student = MultiCropEncoder(net, head)
+        # Created here (never later) so every checkpoint has the teacher's keys and resumes fit.
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False) if momentum_teacher else None
+        if compile_backbone:
+            self.student.backbone.compile()
+        self.loss_monitor = LossMonitor(patience=stuck_loss_patience)
+        self.steps_per_epoch = 1
+        self.total_steps = 1
+
+    # ----------------------------------------------------------------- method interface
+    def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chance_level(self) -> float:
+        """Loss value of an untrained (uniform) model; `nan` disables the stuck-loss check."""
+        return float("nan")
+
+    def on_schedule(self, step: int) -> dict[str, float]:
+        """Set method-specific scheduled values for `step`; return them for logging."""
+        return {}
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
+        crops, _ = batch
+        loss = self.compute_loss(crops)
+        self.loss_monitor.update(loss.item(), self.global_step, self.chance_level())
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        values = {"weight_decay": self._set_weight_decay(step), **self.on_schedule(step)}
+        if self.teacher is not None:
+            values["teacher_momentum"] = self.teacher_momentum_at(step)
+        values["lr"] = self.trainer.optimizers[0].param_groups[-1]["lr"]
+        self.log_dict({f"train/{name}": value for name, value in values.items()})
+
+    def teacher_embeddings(self, crops: list[torch.Tensor]) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(crops)
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features used for evaluation: the teacher's when there is one."""
+        encoder = self.teacher if self.teacher is not None else self.student
+        return encoder.backbone(images)
+
+    # ----------------------------------------------------------------- schedules
+    def teacher_momentum_at(self, step: int) -> float:
+        hp = self.hparams
+        return cosine(hp.teacher_momentum, hp.teacher_momentum_final, step, self.total_steps)
+
+    def weight_decay_at(self, step: int) -> float:
+        hp = self.hparams
+        return cosine(hp.weight_decay, hp.weight_decay_final, step, self.total_steps)
+
+    def _set_weight_decay(self, step: int) -> float:
+        value = self.weight_decay_at(step)
+        for group in self.trainer.optimizers[0].param_groups:
+            if group.get("initial_weight_decay", 0.0) > 0:
+                group["weight_decay"] = value
+        return value
+
+    @torch.no_grad()
+    def _update_teacher(self, *_: Any) -> None:
+        """EMA step, run as the optimiser's post-step hook: only after a step really happened
+        (a step skipped by the fp16 grad scaler or an accumulation step does not move it)."""
+        momentum = self.teacher_momentum_at(self.global_step)
+        teacher = list(self.teacher.parameters())
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    # ----------------------------------------------------------------- optimisation
+    def global_batch_size(self) -> int:
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        self.steps_per_epoch = max(self.total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        peak_lr = hp.lr * self.global_batch_size() / 256
+        extra = {"momentum": hp.sgd_momentum} if hp.optimizer in ("sgd", "lars", "nesterov", "momentum") else {}
+        optimizer = create_optimizer_v2(self.student, hp.optimizer, lr=peak_lr, weight_decay=hp.weight_decay, **extra)
+        for group in optimizer.param_groups:
+            group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+        if self.teacher is not None:
+            optimizer.register_step_post_hook(self._update_teacher)
+        warmup = int(hp.warmup_epochs * self.steps_per_epoch)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(self.total_steps - warmup, 1),
+            lr_min=hp.min_lr,
+            warmup_t=warmup,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            if self.teacher is not None:
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+
+
+def _enable_gradient_checkpointing(backbone: nn.Module, name: str) -> None:
+    try:
+        backbone.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as error:
+        raise ValueError(f"backbone {name!r} does not support gradient checkpointing ({error})") from error
