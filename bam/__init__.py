@@ -17,6 +17,8 @@ _LAZY = {
     "BAMModule": "bam.methods.bam",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
+    "load_backbone": "bam.io.export",
+    "export_backbone": "bam.io.export",
 }
 
 __all__ = ["BAMLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]

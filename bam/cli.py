@@ -12,6 +12,8 @@ import sys
 # stage name -> (module defining `main(argv)`, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
+    "export": ("bam.io.export", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
+    "convert": ("bam.io.convert", "convert an authors' released checkpoint into a bam backbone export"),
 }
 
 

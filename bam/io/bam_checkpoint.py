@@ -1,0 +1,44 @@
+"""bam's own pretraining checkpoints (written by Lightning).
+
+Layout: `{'state_dict': ..., 'hyper_parameters': ..., 'epoch': ..., 'global_step': ..., ...}`.
+`state_dict` holds `student.backbone.*`, `student.projector.*` and, with a momentum teacher,
+`teacher.backbone.*`, `teacher.projector.*`. `hyper_parameters` names the backbone:
+`backbone` (timm model name), `backbone_kwargs` (dict or None) and optionally `image_size` (the
+global crop size).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bam.io.state import DEFAULT_IMAGE_SIZE, BackboneSpec, CheckpointFormatError, select_encoder
+
+
+def is_bam_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """True for a Lightning checkpoint (weights under `state_dict`, with `hyper_parameters`)."""
+    return "state_dict" in checkpoint and "hyper_parameters" in checkpoint
+
+
+def bam_checkpoint_spec(
+    checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None
+) -> BackboneSpec:
+    """The backbone of the `which` encoder (teacher when present by default) of a bam checkpoint.
+
+    `arch` overrides the timm model name stored in the hyper-parameters.
+    """
+    hparams = checkpoint["hyper_parameters"]
+    model_name = arch if arch is not None else hparams.get("backbone")
+    if not isinstance(model_name, str):
+        raise CheckpointFormatError(
+            f"the checkpoint's hyper_parameters name no backbone (a timm model name under 'backbone'; "
+            f"found keys {sorted(hparams)}); pass arch= / --arch"
+        )
+    encoder, state = select_encoder(checkpoint["state_dict"], which)
+    return BackboneSpec(
+        model_name,
+        dict(hparams.get("backbone_kwargs") or {}),
+        state,
+        encoder,
+        source_format="bam",
+        image_size=int(hparams.get("image_size", DEFAULT_IMAGE_SIZE)),
+    )

@@ -1,0 +1,168 @@
+"""Find an encoder's backbone weights in a checkpoint and load them strictly into a timm model.
+
+Checkpoint keys carry the path of the module that owned each tensor: `teacher.backbone.blocks...`,
+plus wrapper levels that training added: `module.` (DistributedDataParallel) and `_orig_mod.`
+(`torch.compile`), at any level. Prefixes are removed as whole strings, never with `str.lstrip`,
+which strips a *character set* (`"backbone.bn1.weight".lstrip("backbone.") == "1.weight"`).
+Weights are matched strictly: a mismatch is reported with the keys, never silently skipped.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+
+from bam.models.backbones import build_backbone
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+ENCODERS = ("teacher", "student")  # order of preference: the published numbers use the teacher
+DEFAULT_IMAGE_SIZE = 224  # the global crop size of the authors' recipes
+MAX_LISTED_KEYS = 8
+
+
+class CheckpointFormatError(ValueError):
+    """The checkpoint does not have the layout that was expected (keys or entries missing)."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's weights do not fit the architecture they were loaded into."""
+
+
+def strip_prefix(key: str, prefix: str) -> str | None:
+    """`key` without the leading string `prefix`, or None when `key` does not start with it."""
+    return key[len(prefix):] if key.startswith(prefix) else None
+
+
+def _unwrap(key: str) -> str:
+    """`key` without the wrapper levels (`module.`, `_orig_mod.`) at its start."""
+    for prefix in WRAPPER_PREFIXES:
+        rest = strip_prefix(key, prefix)
+        if rest is not None:
+            return _unwrap(rest)
+    return key
+
+
+def _relative_key(key: str, path: Sequence[str]) -> str | None:
+    """`key` relative to the module at `path` (names of nested modules), or None if outside it."""
+    rest: str | None = _unwrap(key)
+    for name in path:
+        rest = strip_prefix(rest, f"{name}.")
+        if rest is None:
+            return None
+        rest = _unwrap(rest)
+    return rest
+
+
+def submodule_state(state: Mapping[str, Tensor], path: Sequence[str]) -> dict[str, Tensor]:
+    """The entries of `state` that belong to the module at `path`, e.g. `("teacher", "backbone")`,
+    keyed relative to it. Wrapper levels are skipped wherever they appear along the path."""
+    relative = ((_relative_key(key, path), value) for key, value in state.items())
+    return {key: value for key, value in relative if key is not None}
+
+
+def select_encoder(
+    state: Mapping[str, Tensor], which: str | None = None, part: str = "backbone"
+) -> tuple[str, dict[str, Tensor]]:
+    """The `part` weights of the encoder `which` ("teacher" or "student"), as (encoder, state).
+
+    `which=None` takes the teacher when the checkpoint has one, else the student. An explicit
+    encoder that the checkpoint lacks is an error (a silent fallback would report numbers of the
+    wrong network).
+    """
+    if which is not None and which not in ENCODERS:
+        raise ValueError(f"which must be one of {ENCODERS} or None, got {which!r}")
+    found = {name: submodule_state(state, (name, part)) for name in ENCODERS}
+    present = [name for name in ENCODERS if found[name]]
+    if not present or (which is not None and which not in present):
+        wanted = which or " or ".join(ENCODERS)
+        raise CheckpointFormatError(
+            f"the checkpoint has no {wanted} {part} weights (encoders found: {present or 'none'}); "
+            f"its keys look like: {_listing(sorted(state))}"
+        )
+    encoder = which or present[0]
+    return encoder, found[encoder]
+
+
+def _listing(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return f"{shown}, ... (+{more} more)" if more > 0 else shown
+
+
+def _classifier_name(model: nn.Module) -> str | None:
+    """Qualified name of timm's classifier module (`head` for ViTs, `head.fc` for MetaFormers)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if get_classifier is None:
+        return None
+    classifier = get_classifier()
+    return next((name for name, module in model.named_modules() if module is classifier), None)
+
+
+def _without_classifier(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drop classifier weights that the feature extractor (built with num_classes=0) has no place
+    for; everything else, a MetaFormer's `head.norm` included, still has to match."""
+    name = _classifier_name(model)
+    expected = model.state_dict()
+    dropped = [key for key in state if name and key.startswith(f"{name}.") and key not in expected]
+    if dropped:
+        warnings.warn(
+            f"ignoring {len(dropped)} classifier weights ({_listing(dropped)}): "
+            "bam loads backbones without a classifier"
+        )
+    return {key: value for key, value in state.items() if key not in dropped}
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], arch: str) -> None:
+    """Load `state` into `model` (built as `arch`), requiring every key and shape to match.
+
+    Raises `CheckpointMismatchError` listing missing, unexpected and reshaped keys (with counts).
+    """
+    state = _without_classifier(model, state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [
+        f"{key} (file {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
+        for key in sorted(set(expected) & set(state))
+        if state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatchError(_mismatch_message(arch, missing, unexpected, reshaped))
+    model.load_state_dict(state, strict=True)
+
+
+def _mismatch_message(arch: str, missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:
+    groups = {
+        "missing (in the model, not in the file)": missing,
+        "unexpected (in the file, not in the model)": unexpected,
+        "shape mismatch": reshaped,
+    }
+    lines = [f"  {len(keys)} {title}: {_listing(keys)}" for title, keys in groups.items() if keys]
+    return (
+        f"the checkpoint's backbone weights do not fit architecture {arch!r}:\n" + "\n".join(lines)
+        + "\nLoad it as the architecture that wrote it (arch= / --arch)."
+    )
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild one trained backbone: the timm model and its weights."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    state: dict[str, Tensor]
+    encoder: str
+    source_format: str
+    image_size: int = DEFAULT_IMAGE_SIZE
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # the authors' and bam's input normalisation
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+
+    def build(self) -> nn.Module:
+        """The timm feature extractor with these weights loaded strictly, in eval mode."""
+        model = build_backbone(self.model_name, **self.model_kwargs)
+        load_state_strict(model, self.state, self.model_name)
+        return model.eval()
