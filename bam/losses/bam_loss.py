@@ -7,13 +7,15 @@ comments below refer to its step numbers. Embeddings are crop-major: rows
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from bam import distributed
-from bam.losses.sinkhorn import sinkhorn_log
+from bam.losses.sinkhorn import sinkhorn_
 
 
 def positive_mask(
@@ -36,22 +38,55 @@ def positive_mask(
     return row_image.unsqueeze(1) == column_image.unsqueeze(0)
 
 
+def fill_positives_(
+    matrix: torch.Tensor,
+    value: float,
+    num_crops: int,
+    batch_size: int,
+    num_target_crops: int,
+    world_size: int = 1,
+    rank: int = 0,
+) -> torch.Tensor:
+    """Write `value` in place at exactly the entries :func:`positive_mask` marks; returns `matrix`.
+
+    The positives form a strided diagonal (crop v, target crop t, image b) of the contiguous
+    `(V*B, T*W*B)` matrix, so this touches `V*T*B` entries instead of reading a full boolean mask.
+    """
+    blocks = matrix.view(num_crops, batch_size, num_target_crops, world_size, batch_size)
+    blocks[:, :, :, rank].diagonal(dim1=1, dim2=3).fill_(value)
+    return matrix
+
+
 def balanced_target(
     similarity: torch.Tensor,
     mask: torch.Tensor | None = None,
     reg: float = 0.05,
     sinkhorn_iterations: int = 3,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """The no-gradient Sinkhorn target of step 5: rows of `exp(similarity / reg)` balanced over
-    the whole (distributed) batch, each row a distribution, masked entries exactly zero.
+    the whole (distributed) batch, each row a distribution, masked entries exactly zero. Only the
+    first `rows` rows are returned (all by default); all of them take part in the balancing.
 
-    Computed in float32 in the log domain, so fp16/bf16 inputs and `reg` down to 0.01 are safe.
+    Computed in float32 (float64 inputs stay float64) with every line stabilised by its maximum
+    (see `bam.losses.sinkhorn`), so fp16/bf16 inputs and `reg` down to 0.01 are safe.
     """
     with torch.no_grad():
-        logits = similarity.detach().float() / reg
+        logits = _target_logits(similarity, reg)
         if mask is not None:
-            logits = logits.masked_fill(mask, -math.inf)
-        return sinkhorn_log(logits, sinkhorn_iterations)
+            logits.masked_fill_(mask, -math.inf)
+        return sinkhorn_(logits, sinkhorn_iterations, rows)
+
+
+def _target_logits(similarity: torch.Tensor, reg: float) -> torch.Tensor:
+    """A fresh `similarity / reg` in the compute dtype, free to be overwritten."""
+    return similarity.detach().to(compute_dtype(similarity)) / reg
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (exact gradient checks); anything else is computed in float32, since
+    similarities near 1 lose precision and `exp` overflows in half precision."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def keep_top_k(targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,10 +95,18 @@ def keep_top_k(targets: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k <= 0 or k >= targets.shape[-1]:
         return targets
-    top = targets.mean(dim=0).topk(k, dim=-1).indices
-    keep = torch.zeros_like(targets[0], dtype=torch.bool).scatter_(-1, top, True)
-    sparse = targets * keep
-    return sparse / sparse.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sparse.dtype).tiny)
+    return keep_top_k_(targets.clone(), k)
+
+
+def keep_top_k_(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`keep_top_k` in place (for targets the caller owns)."""
+    if k <= 0 or k >= targets.shape[-1]:
+        return targets
+    # Only the set of kept columns matters, so skip sorting it (about twice as fast on CPU).
+    top = targets.sum(dim=0).topk(k, dim=-1, sorted=False).indices  # the sum ranks as the mean
+    keep = torch.zeros_like(targets[0]).scatter_(-1, top, 1.0)
+    targets.mul_(keep)
+    return targets.div_(targets.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(targets.dtype).tiny))
 
 
 def _check_inputs(
@@ -112,20 +155,30 @@ def bam_loss(
     num_target_crops = _validate_crop_counts(num_crops, num_global_crops, num_target_crops)
     world, rank = distributed.world_size(), distributed.rank()
     batch = _check_inputs(student, teacher, num_crops, positive_masking, world)
-    # Similarities near 1 lose precision in half precision: the objective runs in float32.
+    # Similarities near 1 lose precision in half precision: the objective runs in float32 (or in
+    # float64 when given float64). The teacher is detached: it never receives gradient (step 1).
+    dtype = compute_dtype(student)
     with torch.autocast(device_type=student.device.type, enabled=False):
-        z = F.normalize(student.float(), dim=1)  # step 1
-        z_target = F.normalize(teacher.float(), dim=1) if teacher is not None else None
+        z = F.normalize(student.to(dtype), dim=1)  # step 1
+        z_target = F.normalize(teacher.detach().to(dtype), dim=1) if teacher is not None else None
         keys = _target_columns(z if z_target is None else z_target, num_target_crops, batch)
         similarity = z @ keys.T  # step 3
         target_similarity = similarity if z_target is None else z_target @ keys.T
-        mask = None
-        if positive_masking:
-            mask = positive_mask(num_crops, batch, num_target_crops, world, rank, student.device)
-        target = balanced_target(target_similarity, mask, reg, sinkhorn_iterations)  # step 5
-        target = keep_top_k(target[: num_global_crops * batch].view(num_global_crops, batch, -1), top_k)
-        log_source = _log_source(similarity, mask, temperature).view(num_crops, batch, -1)  # step 6
-        return _cross_view_entropy(target, log_source)  # step 7
+
+        def mask_(matrix: torch.Tensor, value: float) -> torch.Tensor:  # step 4
+            if not positive_masking:
+                return matrix
+            return fill_positives_(matrix, value, num_crops, batch, num_target_crops, world, rank)
+
+        with torch.no_grad():  # step 5
+            # A teacher's similarities are needed for nothing else: overwrite them.
+            if z_target is None:
+                logits = _target_logits(target_similarity, reg)
+            else:
+                logits = target_similarity.div_(reg)
+            target = sinkhorn_(mask_(logits, -math.inf), sinkhorn_iterations, rows=num_global_crops * batch)
+            target = keep_top_k_(target.view(num_global_crops, batch, -1), top_k)
+        return _SourceCrossEntropy.apply(similarity, target, temperature, mask_)  # steps 6 and 7
 
 
 def _validate_crop_counts(num_crops: int, num_global_crops: int, num_target_crops: int | None) -> int:
@@ -150,28 +203,66 @@ def _target_columns(embeddings: torch.Tensor, num_target_crops: int, batch: int)
     return gathered.view(world, num_target_crops, batch, dim).transpose(0, 1).reshape(-1, dim)
 
 
-def _log_source(similarity: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    logits = similarity / temperature
-    if mask is None:
-        return logits.log_softmax(dim=1)
-    # Masked entries are -inf inside the softmax and exactly 0 afterwards, so that the zero target
-    # there multiplies a finite number (never 0 * -inf) and they receive no gradient.
-    return logits.masked_fill(mask, -math.inf).log_softmax(dim=1).masked_fill(mask, 0.0)
+class _SourceCrossEntropy(torch.autograd.Function):
+    """Steps 6 and 7 with a hand-written backward: the masked log-softmax source over the columns
+    and its cross-entropy with every other view's target, from `(V*B, N)` similarities and fixed
+    `(G, B, N)` targets.
 
+    Why not plain autograd: dividing, masking in place, `log_softmax` and a weighted sum traverse
+    the `(V*B, N)` matrix about a dozen times in forward+backward and allocate about seven fresh
+    ones; this traverses it about eight times and allocates two, which matters once the matmul is
+    cheap (small D; see tests/benchmarks/bench_loss.py). Double backward is unsupported.
 
-def _cross_view_entropy(target: torch.Tensor, log_source: torch.Tensor) -> torch.Tensor:
-    """Step 7 without a loop over view pairs.
-
-    sum_{t<G} sum_{v != t} <P_t, log q_v> = <sum_t P_t, sum_v log q_v> - sum_t <P_t, log q_t>,
-    which costs two `(B, N)` products whatever the number of pairs.
+    The loss, with log q = l - lse(l) and per-view weights W_v = sum_t P_t - [v < G] P_v
+    (W_0 = P_0 when V = 1), is  -1/C * sum_v <W_v, log q_v>  where C = B * (number of pairs),
+    and its gradient w.r.t. the logits is  1/C * (rowsum(W) * softmax(l) - W).
     """
-    num_global, batch = target.shape[0], target.shape[1]
-    num_crops = log_source.shape[0]
-    same_view = (target * log_source[:num_global]).sum()
-    if num_crops == 1:
-        return -same_view / batch
-    all_pairs = (target.sum(dim=0) * log_source.sum(dim=0)).sum()
-    return -(all_pairs - same_view) / (batch * num_global * (num_crops - 1))
+
+    @staticmethod
+    def forward(
+        ctx, similarity: torch.Tensor, target: torch.Tensor, temperature: float, mask_: Callable
+    ) -> torch.Tensor:
+        num_global, batch, columns = target.shape
+        num_crops = similarity.shape[0] // batch
+        # Masked logits are set far below any other (cosine similarities lie in [-1, 1]): their
+        # softmax weight is exactly 0 in float32 and float64, as if removed, yet they stay finite,
+        # so the zero target there contributes exactly 0 (never 0 * -inf) and gets no gradient.
+        logits = mask_(similarity * (1.0 / temperature), -1.0 / temperature - 1000.0)
+        targets = target.view(num_global * batch, columns)
+        mass = targets.sum(dim=1)  # each target row's total, 1 up to rounding
+        # sum_v <W_v, x_v> = <sum_t P_t, sum_v x_v> - sum_t <P_t, x_t>, for x = l (now) and lse.
+        if num_crops == 1:
+            row_weight = mass
+            weighted = torch.dot(targets.view(-1), logits.view(-1))
+        else:
+            total, total_mass = target.sum(dim=0), mass.view(num_global, batch).sum(dim=0)
+            row_weight = total_mass.repeat(num_crops)
+            row_weight[: num_global * batch] -= mass
+            weighted = torch.dot(total.view(-1), logits.view(num_crops, -1).sum(dim=0))
+            weighted = weighted - torch.dot(targets.view(-1), logits[: num_global * batch].view(-1))
+        row_max = logits.amax(dim=1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()  # the unnormalised softmax, kept for backward
+        sum_exp = exp.sum(dim=1)
+        weighted = weighted - torch.dot(row_weight, row_max.squeeze(1) + sum_exp.log())
+        count = batch * (num_global * (num_crops - 1) if num_crops > 1 else 1)
+        ctx.save_for_backward(exp, row_weight / sum_exp, target)
+        ctx.scale = 1.0 / (count * temperature)
+        return weighted / -count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        exp, row_factor, target = ctx.saved_tensors
+        num_global, batch, columns = target.shape
+        num_crops = exp.shape[0] // batch
+        scale = grad_loss * ctx.scale
+        grad = exp * (row_factor * scale).unsqueeze(1)  # rowsum(W) * softmax; 0 where masked
+        targets = target.view(num_global * batch, columns) * scale
+        if num_crops == 1:
+            return grad.sub_(targets), None, None, None
+        grad.view(num_crops, batch, columns).sub_(targets.view(num_global, batch, columns).sum(dim=0))
+        grad[: num_global * batch].add_(targets)
+        return grad, None, None, None
 
 
 class BAMLoss(nn.Module):
