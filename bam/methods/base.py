@@ -20,6 +20,7 @@ from bam.methods.monitoring import LossMonitor
 from bam.methods.schedules import cosine
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
 class SSLMethod(pl.LightningModule):
@@ -197,9 +198,11 @@ class SSLMethod(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            # torch's SyncBatchNorm on GPUs; on CPU processes (gloo) bam's, as torch's refuses CPU.
+            device = self.trainer.strategy.root_device.type
+            self.student = convert_sync_batchnorm(self.student, device)
             if self.teacher is not None:
-                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+                self.teacher = convert_sync_batchnorm(self.teacher, device)
 
 
 def _enable_gradient_checkpointing(backbone: nn.Module, name: str) -> None:

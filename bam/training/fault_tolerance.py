@@ -1,0 +1,204 @@
+"""Preemption-safe training: checkpoint on a signal at a step boundary, write checkpoints atomically.
+
+Why not Lightning's own handlers: on SLURM, Lightning saves its checkpoint *inside* the SIGUSR1
+handler, i.e. wherever Python happened to be (possibly between the optimiser's update of its
+moments and of the parameters, or inside a collective on another rank), and without SLURM a
+SIGTERM stops the run without any checkpoint. Here a signal only sets a flag; at the end of the
+current batch every rank learns whether any rank was signalled (one tiny all-reduce per step),
+and then all of them save one consistent mid-epoch checkpoint, requeue the SLURM job if asked to,
+and leave with exit status 0. With `ResumableDataLoader`, restarting the same command with
+`--ckpt_path last` continues at the next batch as if nothing had happened.
+
+The callback also carries the position of `ResumableDataLoader`s in its own checkpoint state and
+puts it back when training starts. Lightning saves a stateful loader's state too, but restores it
+only when it builds the loader after the checkpoint is loaded; a method whose
+`configure_optimizers` asks for `trainer.estimated_stepping_batches` (as `SSLMethod` does, for its
+schedules) makes it build the loader earlier, and the restored position would be dropped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from bam.training.resumable import ResumableDataLoader
+from bam.training.slurm import in_slurm_job, requeue_slurm_job
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On any of `signals`: finish the batch, save `<checkpoint dir>/last.ckpt`, exit cleanly.
+
+    Args:
+        signals: names of the signals that mean "stop and save" (SLURM sends SIGUSR1 ahead of the
+            time limit with `--signal=USR1@<seconds>`; preemption and `scancel` send SIGTERM).
+        requeue_signals: of those, the ones after which a SLURM job requeues itself
+            (`scontrol requeue`), once the checkpoint is completely written. A SIGTERM from a
+            preemption is not among them: SLURM requeues preempted jobs itself when configured to.
+
+    The checkpoint goes to the first ModelCheckpoint's directory as `last.ckpt` (or
+    `<default_root_dir>/checkpoints/last.ckpt` without one), where `--ckpt_path last` finds it.
+    Exceptions (a non-finite loss included) never trigger a save: the last good checkpoint stays.
+    """
+
+    def __init__(
+        self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), requeue_signals: Sequence[str] = ("SIGUSR1",)
+    ) -> None:
+        self.signals = [signal.Signals[name] for name in signals]
+        self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
+        self.received: signal.Signals | None = None
+        self._previous_handlers: dict[signal.Signals, Any] = {}
+        self._trainer: pl.Trainer | None = None
+        self._loader_states: list[dict[str, int]] = []  # restored from a checkpoint, not yet applied
+
+    # ------------------------------------------------------------------ data position
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # state_dict() has no trainer argument
+
+    def state_dict(self) -> dict[str, Any]:
+        loaders = _resumable_loaders(self._trainer) if self._trainer is not None else []
+        return {"train_loaders": [loader.state_dict() for loader in loaders]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loader_states = list(state_dict.get("train_loaders", []))
+
+    # ------------------------------------------------------------------ signal handling
+    def _on_signal(self, signum: int, _: FrameType | None) -> None:
+        # Only a flag: the handler may run in the middle of anything, including a collective.
+        self.received = signal.Signals(signum)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set handlers
+        for signum in self.signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint is loaded and before the first batch is drawn (the loaders'
+        # iterators start lazily), so the epoch resumes at the saved batch.
+        loaders = _resumable_loaders(trainer)
+        if self._loader_states and len(loaders) == len(self._loader_states):
+            for loader, state in zip(loaders, self._loader_states):
+                loader.load_state_dict(state)
+        self._loader_states = []
+        # Lightning installs its handlers just before training starts; these replace them.
+        self.received = None
+        self._install()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    # ------------------------------------------------------------------ the step boundary
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        requeue = in_slurm_job() and trainer.strategy.reduce_boolean_decision(
+            self.received in self.requeue_signals, all=False
+        )
+        path = checkpoint_path(trainer)
+        rank_zero_info(f"Signal received: saving {path} at step {trainer.global_step} and stopping")
+        trainer.save_checkpoint(path)  # every rank; returns after rank 0 wrote it and all met
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
+        # Leave the loops here (as Lightning does on SIGTERM): ending the epoch normally would run
+        # the epoch-end hooks and checkpoint an unfinished epoch as finished. Exit status 0.
+        raise SIGTERMException
+
+
+def _resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:
+    """The trainer's training loaders that can resume mid-epoch (any nesting of lists/dicts)."""
+    pending, found = [trainer.train_dataloader], []
+    while pending:
+        item = pending.pop()
+        if isinstance(item, ResumableDataLoader):
+            found.append(item)
+        elif isinstance(item, dict):
+            pending.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            pending.extend(reversed(item))
+    return found
+
+
+def checkpoint_path(trainer: pl.Trainer) -> str:
+    """Where a preemption checkpoint goes: `last.ckpt` in the checkpoint directory, recorded as
+    that callback's last checkpoint so a later save of its own overwrites it rather than adding
+    `last-v1.ckpt`."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+        path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+        callback.last_model_path = path
+        return path
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that cannot leave a truncated file behind, whatever kills the process.
+
+    The checkpoint is written to a temporary file in the destination's own directory, flushed to
+    disk (fsync) and renamed over the destination (`os.replace`, atomic within one file system),
+    then the directory entry is flushed. A reader sees the old file or the complete new one.
+    Lightning's default writes through a temporary file in the system temp directory and moves
+    it: across file systems (local /tmp, checkpoints on a shared file system: the usual cluster
+    layout) that move is a copy, and a kill during the copy truncates the checkpoint. Remote
+    (fsspec) paths keep Lightning's behaviour: object stores replace objects atomically.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, Path(path))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)` through a same-directory temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a crash of the machine could otherwise undo it)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems do not support syncing a directory; the rename still happened
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,108 @@
+"""Data order that survives an interruption: resume in the middle of an epoch, batch for batch.
+
+Lightning restores the loop counters of a mid-epoch checkpoint but not the position of a plain
+`DataLoader`: it would start the epoch's data over while counting on from the saved batch, so
+the resumed run sees other images than the uninterrupted one (and some twice). Lightning does
+save and restore the `state_dict()` of any training loader that has one (before it creates the
+epoch's iterator), which is the hook used here:
+
+- `ResumableSampler` is a `DistributedSampler` (Lightning then leaves it in place under DDP):
+  epoch `e` is the permutation seeded by `(seed, e)`, process `r` of `W` takes its entries
+  `r, r + W, r + 2W, ...`, and it can start `start` samples into that list.
+- `ResumableDataLoader` counts the batches it has handed to the trainer in the current epoch
+  (not those prefetched by workers) and saves `{"epoch", "batches"}`; loading it makes the next
+  iterator skip exactly those batches.
+
+Usage in a data module (everything else as with a plain DataLoader):
+
+    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, ...)
+
+The sampler reads the process group when it is built, so build it in `train_dataloader()`
+(Lightning calls it after the group exists), not in `__init__`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def _process_group_shape() -> tuple[int, int]:
+    """(world size, rank) of the default group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """Per-epoch permutation seeded by `(seed, epoch)`, split over processes, startable mid-epoch.
+
+    Works without a process group (one process gets the whole permutation), so the same data
+    module runs on one device and on many. `len()` is always the full epoch of this process,
+    which Lightning uses for the schedules, whatever `start` is.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        world, own_rank = _process_group_shape()
+        super().__init__(
+            dataset,
+            num_replicas=world if num_replicas is None else num_replicas,
+            rank=own_rank if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self.start = 0  # samples of this epoch's list to skip, once (set by load_state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a skip belongs to the epoch it was saved in
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning checkpoints.
+
+    Needs a `ResumableSampler` as `sampler` and a `batch_size`; otherwise it behaves exactly like
+    `DataLoader` (its constructor is DataLoader's, so Lightning can rebuild it if it must).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
+            raise ValueError("ResumableDataLoader needs sampler=ResumableSampler(...) and a batch_size")
+        self._epoch = self.sampler.epoch  # the epoch `_batches` counts in
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing runs before the first batch is asked for, so the sampler already
+        # has the epoch Lightning sets (after creating the iterator) and any restored position.
+        self._epoch = self.sampler.epoch
+        self._batches = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["batches"] * self.batch_size
+        self._epoch, self._batches = state["epoch"], state["batches"]
