@@ -100,3 +100,17 @@ def test_equals_unblocked_on_two_processes(tmp_path):
         for name, ((loss, grad), (blocked_loss, blocked_grad)) in torch.load(tmp_path / f"rank{rank}.pt").items():
             torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12, msg=f"{name}, rank {rank}")
             torch.testing.assert_close(blocked_grad, grad, rtol=1e-10, atol=1e-14, msg=f"{name}, rank {rank}")
+
+
+def test_bam_loss_module_option_selects_the_blocked_form(monkeypatch):
+    """`BAMLoss(column_block_size=...)` (and so `BAMModule`) really uses the blocked form."""
+    import bam.losses.blockwise as blockwise
+    from bam import BAMLoss
+
+    calls = []
+    original = blockwise.bam_loss_blockwise
+    monkeypatch.setattr(blockwise, "bam_loss_blockwise", lambda *a, **k: calls.append(k) or original(*a, **k))
+    student = torch.randn(4 * 6, 16, dtype=torch.float64)
+    blocked = BAMLoss(4, column_block_size=5, top_k=4)(student)
+    assert calls and calls[0]["column_block_size"] == 5
+    torch.testing.assert_close(blocked, BAMLoss(4, top_k=4)(student))

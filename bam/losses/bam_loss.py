@@ -280,6 +280,9 @@ class BAMLoss(nn.Module):
         sinkhorn_iterations: balancing iterations.
         top_k: keep only each image's `k` strongest target columns (0 keeps all).
         positive_masking: exclude the other views of the same image from both sides.
+        column_block_size: if > 0, compute in blocks of this many target columns (same result;
+            memory O(V*B*block) instead of O(V*B*N) per process, about 4x the matmul time; for
+            hundreds of processes, see `bam.losses.blockwise`).
 
     `forward(student, teacher=None)` takes `(V * B, D)` un-normalised embeddings (the teacher's,
     when given, of the same crops) and returns the scalar loss. Under `torch.distributed`, target
@@ -298,6 +301,7 @@ class BAMLoss(nn.Module):
         sinkhorn_iterations: int = 3,
         top_k: int = 0,
         positive_masking: bool = True,
+        column_block_size: int = 0,
     ) -> None:
         super().__init__()
         self.num_target_crops = _validate_crop_counts(num_crops, num_global_crops, num_target_crops)
@@ -310,11 +314,10 @@ class BAMLoss(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         self.top_k = top_k
         self.positive_masking = positive_masking
+        self.column_block_size = column_block_size
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
-        return bam_loss(
-            student,
-            teacher,
+        options = dict(
             num_crops=self.num_crops,
             num_global_crops=self.num_global_crops,
             num_target_crops=self.num_target_crops,
@@ -324,6 +327,12 @@ class BAMLoss(nn.Module):
             top_k=self.top_k,
             positive_masking=self.positive_masking,
         )
+        if self.column_block_size > 0:
+            # imported here: the blockwise module builds on this one
+            from bam.losses.blockwise import bam_loss_blockwise
+
+            return bam_loss_blockwise(student, teacher, column_block_size=self.column_block_size, **options)
+        return bam_loss(student, teacher, **options)
 
     def chance_level(self, global_batch_size: int) -> float:
         """The loss of a uniform source, log(number of candidate columns): a loss that stays here
@@ -336,5 +345,5 @@ class BAMLoss(nn.Module):
             f"num_crops={self.num_crops}, num_global_crops={self.num_global_crops}, "
             f"num_target_crops={self.num_target_crops}, reg={self.reg}, temperature={self.temperature}, "
             f"sinkhorn_iterations={self.sinkhorn_iterations}, top_k={self.top_k}, "
-            f"positive_masking={self.positive_masking}"
+            f"positive_masking={self.positive_masking}, column_block_size={self.column_block_size}"
         )

@@ -26,6 +26,8 @@ class BAMModule(SSLMethod):
         sinkhorn_iterations: balancing iterations of the target.
         top_k: keep each image's k strongest target columns (0 = all; the recipes use 128).
         positive_masking: exclude the other crops of the same image from the attention.
+        column_block_size: compute the objective in blocks of this many target columns (0 = off);
+            the same loss with memory that no longer grows with the number of processes.
         **kwargs: the shared arguments of `SSLMethod` (backbone, projector, teacher, optimiser).
     """
 
@@ -41,6 +43,7 @@ class BAMModule(SSLMethod):
         sinkhorn_iterations: int = 3,
         top_k: int = 0,
         positive_masking: bool = True,
+        column_block_size: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -53,6 +56,7 @@ class BAMModule(SSLMethod):
             sinkhorn_iterations=sinkhorn_iterations,
             top_k=top_k,
             positive_masking=positive_masking,
+            column_block_size=column_block_size,
         )
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
