@@ -5,14 +5,17 @@ names to those modules, so adding a stage is one line in `STAGES`.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import sys
+from typing import Iterator
 
 # stage name -> (module defining `main(argv)`, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
     "export": ("bam.io.export", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
+    "data": ("bam.data.cli", "prepare datasets: `bam data ffcv` writes an FFCV .beton file"),
     "convert": ("bam.io.convert", "convert an authors' released checkpoint into a bam backbone export"),
 }
 
@@ -22,6 +25,18 @@ def usage() -> str:
     lines = ["usage: bam STAGE [options]   (bam STAGE --help for a stage's options)", "", "stages:"]
     lines += [f"  {name:<{width}}  {description}" for name, (_, description) in STAGES.items()]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stage_argv(program: str) -> Iterator[None]:
+    """Run a stage that parses its own arguments (LightningCLI) with `sys.argv` showing only the
+    program name: its arguments come explicitly, and help reads "usage: bam STAGE ..."."""
+    saved = sys.argv
+    sys.argv = [program]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything bam needs on a fresh Debian/Ubuntu machine, idempotently:
 # system libraries (for the optional FFCV loader), then a virtual environment at ./.venv with
-# bam installed in editable mode and its test extras. The environment is cached under
+# bam installed in editable mode with its test and ffcv extras (FFCV builds from source against
+# those libraries). The environment is cached under
 # ~/.cache/bam keyed by a hash of setup.cfg, so re-running after a fresh clone is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if [ ! -x "$cached/bin/bam" ] || [ ! -f "$cached/.complete" ]; then
   python3 -m venv "$cached"
   "$cached/bin/pip" install -q --upgrade pip "setuptools>=64" wheel
   "$cached/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
-  "$cached/bin/pip" install -q -e ".[test]"
+  "$cached/bin/pip" install -q -e ".[test,ffcv]"
   touch "$cached/.complete"
 fi
 # The cached environment may have been made from another clone: point it at this one.

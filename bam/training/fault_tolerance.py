@@ -35,7 +35,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from bam.training.resumable import ResumableDataLoader
+from bam.data.resumable import ResumableDataLoader
 from bam.training.slurm import in_slurm_job, requeue_slurm_job
 
 

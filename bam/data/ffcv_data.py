@@ -1,0 +1,278 @@
+"""FFCV: write a dataset to a ``.beton`` file and train from it (optional, ``pip install .[ffcv]``).
+
+FFCV's loader decodes and crops in one fused step, one crop per stored image; multi-crop needs
+several crops of the same decoded image. So the loader here only decodes each image once, to a
+square at ``base_size``, and the crops are made batch-wise on the training device
+(``DeviceMultiCrop``, the "device" path).
+
+``bam data ffcv --source <folder | list file | built-in name> --output x.beton`` calls ``main``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bam.data.builtin import BUILTIN_DATASETS, load_builtin
+from bam.data.config import MultiCropConfig
+from bam.data.datamodule import EVAL_CROP_FRACTION, ImageFolderDataModule, SSLDataModule
+from bam.data.sources import ImageSource, balanced_subset
+
+INSTALL_HINT = "FFCV is not installed: run `pip install 'bam-ssl[ffcv]'` (or scripts/install.sh), then retry"
+WriteMode = Literal["raw", "jpg", "proportion"]
+
+
+def require_ffcv() -> ModuleType:
+    """Import FFCV's loader module, or fail with one line saying how to install it."""
+    try:
+        importlib.import_module("ffcv.fields.decoders")
+        return importlib.import_module("ffcv.loader")
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+
+
+# -- writing ----------------------------------------------------------------------------------
+class _NumpyImages:
+    """A source as FFCV's writer wants it: ``(HWC uint8 array, label)`` per index."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.source[index]
+        return image.permute(1, 2, 0).numpy(), label
+
+
+def load_source(source: str, split: Literal["train", "val"] = "train") -> ImageSource:
+    """One split of a built-in dataset name, an ImageFolder root or a ``path label`` list file."""
+    if source in BUILTIN_DATASETS:
+        train, val = load_builtin(source)
+    else:
+        train, val = ImageFolderDataModule(source).load_splits()
+    return train if split == "train" else val
+
+
+def write_beton(
+    source: str,
+    output: str,
+    split: Literal["train", "val"] = "train",
+    write_mode: WriteMode = "jpg",
+    max_resolution: Optional[int] = None,
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    num_workers: int = 4,
+) -> int:
+    """Write one split of ``source`` to the FFCV file ``output``; returns the number of images.
+
+    Args:
+        source: Built-in dataset name (see ``BUILTIN_DATASETS``), ImageFolder root or list file.
+        output: Path of the ``.beton`` file to create.
+        split: ``"train"`` or ``"val"`` (the held-out split, as the data modules define it).
+        write_mode: How FFCV stores images: ``jpg`` (small files), ``raw`` pixels (about 7x
+            faster to decode, several times larger), ``proportion`` (a random
+            ``compress_probability`` of the images as JPEG, the rest raw).
+        max_resolution: Longest side stored (larger images are downscaled); None keeps them.
+        jpeg_quality: JPEG quality of the images stored as JPEG.
+        compress_probability: Share of JPEG images in ``proportion`` mode.
+        num_workers: Writer processes.
+    """
+    require_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    images = _NumpyImages(load_source(source, split))
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability),
+        "label": IntField(),
+    }
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    DatasetWriter(str(output), fields, num_workers=num_workers).from_indexed_dataset(images)
+    return len(images)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``bam data ffcv``: write a ``.beton`` file (see ``write_beton``)."""
+    parser = argparse.ArgumentParser(prog="bam data ffcv", description=write_beton.__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="built-in name, ImageFolder root or list file")
+    parser.add_argument("--output", required=True, help="the .beton file to write")
+    parser.add_argument("--split", choices=["train", "val"], default="train")
+    parser.add_argument("--write-mode", choices=["raw", "jpg", "proportion"], default="jpg")
+    parser.add_argument("--max-resolution", type=int, default=None)
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share in proportion mode")
+    parser.add_argument("--num-workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    count = write_beton(args.source, args.output, args.split, args.write_mode, args.max_resolution,
+                        args.jpeg_quality, args.compress_probability, args.num_workers)
+    print(f"wrote {count} images to {args.output}")
+    return 0
+
+
+# -- reading ----------------------------------------------------------------------------------
+def beton_labels(path: str) -> Tensor:
+    """The labels stored in a ``.beton`` file written by ``write_beton`` (read from its metadata)."""
+    require_ffcv()
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    column = f"f{reader.field_names.index('label')}"
+    return torch.from_numpy(np.array(reader.metadata[column], dtype=np.int64))
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Undo FFCV's ``torch.set_num_threads(num_workers)`` (made when a loader is built and at
+    every epoch), which would silently change how many threads the model runs on."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class FFCVBatches:
+    """An FFCV loader that leaves torch's thread count alone, optionally mapping its batches.
+
+    Args:
+        build: Makes the ``ffcv.loader.Loader``.
+        transform: Applied to every ``(images, labels)`` batch (None: batches as FFCV yields them).
+    """
+
+    def __init__(self, build: Callable[[], Any], transform: Optional[Callable[[Tensor, Tensor], Any]] = None) -> None:
+        with _torch_threads_kept():
+            self.loader = build()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        with _torch_threads_kept():
+            batches = iter(self.loader)
+        for images, labels in batches:
+            yield (images, labels) if self.transform is None else self.transform(images, labels)
+
+
+class _Normalise:
+    """uint8 images -> float images normalised with the recipe's mean and std."""
+
+    def __init__(self, crops: MultiCropConfig) -> None:
+        self.mean = torch.tensor(crops.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(crops.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return (images.float() / 255 - self.mean) / self.std, labels
+
+
+class FFCVDataModule(SSLDataModule):
+    """Train from an FFCV ``.beton`` file (see ``write_beton``); views are made on the device.
+
+    The FFCV loader is built in ``train_dataloader``, i.e. after Lightning has created the
+    process group, so ``distributed=True`` shards the data across processes.
+
+    Args:
+        path: ``.beton`` file of the training split.
+        val_path: ``.beton`` file of the held-out split (needed only for k-NN evaluation).
+        base_size: Images are decoded once to their centre square at this side.
+        eval_size: Side of k-NN images (centre crop of ``eval_size / 0.875`` of the short side).
+        os_cache: Let the OS page cache hold the file (True) or let FFCV manage memory (False).
+        **kwargs: See ``SSLDataModule`` (``augment_on`` is always ``"device"`` here).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        val_path: Optional[str] = None,
+        base_size: int = 256,
+        eval_size: int = 224,
+        os_cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        require_ffcv()
+        if kwargs.pop("augment_on", "device") != "device":
+            raise ValueError("FFCVDataModule makes the views on the device: augment_on must be 'device'")
+        super().__init__(augment_on="device", eval_size=eval_size, **kwargs)
+        for file in (path, val_path):
+            if file is not None and not Path(file).is_file():
+                raise FileNotFoundError(f"FFCV file not found: {file}")
+        self.path, self.val_path = path, val_path
+        self.base_size = base_size
+        self.os_cache = os_cache
+
+    def setup(self, stage: str | None = None) -> None:
+        """Nothing to load up front: FFCV reads the files lazily."""
+
+    def train_dataloader(self) -> FFCVBatches:
+        """FFCV loader of ``(uint8 images (B, 3, S, S), labels)``, shuffled, sharded under DDP."""
+        loader = require_ffcv()
+        return FFCVBatches(lambda: loader.Loader(
+            self.path,
+            batch_size=self.batch_size,
+            num_workers=max(1, self.num_workers),
+            order=loader.OrderOption.RANDOM,
+            distributed=_world_size() > 1,
+            seed=self.seed,
+            indices=self._indices(self.fraction),
+            pipelines=self._pipelines(self.base_size, ratio=1.0),
+            drop_last=True,
+            os_cache=self.os_cache,
+        ))
+
+    def knn_dataloaders(self) -> tuple[FFCVBatches, FFCVBatches]:
+        """``(bank, query)``: normalised float images and labels from the train / val files."""
+        if self.val_path is None:
+            raise ValueError("FFCVDataModule needs val_path (a .beton of the held-out split) for k-NN evaluation")
+        loader = require_ffcv()
+        subsets = ((self.path, self._indices(self.knn_bank_fraction)), (self.val_path, None))
+        return tuple(
+            FFCVBatches(
+                lambda file=file, indices=indices: loader.Loader(
+                    file,
+                    batch_size=self.knn_batch_size,
+                    num_workers=max(1, self.num_workers),
+                    order=loader.OrderOption.SEQUENTIAL,
+                    indices=indices,
+                    pipelines=self._pipelines(self.eval_size, ratio=EVAL_CROP_FRACTION),
+                    drop_last=False,
+                    os_cache=self.os_cache,
+                ),
+                _Normalise(self.crops),
+            )
+            for file, indices in subsets
+        )
+
+    def _indices(self, fraction: float) -> np.ndarray | None:
+        if fraction == 1:
+            return None
+        return balanced_subset(beton_labels(self.path), fraction, self.seed).numpy()
+
+    @staticmethod
+    def _pipelines(size: int, ratio: float) -> dict[str, list]:
+        """Decode the centre ``ratio`` of the short side to ``size x size`` uint8; labels ``(B,)``.
+
+        Images come out as ``(B, 3, size, size)`` views of FFCV's channels-last buffer (a copy to
+        contiguous NCHW would cost a quarter of the decoding time; the device makes it cheaply).
+        """
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+        return {
+            "image": [CenterCropRGBImageDecoder((size, size), ratio=ratio), ToTensor(), ToTorchImage(channels_last=True)],
+            "label": [IntDecoder(), ToTensor(), Squeeze()],
+        }
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
