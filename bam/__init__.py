@@ -19,6 +19,9 @@ _LAZY = {
     "Projector": "bam.models.projector",
     "load_backbone": "bam.io.export",
     "export_backbone": "bam.io.export",
+    "LinearProbe": "bam.evaluation.linear",
+    "FineTune": "bam.evaluation.finetune",
+    "run_knn": "bam.evaluation.knn_stage",
 }
 
 __all__ = ["BAMLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]

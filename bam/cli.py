@@ -15,6 +15,9 @@ from typing import Iterator
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
     "export": ("bam.io.export", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
+    "knn": ("bam.evaluation.knn_stage", "weighted k-NN accuracy of a frozen backbone (k=20, T=0.07; torchrun-ready)"),
+    "linear": ("bam.evaluation.linear", "linear probe of a frozen backbone (LightningCLI: --config, --print_config, --ckpt_path)"),
+    "finetune": ("bam.evaluation.finetune", "fine-tune a backbone with a new classifier (LightningCLI: --config, --ckpt_path)"),
     "data": ("bam.data.cli", "prepare datasets: `bam data ffcv` writes an FFCV .beton file"),
     "convert": ("bam.io.convert", "convert an authors' released checkpoint into a bam backbone export"),
 }

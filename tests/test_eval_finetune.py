@@ -1,0 +1,75 @@
+"""`bam finetune`: layer-wise lr decay really reaches the optimiser, drop path is built in, the
+pretrained weights are loaded, the EMA follows the optimiser steps, and the command line runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from bam.evaluation.backbone import resolve_backbone
+from bam.evaluation.finetune import FineTune, main
+from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("finetune")
+    return {"cnn": write_checkpoint(directory, *CNN), "vit": write_checkpoint(directory, *VIT)}
+
+
+class RecordLearningRates(pl.Callback):
+    """The learning rate and lr_scale of every group, as the optimiser is about to step."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[float, float]]] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.steps.append([(group["lr"], group["lr_scale"]) for group in optimizer.param_groups])
+
+
+def test_vit_fine_tuning_with_layer_decay_drop_path_and_ema(checkpoints, tmp_path):
+    pl.seed_everything(0)
+    model = FineTune(
+        str(checkpoints["vit"]), num_classes=4, layer_decay=0.5, drop_path_rate=0.2, warmup_epochs=0,
+        mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.5, lr=0.01,
+    )
+    # the architecture was rebuilt with stochastic depth (timm: linear in depth up to the rate) ...
+    assert model.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    # ... and then given the pretrained weights
+    pretrained = resolve_backbone(str(checkpoints["vit"])).state
+    for name, value in pretrained.items():
+        assert torch.equal(model.model.state_dict()[name], value), name
+    assert model.model.training  # fine-tuning trains batch norm, dropout and drop path
+    record = RecordLearningRates()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record], default_root_dir=tmp_path,
+    )
+    trainer.fit(model, synthetic_data(batch_size=16))
+    assert len(record.steps) == 4
+    for groups in record.steps[1:]:  # after the scheduler has set them at least once
+        rates = sorted({rate for rate, _ in groups})
+        assert len(rates) == 5  # patch embedding, 3 blocks, final norm + head: 0.5^4 ... 1
+        for rate, scale in groups:
+            assert rate == pytest.approx(scale * max(rates))
+    # the EMA moved with the steps and is evaluated next to the model
+    ema, trained = model.ema.module.state_dict(), model.model.state_dict()
+    assert not torch.equal(ema["head.weight"], trained["head.weight"])
+    assert not torch.equal(ema["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert {"val/top1", "val_ema/top1"} <= set(model.history[-1])
+
+
+def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoints, tmp_path):
+    main([
+        "--model.backbone", str(checkpoints["cnn"]), "--model.drop_path_rate", "0", "--model.layer_decay", "null",
+        "--model.warmup_epochs", "1", "--model.ema", "true", "--data.augment", "timm",
+        "--data.auto_augment", "rand-m9-mstd0.5-inc1", "--data.re_prob", "0.25",
+        *synthetic_args(), *trainer_args(tmp_path, max_epochs=2),
+    ])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"val", "val_ema", "history"}
+    assert [entry["epoch"] for entry in results["history"]] == [1, 2]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
