@@ -8,9 +8,9 @@ from typing import Callable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from bam.distributed import gather_rows, rank, world_size
+from bam.evaluation.features import embed_dataset
 from bam.evaluation.knn import knn_accuracy
 from bam.models import build_backbone
 
@@ -22,7 +22,8 @@ class OnlineKNN(pl.Callback):
 
     The datamodule provides `knn_dataloaders() -> (bank, query)` loaders of labelled, normalised
     images (the bank is already bounded by the datamodule's `knn_bank_fraction`). Under DDP each
-    process embeds its own shard and the shards are gathered, so every row of the bank is real.
+    process embeds its own shard and the shards are gathered onto the CPU, so every row of the bank
+    is real and the device never holds the whole bank.
 
     With `compare_baselines`, the end of training also evaluates the same architecture randomly
     initialised and k-NN on raw pixels on the same split, prints the three side by side and
@@ -74,6 +75,7 @@ class OnlineKNN(pl.Callback):
                 module.train(was_training)
         return knn_accuracy(bank, bank_labels, query, query_labels, self.k, self.temperature)
 
+
     def _print_and_save(self, trainer: pl.Trainer) -> None:
         lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]
         for name, accuracy in self.report.items():
@@ -85,13 +87,7 @@ class OnlineKNN(pl.Callback):
             path.write_text(json.dumps({name: {"top1": a[1], "top5": a[5]} for name, a in self.report.items()}, indent=2))
 
 
-@torch.no_grad()
 def _embed(loader: DataLoader, features: FeatureFn, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of this process's shard of `loader`'s dataset, gathered over processes."""
-    shard = Subset(loader.dataset, range(rank(), len(loader.dataset), world_size()))
-    shard_loader = DataLoader(shard, batch_size=loader.batch_size, num_workers=loader.num_workers)
-    outputs, labels = [], []
-    for images, targets in shard_loader:
-        outputs.append(features(images.to(device)).float())
-        labels.append(targets.to(device))
-    return gather_rows(torch.cat(outputs)), gather_rows(torch.cat(labels))
+    """Every image of `loader`'s dataset embedded once over all processes, gathered on the CPU."""
+    with torch.no_grad():
+        return embed_dataset(loader.dataset, features, device, loader.batch_size or 256, loader.num_workers)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from bam.methods.schedules import warmup_cosine_lr
+
 RESULTS_FILE = "results.json"
 
 
@@ -155,14 +157,7 @@ class ClassificationStage(pl.LightningModule):
             **self.optimizer_options(),
         )
         warmup = int(self.warmup_epochs * steps_per_epoch)
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=max(total_steps - warmup, 1),
-            lr_min=self.min_lr,
-            warmup_t=warmup,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        scheduler = warmup_cosine_lr(optimizer, total_steps, warmup, self.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:

@@ -17,7 +17,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bam.methods.monitoring import LossMonitor
-from bam.methods.schedules import cosine
+from bam.methods.schedules import cosine, warmup_cosine_lr
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.training.sync_batchnorm import convert_sync_batchnorm
@@ -183,14 +183,7 @@ class SSLMethod(pl.LightningModule):
         if self.teacher is not None:
             optimizer.register_step_post_hook(self._update_teacher)
         warmup = int(hp.warmup_epochs * self.steps_per_epoch)
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=max(self.total_steps - warmup, 1),
-            lr_min=hp.min_lr,
-            warmup_t=warmup,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        scheduler = warmup_cosine_lr(optimizer, self.total_steps, warmup, hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from timm.scheduler import CosineLRScheduler
+
 
 def cosine(start: float, end: float, step: int, total_steps: int) -> float:
     """Half-cosine from `start` (step 0) to `end` (step `total_steps`), constant after."""
@@ -20,3 +23,17 @@ def linear_ramp(start: float, end: float, step: int, ramp_steps: int) -> float:
         return end
     progress = min(max(step, 0) / ramp_steps, 1.0)
     return start + (end - start) * progress
+
+
+def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> CosineLRScheduler:
+    """timm's per-step schedule: linear warm-up from 0 over `warmup_steps`, then cosine to
+    `min_lr` at `total_steps`. Step it with `step_update(num_updates=global_step)`; it honours each
+    parameter group's `lr_scale` (layer-wise lr decay)."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
