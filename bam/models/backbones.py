@@ -62,10 +62,14 @@ def bam_caformer_m36(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """Four 3x3 conv blocks (conv, batch norm, ReLU; stride 2 from the second on) and average
-    pooling. Resolution-agnostic, so 28-px global and 14-px local crops share one network."""
+    """Four 3x3 conv blocks (conv, batch norm, ReLU; stride 2 from the second on), then average
+    pooling to a `pool_size` x `pool_size` grid, flattened. Resolution-agnostic, so 28-px global
+    and 14-px local crops share one network; a 2x2 grid keeps where strokes are, which a single
+    global average (pool_size 1) throws away and digits need."""
 
-    def __init__(self, in_chans: int = 3, width: int = 64, num_classes: int = 0, global_pool: str = "avg") -> None:
+    def __init__(
+        self, in_chans: int = 3, width: int = 64, num_classes: int = 0, global_pool: str = "avg", pool_size: int = 1
+    ) -> None:
         super().__init__()
         channels = [in_chans, width, width * 2, width * 2, width * 4]
         blocks = []
@@ -76,7 +80,8 @@ class SmallCNN(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.features = nn.Sequential(*blocks)
-        self.num_features = channels[-1]
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.num_features = channels[-1] * pool_size**2
         self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
@@ -84,7 +89,7 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
+        x = self.pool(x).flatten(1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
