@@ -162,3 +162,31 @@ def test_online_knn_logs_accuracy_and_baselines(tmp_path):
     assert set(knn.report) == {"trained backbone", "random init (same architecture)", "raw pixels"}
     # every bank image is its own nearest neighbour: the raw-pixel k-NN of the bank on itself is perfect
     assert knn.report["raw pixels"][1] == pytest.approx(100.0)
+
+
+def test_logs_every_scheduled_value(tmp_path):
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, momentum_teacher=True, **SMALL_HEAD)
+    tr = trainer(tmp_path, max_steps=2)
+    tr.fit(model, TinyCropsDataModule(num_images=16, batch_size=8))
+    expected = {"train/loss", "train/lr", "train/weight_decay", "train/reg", "train/teacher_momentum"}
+    assert expected <= set(tr.logged_metrics)
+
+
+def test_gradient_checkpointing_and_bf16_train(tmp_path):
+    model = BAMModule(backbone="vit_tiny_patch16_224", num_local_crops=2, gradient_checkpointing=True,
+                      warmup_epochs=0, **SMALL_HEAD)
+    assert model.student.backbone.grad_checkpointing
+    trainer(tmp_path, fast_dev_run=1, precision="bf16-mixed").fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
+    assert all(torch.isfinite(p).all() for p in model.student.parameters())
+
+
+def test_gradient_checkpointing_unsupported_is_explained():
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        BAMModule(backbone="bam_cnn4", gradient_checkpointing=True, **SMALL_HEAD)
+
+
+def test_compile_keeps_checkpoint_keys():
+    plain = BAMModule(backbone="bam_cnn4", **SMALL_HEAD)
+    compiled = BAMModule(backbone="bam_cnn4", compile_backbone=True, **SMALL_HEAD)
+    assert compiled.student.backbone._compiled_call_impl is not None
+    assert set(compiled.state_dict()) == set(plain.state_dict())
