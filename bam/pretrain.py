@@ -15,7 +15,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from bam.callbacks import OnlineKNN
+from bam.callbacks import CurvePlots, OnlineKNN
 from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
@@ -27,13 +27,14 @@ DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightn
 
 
 class PretrainCLI(LightningCLI):
-    """LightningCLI with bam's checkpointing and online k-NN as named, configurable groups."""
+    """LightningCLI with bam's checkpointing, online k-NN and curve plots as named, configurable groups."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.every_n_epochs": 10})
         parser.add_lightning_class_args(OnlineKNN, "knn")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(CurvePlots, "plots")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]

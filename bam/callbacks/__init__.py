@@ -1,4 +1,5 @@
 """Lightning callbacks used by the training stages."""
 from bam.callbacks.knn import OnlineKNN
+from bam.callbacks.plots import CurvePlots, plot_metrics
 
-__all__ = ["OnlineKNN"]
+__all__ = ["CurvePlots", "OnlineKNN", "plot_metrics"]

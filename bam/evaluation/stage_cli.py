@@ -1,7 +1,8 @@
 """LightningCLI of the supervised evaluation stages (`bam linear`, `bam finetune`).
 
 As for `bam pretrain`, a run lives in `trainer.default_root_dir` (default `runs/<stage>`): CSV and
-TensorBoard logs, `checkpoints/last.ckpt` (resume with `--ckpt_path last`) and `results.json`.
+TensorBoard logs, `checkpoints/last.ckpt` (resume with `--ckpt_path last`), `results.json` and the
+accuracy and loss curves as `plots/*.png`.
 The number of classes is taken from the data, so configs never repeat it.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.pretrain import DEFAULT_LOGGERS
@@ -29,6 +31,7 @@ class EvalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(CurvePlots, "plots")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
