@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from bam.methods.schedules import warmup_cosine_lr
+from bam.methods.schedules import global_batch_size, warmup_cosine_lr
 
 RESULTS_FILE = "results.json"
 
@@ -135,10 +135,7 @@ class ClassificationStage(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
-        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """timm optimiser at `lr * global batch / 256` and a per-step warm-up + cosine schedule.

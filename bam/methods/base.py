@@ -17,7 +17,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bam.methods.monitoring import LossMonitor
-from bam.methods.schedules import cosine, warmup_cosine_lr
+from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.training.sync_batchnorm import convert_sync_batchnorm
@@ -166,10 +166,7 @@ class SSLMethod(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
-        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

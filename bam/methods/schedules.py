@@ -6,6 +6,7 @@ checkpoints; no schedule keeps state of its own.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -37,3 +38,11 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+def global_batch_size(trainer: Any) -> int:
+    """Images per optimiser step over all processes: the batch the learning rate is scaled by."""
+    batch_size = getattr(trainer.datamodule, "batch_size", None)
+    if batch_size is None:
+        raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
