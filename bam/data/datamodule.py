@@ -76,7 +76,33 @@ def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])
 
 
-class SSLDataModule(pl.LightningDataModule):
+class LabelledSplits:
+    """A labelled ``(train, held-out)`` pair of image sources, loaded once on first ``setup`` with
+    the training split reduced to a class-balanced ``fraction`` (seeded by ``seed``).
+
+    Shared by the pretraining data modules and the evaluation stages' classification data, so
+    both see the same splits of the same data.
+    """
+
+    fraction: float
+    seed: int
+    train_source: ImageSource | None
+    val_source: ImageSource | None
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        """``(train, held-out)`` sources; fail with the offending path if data is missing."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once (cheap to call again), then subsample the training split."""
+        if self.train_source is not None:
+            return
+        train, val = self.load_splits()
+        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.val_source = val
+
+
+class SSLDataModule(LabelledSplits, pl.LightningDataModule):
     """Base data module: multi-crop training loader, device-side augmentation, k-NN loaders.
 
     Subclasses implement ``load_splits`` (and, for images of varying size, ``base_transform``).
@@ -122,24 +148,12 @@ class SSLDataModule(pl.LightningDataModule):
         self.train_source: ImageSource | None = None
         self.val_source: ImageSource | None = None
 
-    # -- subclass interface -------------------------------------------------------------------
-    def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        """``(train, held-out)`` sources; fail with the offending path if data is missing."""
-        raise NotImplementedError
-
+    # -- subclass interface (and ``load_splits``, see ``LabelledSplits``) -------------------------
     def base_transform(self) -> Callable[[Tensor], Tensor] | None:
         """uint8 image -> uint8 image at the base size for the device path (None: as stored)."""
         return None
 
     # -- Lightning hooks ----------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        """Load the splits once (cheap to call again), then subsample the training split."""
-        if self.train_source is not None:
-            return
-        train, val = self.load_splits()
-        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
-        self.val_source = val
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled, last partial batch dropped; see the class docstring for what it yields."""
         self.setup()

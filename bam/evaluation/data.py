@@ -26,13 +26,19 @@ from torchvision.transforms import InterpolationMode, v2
 
 from bam.data.builtin import load_builtin
 from bam.data.config import IMAGENET_MEAN, IMAGENET_STD
-from bam.data.datamodule import EVAL_CROP_FRACTION, ImageFolderDataModule, TransformedSource, collate_images
+from bam.data.datamodule import (
+    EVAL_CROP_FRACTION,
+    ImageFolderDataModule,
+    LabelledSplits,
+    TransformedSource,
+    collate_images,
+)
 from bam.data.sources import ImageSource, balanced_subset
 
 Transform = Callable[[Tensor], Tensor]
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     """Base data module: train/val loaders of `(images, labels)` and evaluation datasets.
 
     Subclasses implement `load_splits`.
@@ -93,20 +99,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_source: ImageSource | None = None
         self.cache: dict[str, TensorDataset] = {}  # split -> (features, labels), see `use_features`
 
-    # -- subclass interface -------------------------------------------------------------------
-    def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        """`(train, held-out)` labelled sources."""
-        raise NotImplementedError
-
-    # -- data -------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        """Load the splits once (later calls are free), then subsample the training split."""
-        if self.train_source is not None:
-            return
-        train, val = self.load_splits()
-        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
-        self.val_source = val
-
+    # -- data (splits: ``load_splits`` / ``setup`` of ``LabelledSplits``) ------------------------
     @property
     def num_classes(self) -> int:
         """Number of classes (largest label in either split + 1); loads the splits if needed."""
