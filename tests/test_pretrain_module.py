@@ -190,3 +190,16 @@ def test_compile_keeps_checkpoint_keys():
     compiled = BAMModule(backbone="bam_cnn4", compile_backbone=True, **SMALL_HEAD)
     assert compiled.student.backbone._compiled_call_impl is not None
     assert set(compiled.state_dict()) == set(plain.state_dict())
+
+
+def test_channels_last_computes_the_same_features_with_the_same_keys():
+    torch.manual_seed(0)
+    plain = BAMModule(backbone="bam_cnn4", **SMALL_HEAD).eval()
+    fast = BAMModule(backbone="bam_cnn4", channels_last=True, **SMALL_HEAD).eval()
+    fast.load_state_dict(plain.state_dict())
+    conv = fast.student.backbone.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    crops = [torch.randn(4, 3, 28, 28), torch.randn(4, 3, 14, 14)]
+    torch.testing.assert_close(fast.student(crops), plain.student(crops), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.extract_features(crops[0]), plain.extract_features(crops[0]), atol=1e-5, rtol=1e-5)
+    assert list(fast.state_dict()) == list(plain.state_dict())

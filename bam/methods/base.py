@@ -42,6 +42,8 @@ class SSLMethod(pl.LightningModule):
         sgd_momentum: momentum of SGD-like optimisers (sgd, lars).
         gradient_checkpointing: recompute backbone activations in backward to save memory.
         compile_backbone: `torch.compile` the student backbone in place (keys stay unchanged).
+        channels_last: run the backbone in the NHWC memory layout (faster convolutions on CPU
+            and with mixed precision on GPU; keys and values stay unchanged).
         sync_batchnorm: convert batch norm to SyncBatchNorm when training on several processes.
         stuck_loss_patience: steps at log(N) before warning that nothing is learned (0 = off).
     """
@@ -69,6 +71,7 @@ class SSLMethod(pl.LightningModule):
         sgd_momentum: float = 0.9,
         gradient_checkpointing: bool = False,
         compile_backbone: bool = False,
+        channels_last: bool = False,
         sync_batchnorm: bool = True,
         stuck_loss_patience: int = 200,
     ) -> None:
@@ -89,7 +92,7 @@ class SSLMethod(pl.LightningModule):
             proj_last_batch_norm,
             proj_bias,
         )
-        self.student = MultiCropEncoder(net, head)
+        self.student = MultiCropEncoder(net, head, channels_last)
         # Created here (never later) so every checkpoint has the teacher's keys and resumes fit.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False) if momentum_teacher else None
         if compile_backbone:
@@ -136,7 +139,7 @@ class SSLMethod(pl.LightningModule):
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features used for evaluation: the teacher's when there is one."""
         encoder = self.teacher if self.teacher is not None else self.student
-        return encoder.backbone(images)
+        return encoder.embed_images(images)
 
     # ----------------------------------------------------------------- schedules
     def teacher_momentum_at(self, step: int) -> float:
