@@ -15,7 +15,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from bam.callbacks import CurvePlots, OnlineKNN
+from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN
 from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
@@ -27,7 +27,8 @@ DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightn
 
 
 class PretrainCLI(LightningCLI):
-    """LightningCLI with bam's checkpointing, online k-NN and curve plots as named, configurable groups."""
+    """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
+    configurable groups."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -35,6 +36,7 @@ class PretrainCLI(LightningCLI):
         parser.add_lightning_class_args(OnlineKNN, "knn")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(CurvePlots, "plots")
+        parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]

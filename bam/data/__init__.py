@@ -2,6 +2,7 @@
 Lightning data modules (image folders, built-in datasets, FFCV) and k-NN evaluation loaders."""
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig, ViewSpec
+from bam.data.contrastive_crop import CropBoxes, compute_boxes, heatmap, heatmap_boxes
 from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.datamodule import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
 from bam.data.device_augment import DeviceMultiCrop
@@ -12,6 +13,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "BuiltinDataModule",
     "CPUMultiCrop",
+    "CropBoxes",
     "DeviceMultiCrop",
     "FFCVDataModule",
     "ImageFiles",
@@ -21,6 +23,9 @@ __all__ = [
     "TensorImages",
     "UnreadableImageWarning",
     "ViewSpec",
+    "compute_boxes",
+    "heatmap",
+    "heatmap_boxes",
     "load_builtin",
     "write_beton",
 ]

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from bam.data.contrastive_crop import sample_beta
+
 # torchvision's ITU-R 601-2 luma weights (kornia's differ in the 4th decimal)
 _LUMA = (0.2989, 0.587, 0.114)
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back
@@ -42,12 +44,20 @@ def sample_crop_boxes(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     device: torch.device | str = "cpu",
+    regions: Tensor | None = None,
+    alpha: float = 1.0,
 ) -> Tensor:
     """Crop boxes ``(n, 4)`` as ``x0, y0, x1, y1`` pixel edges, drawn as torchvision's RandomResizedCrop.
 
     Like torchvision: area fraction uniform in ``scale``, log aspect ratio uniform in ``log(ratio)``,
     integer sides by rounding, first of 10 attempts that fits, else a centre crop with the ratio
     clamped; the top-left corner is uniform over the integer positions that keep the box inside.
+
+    ``regions`` ``(n, 4)`` (normalised ``x0, y0, x1, y1``, one per crop) switches on
+    ContrastiveCrop: per axis the crop's centre is drawn between the region's edges as
+    ``edge0 + (edge1 - edge0) * Beta(alpha, alpha)``, among the centres that keep the crop inside
+    the image (see ``_position_in_region``). With whole-image regions and ``alpha = 1`` this is
+    the uniform placement above.
     """
     device = torch.device(device)
     shape = (n, _CROP_ATTEMPTS)
@@ -63,11 +73,31 @@ def sample_crop_boxes(
     found = fits.any(dim=1)
     w = torch.where(found, w, torch.full_like(w, fallback_w))
     h = torch.where(found, h, torch.full_like(h, fallback_h))
-    x0 = torch.floor(torch.rand(n, device=device) * (width - w + 1))
-    y0 = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    if regions is None:
+        x0 = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+        y0 = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    else:
+        regions = regions.to(device=device, dtype=w.dtype)
+        draws = sample_beta(alpha, (2, n), device)
+        x0 = _position_in_region(regions[:, 0] * width, regions[:, 2] * width, w, width, draws[0])
+        y0 = _position_in_region(regions[:, 1] * height, regions[:, 3] * height, h, height, draws[1])
     x0 = torch.where(found, x0, torch.div(width - w, 2, rounding_mode="floor"))
     y0 = torch.where(found, y0, torch.div(height - h, 2, rounding_mode="floor"))
     return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def _position_in_region(edge0: Tensor, edge1: Tensor, side: Tensor, length: int, draw: Tensor) -> Tensor:
+    """Integer start of crops of ``side`` pixels whose centre lies between ``edge0`` and ``edge1``.
+
+    The centre's range is clipped to the centres that keep the crop inside ``[0, length]``, i.e.
+    the start ranges over ``[lo, hi] = clip([edge0 - side / 2, edge1 - side / 2], 0, length - side)``;
+    ``draw`` in [0, 1] (a Beta sample) picks ``floor(lo + draw * (hi - lo + 1))``, which for the
+    whole image and a uniform draw is torchvision's uniform integer start.
+    """
+    room = length - side
+    low = (edge0 - side / 2).clamp(min=0).minimum(room)
+    high = (edge1 - side / 2).clamp(min=0).minimum(room)
+    return torch.floor(low + draw * (high - low + 1)).minimum(high.floor())
 
 
 def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from bam.data.batch_ops import blur, shift_hue
+from bam.data.batch_ops import blur, sample_crop_boxes, shift_hue
 from bam.data.config import MultiCropConfig, ViewSpec, blur_kernel_size
+from bam.data.contrastive_crop import CropBoxes
 
 
 def _hue(image: Tensor, hue_factor: float) -> Tensor:
@@ -69,8 +70,39 @@ class GaussianBlur(nn.Module):
         return blur(image.unsqueeze(0), sigma, self.kernel_size).squeeze(0)
 
 
-def view_transform(crops: MultiCropConfig, view: ViewSpec) -> v2.Compose:
-    """The torchvision v2 pipeline of one view: uint8 ``(3, H, W)`` -> normalised float32."""
+class RegionResizedCrop(nn.Module):
+    """RandomResizedCrop whose centre is drawn around a region of the image (ContrastiveCrop).
+
+    ``forward(image, region)``: with ``region`` None it is torchvision's RandomResizedCrop;
+    with a normalised ``x0, y0, x1, y1`` region the box comes from
+    ``batch_ops.sample_crop_boxes(regions=...)``, the sampler of the on-device path, so both
+    paths draw the same crop geometry.
+
+    Args:
+        size: Output side.
+        scale, ratio: RandomResizedCrop's area and aspect-ratio ranges.
+        alpha: Beta(alpha, alpha) parameter of the centre's position between the region's edges.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], alpha: float) -> None:
+        super().__init__()
+        self.plain = v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)
+        self.size, self.scale, self.ratio, self.alpha = size, scale, ratio, alpha
+
+    def forward(self, image: Tensor, region: Tensor | None = None) -> Tensor:
+        if region is None:
+            return self.plain(image)
+        height, width = image.shape[-2:]
+        box = sample_crop_boxes(1, height, width, self.scale, self.ratio, regions=region.view(1, 4), alpha=self.alpha)
+        x0, y0, x1, y1 = (int(v) for v in box[0].tolist())
+        return TF.resized_crop(image, y0, x0, y1 - y0, x1 - x0, [self.size, self.size], antialias=True)
+
+
+def view_transform(crops: MultiCropConfig, view: ViewSpec, crop: bool = True) -> v2.Compose:
+    """The torchvision v2 pipeline of one view: uint8 ``(3, H, W)`` -> normalised float32.
+
+    ``crop=False`` leaves out the first step, the random resized crop (ContrastiveCrop makes it).
+    """
     steps: list[nn.Module] = [
         v2.RandomResizedCrop(view.size, scale=view.scale, ratio=crops.ratio, antialias=True),
         v2.RandomHorizontalFlip(crops.flip_prob),
@@ -88,7 +120,7 @@ def view_transform(crops: MultiCropConfig, view: ViewSpec) -> v2.Compose:
     if view.solarize_prob > 0:
         steps.append(v2.RandomSolarize(0.5, p=view.solarize_prob))
     steps.append(v2.Normalize(list(crops.mean), list(crops.std)))
-    return v2.Compose(steps)
+    return v2.Compose(steps if crop else steps[1:])
 
 
 class CPUMultiCrop:
@@ -96,12 +128,24 @@ class CPUMultiCrop:
 
     Args:
         crops: The augmentation recipe.
+        boxes: ContrastiveCrop's box store (None: plain RandomResizedCrop). With it, call
+            ``multicrop(image, index)``: the crops of dataset image ``index`` are centred around
+            its box once the store is active (see ``bam.data.contrastive_crop``).
+        alpha: Beta(alpha, alpha) parameter of the crop centres between the box edges.
     """
 
-    def __init__(self, crops: MultiCropConfig) -> None:
-        self.crops = crops
+    def __init__(self, crops: MultiCropConfig, boxes: CropBoxes | None = None, alpha: float = 0.6) -> None:
+        self.crops, self.boxes = crops, boxes
         self.transforms = [view_transform(crops, view) for view in crops.views()]
+        if boxes is not None:
+            self.region_crops = [RegionResizedCrop(v.size, v.scale, crops.ratio, alpha) for v in crops.views()]
+            self.after_crop = [view_transform(crops, view, crop=False) for view in crops.views()]
 
-    def __call__(self, image: Tensor) -> list[Tensor]:
-        return [transform(image) for transform in self.transforms]
+    def __call__(self, image: Tensor, index: int | None = None) -> list[Tensor]:
+        if self.boxes is None:
+            return [transform(image) for transform in self.transforms]
+        if index is None:
+            raise ValueError("CPUMultiCrop with ContrastiveCrop boxes needs the image's dataset index: multicrop(image, index)")
+        region = self.boxes.lookup(int(index))
+        return [rest(crop(image, region)) for crop, rest in zip(self.region_crops, self.after_crop)]
 

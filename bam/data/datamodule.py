@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig
+from bam.data.contrastive_crop import CropBoxes
 from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
@@ -37,17 +38,42 @@ EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre-crop size (224 from
 
 
 class TransformedSource(Dataset):
-    """A source whose images go through ``transform`` (labels untouched)."""
+    """A source whose images go through ``transform`` (labels untouched).
 
-    def __init__(self, source: ImageSource, transform: Callable[[Tensor], Any]) -> None:
-        self.source, self.transform = source, transform
+    ``pass_index=True`` calls ``transform(image, index)``: ContrastiveCrop's CPU path needs the
+    dataset index to find the image's box.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable[..., Any], pass_index: bool = False) -> None:
+        self.source, self.transform, self.pass_index = source, transform, pass_index
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.source[index]
-        return self.transform(image), label
+        return (self.transform(image, index) if self.pass_index else self.transform(image)), label
+
+
+class IndexedSource(Dataset):
+    """``(image, label, index)`` of a source, the image optionally through ``transform``.
+
+    The index travels with the batch so that ContrastiveCrop's on-device crops (and its box
+    computation) know which image each row is.
+    """
+
+    def __init__(self, source: ImageSource, transform: Optional[Callable[[Tensor], Tensor]] = None,
+                 indices: Optional[Tensor] = None) -> None:
+        self.source, self.transform = source, transform
+        self.indices = torch.arange(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int, int]:
+        index = int(self.indices[position])
+        image, label = self.source[index]
+        return (image if self.transform is None else self.transform(image)), label, index
 
 
 def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Tensor]:
@@ -59,6 +85,18 @@ def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor]
 def collate_images(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     """``(images (B, ...), labels (B,))`` as a tuple."""
     return torch.stack([sample[0] for sample in samples]), torch.tensor([sample[1] for sample in samples])
+
+
+def collate_indexed_images(samples: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(images (B, ...), labels (B,), dataset indices (B,))``."""
+    images, labels = collate_images([sample[:2] for sample in samples])
+    return images, labels, torch.tensor([sample[2] for sample in samples])
+
+
+def collate_images_and_indices(samples: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor]:
+    """``(images (B, ...), dataset indices (B,))``: what ContrastiveCrop's box update reads."""
+    images, _, indices = collate_indexed_images(samples)
+    return images, indices
 
 
 def square_base_transform(size: int) -> v2.Compose:
@@ -145,6 +183,8 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         self.eval_size = eval_size
         self.seed = seed
         self.device_augment = DeviceMultiCrop(self.crops)
+        self.crop_boxes: CropBoxes | None = None  # ContrastiveCrop's boxes, see enable_contrastive_crop
+        self.crop_alpha = 0.6
         self.train_source: ImageSource | None = None
         self.val_source: ImageSource | None = None
 
@@ -153,12 +193,51 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         """uint8 image -> uint8 image at the base size for the device path (None: as stored)."""
         return None
 
+    def heatmap_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """uint8 image -> the uint8 image ContrastiveCrop's heat map is computed on (None: as stored).
+
+        It must show the same extent the training crops are cut from, so that a normalised box
+        means the same region: the base square on the device path, the whole image on the CPU
+        path (subclasses with images of varying size resize it to a fixed square there).
+        """
+        return self.base_transform() if self.augment_on == "device" else None
+
+    # -- ContrastiveCrop ----------------------------------------------------------------------
+    def enable_contrastive_crop(self, alpha: float) -> CropBoxes:
+        """Crop around per-image boxes from now on (call before ``train_dataloader``); returns the
+        shared box store, whose boxes are whole images (plain crops) until its first update."""
+        self.setup()
+        count = self.training_set_size()
+        if self.crop_boxes is None or len(self.crop_boxes) != count:
+            self.crop_boxes = CropBoxes(count)
+        self.crop_alpha = alpha
+        self.device_augment = DeviceMultiCrop(self.crops, alpha)
+        return self.crop_boxes
+
+    def training_set_size(self) -> int:
+        """Number of indices the training loader's samples can carry (the box store's size)."""
+        self.setup()
+        return len(self.train_source)
+
+    def heatmap_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Process ``rank``'s share (indices ``rank, rank + world, ...``) of the training set as
+        ``(uint8 images (B, 3, S, S), dataset indices (B,))`` batches, unaugmented, in order."""
+        self.setup()
+        indices = torch.arange(rank, len(self.train_source), world)
+        dataset = IndexedSource(self.train_source, self.heatmap_transform(), indices)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_images_and_indices)
+
     # -- Lightning hooks ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         """Shuffled, last partial batch dropped; see the class docstring for what it yields."""
         self.setup()
+        boxes = self.crop_boxes
         if self.augment_on == "cpu":
-            dataset, collate = TransformedSource(self.train_source, CPUMultiCrop(self.crops)), collate_views
+            multicrop = CPUMultiCrop(self.crops, boxes, self.crop_alpha)
+            dataset, collate = TransformedSource(self.train_source, multicrop, pass_index=boxes is not None), collate_views
+        elif boxes is not None:
+            dataset, collate = IndexedSource(self.train_source, self.base_transform()), collate_indexed_images
         else:
             base = self.base_transform()
             dataset = self.train_source if base is None else TransformedSource(self.train_source, base)
@@ -166,9 +245,17 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         return self._loader(dataset, collate, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Device path: turn a training batch of uint8 images into ``(views, labels)`` on device."""
+        """Device path: turn a training batch of uint8 images into ``(views, labels)`` on device.
+
+        With ContrastiveCrop the batch also carries the images' dataset indices, which pick
+        their boxes; ``training_step`` still receives ``(views, labels)``.
+        """
         if self.augment_on != "device" or not self._training():
             return batch
+        if len(batch) == 3:
+            images, labels, indices = batch
+            regions = self.crop_boxes.lookup(indices) if self.crop_boxes is not None else None
+            return self.device_augment(images, regions), labels
         images, labels = batch
         return self.device_augment(images), labels
 
@@ -252,6 +339,13 @@ class ImageFolderDataModule(SSLDataModule):
 
     def base_transform(self) -> Callable[[Tensor], Tensor]:
         return square_base_transform(self.base_size)
+
+    def heatmap_transform(self) -> Callable[[Tensor], Tensor]:
+        """Device path: the base square; CPU path: the whole image squeezed to ``base_size`` square
+        (the CPU path crops from the whole image, so its box must cover the whole image)."""
+        if self.augment_on == "device":
+            return self.base_transform()
+        return v2.Resize((self.base_size, self.base_size), antialias=True)
 
 
 def _load(location: Path, classes: list[str] | None = None) -> tuple[ImageSource, list[str] | None]:

@@ -213,9 +213,33 @@ class FFCVDataModule(SSLDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Nothing to load up front: FFCV reads the files lazily."""
 
-    def train_dataloader(self) -> FFCVBatches:
-        """FFCV loader of ``(uint8 images (B, 3, S, S), labels)``, shuffled, sharded under DDP."""
+    def training_set_size(self) -> int:
+        """Images in the training file: FFCV's sample ids (the box store's rows) index the whole
+        file, also when ``fraction`` trains on a subset of it."""
+        return len(beton_labels(self.path))
+
+    def heatmap_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> FFCVBatches:
+        """Process ``rank``'s share of the training images as ``(uint8 base squares, file indices)``,
+        decoded like the training images (centre square at ``base_size``), unaugmented, in order."""
         loader = require_ffcv()
+        used = self._indices(self.fraction)
+        used = np.arange(self.training_set_size()) if used is None else used
+        return FFCVBatches(lambda: loader.Loader(
+            self.path,
+            batch_size=batch_size,
+            num_workers=max(1, self.num_workers),
+            order=loader.OrderOption.SEQUENTIAL,
+            indices=used[rank::world],
+            pipelines=self._pipelines(self.base_size, ratio=1.0, with_index=True),
+            drop_last=False,
+            os_cache=self.os_cache,
+        ), _images_and_indices)
+
+    def train_dataloader(self) -> FFCVBatches:
+        """FFCV loader of ``(uint8 images (B, 3, S, S), labels)``, shuffled, sharded under DDP
+        (with ContrastiveCrop also the images' indices in the file: ``(images, labels, indices)``)."""
+        loader = require_ffcv()
+        with_index = self.crop_boxes is not None
         return FFCVBatches(lambda: loader.Loader(
             self.path,
             batch_size=self.batch_size,
@@ -224,10 +248,10 @@ class FFCVDataModule(SSLDataModule):
             distributed=_world_size() > 1,
             seed=self.seed,
             indices=self._indices(self.fraction),
-            pipelines=self._pipelines(self.base_size, ratio=1.0),
+            pipelines=self._pipelines(self.base_size, ratio=1.0, with_index=with_index),
             drop_last=True,
             os_cache=self.os_cache,
-        ))
+        ), _split_label_index if with_index else None)
 
     def knn_dataloaders(self) -> tuple[FFCVBatches, FFCVBatches]:
         """``(bank, query)``: normalised float images and labels from the train / val files."""
@@ -258,8 +282,9 @@ class FFCVDataModule(SSLDataModule):
         return balanced_subset(beton_labels(self.path), fraction, self.seed).numpy()
 
     @staticmethod
-    def _pipelines(size: int, ratio: float) -> dict[str, list]:
-        """Decode the centre ``ratio`` of the short side to ``size x size`` uint8; labels ``(B,)``.
+    def _pipelines(size: int, ratio: float, with_index: bool = False) -> dict[str, list]:
+        """Decode the centre ``ratio`` of the short side to ``size x size`` uint8; labels ``(B,)``
+        (``with_index``: ``(B, 2)`` rows ``label, sample id``, see ``label_and_index_decoder``).
 
         Images come out as ``(B, 3, size, size)`` views of FFCV's channels-last buffer (a copy to
         contiguous NCHW would cost a quarter of the decoding time; the device makes it cheaply).
@@ -267,10 +292,47 @@ class FFCVDataModule(SSLDataModule):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
+        label = [label_and_index_decoder(), ToTensor()] if with_index else [IntDecoder(), ToTensor(), Squeeze()]
         return {
             "image": [CenterCropRGBImageDecoder((size, size), ratio=ratio), ToTensor(), ToTorchImage(channels_last=True)],
-            "label": [IntDecoder(), ToTensor(), Squeeze()],
+            "label": label,
         }
+
+
+def label_and_index_decoder() -> Any:
+    """An FFCV decoder of the label field that also emits each sample's id (its index in the file).
+
+    FFCV's loader yields only decoded fields; ContrastiveCrop needs to know which image each row
+    is. A decoder receives the batch's sample ids, so this one writes ``(label, id)`` pairs.
+    """
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.pipeline.allocation_query import AllocationQuery
+
+    class LabelAndIndexDecoder(IntDecoder):
+        def declare_state_and_memory(self, previous_state):
+            state, _ = super().declare_state_and_memory(previous_state)
+            from dataclasses import replace
+
+            return replace(state, shape=(2,)), AllocationQuery((2,), dtype=self.dtype)
+
+        def generate_code(self):
+            def decode(indices, destination, metadata, storage_state):
+                for row, sample_id in enumerate(indices):
+                    destination[row, 0] = metadata[sample_id]
+                    destination[row, 1] = sample_id
+                return destination[:len(indices)]
+
+            return decode
+
+    return LabelAndIndexDecoder()
+
+
+def _split_label_index(images: Tensor, label_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return images, label_index[:, 0], label_index[:, 1]
+
+
+def _images_and_indices(images: Tensor, label_index: Tensor) -> tuple[Tensor, Tensor]:
+    return images, label_index[:, 1]
 
 
 def _world_size() -> int:
