@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bam.evaluation import finetune, knn_stage, linear
+from bam.evaluation import cluster, finetune, knn_stage, linear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
-STAGES = {"knn": knn_stage.main, "linear": linear.main, "finetune": finetune.main}
+STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "linear": linear.main, "finetune": finetune.main}
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
@@ -19,7 +19,7 @@ def test_config_parses(config, capsys):
         stage(["--config", str(config), "--print_config"])
     assert exit_info.value.code in (None, 0), capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["backbone" if stage is knn_stage.main else "model"]
+    assert printed["backbone" if stage in (knn_stage.main, cluster.main) else "model"]
 
 
 def test_every_stage_has_an_imagenet_and_a_demo_config():

@@ -10,27 +10,36 @@ the shards are gathered batch by batch onto the CPU, so the device holds at most
 process and the bank lives in host memory; each process then classifies its own shard of the
 queries, streaming the bank through the device `bank_chunk_rows` rows at a time, and the
 accuracies are summed over processes. The result equals a single-process run.
+
+`bpa=True` re-describes the features with the BPA transform (`bam.transforms.bpa`) before the
+vote. BPA is a set transform: an item's new feature is its balanced affinity to every member of
+its set, so queries and bank must be transformed in one set to be comparable. As in the paper's
+transductive few-shot episodes (support and queries transformed together), each query batch is
+transformed together with the whole bank: the set is `bank + batch`, so a query sees the bank
+and the other queries of its batch, never those of other batches, and the result depends on the
+batch size (and, under `torchrun`, on the sharding). The set's `(N + B)^2` affinities must fit
+on the device (`BPA_MAX_SET` items at most); `bank_fraction` shrinks the bank.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from jsonargparse import CLI
 from torch import Tensor
 
 from bam.distributed import rank
-from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe, shard_batches
+from bam.evaluation.features import embed_dataset, shard_batches
+from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "knn_results.json"
+BPA_MAX_SET = 32768  # bank + query batch: a (N + B)^2 float32 matrix of 4 GiB, a few copies at once
 
 
 @torch.no_grad()
@@ -75,6 +84,9 @@ def run_knn(
     bank_chunk_rows: int = 65536,
     accelerator: str = "auto",
     output_dir: str = "runs/knn",
+    bpa: bool = False,
+    bpa_reg: float = 0.1,
+    bpa_iterations: int = 10,
 ) -> dict[str, Any]:
     """Weighted k-NN accuracy of a frozen backbone; printed and written to `output_dir/knn_results.json`.
 
@@ -91,14 +103,17 @@ def run_knn(
         bank_chunk_rows: Bank rows on the device at a time when scoring.
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
+        bpa: Transform each query batch together with the bank by BPA before the vote (see above).
+        bpa_reg: BPA's entropic regularisation.
+        bpa_iterations: BPA's Sinkhorn iterations.
 
     Returns:
         `top1` and `top5` (percent), the bank and query sizes and the settings used.
     """
-    device = _device(accelerator)
-    _init_distributed(device)
+    device = select_device(accelerator)
+    init_distributed(device)
     data.setup()
-    extractor = _extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
     bank, bank_labels = embed_dataset(
         data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers
     )
@@ -106,42 +121,42 @@ def run_knn(
     metrics = accuracy_metrics(data.num_classes).to(device)  # torchmetrics sums over processes on compute
     queries = data.eval_dataset("val")
     for features, labels, _ in shard_batches(queries, extractor, device, data.batch_size, data.num_workers):
-        scores = knn_scores_streamed(features, bank, bank_labels, data.num_classes, k, temperature, bank_chunk_rows)
+        voters = bank
+        if bpa:
+            features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
+        scores = knn_scores_streamed(features, voters, bank_labels, data.num_classes, k, temperature, bank_chunk_rows)
         metrics.update(scores, labels.to(device))
     accuracy = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
     result = {
         **accuracy, "k": k, "temperature": temperature, "bank_size": len(bank), "num_queries": len(queries),
         "backbone": backbone, "feature": extractor.recipe,
+        "bpa": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
     }
     _report(result, Path(output_dir))
     return result
 
 
-def _device(accelerator: str) -> torch.device:
-    use_cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    return device
-
-
-def _init_distributed(device: torch.device) -> None:
-    """Join the process group `torchrun` describes in the environment (if any, and not joined yet)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def _extractor(backbone: str, which: Optional[str], arch: Optional[str], feature: str) -> FeatureExtractor:
-    model = build_from_spec(resolve_backbone(backbone, which, arch))
-    return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
+@torch.no_grad()
+def bpa_with_bank(query: Tensor, bank: Tensor, reg: float = 0.1, iterations: int = 10) -> tuple[Tensor, Tensor]:
+    """BPA features of a query batch and of the bank, transformed as one set `bank + query`
+    (on the query's device); the bank's rows come back L2-normalised, as `knn_scores_streamed`
+    expects its bank."""
+    size = len(bank) + len(query)
+    if size > BPA_MAX_SET:
+        raise ValueError(
+            f"BPA transforms the bank and a query batch as one set of {size} items, more than "
+            f"BPA_MAX_SET={BPA_MAX_SET} (its affinities would not fit); lower bank_fraction or the batch size"
+        )
+    features = bpa_transform(torch.cat([bank.to(query.device), query.float()]), reg, iterations)
+    return features[len(bank) :], F.normalize(features[: len(bank)], dim=1)
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
     if rank() != 0:
         return
+    transform = " + BPA" if result["bpa"] else ""
     print(
-        f"k-NN (k={result['k']}, T={result['temperature']}, {result['feature']} features): "
+        f"k-NN (k={result['k']}, T={result['temperature']}, {result['feature']} features{transform}): "
         f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"({result['num_queries']} queries, bank of {result['bank_size']})"
     )

@@ -12,13 +12,17 @@ that `timm.create_model` builds them like any other model (after `import bam.mod
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import timm
 import torch
+from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 from torch import nn
+
+from bam.models.gsp import GSPPool
 
 
 def _without_factory_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -112,19 +116,75 @@ def is_vit(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "cls_token")
 
 
-def build_backbone(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def build_backbone(
+    name: str,
+    pretrained: bool = False,
+    pooling: Optional[str] = None,
+    pooling_kwargs: Optional[dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build the timm model `name` as a feature extractor (`num_classes=0`).
 
     ViTs are built with `dynamic_img_size=True` so that local crops of a smaller resolution go
     through the same network (position embeddings are interpolated).
+
+    `pooling="gsp"` replaces a CNN's global average pooling by generalized sum pooling
+    (`bam.models.gsp.GSPPool`, its options in `pooling_kwargs`: `num_prototypes`, `mu`, `eps`,
+    `iterations`); `None` keeps the model's own pooling. Both arrive here from a config's
+    `backbone_kwargs` and are recorded with exported backbones, so the export rebuilds the same
+    network with its learnt prototypes.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise ValueError(f"unknown backbone {name!r}; timm models with a similar name: {close}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS} (None: the model's own)")
+    if pooling_kwargs and pooling is None:
+        raise ValueError("pooling_kwargs given without pooling='gsp'")
     kwargs.setdefault("num_classes", 0)
     if "vit" in name or "deit" in name:
         kwargs.setdefault("dynamic_img_size", True)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if pooling == "gsp":
+        _install_gsp(model, name, pooling_kwargs or {})
+    return model
+
+
+POOLINGS = (None, "gsp")
+
+
+def _install_gsp(model: nn.Module, name: str, options: dict[str, Any]) -> None:
+    """Swap the model's global average pooling of its `(B, C, H, W)` last feature map for GSP."""
+    if isinstance(model, SmallCNN):
+        if model.pool.output_size not in (1, (1, 1)):
+            raise ValueError(
+                f"pooling='gsp' pools {name}'s feature map to one vector, in place of its "
+                f"pool_size={model.pool.output_size} grid: build it with pool_size 1"
+            )
+        model.pool = GSPPool(model.num_features, **options)
+        return
+    pool = getattr(model, "global_pool", None)
+    if not (isinstance(pool, SelectAdaptivePool2d) and _averages_nchw(pool)):
+        raise ValueError(
+            f"pooling='gsp' needs a CNN whose head averages a (B, C, H, W) map with timm's "
+            f"SelectAdaptivePool2d 'avg' (ResNets, RegNets, EfficientNets, bam_cnn4); {name} has {type(pool).__name__}"
+        )
+    model.global_pool = GSPPool(model.num_features, **options)
+    # timm's reset_classifier (fine-tuning) rebuilds the pooling from its type name: keep GSP and
+    # its learnt prototypes, replace only the classifier
+    model.reset_classifier = functools.partial(_reset_classifier_keeping_gsp, model)
+
+
+def _averages_nchw(pool: SelectAdaptivePool2d) -> bool:
+    channels_first = getattr(pool.pool, "dim", (2, 3)) in ((2, 3), (-2, -1))
+    return pool.pool_type in ("avg", "fast", "fastavg") and pool.feat_mult() == 1 and channels_first
+
+
+def _reset_classifier_keeping_gsp(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
+    gsp = model.global_pool
+    model.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)  # what timm's method reads
+    type(model).reset_classifier(model, num_classes)
+    model.global_pool = gsp
 
 
 def feature_dim(backbone: nn.Module) -> int:

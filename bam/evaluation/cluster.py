@@ -1,0 +1,243 @@
+"""`bam cluster`: unsupervised clustering of a labelled split with a frozen backbone.
+
+The split's images (evaluation transform) are embedded by the frozen backbone, L2-normalised
+and clustered by k-means (k-means++ initialisation, several seeded restarts, the lowest inertia
+kept; as many clusters as classes by default), once on the features themselves and once on
+their BPA transform (`bam.transforms.bpa`: the whole split is one set, as in the BPA paper's
+clustering experiments). The clusters are scored against the labels by normalised mutual
+information (NMI), adjusted Rand index (ARI) and accuracy under the best one-to-one matching of
+clusters to classes (Hungarian algorithm), all in [0, 1]; printed as a table and written to
+`output_dir/cluster_results.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jsonargparse import CLI
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import Tensor
+
+from bam.distributed import rank
+from bam.evaluation.data import ClassificationDataModule
+from bam.evaluation.features import embed_dataset
+from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.evaluation.knn_stage import BPA_MAX_SET
+from bam.transforms import bpa as bpa_transform
+
+RESULTS_FILE = "cluster_results.json"
+
+
+# -- k-means ------------------------------------------------------------------------------------
+def _squared_distances(points: Tensor, centroids: Tensor) -> Tensor:
+    distances = points.square().sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.square().sum(1)
+    return distances.clamp_min_(0)
+
+
+def _kmeans_plus_plus(points: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
+    """Seeds spread over the data: each next seed is drawn with probability proportional to its
+    squared distance to the nearest seed so far (Arthur & Vassilvitskii, 2007)."""
+    first = torch.randint(len(points), (1,), generator=generator)
+    centroids = points[first]
+    nearest = _squared_distances(points, centroids).squeeze(1)
+    for _ in range(1, num_clusters):
+        # all points on the seeds already (duplicates): any point will do
+        weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)
+        index = torch.multinomial(weights.cpu(), 1, generator=generator)
+        centroids = torch.cat([centroids, points[index.to(points.device)]])
+        nearest = torch.minimum(nearest, _squared_distances(points, centroids[-1:]).squeeze(1))
+    return centroids
+
+
+def _lloyd(points: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, Tensor, float]:
+    for _ in range(iterations):
+        assignment = _squared_distances(points, centroids).argmin(1)
+        counts = torch.bincount(assignment, minlength=len(centroids))
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        updated = sums / counts.clamp_min(1).unsqueeze(1).to(points.dtype)
+        empty = counts == 0
+        if empty.any():  # restart an empty cluster at the points worst served by their centroid
+            worst = _squared_distances(points, centroids).gather(1, assignment[:, None]).squeeze(1)
+            updated[empty] = points[worst.topk(int(empty.sum())).indices]
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    distances = _squared_distances(points, centroids)
+    inertia, assignment = distances.min(1)
+    return assignment, centroids, float(inertia.sum())
+
+
+def kmeans(
+    points: Tensor, num_clusters: int, restarts: int = 10, iterations: int = 100, seed: int = 0
+) -> tuple[Tensor, Tensor, float]:
+    """k-means of the rows of `points`: `(assignment, centroids, inertia)` of the best of `restarts`
+    seeded k-means++ runs (lowest sum of squared distances). Deterministic for a given `seed`."""
+    if points.dim() != 2:
+        raise ValueError(f"k-means clusters the rows of a 2-D tensor, got shape {tuple(points.shape)}")
+    if not 1 <= num_clusters <= len(points):
+        raise ValueError(f"num_clusters must be between 1 and the number of points ({len(points)}), got {num_clusters}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1, got {restarts}")
+    points = points.float() if points.dtype != torch.float64 else points
+    generator = torch.Generator().manual_seed(seed)
+    best: Optional[tuple[Tensor, Tensor, float]] = None
+    for _ in range(restarts):
+        run = _lloyd(points, _kmeans_plus_plus(points, num_clusters, generator), iterations)
+        if best is None or run[2] < best[2]:
+            best = run
+    return best
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def cluster_accuracy(labels: Tensor | np.ndarray, clusters: Tensor | np.ndarray) -> float:
+    """Fraction of items whose cluster maps to their class under the best one-to-one matching of
+    clusters to classes (Hungarian algorithm); clusters left unmatched count as wrong."""
+    labels, clusters = _as_numpy(labels), _as_numpy(clusters)
+    counts = np.zeros((clusters.max() + 1, labels.max() + 1), dtype=np.int64)
+    np.add.at(counts, (clusters, labels), 1)
+    rows, columns = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, columns].sum() / len(labels))
+
+
+def clustering_metrics(labels: Tensor | np.ndarray, clusters: Tensor | np.ndarray) -> dict[str, float]:
+    """`nmi` (arithmetic-mean normalisation), `ari` and Hungarian `accuracy`, each in [0, 1] (ARI
+    may be slightly negative: worse than chance)."""
+    labels, clusters = _as_numpy(labels), _as_numpy(clusters)
+    if labels.shape != clusters.shape:
+        raise ValueError(f"labels and clusters differ in shape: {labels.shape} vs {clusters.shape}")
+    return {
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "accuracy": cluster_accuracy(labels, clusters),
+    }
+
+
+def _as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
+    array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+    return array.astype(np.int64).ravel()
+
+
+# -- the stage ----------------------------------------------------------------------------------
+def cluster_features(
+    features: Tensor,
+    labels: Tensor,
+    num_clusters: int,
+    restarts: int = 10,
+    iterations: int = 100,
+    seed: int = 0,
+    bpa: bool = True,
+    bpa_reg: float = 0.1,
+    bpa_iterations: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Metrics of k-means on the L2-normalised `features` (`raw`) and, with `bpa`, on their BPA
+    transform (the whole set at once, rows L2-normalised as well: `bpa`)."""
+    spaces = {"raw": F.normalize(features.float(), dim=1)}
+    if bpa:
+        if len(features) > BPA_MAX_SET:
+            raise ValueError(
+                f"BPA transforms all {len(features)} images as one set, more than BPA_MAX_SET={BPA_MAX_SET} "
+                "(its affinities would not fit); cluster a class-balanced `fraction` of the split"
+            )
+        spaces["bpa"] = F.normalize(bpa_transform(spaces["raw"], bpa_reg, bpa_iterations), dim=1)
+    results = {}
+    for name, points in spaces.items():
+        assignment, _, inertia = kmeans(points, num_clusters, restarts, iterations, seed)
+        results[name] = {**clustering_metrics(labels, assignment), "inertia": inertia}
+    return results
+
+
+def run_clustering(
+    backbone: str,
+    data: ClassificationDataModule,
+    which: Optional[str] = None,
+    arch: Optional[str] = None,
+    feature: str = "auto",
+    split: str = "val",
+    fraction: float = 1.0,
+    num_clusters: Optional[int] = None,
+    restarts: int = 10,
+    kmeans_iterations: int = 100,
+    seed: int = 0,
+    bpa: bool = True,
+    bpa_reg: float = 0.1,
+    bpa_iterations: int = 10,
+    accelerator: str = "auto",
+    output_dir: str = "runs/cluster",
+) -> dict[str, Any]:
+    """Cluster a labelled split's frozen features by k-means, raw and after BPA; printed and
+    written to `output_dir/cluster_results.json`.
+
+    Args:
+        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
+            file, or a timm model name (random initialisation, a baseline).
+        data: The labelled data.
+        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        arch: Architecture of a checkpoint, instead of the one it records.
+        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
+        split: The split clustered: "val" (held out) or "train".
+        fraction: Class-balanced fraction of the split clustered.
+        num_clusters: Number of clusters (default: the number of classes).
+        restarts: k-means++ restarts; the lowest inertia is kept.
+        kmeans_iterations: Most Lloyd iterations per restart (stops earlier once stable).
+        seed: Seed of the k-means initialisations.
+        bpa: Also cluster the BPA transform of the features (the whole clustered set as one set).
+        bpa_reg: BPA's entropic regularisation.
+        bpa_iterations: BPA's Sinkhorn iterations.
+        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
+        output_dir: Where the JSON result is written (by process 0).
+
+    Returns:
+        `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes and settings used.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    device = select_device(accelerator)
+    init_distributed(device)
+    data.setup()
+    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    features, labels = embed_dataset(
+        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers
+    )
+    num_clusters = num_clusters or data.num_classes
+    metrics = cluster_features(
+        features.to(device), labels, num_clusters, restarts, kmeans_iterations, seed, bpa, bpa_reg, bpa_iterations
+    )
+    result = {
+        **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split,
+        "backbone": backbone, "feature": extractor.recipe, "restarts": restarts, "seed": seed,
+        "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+    }
+    _report(result, Path(output_dir))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as a small text table, one row per feature space."""
+    lines = [
+        f"k-means of {result['num_images']} {result['split']} images into {result['num_clusters']} clusters "
+        f"({result['feature']} features, best of {result['restarts']} k-means++ runs)",
+        f"{'features':<10}{'NMI':>8}{'ARI':>8}{'acc':>8}",
+    ]
+    for name, label in (("raw", "raw"), ("bpa", "BPA")):
+        if name in result:
+            row = result[name]
+            lines.append(f"{label:<10}{row['nmi']:>8.4f}{row['ari']:>8.4f}{row['accuracy']:>8.4f}")
+    return "\n".join(lines)
+
+
+def _report(result: dict[str, Any], output_dir: Path) -> None:
+    if rank() != 0:
+        return
+    print(format_table(result))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str]) -> None:
+    """`bam cluster --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
+    CLI(run_clustering, args=argv, as_positional=False, prog="bam cluster")

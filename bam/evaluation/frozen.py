@@ -1,0 +1,35 @@
+"""Set-up shared by the stages that evaluate a frozen backbone without training (`bam knn`,
+`bam cluster`): the device, the process group `torchrun` describes, and the feature extractor."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.features import FeatureExtractor, resolve_recipe
+
+
+def select_device(accelerator: str) -> torch.device:
+    """`"auto"` (CUDA when available), `"cpu"` or `"cuda"`; under `torchrun`, this process's GPU."""
+    use_cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group `torchrun` describes in the environment (if any, and not joined yet)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def frozen_extractor(backbone: str, which: Optional[str], arch: Optional[str], feature: str) -> FeatureExtractor:
+    """The named backbone (see `resolve_backbone`), frozen, with its feature recipe (`auto`: a ViT's
+    class token, otherwise the pooled output)."""
+    model = build_from_spec(resolve_backbone(backbone, which, arch))
+    return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))

@@ -1,0 +1,87 @@
+"""BPA feature transform: symmetric, balanced, permutation-equivariant, differentiable, validated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bam.transforms import BPA, bpa
+
+
+def _features(n: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_output_is_symmetric_with_unit_diagonal():
+    out = bpa(_features(40, 16))
+    assert out.shape == (40, 40)
+    torch.testing.assert_close(out, out.T, rtol=0, atol=0)
+    torch.testing.assert_close(out.diagonal(), torch.ones(40))
+
+
+@pytest.mark.parametrize("n, iterations, atol", [(40, 10, 2e-3), (8, 200, 1e-5)])
+def test_balanced_plan_is_doubly_stochastic(n, iterations, atol):
+    plan = bpa(_features(n, 16, seed=1), iterations=iterations, self_affinity=None)
+    torch.testing.assert_close(plan.sum(dim=0), torch.ones(n), rtol=0, atol=atol)
+    torch.testing.assert_close(plan.sum(dim=1), torch.ones(n), rtol=0, atol=atol)
+    assert torch.all(plan.diagonal() == 0) and torch.all(plan >= 0)
+    # the default output is the same plan with the paper's self-affinity of 1 on the diagonal
+    with_diagonal = bpa(_features(n, 16, seed=1), iterations=iterations)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    torch.testing.assert_close(with_diagonal[off_diagonal], plan[off_diagonal], rtol=0, atol=0)
+
+
+def test_permuting_the_set_permutes_rows_and_columns():
+    x = _features(30, 8, seed=2, dtype=torch.float64)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(bpa(x[perm]), bpa(x)[perm][:, perm], rtol=1e-10, atol=1e-12)
+
+
+def test_scale_invariant_and_affinities_follow_similarity():
+    x = _features(20, 8, seed=4)
+    torch.testing.assert_close(bpa(3.0 * x), bpa(x), rtol=1e-5, atol=1e-6)
+    # two near-duplicates are each other's strongest affinity
+    x[1] = x[0] + 1e-3 * x[1]
+    plan = bpa(x, self_affinity=None)
+    assert plan[0].argmax() == 1 and plan[1].argmax() == 0
+
+
+def test_gradcheck_float64():
+    x = _features(6, 4, seed=5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f: bpa(f, reg=0.5, iterations=5), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradient_reaches_features_through_the_layer():
+    x = _features(12, 6, seed=6).requires_grad_()
+    layer = BPA(reg=0.1, iterations=10)
+    assert not list(layer.parameters())
+    (layer(x) @ torch.randn(12, 3)).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_half_precision_input():
+    x = _features(16, 8, seed=7)
+    out = bpa(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), bpa(x), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        (torch.randn(8), r"2-D \(items, dims\).*shape \(8,\)"),
+        (torch.randn(2, 8, 4), r"2-D.*shape \(2, 8, 4\).*once per set"),
+        (torch.randn(1, 4), r"at least 2 items.*got 1"),
+        (torch.ones(3, 4, dtype=torch.long), r"floating-point"),
+    ],
+    ids=["1d", "3d", "one_item", "integer"],
+)
+def test_bad_input_is_explained(features, match):
+    with pytest.raises(ValueError, match=match):
+        bpa(features)
+
+
+def test_bad_settings_are_explained():
+    with pytest.raises(ValueError, match="reg must be positive"):
+        bpa(torch.randn(4, 2), reg=0)
+    with pytest.raises(ValueError, match="iterations must be non-negative"):
+        BPA(iterations=-1)(torch.randn(4, 2))

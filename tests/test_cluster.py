@@ -1,0 +1,158 @@
+"""`bam cluster`: k-means, the clustering metrics, the stage end to end, and BPA in `bam knn`."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bam.cli import STAGES
+from bam.evaluation import cluster, knn_stage
+from bam.evaluation.cluster import cluster_accuracy, clustering_metrics, kmeans, run_clustering
+from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+
+
+def _blobs(per_cluster: int = 30, num_clusters: int = 4, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = 10.0 * torch.randn(num_clusters, dim, generator=generator)
+    labels = torch.arange(num_clusters).repeat_interleave(per_cluster)
+    points = centres[labels] + 0.1 * torch.randn(len(labels), dim, generator=generator)
+    order = torch.randperm(len(labels), generator=generator)
+    return points[order], labels[order]
+
+
+# --- k-means -------------------------------------------------------------------------------------
+
+
+def test_kmeans_recovers_separated_blobs():
+    points, labels = _blobs()
+    assignment, centroids, inertia = kmeans(points, 4, restarts=5, seed=0)
+    metrics = clustering_metrics(labels, assignment)
+    assert metrics["accuracy"] == 1.0 and metrics["nmi"] == pytest.approx(1.0) and metrics["ari"] == pytest.approx(1.0)
+    assert centroids.shape == (4, 8) and inertia == pytest.approx(120 * 8 * 0.01, rel=0.5)
+
+
+def test_kmeans_is_seeded_and_keeps_the_lowest_inertia():
+    points = torch.randn(200, 5, generator=torch.Generator().manual_seed(1))
+    first, again = kmeans(points, 6, restarts=3, seed=7), kmeans(points, 6, restarts=3, seed=7)
+    assert torch.equal(first[0], again[0]) and first[2] == again[2]
+    single_runs = [kmeans(points, 6, restarts=1, seed=seed)[2] for seed in range(3)]
+    # more restarts (from the same seed's stream) can only lower the kept inertia
+    assert kmeans(points, 6, restarts=8, seed=0)[2] <= single_runs[0]
+
+
+def test_kmeans_with_duplicates_and_bad_arguments():
+    points = torch.zeros(10, 3)
+    points[5:] = 1.0
+    assignment, _, inertia = kmeans(points, 4, restarts=2)  # more clusters than distinct points
+    assert inertia == 0.0 and len(assignment.unique()) >= 2
+    with pytest.raises(ValueError, match="between 1 and the number of points"):
+        kmeans(points, 11)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        kmeans(torch.zeros(4), 2)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_accuracy_matching_is_invariant_to_label_permutation():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    clusters = torch.tensor([1, 1, 0, 2, 2, 3, 3, 3, 0, 0])
+    renamed = torch.tensor([3, 0, 2, 1])[clusters]
+    assert cluster_accuracy(labels, clusters) == cluster_accuracy(labels, renamed) == 0.8
+    assert clustering_metrics(labels, renamed) == pytest.approx(clustering_metrics(labels, clusters))
+    assert cluster_accuracy(labels, torch.tensor([5, 5, 5, 7, 7, 9, 9, 9, 9, 2])) == 1.0
+
+
+def test_metrics_on_a_hand_computed_case():
+    # classes {0,1} {2,3}; clusters {0,1,2} {3}
+    labels, clusters = [0, 0, 1, 1], [0, 0, 0, 1]
+    metrics = clustering_metrics(labels, clusters)
+    assert metrics["accuracy"] == 0.75
+    # ARI: pair agreements sum C(n_ij, 2) = 1, row pairs 2, column pairs 3, all pairs 6:
+    # expected 2 * 3 / 6 = 1, maximum (2 + 3) / 2, so ARI = (1 - 1) / (2.5 - 1) = 0
+    assert metrics["ari"] == pytest.approx(0.0)
+    entropy_classes = math.log(2)
+    entropy_clusters = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    mutual = 0.5 * math.log(0.5 / (0.75 * 0.5)) + 0.25 * math.log(0.25 / (0.75 * 0.5)) + 0.25 * math.log(2)
+    assert metrics["nmi"] == pytest.approx(mutual / ((entropy_classes + entropy_clusters) / 2))
+    assert clustering_metrics([0, 1, 2], [0, 1, 2]) == pytest.approx({"nmi": 1.0, "ari": 1.0, "accuracy": 1.0})
+
+
+def test_more_clusters_than_classes_count_unmatched_as_wrong():
+    assert cluster_accuracy([0, 0, 1, 1], [0, 1, 2, 3]) == 0.5
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cluster"), *CNN)
+
+
+def test_stage_writes_the_json_and_prints_a_table(checkpoint, tmp_path, capsys):
+    assert STAGES["cluster"][0] == "bam.evaluation.cluster"
+    cluster.main([
+        "--backbone", str(checkpoint), "--accelerator", "cpu", "--output_dir", str(tmp_path),
+        "--restarts", "2", *synthetic_args(batch_size=16, train_size=32, val_size=24),
+    ])
+    result = json.loads((tmp_path / "cluster_results.json").read_text())
+    assert (result["num_images"], result["num_clusters"], result["split"]) == (24, 4, "val")
+    for space in ("raw", "bpa"):
+        assert set(result[space]) == {"nmi", "ari", "accuracy", "inertia"}
+        assert 0 <= result[space]["nmi"] <= 1 and 0.25 <= result[space]["accuracy"] <= 1
+    assert result["bpa_settings"] == {"reg": 0.1, "iterations": 10}
+    table = capsys.readouterr().out
+    assert "NMI" in table and "\nraw " in table and "\nBPA " in table
+
+
+def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
+    clustered = []
+    real = cluster.kmeans
+    monkeypatch.setattr(cluster, "kmeans", lambda points, *args: clustered.append(points) or real(points, *args))
+    data = synthetic_data(batch_size=16, train_size=32, val_size=20)
+    common = dict(accelerator="cpu", restarts=1, split="train", fraction=0.5)
+    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "raw"), **common)
+    assert "bpa" not in without and without["bpa_settings"] is None and len(clustered) == 1
+    assert without["num_images"] == 16  # class-balanced half of the 32 training images
+    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "bpa"), **common)
+    assert with_bpa["raw"] == without["raw"]
+    raw, transformed = clustered[1:]
+    assert raw.shape == (16, 32) and transformed.shape == (16, 16)  # BPA: one affinity per set member
+    assert "bpa" in json.loads((tmp_path / "bpa" / "cluster_results.json").read_text())
+
+
+def test_unknown_split_is_rejected(checkpoint):
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        run_clustering(str(checkpoint), synthetic_data(), split="test", accelerator="cpu")
+
+
+# --- BPA in `bam knn` ----------------------------------------------------------------------------
+
+
+def test_knn_bpa_flag_changes_the_features_the_classifier_sees(checkpoint, tmp_path, monkeypatch):
+    seen = []
+    real = knn_stage.knn_scores_streamed
+
+    def recording(query, bank, *args):
+        seen.append((query.shape, bank.shape))
+        return real(query, bank, *args)
+
+    monkeypatch.setattr(knn_stage, "knn_scores_streamed", recording)
+    common = ["--backbone", str(checkpoint), "--accelerator", "cpu", *synthetic_args(batch_size=8, train_size=32, val_size=12)]
+    knn_stage.main([*common, "--output_dir", str(tmp_path / "plain")])
+    assert seen == [((8, 32), (32, 32)), ((4, 32), (32, 32))]  # pooled features of width 32
+    seen.clear()
+    knn_stage.main([*common, "--output_dir", str(tmp_path / "bpa"), "--bpa", "true"])
+    # each query batch is transformed with the bank: features are affinities to bank + batch
+    assert seen == [((8, 40), (32, 40)), ((4, 36), (32, 36))]
+    result = json.loads((tmp_path / "bpa" / "knn_results.json").read_text())
+    assert result["bpa"] == {"reg": 0.1, "iterations": 10} and 0 <= result["top1"] <= 100
+
+
+def test_knn_bpa_set_too_large_is_explained(monkeypatch):
+    monkeypatch.setattr(knn_stage, "BPA_MAX_SET", 10)
+    with pytest.raises(ValueError, match="lower bank_fraction or the batch size"):
+        knn_stage.bpa_with_bank(torch.randn(4, 3), torch.randn(8, 3))
