@@ -1,6 +1,6 @@
 """bam: self-supervised visual pretraining with Balanced self-Attention Matching.
 
-The objective (`BAMLoss`) is importable without Lightning; the training, evaluation and
+The objectives (`BAMLoss`, `SwAVLoss`) are importable without Lightning; the training, evaluation and
 checkpoint APIs are loaded on first use so that `import bam` stays light.
 """
 from __future__ import annotations
@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bam.losses import BAMLoss, balanced_target, bam_loss, positive_mask
+from bam.losses import BAMLoss, SwAVLoss, balanced_target, bam_loss, positive_mask
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, on first attribute access)
 _LAZY = {
     "BAMModule": "bam.methods.bam",
+    "SwAVModule": "bam.methods.swav",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
     "load_backbone": "bam.io.export",
@@ -22,9 +23,14 @@ _LAZY = {
     "LinearProbe": "bam.evaluation.linear",
     "FineTune": "bam.evaluation.finetune",
     "run_knn": "bam.evaluation.knn_stage",
+    "run_clustering": "bam.evaluation.cluster",
+    "bpa": "bam.transforms.bpa",
+    "BPA": "bam.transforms.bpa",
+    "GSPPool": "bam.models.gsp",
+    "ContrastiveCrop": "bam.callbacks.contrastive_crop",
 }
 
-__all__ = ["BAMLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]
+__all__ = ["BAMLoss", "SwAVLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

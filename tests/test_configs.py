@@ -1,15 +1,19 @@
 """Every shipped pretraining config parses, names only known keys, and builds its model."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bam.cli import main as bam_main
-from bam.methods import BAMModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
+
+
+def model_class_path(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["model"]["class_path"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
@@ -19,13 +23,14 @@ def test_config_parses(config, tmp_path, capsys):
                  if "ImageFolder" in config.read_text() else ["pretrain", "--config", str(config), "--print_config"])
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "bam.methods.BAMModule"
+    assert printed["model"]["class_path"] == model_class_path(config)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
 def test_config_builds_its_model(config):
     init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
-    model = BAMModule(**init_args)
+    module, name = model_class_path(config).rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name)(**init_args)
     assert model.loss_fn.num_crops == init_args["num_global_crops"] + init_args["num_local_crops"]
 
 

@@ -2,5 +2,6 @@
 from bam.methods.bam import BAMModule
 from bam.methods.base import SSLMethod
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError, StuckLossWarning
+from bam.methods.swav import SwAVModule
 
-__all__ = ["BAMModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]
+__all__ = ["BAMModule", "SwAVModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]

@@ -1,0 +1,126 @@
+"""SwAV pretraining on the same module structure as BAM: the method is the objective, its
+prototypes and their freeze; encoders, optimiser, schedules and multi-crop come from `SSLMethod`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bam.losses import SwAVLoss
+from bam.methods.base import SSLMethod
+from bam.methods.schedules import warmup_cosine_lr
+
+
+class SwAVModule(SSLMethod):
+    """Swapping Assignments between Views (Caron et al., NeurIPS 2020) as a LightningModule.
+
+    Every global crop's embedding is assigned a code over `num_prototypes` learnable prototypes by
+    bam's Sinkhorn (equipartition over the global batch, no gradient), and every other crop of the
+    same image is trained to predict that code (see `bam.losses.swav_loss`). No queue.
+
+    Args:
+        num_global_crops: global crops per image (codes come from them).
+        num_local_crops: local crops per image.
+        num_prototypes: learnable prototypes `K` (3000 for ImageNet; a few times the number of
+            classes one expects is the paper's rule of thumb).
+        epsilon: entropic regularisation of the codes' Sinkhorn.
+        temperature: temperature of the predictions' softmax.
+        sinkhorn_iterations: balancing iterations of the codes.
+        freeze_prototypes_epochs: the prototypes receive no update for this many (possibly
+            fractional) epochs: early on, while the embeddings are still near-random, updating the
+            prototypes makes the codes chase them and the paper found training less stable.
+        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the projection
+            head, SwAV's by default (2048 -> 128, 2 layers, batch norm, ReLU).
+        **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
+            `momentum_teacher`: SwAV's codes come from the network itself.
+
+    The prototypes (`self.loss_fn.prototypes`, a bias-free linear layer) are re-normalised at the
+    start of every step and trained in their own parameter group without weight decay, like the
+    biases and 1-D parameters in `SSLMethod`: decaying unit vectors that are re-normalised after
+    every step would only rescale their learning rate.
+    """
+
+    def __init__(
+        self,
+        num_global_crops: int = 2,
+        num_local_crops: int = 6,
+        num_prototypes: int = 3000,
+        epsilon: float = 0.05,
+        temperature: float = 0.1,
+        sinkhorn_iterations: int = 3,
+        freeze_prototypes_epochs: float = 1,
+        proj_hidden_dim: int = 2048,
+        proj_out_dim: int = 128,
+        proj_layers: int = 2,
+        proj_activation: str = "relu",
+        proj_batch_norm: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("momentum_teacher"):
+            raise ValueError(
+                "SwAV has no momentum teacher (its codes come from the network's own global crops); "
+                "remove momentum_teacher from the SwAVModule arguments"
+            )
+        if freeze_prototypes_epochs < 0:
+            raise ValueError(f"freeze_prototypes_epochs={freeze_prototypes_epochs} must be >= 0")
+        super().__init__(
+            proj_hidden_dim=proj_hidden_dim,
+            proj_out_dim=proj_out_dim,
+            proj_layers=proj_layers,
+            proj_activation=proj_activation,
+            proj_batch_norm=proj_batch_norm,
+            **kwargs,
+        )
+        self.loss_fn = SwAVLoss(
+            num_crops=num_global_crops + num_local_crops,
+            num_global_crops=num_global_crops,
+            dim=proj_out_dim,
+            num_prototypes=num_prototypes,
+            epsilon=epsilon,
+            temperature=temperature,
+            sinkhorn_iterations=sinkhorn_iterations,
+        )
+
+    # ----------------------------------------------------------------- method interface
+    def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        if len(crops) != self.loss_fn.num_crops:
+            raise ValueError(
+                f"the data provides {len(crops)} crops per image but the model expects "
+                f"{self.loss_fn.num_crops} (num_global_crops + num_local_crops); make the data and "
+                "model crop counts agree"
+            )
+        # Back onto the unit sphere after the previous step's update; the same on every process.
+        self.loss_fn.normalize_prototypes_()
+        return self.loss_fn(self.student(crops))
+
+    def chance_level(self) -> float:
+        return self.loss_fn.chance_level()
+
+    def on_schedule(self, step: int) -> dict[str, float]:
+        return {"prototypes_frozen": float(self.prototypes_frozen(step))}
+
+    # ----------------------------------------------------------------- prototypes
+    def prototypes_frozen(self, step: int) -> bool:
+        """Whether optimiser step `step` leaves the prototypes unchanged."""
+        return step < int(self.hparams.freeze_prototypes_epochs * self.steps_per_epoch)
+
+    def on_after_backward(self) -> None:
+        # No gradient at all (not a zero one): the optimiser then skips the prototypes entirely,
+        # so neither momentum nor weight decay can move them. Runs after DDP's all-reduce, on
+        # every process alike.
+        if self.prototypes_frozen(self.global_step):
+            self.loss_fn.prototypes.weight.grad = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """`SSLMethod`'s optimiser over the student, plus the prototypes in a group of their own
+        without weight decay; the lr schedule is rebuilt so that it drives that group too."""
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        peak_lr = optimizer.defaults["lr"]
+        optimizer.add_param_group(
+            {"params": [self.loss_fn.prototypes.weight], "lr": peak_lr, "weight_decay": 0.0, "initial_weight_decay": 0.0}
+        )
+        warmup = int(self.hparams.warmup_epochs * self.steps_per_epoch)
+        config["lr_scheduler"]["scheduler"] = warmup_cosine_lr(optimizer, self.total_steps, warmup, self.hparams.min_lr)
+        return config
