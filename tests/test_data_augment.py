@@ -88,6 +88,57 @@ def test_cpu_color_jitter_is_torchvision_color_jitter(images):
         torch.testing.assert_close(ours, v2.ColorJitter(**ranges)(images[seed]), atol=2e-6, rtol=0)
 
 
+
+def test_cpu_hue_matches_torchvision():
+    """The CPU path's hue (ceil masks, wrapped triangle ramp) against torchvision's HSV round trip."""
+    from bam.data.cpu_augment import shift_hue
+
+    image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(2))
+    image[:, :4] = image[:1, :4]  # grey pixels
+    image[1, 4:8] = image[0, 4:8]  # ties: red == green, green == blue, blue == red
+    image[2, 8:12] = image[1, 8:12]
+    image[0, 12:16] = image[2, 12:16]
+    image[:, 16:] = (image[:, 16:] * 4).round() / 4  # saturated and black / white pixels
+    for turns in torch.linspace(-0.5, 0.5, 21).tolist():
+        torch.testing.assert_close(shift_hue(image, turns), TF.adjust_hue(image, turns), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (96, 96), (24, 40), (13, 13), (67, 20)])
+def test_cpu_banded_blur_matches_torchvision(height, width):
+    """Banded products (blocks near 32 px), one block (13 px) and the dense fallback (67 px: no divisor)."""
+    from bam.data.cpu_augment import gaussian_blur
+
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(3))
+    for sigma in (0.1, 0.7, 2.0):
+        expected = TF.gaussian_blur(image, [13, 13], [sigma, sigma])
+        torch.testing.assert_close(gaussian_blur(image, sigma, 13), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("operation", ["grayscale", "blur", "solarize"])
+def test_cpu_path_single_operations_match_torchvision(operation):
+    """With one operation forced on and the crop the whole image, a view is torchvision's result."""
+    off = dict(color_jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=(0.0,), global_solarize_prob=(0.0,))
+    on = {"grayscale": dict(grayscale_prob=1.0), "blur": dict(global_blur_prob=(1.0,), blur_sigma=(1.5, 1.5)),
+          "solarize": dict(global_solarize_prob=(1.0,))}[operation]
+    crops = MultiCropConfig(num_global_crops=1, global_size=24, global_scale=(1.0, 1.0), num_local_crops=0,
+                            ratio=(1.0, 1.0), flip_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **{**off, **on})
+    image = _colour_image()
+    x = TF.to_dtype(image, torch.float32, scale=True)
+    expected = {"grayscale": lambda: TF.rgb_to_grayscale(x, 3),
+                "blur": lambda: TF.gaussian_blur(x, [blur_kernel_size(1.5, 24)] * 2, [1.5, 1.5]),
+                "solarize": lambda: TF.solarize(x, 0.5)}[operation]()
+    (view,) = CPUMultiCrop(crops)(image)
+    torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
+
+
+def test_cpu_views_of_one_size_are_independent():
+    crops = MultiCropConfig(global_size=16, local_size=8, num_local_crops=4)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    views = CPUMultiCrop(crops)(image)
+    assert not torch.allclose(views[0], views[1])
+    assert all(not torch.allclose(views[i], views[j]) for i in range(2, 6) for j in range(i + 1, 6))
+
 def test_crop_resize_matches_torchvision_resized_crop():
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     whole = batch_ops.crop_resize(image, torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.tensor([0]), 40)
