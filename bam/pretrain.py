@@ -15,7 +15,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN
+from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN, PreciseBatchNorm
 from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
@@ -33,13 +33,15 @@ class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.every_n_epochs": 10})
+        # before the k-NN group: the last k-NN evaluation must see the re-estimated statistics
+        parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
         parser.add_lightning_class_args(OnlineKNN, "knn")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         run_dir = config.trainer.default_root_dir or os.path.join("runs", "pretrain")
         config.trainer.default_root_dir = run_dir
         if config.trainer.logger in (None, True):

@@ -52,3 +52,20 @@ def test_encoder_runs_the_backbone_once_per_resolution():
     crops = [torch.randn(2, 3, 28, 28)] * 2 + [torch.randn(2, 3, 14, 14)] * 4
     assert encoder(crops).shape == (12, 256)
     assert calls == [28, 14]
+
+
+@pytest.mark.parametrize("global_only", [True, False])
+def test_batch_norm_running_stats_come_from_the_global_crops(global_only):
+    torch.manual_seed(0)
+    encoder = MultiCropEncoder(build_backbone("bam_cnn4"), nn.Identity(), global_running_stats=global_only)
+    reference = MultiCropEncoder(build_backbone("bam_cnn4"), nn.Identity())
+    reference.load_state_dict(encoder.state_dict())
+    global_crops = [torch.randn(4, 3, 28, 28) for _ in range(2)]
+    local_crops = [torch.randn(4, 3, 14, 14) * 3 + 1 for _ in range(2)]  # a different distribution
+    encoder(global_crops + local_crops)
+    reference(global_crops)
+    stats = [(b.running_mean, b.running_var) for b in encoder.modules() if isinstance(b, nn.BatchNorm2d)]
+    expected = [(b.running_mean, b.running_var) for b in reference.modules() if isinstance(b, nn.BatchNorm2d)]
+    matches = all(torch.allclose(a, b) and torch.allclose(v, w) for (a, v), (b, w) in zip(stats, expected))
+    assert matches == global_only
+    assert all(b.momentum == 0.1 for b in encoder.modules() if isinstance(b, nn.BatchNorm2d))  # restored

@@ -1,6 +1,7 @@
 """Lightning callbacks used by the training stages."""
+from bam.callbacks.batchnorm_stats import PreciseBatchNorm
 from bam.callbacks.contrastive_crop import ContrastiveCrop
 from bam.callbacks.knn import OnlineKNN
 from bam.callbacks.plots import CurvePlots, plot_metrics
 
-__all__ = ["ContrastiveCrop", "CurvePlots", "OnlineKNN", "plot_metrics"]
+__all__ = ["ContrastiveCrop", "CurvePlots", "OnlineKNN", "PreciseBatchNorm", "plot_metrics"]

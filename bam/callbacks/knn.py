@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.knn import knn_accuracy
 from bam.models import build_backbone
+from bam.models.batchnorm_stats import recompute_batchnorm_stats
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,7 +27,8 @@ class OnlineKNN(pl.Callback):
     is real and the device never holds the whole bank.
 
     With `compare_baselines`, the end of training also evaluates the same architecture randomly
-    initialised and k-NN on raw pixels on the same split, prints the three side by side and
+    initialised (its batch norm statistics estimated on the bank's images) and k-NN on raw pixels
+    on the same split, prints the three side by side and
     writes them to `knn_report.json` in the run's log directory.
     """
 
@@ -58,6 +60,10 @@ class OnlineKNN(pl.Callback):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             random_net = build_backbone(hp.backbone, **(hp.backbone_kwargs or {})).to(pl_module.device)
+        # A fresh network's batch norm statistics are placeholders (mean 0, variance 1): give the
+        # baseline its data's statistics, as PreciseBatchNorm gives the trained backbone.
+        bank_images = (images.to(pl_module.device) for images, _ in trainer.datamodule.knn_dataloaders()[0])
+        recompute_batchnorm_stats(random_net, bank_images, max_images=4096)
         self.report["random init (same architecture)"] = self.evaluate(trainer, random_net, random_net)
         self.report["raw pixels"] = self.evaluate(trainer, lambda images: images.flatten(1), None)
         self._print_and_save(trainer)

@@ -44,6 +44,8 @@ class SSLMethod(pl.LightningModule):
         compile_backbone: `torch.compile` the student backbone in place (keys stay unchanged).
         channels_last: run the backbone in the NHWC memory layout (faster convolutions on CPU
             and with mixed precision on GPU; keys and values stay unchanged).
+        bn_stats_from_global_crops: batch norm running statistics (used at evaluation) come from
+            the global crops only, not from the local crops' different distribution.
         sync_batchnorm: convert batch norm to SyncBatchNorm when training on several processes.
         stuck_loss_patience: steps at log(N) before warning that nothing is learned (0 = off).
     """
@@ -72,6 +74,7 @@ class SSLMethod(pl.LightningModule):
         gradient_checkpointing: bool = False,
         compile_backbone: bool = False,
         channels_last: bool = False,
+        bn_stats_from_global_crops: bool = True,
         sync_batchnorm: bool = True,
         stuck_loss_patience: int = 200,
     ) -> None:
@@ -92,7 +95,7 @@ class SSLMethod(pl.LightningModule):
             proj_last_batch_norm,
             proj_bias,
         )
-        self.student = MultiCropEncoder(net, head, channels_last)
+        self.student = MultiCropEncoder(net, head, channels_last, bn_stats_from_global_crops)
         # Created here (never later) so every checkpoint has the teacher's keys and resumes fit.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False) if momentum_teacher else None
         if compile_backbone:
