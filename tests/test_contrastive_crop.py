@@ -3,7 +3,6 @@ augmentation paths (and plain crops before the first update), shared boxes in Da
 the distributed update, the schedule in a Lightning run, and checkpoint round trips."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
@@ -22,19 +20,14 @@ from bam.data.contrastive_crop import compute_boxes, heatmap, heatmap_boxes
 from bam.distributed import gather_rows
 from bam.methods import BAMModule
 from bam.models import build_backbone
+from conftest import spawn_gloo_workers
 
 from test_data_augment import GEOMETRY_ONLY, _geometry_stats, _ks, _ks_threshold, _ramp_image
 
 REPO = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 180
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- heat maps and boxes -----------------------------------------------------------------------
@@ -290,13 +283,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_processes_compute_the_same_boxes_as_one(tmp_path):
-    context = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2 gloo processes did not finish within {HANG_GUARD_S} s")
+    spawn_gloo_workers(_worker, 2, tmp_path)
     reference = _update_boxes(0, 1)
     assert not torch.equal(reference, CropBoxes(len(reference)).boxes)  # not all whole images
     for rank in range(2):

@@ -200,13 +200,7 @@ def test_jitter_order_is_drawn_per_image():
 N_IMAGES = 1200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine idle-waiting threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cpu_views(crops: MultiCropConfig, image: torch.Tensor) -> list[torch.Tensor]:

@@ -8,15 +8,14 @@ rows. (b) fails for a gather whose backward does not sum over processes (a known
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bam.losses import BAMLoss
+from conftest import spawn_gloo_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -27,7 +26,6 @@ CONFIGS = {  # name: (with teacher, top_k)
     "no_teacher_topk": (False, 5),
     "teacher_topk": (True, 5),
 }
-HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
 
 
 def global_batch(world: int, seed: int) -> torch.Tensor:
@@ -66,13 +64,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def _spawn(world: int, tmp: Path) -> list[dict]:
-    context = mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=False)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} gloo processes did not finish within {HANG_GUARD_S} s (deadlock?)")
+    spawn_gloo_workers(_worker, world, tmp)
     return [torch.load(tmp / f"rank{rank}.pt") for rank in range(world)]
 
 

@@ -1,16 +1,15 @@
 """The column-blocked objective equals `bam_loss`: value and gradients, alone and on 2 gloo processes."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bam.losses import bam_loss
 from bam.losses.blockwise import bam_loss_blockwise
+from conftest import spawn_gloo_workers
 
 # name: (num_crops, num_global, num_target, top_k, sinkhorn_iterations, teacher, positive_masking)
 CONFIGS = {
@@ -22,7 +21,6 @@ CONFIGS = {
     "single_view": (1, 1, 1, 0, 3, False, True),
 }
 BATCH, DIM = 6, 16
-HANG_GUARD_S = 180
 
 
 def _inputs(config: tuple, rows: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,13 +87,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_equals_unblocked_on_two_processes(tmp_path):
     """Same gathers and all-reduces in the same order (a mismatch would deadlock), same values
     and same per-process gradients (which carry the other process's loss terms)."""
-    context = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2 gloo processes did not finish within {HANG_GUARD_S} s (deadlock?)")
+    spawn_gloo_workers(_worker, 2, tmp_path)
     for rank in range(2):
         for name, ((loss, grad), (blocked_loss, blocked_grad)) in torch.load(tmp_path / f"rank{rank}.pt").items():
             torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12, msg=f"{name}, rank {rank}")

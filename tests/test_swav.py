@@ -3,21 +3,19 @@ the prototypes' freeze and normalisation, multi-process equality, and a training
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
 from bam.losses import SwAVLoss, sinkhorn_log, swav_codes, swav_loss
 from bam.methods import SwAVModule
-from conftest import TinyCropsDataModule
-from test_loss_distributed import BATCH, DIM, HANG_GUARD_S, NUM_CROPS, global_batch, rows_of
+from conftest import TinyCropsDataModule, spawn_gloo_workers
+from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
 
 NUM_GLOBAL, NUM_PROTOTYPES = 2, 5
 SMALL_HEAD = dict(proj_hidden_dim=64, proj_out_dim=32, proj_layers=2)
@@ -161,13 +159,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     world = 2
-    context = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} gloo processes did not finish within {HANG_GUARD_S} s (deadlock?)")
+    spawn_gloo_workers(_worker, world, tmp_path)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
     batch = global_batch(world, seed=0)
@@ -249,7 +241,7 @@ def test_demo_config_matches_the_bam_demo_except_the_model():
     swav, bam = yaml.safe_load(DEMO.read_text()), yaml.safe_load((DEMO.parent / "demo.yaml").read_text())
     assert swav["data"] == bam["data"] and swav["trainer"] == {**bam["trainer"], "default_root_dir": "runs/swav_demo"}
     assert swav["knn"] == bam["knn"] and swav["seed_everything"] == bam["seed_everything"]
-    for key in ("backbone", "backbone_kwargs", "num_global_crops", "num_local_crops"):
+    for key in ("backbone", "backbone_kwargs", "channels_last", "num_global_crops", "num_local_crops"):
         assert swav["model"]["init_args"][key] == bam["model"]["init_args"][key]
 
 

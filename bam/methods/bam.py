@@ -60,12 +60,7 @@ class BAMModule(SSLMethod):
         )
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        if len(crops) != self.loss_fn.num_crops:
-            raise ValueError(
-                f"the data provides {len(crops)} crops per image but the model expects "
-                f"{self.loss_fn.num_crops} (num_global_crops + num_local_crops); make the data and "
-                "model crop counts agree"
-            )
+        self.check_crop_count(crops, self.loss_fn.num_crops)
         return self.loss_fn(self.student(crops), self.teacher_embeddings(crops))
 
     def chance_level(self) -> float:

@@ -108,6 +108,15 @@ class SSLMethod(pl.LightningModule):
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:
+        """Fail with both numbers when the data's crops per image differ from the method's."""
+        if len(crops) != expected:
+            raise ValueError(
+                f"the data provides {len(crops)} crops per image but the model expects {expected} "
+                "(num_global_crops + num_local_crops); make the data and model crop counts agree"
+            )
+
     def chance_level(self) -> float:
         """Loss value of an untrained (uniform) model; `nan` disables the stuck-loss check."""
         return float("nan")

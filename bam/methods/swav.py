@@ -84,12 +84,7 @@ class SwAVModule(SSLMethod):
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        if len(crops) != self.loss_fn.num_crops:
-            raise ValueError(
-                f"the data provides {len(crops)} crops per image but the model expects "
-                f"{self.loss_fn.num_crops} (num_global_crops + num_local_crops); make the data and "
-                "model crop counts agree"
-            )
+        self.check_crop_count(crops, self.loss_fn.num_crops)
         # Back onto the unit sphere after the previous step's update; the same on every process.
         self.loss_fn.normalize_prototypes_()
         return self.loss_fn(self.student(crops))
