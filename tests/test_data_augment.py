@@ -90,8 +90,8 @@ def test_cpu_color_jitter_is_torchvision_color_jitter(images):
 
 
 def test_cpu_hue_matches_torchvision():
-    """The CPU path's hue (ceil masks, wrapped triangle ramp) against torchvision's HSV round trip."""
-    from bam.data.cpu_augment import shift_hue
+    """The one hue shift (ceil masks, wrapped triangle ramp) against torchvision's HSV round trip."""
+    from bam.data.batch_ops import shift_hue
 
     image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(2))
     image[:, :4] = image[:1, :4]  # grey pixels
