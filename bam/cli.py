@@ -5,11 +5,9 @@ names to those modules, so adding a stage is one line in `STAGES`.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
 import sys
-from typing import Iterator
 
 # stage name -> (module defining `main(argv)`, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,18 +27,6 @@ def usage() -> str:
     lines = ["usage: bam STAGE [options]   (bam STAGE --help for a stage's options)", "", "stages:"]
     lines += [f"  {name:<{width}}  {description}" for name, (_, description) in STAGES.items()]
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def stage_argv(program: str) -> Iterator[None]:
-    """Run a stage that parses its own arguments (LightningCLI) with `sys.argv` showing only the
-    program name: its arguments come explicitly, and help reads "usage: bam STAGE ..."."""
-    saved = sys.argv
-    sys.argv = [program]
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 def main(argv: list[str] | None = None) -> None:

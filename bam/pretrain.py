@@ -13,20 +13,20 @@ import torch
 from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN, PreciseBatchNorm
-from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
 from bam.training.slurm import devices_per_node
+from bam.training.stage_cli import StageCLI
 
 # logger class -> its sub-folder of the run directory (distinct, so both get the same version_N)
 DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightning.loggers.TensorBoardLogger": "tensorboard"}
 
 
-class PretrainCLI(LightningCLI):
+class PretrainCLI(StageCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
     configurable groups."""
 
@@ -67,17 +67,23 @@ def _check_slurm(trainer: Namespace) -> None:
         check_slurm_allocation(trainer.num_nodes, devices, uses_gpus)
 
 
+def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
+    """Parse `argv` as `bam pretrain` does and build everything; with `run`, also train."""
+    return PretrainCLI(
+        SSLMethod,
+        SSLDataModule,
+        program="bam pretrain",
+        argv=argv,
+        run=run,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # methods own their optimiser and schedules
+        seed_everything_default=0,
+        parser_kwargs={"fit": {"description": "Pretrain an encoder with a self-supervised method (BAM by default)."}},
+    )
+
+
 def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
-    with stage_argv("bam pretrain"):
-        PretrainCLI(
-            SSLMethod,
-            SSLDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=["fit", *argv],
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # methods own their optimiser and schedules
-            seed_everything_default=0,
-            parser_kwargs={"fit": {"description": "Pretrain an encoder with a self-supervised method (BAM by default)."}},
-        )
+    pretrain_cli(argv)

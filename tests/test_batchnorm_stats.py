@@ -1,6 +1,8 @@
 """Precise batch norm statistics: the helper and the end-of-training callback."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -61,12 +63,9 @@ def test_callback_sets_the_trained_backbones_statistics_from_clean_images(tmp_pa
 
 def test_pretrain_cli_runs_precise_batch_norm_before_the_knn_evaluation(tmp_path):
     from bam.callbacks import OnlineKNN
-    from bam.methods.base import SSLMethod
-    from bam.pretrain import PretrainCLI
-    from bam.data import SSLDataModule
+    from bam.pretrain import pretrain_cli
 
-    cli = PretrainCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                      auto_configure_optimizers=False,
-                      args=["--config", "configs/pretrain/demo.yaml", "--trainer.default_root_dir", str(tmp_path)])
+    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+    cli = pretrain_cli(["--config", str(demo), "--trainer.default_root_dir", str(tmp_path)], run=False)
     kinds = [type(callback) for callback in cli.trainer.callbacks]
     assert kinds.index(PreciseBatchNorm) < kinds.index(OnlineKNN)

@@ -88,6 +88,16 @@ def test_real_backbones_give_valid_boxes(name, kwargs, size, grid):
     assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
+def test_vit_maps_images_that_are_not_whole_patches_at_the_resized_grid():
+    """A base square of 40 px with 16-px patches (a user's `base_size`) is mapped at 32 px."""
+    torch.manual_seed(0)
+    model = build_backbone("bam_vit_small_patch16_224", depth=2).eval()
+    images = torch.randn(2, 3, 40, 40)
+    resized = nn.functional.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(heatmap(model, images), heatmap(model, resized))
+    assert heatmap(model, images).shape == (2, 2, 2)
+
+
 def test_vit_attention_is_the_real_class_token_attention():
     """Recomputed from qkv, the map equals the attention matrix of the unfused path."""
     torch.manual_seed(0)

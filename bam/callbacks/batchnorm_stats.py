@@ -9,12 +9,13 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from bam.callbacks.training_end import is_final_epoch_end
 from bam.models.batchnorm_stats import batch_norms, recompute_batchnorm_stats
 from bam.models.encoder import MultiCropEncoder
 
 
 class PreciseBatchNorm(pl.Callback):
-    """After the last training epoch, before the final k-NN evaluation and checkpoint, replace the
+    """After the last training epoch (ended by `max_epochs`, `max_steps` or a stop), before the final k-NN evaluation and checkpoint, replace the
     running statistics of every batch norm layer of the student's and teacher's backbones by their
     exact average over up to `max_images` un-augmented training images (the data module's k-NN
     bank loader). Backbones without batch norm (ViTs) are untouched.
@@ -38,7 +39,7 @@ class PreciseBatchNorm(pl.Callback):
         self.max_images = max_images
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or trainer.max_epochs is None or trainer.current_epoch + 1 < trainer.max_epochs:
+        if not self.enabled or not is_final_epoch_end(trainer):
             return
         loader = self._clean_images(trainer)
         if loader is None:

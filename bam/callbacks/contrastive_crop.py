@@ -84,7 +84,7 @@ class ContrastiveCrop(pl.Callback):
         self.update(trainer, pl_module)
         self.updated_epochs.append(epoch)
         area = ((self.boxes.boxes[:, 2] - self.boxes.boxes[:, 0]) * (self.boxes.boxes[:, 3] - self.boxes.boxes[:, 1]))
-        pl_module.log("contrastive_crop/box_area", area.mean().item(), sync_dist=False)
+        pl_module.log("contrastive_crop/box_area", area.mean().item(), sync_dist=True)  # equal on every rank
         rank_zero_info(f"ContrastiveCrop: boxes of {len(self.boxes)} images updated at epoch {epoch} "
                        f"(mean box area {area.mean().item():.3f} of the image)")
 

@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from bam.callbacks.training_end import is_final_epoch_end
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.knn import knn_accuracy
 from bam.models import build_backbone
@@ -26,10 +27,10 @@ class OnlineKNN(pl.Callback):
     process embeds its own shard and the shards are gathered onto the CPU, so every row of the bank
     is real and the device never holds the whole bank.
 
-    With `compare_baselines`, the end of training also evaluates the same architecture randomly
-    initialised (its batch norm statistics estimated on the bank's images) and k-NN on raw pixels
-    on the same split, prints the three side by side and
-    writes them to `knn_report.json` in the run's log directory.
+    At the end of training the last accuracies are printed and written to `knn_report.json` in
+    the run's log directory (by rank 0, after every rank has finished its collectives). With
+    `compare_baselines`, the report also holds the same architecture randomly initialised (its
+    batch norm statistics estimated on the bank's images) and k-NN on raw pixels, on the same split.
     """
 
     def __init__(
@@ -46,16 +47,21 @@ class OnlineKNN(pl.Callback):
         self.report: dict[str, dict[int, float]] = {}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not is_final_epoch_end(trainer):
             return
         accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
-        pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=False)
+        # equal on every rank (the bank is gathered); the mean over ranks keeps it and stops
+        # Lightning's warning about unsynchronised epoch-level values
+        pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=True)
         self.report["trained backbone"] = accuracy
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.compare_baselines:
-            return
+        if self.compare_baselines:
+            self._evaluate_baselines(trainer, pl_module)
+        if self.report:
+            self._print_and_save(trainer)
+
+    def _evaluate_baselines(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         hp = pl_module.hparams
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -66,7 +72,6 @@ class OnlineKNN(pl.Callback):
         recompute_batchnorm_stats(random_net, bank_images, max_images=4096)
         self.report["random init (same architecture)"] = self.evaluate(trainer, random_net, random_net)
         self.report["raw pixels"] = self.evaluate(trainer, lambda images: images.flatten(1), None)
-        self._print_and_save(trainer)
 
     def evaluate(self, trainer: pl.Trainer, features: FeatureFn, module: torch.nn.Module | None) -> dict[int, float]:
         bank_loader, query_loader = trainer.datamodule.knn_dataloaders()
@@ -81,14 +86,14 @@ class OnlineKNN(pl.Callback):
                 module.train(was_training)
         return knn_accuracy(bank, bank_labels, query, query_labels, self.k, self.temperature)
 
-
     def _print_and_save(self, trainer: pl.Trainer) -> None:
         lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]
         for name, accuracy in self.report.items():
             lines.append(f"{name:<40} {accuracy[1]:>6.2f}% {accuracy[5]:>6.2f}%")
         rank_zero_info("\n".join(lines))
-        if trainer.is_global_zero and trainer.log_dir:
-            path = Path(trainer.log_dir) / "knn_report.json"
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, never rank 0 alone
+        if trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "knn_report.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({name: {"top1": a[1], "top5": a[5]} for name, a in self.report.items()}, indent=2))
 

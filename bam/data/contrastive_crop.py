@@ -50,6 +50,7 @@ def vit_class_attention(model: nn.Module, images: Tensor) -> Tensor:
         raise TypeError(f"{type(model).__name__}: the last block has no timm-style attention (attn.qkv, "
                         f"attn.num_heads, attn.scale), so its class-token attention cannot be read; "
                         f"supported: {SUPPORTED}")
+    images = _resize_to_patch_multiple(model, images)
     captured: list[Tensor] = []
     handle = attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
@@ -71,12 +72,27 @@ def vit_class_attention(model: nn.Module, images: Tensor) -> Tensor:
     return cls_to_patches.reshape(batch, height, width)
 
 
+def _patch_size(model: nn.Module) -> tuple[int, int]:
+    patch = model.patch_embed.patch_size
+    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+
+
+def _resize_to_patch_multiple(model: nn.Module, images: Tensor) -> Tensor:
+    """Images whose sides are not whole patches (a base size of 40 px for 16-px patches) are
+    resized down to whole patches: boxes are fractions of the image, so the map means the same."""
+    patch = _patch_size(model)
+    size = tuple(max(p, s // p * p) for s, p in zip(images.shape[-2:], patch))
+    if size == tuple(images.shape[-2:]):
+        return images
+    return nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def _patch_grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
     size = tuple(images.shape[-2:])
     embed = model.patch_embed
     if hasattr(embed, "dynamic_feat_size"):
         return tuple(int(s) for s in embed.dynamic_feat_size(size))
-    patch = embed.patch_size if isinstance(embed.patch_size, tuple) else (embed.patch_size,) * 2
+    patch = _patch_size(model)
     return size[0] // patch[0], size[1] // patch[1]
 
 

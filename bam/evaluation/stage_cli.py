@@ -12,15 +12,16 @@ from typing import Any
 
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.pretrain import DEFAULT_LOGGERS
+from bam.training.stage_cli import StageCLI
 
 
-class EvalCLI(LightningCLI):
+class EvalCLI(StageCLI):
     """LightningCLI with a run directory per stage, a last-checkpoint callback and the class count
     linked from the data module to the model."""
 
@@ -55,7 +56,8 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
         subclass_mode_model=False,
         subclass_mode_data=True,
         stage=stage,
-        args=["fit", *argv],
+        program=f"bam {stage}",
+        argv=argv,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         parser_kwargs={"fit": {"description": description}},
