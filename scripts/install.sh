@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything bam needs on a fresh Debian/Ubuntu machine, idempotently:
-# system libraries (for the optional FFCV loader), then a virtual environment at ./.venv with
+# system libraries (for the optional FFCV loader) and SLURM with munge (the test suite submits
+# launch/slurm_pretrain.sbatch to a one-node cluster on localhost), then a virtual environment at ./.venv with
 # bam installed in editable mode with its test and ffcv extras (FFCV builds from source against
 # those libraries). The environment is cached under
 # ~/.cache/bam keyed by a hash of setup.cfg, so re-running after a fresh clone is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-system_packages=(libturbojpeg0-dev libopencv-dev pkg-config)
+system_packages=(libturbojpeg0-dev libopencv-dev pkg-config slurm-wlm munge)
 if ! dpkg -s "${system_packages[@]}" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq

@@ -6,6 +6,7 @@ what must shrink: crop sizes, batch size, data, epochs, schedules of the periodi
 """
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -116,3 +117,45 @@ def lightning_launch(args: list[str], processes: int = 2) -> list[str]:
 def torchrun_single_node(args: list[str], processes: int = 2) -> tuple[list[str], dict[str, str]]:
     """`launch/torchrun_single_node.sh` with `GPUS` processes (README's torchrun row)."""
     return ["bash", str(REPO / "launch" / "torchrun_single_node.sh"), *args], {"GPUS": str(processes)}
+
+
+def torchrun_multi_node(args: list[str], node_rank: int, nodes: int, port: int) -> tuple[list[str], dict[str, str]]:
+    """`launch/torchrun_multi_node.sh` for one "node" on localhost, one process per node."""
+    env = {"NNODES": str(nodes), "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "GPUS_PER_NODE": "1"}
+    return ["bash", str(REPO / "launch" / "torchrun_multi_node.sh"), *args], env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found += [int(child) for child in children]
+            pending += [int(child) for child in children]
+    return found
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the process running global rank `rank` below a launcher, once it exists."""
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:  # an exact entry: not LOCAL_RANK, not GROUP_RANK
+            return pid
+    return None
+
+
+def logged_losses(run_dir: Path, versions: str = "version_*") -> dict[int, float]:
+    """step -> training loss from the CSV logs of a run (every version folder a resumed run wrote)."""
+    rows = {}
+    for path in sorted((run_dir / "csv").glob(f"{versions}/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    rows[int(row["step"])] = float(row["train/loss"])
+    return rows

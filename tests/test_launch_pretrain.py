@@ -12,14 +12,18 @@ collective called on one rank only hangs or kills the run at the end of fit, so 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from product_runs import (PRETRAIN_CONFIGS, lightning_launch, run, shrunk_recipe_args, tail,
-                          torchrun_single_node, write_image_folder)
+from product_runs import (PRETRAIN_CONFIGS, REPO, free_port, lightning_launch, logged_losses, rank_pid, run,
+                          shrunk_recipe_args, start, tail, torchrun_multi_node, torchrun_single_node, wait,
+                          write_image_folder)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -68,3 +72,49 @@ def test_every_recipe_runs_on_two_processes(config: Path, launcher: str, image_r
     if recipe(config).get("contrastive_crop", {}).get("enabled"):
         crop_state = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("ContrastiveCrop"))
         assert crop_state["updated_epochs"] == [0], "the recipe's boxes were never computed"
+
+
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def test_two_torchrun_nodes_on_localhost(tmp_path: Path):
+    """`launch/torchrun_multi_node.sh` on two "nodes" (one process each) meeting at 127.0.0.1."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = shrunk_recipe_args(DEMO, tmp_path, run_dir)
+    logs = [tmp_path / f"node{rank}.txt" for rank in range(2)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        command, env = torchrun_multi_node(args, node_rank=rank, nodes=2, port=port)
+        nodes.append(start(command, log, **env))
+    for node, log in zip(nodes, logs):
+        assert wait(node, log) == 0, tail(log)
+    assert_run_complete(run_dir, logs[0])
+    assert "k-NN (k=20)" not in logs[1].read_text()  # the report is rank 0's
+
+
+def test_sigterm_to_one_rank_saves_on_both_and_the_same_command_resumes(tmp_path: Path):
+    """The README's torchrun row, SIGTERM to rank 1 only in the middle of training: both ranks
+    save one checkpoint and exit 0; running the same command again continues at the next step."""
+    run_dir, epochs = tmp_path / "run", 15
+    args = shrunk_recipe_args(DEMO, tmp_path, run_dir, max_epochs=epochs) + [
+        "--knn.every_n_epochs", "100", "--checkpoint.every_n_epochs", "2"]
+    command, env = torchrun_single_node(args)
+    first_log = tmp_path / "first.txt"
+    launcher = start(command, first_log, **env)
+    deadline = time.monotonic() + 600
+    while not any((run_dir / "checkpoints").glob("epoch=*.ckpt")):  # in the middle of training
+        assert launcher.poll() is None and time.monotonic() < deadline, tail(first_log)
+        time.sleep(0.2)
+    victim = rank_pid(launcher.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGTERM)
+    assert wait(launcher, first_log) == 0, tail(first_log)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < saved < 2 * epochs, tail(first_log)
+    assert "Signal received: saving" in first_log.read_text()
+
+    second_log = tmp_path / "second.txt"
+    assert run(command, second_log, **env) == 0, tail(second_log)
+    assert min(logged_losses(run_dir, versions="version_1")) == saved
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == 2 * epochs, (saved, final["epoch"], sorted(logged_losses(run_dir, versions="version_1")))

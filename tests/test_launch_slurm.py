@@ -11,14 +11,13 @@ README tells users to: `sbatch --nodes=1 --ntasks-per-node=2 launch/slurm_pretra
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
 
 import pytest
 
-from product_runs import REPO, shrunk_recipe_args
+from product_runs import REPO, logged_losses, shrunk_recipe_args
 from slurm_cluster import SlurmCluster, slurm_available
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -51,17 +50,6 @@ def job_output(run_dir: Path) -> str:
     return (run_dir.parent / f"{run_dir.name}.out").read_text(errors="replace")
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss, over every version folder a (requeued) run wrote."""
-    rows = {}
-    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with path.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get("train/loss"):
-                    rows[int(row["step"])] = float(row["train/loss"])
-    return rows
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -75,7 +63,7 @@ def test_the_sbatch_script_runs_a_two_task_job_to_its_end(uninterrupted: Path):
     assert "1 nodes x 2 tasks" in output
     assert output.count("k-NN (k=20) on the held-out split") == 1  # rank 0 only
     assert (uninterrupted / "csv" / "version_0" / "knn_report.json").is_file()
-    assert max(losses(uninterrupted)) == 2 * EPOCHS - 1
+    assert max(logged_losses(uninterrupted)) == 2 * EPOCHS - 1
 
 
 def test_a_signalled_job_saves_requeues_and_resumes_to_the_same_losses(cluster, uninterrupted, tmp_path):
@@ -93,7 +81,7 @@ def test_a_signalled_job_saves_requeues_and_resumes_to_the_same_losses(cluster, 
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", f"{record}\n{output[-4000:]}"
     assert int(record["Restarts"]) == 1, output[-4000:]
     assert "restart 1" in output and "Signal received: saving" in output
-    resumed, reference = losses(run_dir), losses(uninterrupted)
+    resumed, reference = logged_losses(run_dir), logged_losses(uninterrupted)
     assert sorted(resumed) == sorted(reference)
     for step in reference:
         assert math.isclose(resumed[step], reference[step], rel_tol=1e-5), (step, resumed[step], reference[step])
