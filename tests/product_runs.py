@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 BAM = str(BIN / "bam")
+# The launch tests run on CPU; tests/gpu/check.sh sets "gpu" to run them over NCCL on 2+ GPUs.
+ACCELERATOR = os.environ.get("BAM_TEST_ACCELERATOR", "cpu")
 HANG_GUARD_S = 900  # only to turn a deadlock into a failure; not a performance limit
 
 # per process; 2 processes x 4 images = 8 = one step per epoch on the generated folder
@@ -91,7 +93,7 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
     per epoch, k-NN and ContrastiveCrop boxes already in the first epoch."""
     args = [
         "--config", str(config),
-        "--trainer.accelerator", "cpu", "--trainer.num_nodes", "1",
+        "--trainer.accelerator", ACCELERATOR, "--trainer.num_nodes", "1",
         "--trainer.max_epochs", str(max_epochs), "--trainer.default_root_dir", str(run_dir),
         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
         "--data.init_args.batch_size", str(BATCH_PER_PROCESS), "--data.init_args.num_workers", "0",

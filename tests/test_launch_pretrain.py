@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def test_every_recipe_runs_on_two_processes(config: Path, launcher: str, image_r
 
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def test_python_dash_m_bam_with_lightnings_launcher(image_root: Path, tmp_path: Path):
+    """`python -m bam pretrain --trainer.devices 2`: Lightning re-executes `-m bam` for rank 1."""
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    command = [sys.executable, "-m", "bam", *lightning_launch(shrunk_recipe_args(DEMO, image_root, run_dir))[1:]]
+    assert run(command, log) == 0, tail(log)
+    assert_run_complete(run_dir, log)
 
 
 def test_two_torchrun_nodes_on_localhost(tmp_path: Path):
