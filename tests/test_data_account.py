@@ -76,7 +76,8 @@ def _beton_digests(path: Path) -> Counter:
     from ffcv.transforms import ToTensor
 
     pipelines = {"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]}
-    loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines=pipelines)
+    loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines=pipelines,
+                    drop_last=False)
     return Counter(_digest(image) for images, _ in loader for image in images)
 
 
