@@ -32,6 +32,7 @@ class DataAccount(pl.Callback):
         if not self.enabled or accounts is None:
             return
         run_dir = Path(trainer.default_root_dir)
-        files = settle_accounts(accounts(), run_dir / SKIPPED_LOG, pl_module.device)  # every rank
+        # every rank; on the root device: Lightning has moved the module to the CPU by now
+        files = settle_accounts(accounts(), run_dir / SKIPPED_LOG, trainer.strategy.root_device)
         if files is not None and trainer.is_global_zero:
             (run_dir / ACCOUNT_FILE).write_text(json.dumps({"files": files}, indent=2))

@@ -134,7 +134,7 @@ class ClassificationStage(pl.LightningModule):
         """Files found, read and skipped by the data module, summed over processes (None for data
         in memory); printed and the skipped paths written to `<run dir>/skipped_files.tsv`."""
         accounts = getattr(self.trainer.datamodule, "file_accounts", None)
-        return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.device)
+        return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch
