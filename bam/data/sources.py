@@ -77,9 +77,9 @@ def decode_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor
                 image = decode_image(data, mode=ImageReadMode.RGB)
             except RuntimeError:
                 image = torch.from_numpy(np.asarray(header.convert("RGB")).copy()).permute(2, 0, 1)
-    except (OSError, RuntimeError, ValueError, SyntaxError) as error:
-        if isinstance(error, UnreadableImageError):
-            raise
+    except UnreadableImageError:
+        raise
+    except (OSError, RuntimeError, ValueError, SyntaxError) as error:  # what the decoders raise on bad data
         raise UnreadableImageError(path, "undecodable", f"{type(error).__name__}: {error}") from error
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
 
