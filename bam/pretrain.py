@@ -15,7 +15,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
-from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN, PreciseBatchNorm
+from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
@@ -39,6 +39,7 @@ class PretrainCLI(StageCLI):
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
+        parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand

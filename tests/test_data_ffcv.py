@@ -50,7 +50,7 @@ def betons(tmp_path_factory) -> tuple[Path, Path]:
                 level = 8 * (label * PER_CLASS + index) + (4 if split == "val" else 0)
                 Image.new("RGB", (SIZE, SIZE), (level, level, level)).save(folder / f"{index}.png")
     train, val = root / "train.beton", root / "val.beton"
-    assert write_beton(str(root), str(train), write_mode="raw", num_workers=1) == CLASSES * PER_CLASS
+    assert write_beton(str(root), str(train), write_mode="raw", num_workers=1)["outputs"][0]["images"] == CLASSES * PER_CLASS
     assert data_cli(["ffcv", "--source", str(root), "--output", str(val), "--split", "val", "--num-workers", "1"]) == 0
     return train, val
 

@@ -2,7 +2,8 @@
 loaders, robustness to unreadable files, start-up errors, and selection from a config file."""
 from __future__ import annotations
 
-import warnings
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ from bam.data import (
     BuiltinDataModule,
     ImageFolderDataModule,
     MultiCropConfig,
+    ImageFiles,
     SSLDataModule,
-    UnreadableImageWarning,
+    UnreadableImageError,
     load_builtin,
 )
+from bam.data.file_account import READ, skip_code, summarise_accounts
+from bam.data.sources import decode_image_file
 
 SMALL = MultiCropConfig(global_size=16, local_size=8, num_local_crops=2)
 
@@ -208,7 +212,7 @@ def test_val_classes_must_be_training_classes(imagenet_layout):
 
 
 # -- unreadable files --------------------------------------------------------------------------
-def test_unreadable_images_are_replaced_counted_and_keep_the_batch_size(tmp_path):
+def test_unreadable_images_are_replaced_in_training_counted_and_keep_the_batch_size(tmp_path):
     train = tmp_path / "train"
     _write_images(train / "a", 5, suffix=".jpg")
     _write_images(train / "b", 4)
@@ -218,26 +222,74 @@ def test_unreadable_images_are_replaced_counted_and_keep_the_batch_size(tmp_path
     (train / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (train / "b" / "text.png").write_text("this is not a png")
     (train / "b" / "empty.jpg").write_bytes(b"")
-    module = ImageFolderDataModule(str(tmp_path), crops=SMALL, batch_size=4, num_workers=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batches = list(module.train_dataloader())
+    (train / "b" / "README").write_text("no extension: counted, never read")
+    module = ImageFolderDataModule(str(tmp_path), crops=SMALL, batch_size=4, num_workers=2)
+    batches = list(module.train_dataloader())
     assert [len(labels) for _, labels in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
-    messages = [str(w.message) for w in caught if issubclass(w.category, UnreadableImageWarning)]
-    assert len(messages) == 3 and "skipped 3 unreadable image(s)" in messages[-1]
-    assert all(name in messages[-1] for name in ("truncated.jpg", "text.png", "empty.jpg"))
+    summary = summarise_accounts(module.file_accounts())  # the workers' reads reached this process
+    assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1}
+    assert (summary["found"], summary["read"], summary["not_read"]) == (15, 9, 2)  # val not read yet
+    assert sorted(Path(path).name for _, path in summary["skipped_files"]) == [
+        "README", "empty.jpg", "text.png", "truncated.jpg"]
 
 
-def test_unreadable_image_is_replaced_by_the_next_readable_one(tmp_path):
-    from bam.data.sources import ImageFiles
-
+def test_unreadable_image_is_replaced_in_training_and_dropped_in_evaluation(tmp_path):
     _write_images(tmp_path, 2)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     files = ImageFiles([str(tmp_path / "img0.png"), str(tmp_path / "bad.png"), str(tmp_path / "img1.png")], [0, 1, 2])
-    with pytest.warns(UnreadableImageWarning, match=r"skipped 1 unreadable image\(s\) so far.*bad.png"):
-        image, label = files[1]
+    image, label = files[1]
     assert label == 2 and torch.equal(image, files[2][0])
-    assert files[1][1] == 2  # the known-bad file is not retried, and not warned about twice
+    assert files.dropping_unreadable()[1] is None and files.dropping_unreadable()[0][1] == 0
+    assert files.account.status.tolist() == [READ, skip_code("undecodable"), READ]
+
+
+def test_knn_loaders_leave_unreadable_files_out_without_moving_the_others(imagenet_layout):
+    def queried_images(module: ImageFolderDataModule) -> list[torch.Tensor]:
+        return [image for images, _ in module.knn_dataloaders()[1] for image in images]
+
+    kwargs = dict(crops=SMALL, eval_size=16, knn_batch_size=2, num_workers=0)
+    clean = queried_images(ImageFolderDataModule(str(imagenet_layout), **kwargs))
+    broken = imagenet_layout / "val" / "cat" / "img0.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    module = ImageFolderDataModule(str(imagenet_layout), **kwargs)
+    dirty = queried_images(module)
+    assert len(clean) == 6 and len(dirty) == 5
+    assert all(torch.equal(a, b) for a, b in zip(clean[1:], dirty))  # the same images, in order, minus one
+    assert summarise_accounts(module.file_accounts())["skipped_by_reason"]["undecodable"] == 1
+
+
+@pytest.mark.parametrize("side", [20000, 12000])  # beyond Pillow's own hard limit, and within it
+def test_pixel_count_is_checked_from_the_header_before_decoding(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    _write_png_header(bomb, side, side)
+    assert bomb.stat().st_size < 1000
+    _write_images(tmp_path, 1)
+    files = ImageFiles([str(bomb), str(tmp_path / "img0.png")], [0, 1]).dropping_unreadable()
+    assert files[0] is None and files[1][0].shape == (3, 20, 24)
+    assert files.account.status[0] == skip_code("too_many_pixels")
+
+
+def test_pixel_limit_is_configurable_and_inclusive(tmp_path):
+    _write_images(tmp_path, 1)
+    with pytest.raises(UnreadableImageError, match="24 x 20 pixels, more than max_pixels=479") as error:
+        decode_image_file(str(tmp_path / "img0.png"), max_pixels=479)
+    assert error.value.reason == "too_many_pixels"
+    assert decode_image_file(str(tmp_path / "img0.png"), max_pixels=480).shape == (3, 20, 24)
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "img0.png").rename(tmp_path / "cls" / "img0.png")
+    module = ImageFolderDataModule(str(tmp_path), val_root=str(tmp_path), max_pixels=479, num_workers=0)
+    assert list(module.knn_dataloaders()[1]) == []  # the only image is over the limit: nothing to evaluate
+    assert summarise_accounts(module.file_accounts())["skipped_by_reason"]["too_many_pixels"] == 1
+
+
+def _write_png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` but whose data is a few bytes (a bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
 
 
 # -- selection from a config file --------------------------------------------------------------

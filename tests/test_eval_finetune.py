@@ -69,7 +69,8 @@ def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoin
         *synthetic_args(), *trainer_args(tmp_path, max_epochs=2),
     ])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"val", "val_ema", "history"}
+    assert set(results) == {"val", "val_ema", "files", "history"}
+    assert results["files"] is None  # images held in memory: no files to account for
     assert [entry["epoch"] for entry in results["history"]] == [1, 2]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 

@@ -7,21 +7,24 @@ from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.datamodule import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.ffcv_data import FFCVDataModule, write_beton
-from bam.data.sources import ImageFiles, TensorImages, UnreadableImageWarning
+from bam.data.file_account import FileAccount
+from bam.data.sources import DEFAULT_MAX_PIXELS, ImageFiles, TensorImages, UnreadableImageError
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "DEFAULT_MAX_PIXELS",
     "BuiltinDataModule",
     "CPUMultiCrop",
     "CropBoxes",
     "DeviceMultiCrop",
+    "FileAccount",
     "FFCVDataModule",
     "ImageFiles",
     "ImageFolderDataModule",
     "MultiCropConfig",
     "SSLDataModule",
     "TensorImages",
-    "UnreadableImageWarning",
+    "UnreadableImageError",
     "ViewSpec",
     "compute_boxes",
     "heatmap",

@@ -10,8 +10,9 @@ first. ``augment_on`` picks where the views are made:
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -24,8 +25,10 @@ from bam.data.config import MultiCropConfig
 from bam.data.contrastive_crop import CropBoxes
 from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
+from bam.data.file_account import FileAccount, file_accounts_of
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.data.sources import (
+    DEFAULT_MAX_PIXELS,
     ImageSource,
     balanced_subset,
     read_file_list,
@@ -50,8 +53,11 @@ class TransformedSource(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.source[index]
+    def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
+        sample = self.source[index]
+        if sample is None:  # an unreadable file of a source that drops them
+            return None
+        image, label = sample
         return (self.transform(image, index) if self.pass_index else self.transform(image)), label
 
 
@@ -99,6 +105,25 @@ def collate_images_and_indices(samples: list[tuple[Tensor, int, int]]) -> tuple[
     return images, indices
 
 
+def readable(collate: Callable[[list], Any]) -> Callable[[list], Any]:
+    """``collate`` applied to the batch's readable samples (unreadable ones are None); None when
+    there is none left (``ReadableLoader`` skips such batches)."""
+    return partial(_collate_readable, collate)
+
+
+def _collate_readable(collate: Callable[[list], Any], samples: list) -> Any:
+    kept = [sample for sample in samples if sample is not None]
+    return collate(kept) if kept else None
+
+
+class ReadableLoader(DataLoader):
+    """A DataLoader whose collate function is ``readable(...)``: it skips the batches in which no
+    image could be read, so evaluation sees every readable image once and nothing else."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return (batch for batch in super().__iter__() if batch is not None)
+
+
 def square_base_transform(size: int) -> v2.Compose:
     """uint8 image -> ``size x size`` uint8: resize the short side, keep the centre square.
 
@@ -138,6 +163,11 @@ class LabelledSplits:
         train, val = self.load_splits()
         self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
         self.val_source = val
+
+    def file_accounts(self) -> list[FileAccount]:
+        """Accounts of the image files behind both splits (none for images held in memory)."""
+        self.setup()
+        return file_accounts_of(self.train_source, self.val_source)
 
 
 class SSLDataModule(LabelledSplits, pl.LightningDataModule):
@@ -268,13 +298,15 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         """``(bank, query)`` loaders of ``(images, labels)``, deterministic and unshuffled.
 
         The bank is a class-balanced ``knn_bank_fraction`` of the training split, the queries
-        the held-out split; images are normalised floats at ``eval_size``.
+        the held-out split; images are normalised floats at ``eval_size``. Unreadable files are
+        left out (not replaced), so each readable image counts once.
         """
         self.setup()
         bank = self.train_source.subset(balanced_subset(self.train_source.labels, self.knn_bank_fraction, self.seed))
         transform = eval_transform(self.crops, self.eval_size)
         return tuple(
-            self._loader(TransformedSource(source, transform), collate_images, self.knn_batch_size, shuffle=False)
+            self._loader(TransformedSource(source.dropping_unreadable(), transform), readable(collate_images),
+                         self.knn_batch_size, shuffle=False)
             for source in (bank, self.val_source)
         )
 
@@ -288,7 +320,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
             persistent_workers=shuffle and self.num_workers > 0,
         )
         if not shuffle:
-            return DataLoader(dataset, **options)
+            return ReadableLoader(dataset, **options)
         # The training order is a permutation seeded by (seed, epoch), sharded over processes, and
         # the loader's position goes into checkpoints: a run stopped mid-epoch resumes at the next
         # batch instead of the epoch's start.
@@ -307,6 +339,7 @@ class ImageFolderDataModule(SSLDataModule):
         val_fraction: Held-out fraction when there is no separate held-out split.
         base_size: Side of the square uint8 images the device path crops from.
         eval_size: Side of k-NN images (resize to ``eval_size / 0.875``, centre crop).
+        max_pixels: Images with more pixels (by their header) are skipped without decoding.
         **kwargs: See ``SSLDataModule``.
     """
 
@@ -317,6 +350,7 @@ class ImageFolderDataModule(SSLDataModule):
         val_fraction: float = 0.05,
         base_size: int = 256,
         eval_size: int = 224,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         **kwargs: Any,
     ) -> None:
         super().__init__(eval_size=eval_size, **kwargs)
@@ -327,15 +361,21 @@ class ImageFolderDataModule(SSLDataModule):
                 raise FileNotFoundError(f"image folder or list not found: {location}")
         self.val_fraction = val_fraction
         self.base_size = base_size
+        self.max_pixels = max_pixels
 
     def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        train_root = self.root / "train" if (self.root / "train").is_dir() else self.root
-        train, classes = _load(train_root)
-        val_root = self.val_root or (self.root / "val" if (self.root / "val").is_dir() else None)
-        if val_root is not None:
-            return train, _load(val_root, classes)[0]
+        train, val = self.listed_splits()
+        if val is not None:
+            return train, val
         kept, held_out = stratified_split(train.labels, self.val_fraction, self.seed)
         return train.subset(kept), train.subset(held_out)
+
+    def listed_splits(self) -> tuple[ImageSource, Optional[ImageSource]]:
+        """The training files and the separate held-out files (None without ``val/`` or ``val_root``)."""
+        train_root = self.root / "train" if (self.root / "train").is_dir() else self.root
+        train, classes = _load(train_root, max_pixels=self.max_pixels)
+        val_root = self.val_root or (self.root / "val" if (self.root / "val").is_dir() else None)
+        return train, None if val_root is None else _load(val_root, classes, self.max_pixels)[0]
 
     def base_transform(self) -> Callable[[Tensor], Tensor]:
         return square_base_transform(self.base_size)
@@ -348,11 +388,13 @@ class ImageFolderDataModule(SSLDataModule):
         return v2.Resize((self.base_size, self.base_size), antialias=True)
 
 
-def _load(location: Path, classes: list[str] | None = None) -> tuple[ImageSource, list[str] | None]:
+def _load(
+    location: Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageSource, list[str] | None]:
     """A folder of class folders or a ``path label`` list file."""
     if location.is_file():
-        return read_file_list(location), classes
-    return scan_image_folder(location, classes)
+        return read_file_list(location, max_pixels), classes
+    return scan_image_folder(location, classes, max_pixels)
 
 
 class BuiltinDataModule(SSLDataModule):

@@ -1,19 +1,23 @@
 """Labelled image collections ("sources") that yield ``(uint8 image (3, H, W), label)``.
 
 Two kinds: image files on disk (an ImageFolder tree or a file list) and images held in memory as
-one uint8 tensor (the built-in datasets). Both offer ``labels`` and ``subset(indices)`` so the
-data modules can split and subsample them without knowing which kind they hold.
+one uint8 tensor (the built-in datasets). Both offer ``labels``, ``subset(indices)`` and
+``dropping_unreadable()`` so the data modules can split, subsample and evaluate them without
+knowing which kind they hold.
 
-Unreadable files (corrupt, truncated, not an image) never stop a run: the sample is replaced by
-the next readable one (deterministically, so the batch keeps its size) and a warning counts the
-files skipped so far in this process (each DataLoader worker counts its own).
+Unreadable files (empty, corrupt or truncated, more pixels than ``max_pixels``) never stop a run
+and are never read twice. Every file's fate goes into the listing's ``FileAccount`` (shared with
+DataLoader workers), which stages report once, summed over processes, at their end. What a
+sample of an unreadable file becomes depends on who reads it: training replaces it by the next
+readable image (batches keep their size); evaluation and conversion drop it
+(``dropping_unreadable``), so they see every readable image exactly once.
 """
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +27,19 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
+from bam.data.file_account import READ, FileAccount, skip_code
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
-_SHOWN_PATHS = 5  # how many skipped paths a warning lists
+# Pillow's own warning threshold: a 9459 x 9459 image, 268 MB once decoded to RGB
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-class UnreadableImageWarning(UserWarning):
-    """An image file could not be decoded and was replaced by another sample."""
+class UnreadableImageError(ValueError):
+    """An image file that cannot or may not be decoded; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, path: str, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.reason = reason
 
 
 class ImageSource(Protocol):
@@ -38,49 +49,102 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+    def __getitem__(self, index: int) -> Optional[tuple[Tensor, int]]: ...
 
     def subset(self, indices: Tensor) -> "ImageSource": ...
 
+    def dropping_unreadable(self) -> "ImageSource": ...
 
-def decode_image_file(path: str) -> Tensor:
+
+def decode_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
     """Read an image file as uint8 RGB ``(3, H, W)``.
 
-    torchvision's decoder (libjpeg/libpng, no PIL round trip) handles JPEG, PNG, WebP and GIF;
-    other formats (BMP, TIFF, PPM) fall back to PIL. Raises on corrupt or truncated data.
+    The size in the file's header is checked before anything is decoded, so a small file that
+    claims a huge image (a decompression bomb) costs no memory. torchvision's decoder
+    (libjpeg/libpng, no PIL round trip) handles JPEG, PNG, WebP and GIF; other formats (BMP,
+    TIFF, PPM) fall back to PIL.
+
+    Raises:
+        UnreadableImageError: the file is empty, is not an image, is corrupt or truncated, or has
+            more than ``max_pixels`` pixels (``reason`` says which).
     """
-    data = read_file(path)
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        with Image.open(path) as pil_image:
-            array = np.asarray(pil_image.convert("RGB"))
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        if os.path.getsize(path) == 0:  # torchvision's reader refuses it with a vaguer message
+            raise UnreadableImageError(path, "empty", "empty file")
+        data = read_file(path)
+        with _opened_header(path, max_pixels) as header:
+            try:
+                image = decode_image(data, mode=ImageReadMode.RGB)
+            except RuntimeError:
+                image = torch.from_numpy(np.asarray(header.convert("RGB")).copy()).permute(2, 0, 1)
+    except UnreadableImageError:
+        raise
+    except (OSError, RuntimeError, ValueError, SyntaxError) as error:  # what the decoders raise on bad data
+        raise UnreadableImageError(path, "undecodable", f"{type(error).__name__}: {error}") from error
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
 
 
-_DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, Image.DecompressionBombError)
+def _opened_header(path: str, max_pixels: int) -> Image.Image:
+    """The file opened by PIL, which reads only its header, once its pixel count is checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
+        try:
+            header = Image.open(path)
+        except Image.DecompressionBombError as error:  # beyond Pillow's hard limit, whatever ours is
+            raise UnreadableImageError(path, "too_many_pixels", str(error)) from error
+    width, height = header.size
+    if width * height > max_pixels:
+        header.close()
+        raise UnreadableImageError(
+            path, "too_many_pixels", f"{width} x {height} pixels, more than max_pixels={max_pixels}"
+        )
+    return header
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels; unreadable files are replaced by the next readable one.
+    """Image files with integer labels; every read goes into the listing's ``FileAccount``.
+
+    An unreadable file is replaced by the next readable one (its own label), so that training
+    batches keep their size; ``dropping_unreadable()`` gives a view that yields None for it
+    instead (for evaluation and conversion: no image twice). A file known to be unreadable,
+    from any process sharing the account, is not read again.
 
     Args:
         paths: Image file paths.
         labels: One integer class per path.
+        max_pixels: Larger images (by the size in their header) are skipped without decoding.
+        account: Account of the listing these files come from (default: a new one of ``paths``).
+        positions: Position of each path in ``account`` (default: ``0, 1, ...``).
+        replace_unreadable: Replace an unreadable file by the next readable one (else None).
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int] | Tensor) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | Tensor,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        account: Optional[FileAccount] = None,
+        positions: Optional[Sequence[int]] = None,
+        replace_unreadable: bool = True,
+    ) -> None:
         self.paths = list(paths)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        self.unreadable: dict[str, str] = {}  # path -> error, in this process
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        self.max_pixels = max_pixels
+        self.account = account if account is not None else FileAccount(self.paths)
+        self.positions = list(positions) if positions is not None else list(range(len(self.paths)))
+        self.replace_unreadable = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> Optional[tuple[Tensor, int]]:
+        if not self.replace_unreadable:
+            image = self._read(index)
+            return None if image is None else (image, int(self.labels[index]))
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             image = self._read(candidate)
@@ -88,30 +152,30 @@ class ImageFiles(Dataset):
                 return image, int(self.labels[candidate])
         raise RuntimeError(f"none of the {len(self.paths)} images could be read, e.g. {self.paths[index]}")
 
-    def _read(self, index: int) -> Tensor | None:
-        path = self.paths[index]
-        if path in self.unreadable:
+    def _read(self, index: int) -> Optional[Tensor]:
+        position = self.positions[index]
+        if self.account.skipped(position):
             return None
         try:
-            return decode_image_file(path)
-        except _DECODE_ERRORS as error:
-            self.unreadable[path] = f"{type(error).__name__}: {error}"
-            self._warn()
+            image = decode_image_file(self.paths[index], self.max_pixels)
+        except UnreadableImageError as error:
+            self.account.mark(position, skip_code(error.reason))
             return None
-
-    def _warn(self) -> None:
-        shown = ", ".join(list(self.unreadable)[-_SHOWN_PATHS:])
-        more = "..., " if len(self.unreadable) > _SHOWN_PATHS else ""
-        warnings.warn(
-            f"skipped {len(self.unreadable)} unreadable image(s) so far in this process "
-            f"(each replaced by the next readable image): {more}{shown}",
-            UnreadableImageWarning,
-            stacklevel=3,
-        )
+        self.account.mark(position, READ)
+        return image
 
     def subset(self, indices: Tensor) -> "ImageFiles":
-        """The files at ``indices`` (in that order)."""
-        return ImageFiles([self.paths[i] for i in indices.tolist()], self.labels[indices])
+        """The files at ``indices`` (in that order), in the same account."""
+        chosen = indices.tolist()
+        return self._view([self.paths[i] for i in chosen], self.labels[indices], [self.positions[i] for i in chosen],
+                          self.replace_unreadable)
+
+    def dropping_unreadable(self) -> "ImageFiles":
+        """The same files, yielding None for an unreadable one instead of a replacement."""
+        return self._view(self.paths, self.labels, self.positions, replace_unreadable=False)
+
+    def _view(self, paths: list[str], labels: Tensor, positions: list[int], replace_unreadable: bool) -> "ImageFiles":
+        return ImageFiles(paths, labels, self.max_pixels, self.account, positions, replace_unreadable)
 
 
 class TensorImages(Dataset):
@@ -140,14 +204,24 @@ class TensorImages(Dataset):
         """The images at ``indices`` (in that order)."""
         return TensorImages(self.images[indices], self.labels[indices])
 
+    def dropping_unreadable(self) -> "TensorImages":
+        """Itself: images in memory are all readable."""
+        return self
 
-def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[ImageFiles, list[str]]:
+
+def scan_image_folder(
+    root: str | Path, classes: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageFiles, list[str]]:
     """Images under ``root/<class>/...`` (any depth), labelled by the sorted class folder names.
+
+    Files without an image extension (``IMAGE_EXTENSIONS``, or none at all) are not read; they
+    are counted in the account as skipped, ``unsupported``.
 
     Args:
         root: Folder with one sub-folder per class.
         classes: Class names fixing the label order (e.g. those of the training split); by
             default the sorted sub-folder names of ``root``. A sub-folder outside this list is an error.
+        max_pixels: Larger images are skipped without decoding (see ``ImageFiles``).
 
     Raises:
         FileNotFoundError: ``root`` is missing, has no class folders or holds no image files.
@@ -162,30 +236,32 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) ->
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f"class folders {unknown} in {root} are not among the training classes")
-    paths, labels = [], []
+    listed, labels = [], []
     for label, name in enumerate(classes):
-        for file in _image_files(root / name):
-            paths.append(file)
-            labels.append(label)
-    if not paths:
+        files = _files_below(root / name)
+        listed.extend(files)
+        labels.extend([label] * len(files))
+    images = [i for i, path in enumerate(listed) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return ImageFiles(paths, labels), classes
+    account = FileAccount(listed, unsupported=sorted(set(range(len(listed))) - set(images)))
+    return ImageFiles([listed[i] for i in images], [labels[i] for i in images], max_pixels, account, images), classes
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files below ``folder`` in a reproducible (sorted) order."""
+def _files_below(folder: Path) -> list[str]:
+    """Every file below ``folder`` in a reproducible (sorted) order."""
     files = []
     for directory, subdirs, names in os.walk(folder, followlinks=True):
         subdirs.sort()
-        files.extend(os.path.join(directory, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+        files.extend(os.path.join(directory, n) for n in sorted(names))
     return files
 
 
-def read_file_list(list_file: str | Path) -> ImageFiles:
+def read_file_list(list_file: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFiles:
     """Images listed in a text file, one ``path label`` per line (``#`` comments, blank lines ok).
 
     Relative paths are relative to the list file's folder; a path may contain spaces (the label
-    is the last field).
+    is the last field). Every listed file is tried, whatever its extension.
 
     Raises:
         FileNotFoundError: the list is missing or lists no images.
@@ -206,7 +282,7 @@ def read_file_list(list_file: str | Path) -> ImageFiles:
         labels.append(int(fields[1]))
     if not paths:
         raise FileNotFoundError(f"image list {list_file} lists no images")
-    return ImageFiles(paths, labels)
+    return ImageFiles(paths, labels, max_pixels)
 
 
 def balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:

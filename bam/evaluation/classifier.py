@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.methods.schedules import global_batch_size, warmup_cosine_lr
 
 RESULTS_FILE = "results.json"
@@ -111,10 +112,12 @@ class ClassificationStage(pl.LightningModule):
         return report
 
     def on_fit_end(self) -> None:
+        run_dir = Path(self.trainer.default_root_dir)
+        files = self._file_account(run_dir)  # a collective: before any rank can return
         if not self.history:
             return
         summary = self.summary()
-        path = Path(self.trainer.default_root_dir) / RESULTS_FILE
+        path = run_dir / RESULTS_FILE
         lines = [f"{'':<14} {'top-1':>7} {'top-5':>7}  epoch"]
         for name, result in summary.items():
             for which in ("best", "last"):
@@ -125,7 +128,13 @@ class ClassificationStage(pl.LightningModule):
         rank_zero_info("\n".join([*lines, f"(written to {path})"]))
         if self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**summary, "history": self.history}, indent=2))
+            path.write_text(json.dumps({**summary, "files": files, "history": self.history}, indent=2))
+
+    def _file_account(self, run_dir: Path) -> dict[str, Any] | None:
+        """Files found, read and skipped by the data module, summed over processes (None for data
+        in memory); printed and the skipped paths written to `<run dir>/skipped_files.tsv`."""
+        accounts = getattr(self.trainer.datamodule, "file_accounts", None)
+        return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch

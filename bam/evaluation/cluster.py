@@ -23,6 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
+from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.distributed import rank
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset
@@ -191,8 +192,12 @@ def run_clustering(
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
 
+    Unreadable files are left out (not replaced); `files` in the result counts what was found,
+    read and skipped (the paths in `output_dir/skipped_files.tsv`).
+
     Returns:
-        `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes and settings used.
+        `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file account and
+        settings used.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -203,12 +208,13 @@ def run_clustering(
     features, labels = embed_dataset(
         data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers
     )
+    files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics = cluster_features(
         features.to(device), labels, num_clusters, restarts, kmeans_iterations, seed, bpa, bpa_reg, bpa_iterations
     )
     result = {
-        **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split,
+        **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split, "files": files,
         "backbone": backbone, "feature": extractor.recipe, "restarts": restarts, "seed": seed,
         "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
     }

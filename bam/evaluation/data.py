@@ -30,10 +30,12 @@ from bam.data.datamodule import (
     EVAL_CROP_FRACTION,
     ImageFolderDataModule,
     LabelledSplits,
+    ReadableLoader,
     TransformedSource,
     collate_images,
+    readable,
 )
-from bam.data.sources import ImageSource, balanced_subset
+from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -119,12 +121,15 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
 
     def eval_dataset(self, split: str, fraction: float = 1.0) -> Dataset:
         """A class-balanced `fraction` of the `"train"` or `"val"` split with the evaluation
-        transform (k-NN banks and queries, cached features)."""
+        transform (k-NN banks and queries, cached features). An unreadable file's item is None
+        (see `bam.data.datamodule.readable`): evaluation leaves it out instead of replacing it,
+        and the subsample is drawn before any file is read, so it does not change which other
+        images are evaluated."""
         self.setup()
         source = {"train": self.train_source, "val": self.val_source}[split]
         if fraction < 1:
             source = source.subset(balanced_subset(source.labels, fraction, self.seed))
-        return TransformedSource(source, self.eval_transform())
+        return TransformedSource(source.dropping_unreadable(), self.eval_transform())
 
     def use_features(self, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> None:
         """Serve precomputed `(features, labels)` instead of images from now on (cached mode)."""
@@ -145,14 +150,15 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         return self._loader(self.cache["val"] if "val" in self.cache else self.eval_dataset("val"), shuffle=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        # training replaces an unreadable image (full batches), validation drops it
         cached = isinstance(dataset, TensorDataset)
-        return DataLoader(
+        return (DataLoader if cached else ReadableLoader)(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
             num_workers=0 if cached else self.num_workers,  # tensors in memory need no workers
-            collate_fn=None if cached else collate_images,
+            collate_fn=None if cached else readable(collate_images),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=shuffle and not cached and self.num_workers > 0,
         )
@@ -227,18 +233,28 @@ class FolderClassificationData(ClassificationDataModule):
         val_root: Held-out split (folder of class folders or list file); default `root/val` if it
             exists, else a stratified `val_fraction` of the training images.
         val_fraction: Held-out fraction when there is no separate held-out split.
+        max_pixels: Images with more pixels (by their header) are skipped without decoding.
         **kwargs: See `ClassificationDataModule`.
     """
 
-    def __init__(self, root: str, val_root: Optional[str] = None, val_fraction: float = 0.05, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        val_root: Optional[str] = None,
+        val_fraction: float = 0.05,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.val_root = val_root
         self.val_fraction = val_fraction
+        self.max_pixels = max_pixels
 
     def load_splits(self) -> tuple[ImageSource, ImageSource]:
         folders = ImageFolderDataModule(
-            self.root, val_root=self.val_root, val_fraction=self.val_fraction, seed=self.seed
+            self.root, val_root=self.val_root, val_fraction=self.val_fraction, seed=self.seed,
+            max_pixels=self.max_pixels,
         )
         return folders.load_splits()
 

@@ -19,9 +19,9 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from bam.data.datamodule import collate_images
+from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
 from bam.distributed import gather_rows, rank, world_size
 from bam.models.backbones import is_vit
 
@@ -106,20 +106,33 @@ def shard_indices(length: int) -> range:
     return range(rank(), length, world_size())
 
 
+class _Positioned(Dataset):
+    """`(image, label, index in dataset)` of the items at `indices`; None for an unreadable file."""
+
+    def __init__(self, dataset: Dataset, indices: range) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int, int] | None:
+        index = self.indices[position]
+        sample = self.dataset[index]
+        return None if sample is None else (*sample, index)
+
+
 def shard_batches(
     dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int, num_workers: int
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """(features, labels, dataset indices) of this process's shard, batch by batch."""
-    indices = shard_indices(len(dataset))
+    """(features, labels, dataset indices) of this process's shard, batch by batch; items that are
+    None (unreadable files) are left out, and a batch left without any is skipped."""
     # its own generator: extracting features leaves the global random state (hence the order in
     # which training later shuffles) as it was
-    loader = DataLoader(
-        Subset(dataset, indices), batch_size, num_workers=num_workers, collate_fn=collate_images,
-        generator=torch.Generator(),
+    loader = ReadableLoader(
+        _Positioned(dataset, shard_indices(len(dataset))), batch_size, num_workers=num_workers,
+        collate_fn=readable(collate_indexed_images), generator=torch.Generator(),
     )
-    for step, (images, labels) in enumerate(loader):
-        start = step * batch_size
-        positions = torch.as_tensor(indices[start : start + len(labels)])
+    for images, labels, positions in loader:
         yield fn(images.to(device, non_blocking=True)), labels, positions
 
 
@@ -131,7 +144,8 @@ def embed_dataset(
 
     Each process embeds its own shard (`shard_indices`); the shards are gathered batch by batch and
     moved to the CPU, so the device holds at most one batch from each process and every row
-    comes from a real image (no padding rows, no duplicates).
+    comes from a real image (no padding rows, no duplicates). Items that are None (unreadable
+    files) have no row.
     """
     if len(dataset) < world_size():
         raise ValueError(f"cannot shard {len(dataset)} images over {world_size()} processes")
@@ -140,8 +154,12 @@ def embed_dataset(
     steps = math.ceil(math.ceil(len(dataset) / world_size()) / batch_size)
     batches = shard_batches(dataset, fn, device, batch_size, num_workers)
     features, keys = [], []
+    local = None
     for _ in range(steps):
-        local, labels, positions = next(batches, None) or (local[:0], labels[:0], positions[:0])
+        batch = next(batches, None)
+        if batch is None and local is None:
+            raise ValueError(f"none of the {len(dataset)} images of process {rank()}'s share could be read")
+        local, labels, positions = batch or (local[:0], labels[:0], positions[:0])
         features.append(gather_rows(local.float()).cpu())
         keys.append(gather_rows(torch.stack([positions, labels], dim=1).to(device)).cpu())
     features, keys = torch.cat(features), torch.cat(keys)

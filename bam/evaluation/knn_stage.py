@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from jsonargparse import CLI
 from torch import Tensor
 
-from bam.distributed import rank
+from bam.data.file_account import SKIPPED_LOG, settle_accounts
+from bam.distributed import all_reduce_, rank
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset, shard_batches
@@ -107,8 +108,11 @@ def run_knn(
         bpa_reg: BPA's entropic regularisation.
         bpa_iterations: BPA's Sinkhorn iterations.
 
+    Unreadable files are left out of the bank and the queries (not replaced); `files` in the
+    result counts what was found, read and skipped (the paths in `output_dir/skipped_files.tsv`).
+
     Returns:
-        `top1` and `top5` (percent), the bank and query sizes and the settings used.
+        `top1` and `top5` (percent), the bank and query sizes, the file account and the settings used.
     """
     device = select_device(accelerator)
     init_distributed(device)
@@ -120,15 +124,19 @@ def run_knn(
     bank = F.normalize(bank, dim=1)
     metrics = accuracy_metrics(data.num_classes).to(device)  # torchmetrics sums over processes on compute
     queries = data.eval_dataset("val")
+    num_queries = torch.zeros((), dtype=torch.long, device=device)
     for features, labels, _ in shard_batches(queries, extractor, device, data.batch_size, data.num_workers):
         voters = bank
         if bpa:
             features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
         scores = knn_scores_streamed(features, voters, bank_labels, data.num_classes, k, temperature, bank_chunk_rows)
         metrics.update(scores, labels.to(device))
+        num_queries += len(labels)
     accuracy = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     result = {
-        **accuracy, "k": k, "temperature": temperature, "bank_size": len(bank), "num_queries": len(queries),
+        **accuracy, "k": k, "temperature": temperature, "bank_size": len(bank),
+        "num_queries": int(all_reduce_(num_queries)), "files": files,
         "backbone": backbone, "feature": extractor.recipe,
         "bpa": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
     }
