@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.schedules import global_batch_size, warmup_cosine_lr
 
 RESULTS_FILE = "results.json"
@@ -126,6 +127,9 @@ class ClassificationStage(pl.LightningModule):
         if self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**summary, "history": self.history}, indent=2))
+
+    def setup(self, stage: str) -> None:
+        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch

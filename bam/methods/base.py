@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor
 from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
 from bam.models import Projector, build_backbone, feature_dim
@@ -202,6 +203,7 @@ class SSLMethod(pl.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def setup(self, stage: str) -> None:
+        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
         if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
             # torch's SyncBatchNorm on GPUs; on CPU processes (gloo) bam's, as torch's refuses CPU.
             device = self.trainer.strategy.root_device.type
