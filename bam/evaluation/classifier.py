@@ -18,7 +18,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from bam.io.safe_load import secure_checkpoint_loading
-from bam.methods.schedules import global_batch_size, warmup_cosine_lr
+from bam.methods.schedules import (
+    apply_lr_schedule,
+    global_batch_size,
+    rebuild_lr_schedule_on_resume,
+    warmup_cosine_lr,
+)
 
 RESULTS_FILE = "results.json"
 
@@ -136,6 +141,10 @@ class ClassificationStage(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("eval_history", []))
+        rebuild_lr_schedule_on_resume(checkpoint)  # the settings given for this run win
+
+    def on_train_start(self) -> None:
+        apply_lr_schedule(self)
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:

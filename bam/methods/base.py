@@ -18,7 +18,13 @@ from torch import nn
 
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor
-from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
+from bam.methods.schedules import (
+    apply_lr_schedule,
+    cosine,
+    global_batch_size,
+    rebuild_lr_schedule_on_resume,
+    warmup_cosine_lr,
+)
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.training.sync_batchnorm import convert_sync_batchnorm
@@ -201,6 +207,12 @@ class SSLMethod(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rebuild_lr_schedule_on_resume(checkpoint)  # the settings given for this run win
+
+    def on_train_start(self) -> None:
+        apply_lr_schedule(self)
 
     def setup(self, stage: str) -> None:
         secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`

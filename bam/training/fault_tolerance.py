@@ -207,7 +207,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
-        if _is_disk_full(error) or _is_disk_full(recorder.error):
+        if is_disk_full(error) or is_disk_full(recorder.error):
             raise DiskFullError(path.parent) from error
         raise
     _fsync_directory(path.parent)
@@ -253,7 +253,7 @@ class _ErrorRecordingFile:
         return getattr(self.file, name)
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
+def is_disk_full(error: BaseException | None) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
