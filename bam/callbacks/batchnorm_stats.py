@@ -38,7 +38,7 @@ class PreciseBatchNorm(pl.Callback):
         self.max_images = max_images
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or trainer.max_epochs is None or trainer.current_epoch + 1 < trainer.max_epochs:
+        if not self.enabled or not is_final_epoch(trainer):
             return
         loader = self._clean_images(trainer)
         if loader is None:
@@ -60,6 +60,13 @@ class PreciseBatchNorm(pl.Callback):
             )
             return None
         return datamodule.knn_dataloaders()[0]
+
+
+def is_final_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch now ending is the run's last: `max_epochs` reached, or `max_steps` reached
+    (which ends the run in the middle of an epoch; the epoch-end hooks still run)."""
+    by_epochs = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+    return by_epochs or 0 < trainer.max_steps <= trainer.global_step
 
 
 def _images(loader: DataLoader, encoder: MultiCropEncoder, device: torch.device) -> Iterator[Tensor]:

@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from bam.callbacks.batchnorm_stats import is_final_epoch
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.knn import knn_accuracy
 from bam.models import build_backbone
@@ -47,7 +48,7 @@ class OnlineKNN(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+        if epoch % self.every_n_epochs and not is_final_epoch(trainer):
             return
         accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
         pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=False)

@@ -116,6 +116,14 @@ class SSLMethod(pl.LightningModule):
         raise NotImplementedError
 
     @staticmethod
+    def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
+        """Reject impossible crop counts when the model is built, naming the setting."""
+        if num_global_crops < 1:
+            raise ValueError(f"model num_global_crops must be at least 1, got {num_global_crops}")
+        if num_local_crops < 0:
+            raise ValueError(f"model num_local_crops must be >= 0, got {num_local_crops}")
+
+    @staticmethod
     def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:
         """Fail with both numbers when the data's crops per image differ from the method's."""
         if len(crops) != expected:

@@ -47,7 +47,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     Args:
         signals: names of the signals that mean "stop and save" (SLURM sends SIGUSR1 ahead of the
-            time limit with `--signal=USR1@<seconds>`; preemption and `scancel` send SIGTERM).
+            time limit with `--signal=USR1@<seconds>`; preemption and `scancel` send SIGTERM; Ctrl-C
+            sends SIGINT, and a second Ctrl-C aborts at once without saving).
         requeue_signals: of those, the ones after which a SLURM job requeues itself
             (`scontrol requeue`), once the checkpoint is completely written. A SIGTERM from a
             preemption is not among them: SLURM requeues preempted jobs itself when configured to.
@@ -58,7 +59,9 @@ class PreemptionCheckpoint(pl.Callback):
     """
 
     def __init__(
-        self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), requeue_signals: Sequence[str] = ("SIGUSR1",)
+        self,
+        signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+        requeue_signals: Sequence[str] = ("SIGUSR1",),
     ) -> None:
         self.signals = [signal.Signals[name] for name in signals]
         self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
@@ -81,7 +84,11 @@ class PreemptionCheckpoint(pl.Callback):
     # ------------------------------------------------------------------ signal handling
     def _on_signal(self, signum: int, _: FrameType | None) -> None:
         # Only a flag: the handler may run in the middle of anything, including a collective.
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now, without the checkpoint
         self.received = signal.Signals(signum)
+        if signum == signal.SIGINT:  # os.write: print is not safe inside a signal handler
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)\n")
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
