@@ -84,7 +84,7 @@ class SafeRunCLI(LightningCLI):
         if not requested:
             return
         if requested == "last":
-            config.ckpt_path = _last_checkpoint(Path(config.checkpoint.dirpath))
+            config.ckpt_path = find_last_checkpoint(Path(config.checkpoint.dirpath))
         elif is_remote(requested):
             config.ckpt_path = str(self._resources.enter_context(local_copy(requested)))
         if config.ckpt_path and Path(config.ckpt_path).is_file():
@@ -148,7 +148,7 @@ def _is_complete(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0 and zipfile.is_zipfile(path)
 
 
-def _last_checkpoint(directory: Path) -> str | None:
+def find_last_checkpoint(directory: Path) -> str | None:
     """The newest complete `last*.ckpt` in `directory`, else its newest complete checkpoint."""
     by_age = sorted(directory.glob("*.ckpt"), key=lambda path: path.stat().st_mtime, reverse=True)
     complete = [path for path in by_age if _is_complete(path)]
