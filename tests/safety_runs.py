@@ -52,3 +52,10 @@ def run_bam(args: list[str]) -> tuple[int, str, str]:
 
 def pretrain(run_dir: Path, *extra: str) -> tuple[int, str, str]:
     return run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={run_dir}", *extra])
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True, timeout=HANG_GUARD_S)
+    return int(finished.stdout)

@@ -8,8 +8,6 @@ import functools
 import http.server
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from bam.training.run_cli import find_last_checkpoint
-from safety_runs import pretrain
+from safety_runs import dead_pid, pretrain
 
 
 def _lr_by_step(run_dir: Path) -> dict[int, float]:
@@ -53,13 +51,6 @@ def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_
         assert resumed[step] == pytest.approx(uninterrupted[step] / 2, rel=1e-9)
     final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert final["hyper_parameters"]["lr"] == 5e-4
-
-
-def dead_pid() -> int:
-    """The id of a process that has exited."""
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True, timeout=60)
-    return int(finished.stdout)
 
 
 def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(reference, tmp_path):
