@@ -11,7 +11,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from bam.io import UnsafeCheckpointError, load_checkpoint_file
+from bam.evaluation.backbone import resolve_backbone
+from bam.io import UnsafeCheckpointError, load_backbone, load_checkpoint_file
 from bam.io.safe_load import NotACheckpointError
 from bam.methods import BAMModule
 from conftest import TinyCropsDataModule
@@ -92,3 +93,12 @@ def test_a_page_that_is_not_a_checkpoint_is_named_without_advising_unsafe_loadin
 def test_other_remote_schemes_are_refused_with_advice():
     with pytest.raises(ValueError, match="copy the file to local disk first"):
         load_checkpoint_file("s3://bucket/last.ckpt")
+
+
+def test_evaluation_backbones_named_by_url_are_loaded_weights_only(served):
+    base, marker, _ = served
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        resolve_backbone(f"{base}/evil.ckpt")  # what bam knn / linear / finetune / cluster do with --backbone
+    with pytest.raises(UnsafeCheckpointError):
+        load_backbone(f"{base}/evil.ckpt")
+    assert not marker.exists()
