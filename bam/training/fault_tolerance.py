@@ -113,6 +113,9 @@ class PreemptionCheckpoint(pl.Callback):
         self.received = None
         self._install()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()  # no step boundary comes any more: a Ctrl-C during final evaluations interrupts them
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
 

@@ -93,14 +93,17 @@ class SafeRunCLI(LightningCLI):
             if changes and _launch_rank_is_zero():
                 print(_changes_message(requested, changes), file=sys.stderr, flush=True)
 
-    def before_fit(self) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) in (TorchCheckpointIO, SafeCheckpointIO):  # not when the user chose another
-            strategy.checkpoint_io = AtomicCheckpointIO()
+    def after_instantiate_classes(self) -> None:
+        """Take the run folder before anything is written there (released when the run ends)."""
         if _launch_rank_is_zero():  # the other processes of this run are not rivals
             lock = RunLock(self.trainer.default_root_dir)
             lock.acquire()
             self._resources.callback(lock.release)
+
+    def before_fit(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) in (TorchCheckpointIO, SafeCheckpointIO):  # not when the user chose another
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 @contextlib.contextmanager
