@@ -38,6 +38,8 @@ from bam.training.run_folder import RunFolderBusyError, RunLock
 
 # environment variables through which launchers (torchrun, SLURM, Lightning's own) give ranks
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+# `--ckpt_path` values Lightning resolves itself ("last" is resolved here)
+LIGHTNING_CKPT_KEYWORDS = ("best", "hpc")
 
 
 class SettingError(ValueError):
@@ -87,6 +89,8 @@ class SafeRunCLI(LightningCLI):
             config.ckpt_path = find_last_checkpoint(Path(config.checkpoint.dirpath))
         elif is_remote(requested):
             config.ckpt_path = str(self._resources.enter_context(local_copy(requested)))
+        elif requested not in LIGHTNING_CKPT_KEYWORDS and not Path(requested).is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {requested!r} (--ckpt_path)")
         if config.ckpt_path and Path(config.ckpt_path).is_file():
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)  # refuses unsafe files up front
             changes = changed_settings(checkpoint.get("hyper_parameters") or {}, config.model)
