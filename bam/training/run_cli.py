@@ -82,7 +82,7 @@ class SafeRunCLI(LightningCLI):
     def resolve_resume(self, config: Namespace) -> None:
         """Turn `config.ckpt_path` into a local, complete checkpoint file and list the settings that
         differ from the ones it was trained with."""
-        requested = config.ckpt_path
+        requested = config.get("ckpt_path")  # absent when the CLI is built with run=False
         if not requested:
             return
         if requested == "last":
