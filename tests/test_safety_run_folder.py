@@ -82,3 +82,21 @@ def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait(timeout=HANG_GUARD_S)
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_run(tmp_path, monkeypatch):
+    earlier = {"host": "node-that-ran-it-before", "pid": 4242, "slurm_job": "77", "slurm_restart": 0}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: that lock may be alive
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(RunFolderBusyError):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")  # the same job, not requeued: a second run in it
+    with pytest.raises(RunFolderBusyError):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()

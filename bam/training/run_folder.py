@@ -4,8 +4,9 @@ Two runs writing into one run folder remove each other's half-written checkpoint
 checkpoints of different runs side by side. `RunLock` stops the second one at start-up: the lock
 file `<run dir>/.bam-run.lock` is created exclusively (atomic also on NFS) and records the host,
 process id and start time of its holder. A lock whose holder is a dead process on this host is
-taken over; a lock held from another host is never taken over (bam cannot tell whether that
-process lives), the message says which file to delete once that run is known to be gone.
+taken over, and so is one left by an earlier run of the same SLURM job (a requeued job keeps its id,
+possibly on another node). Any other lock held from another host is never taken over (bam cannot
+tell whether that process lives); the message says which file to delete once that run is gone.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class RunLock:
         with _host_guard(self.path):  # check-and-take-over is one step for the processes of a host
             holder = _read_holder(self.path)
             if holder is not None:
-                if not writer_is_dead(holder.get("host", ""), int(holder.get("pid", -1))):
+                if not _holder_is_gone(holder):
                     raise RunFolderBusyError(_busy_message(self.path, holder))
                 print(f"bam: taking over the lock of a run that is gone ({_describe(holder)}): {self.path}", flush=True)
                 self.path.unlink(missing_ok=True)
@@ -71,7 +72,8 @@ class RunLock:
         self.held = True
 
     def _create(self) -> None:
-        record = {"host": this_host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        record = {"host": this_host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": _restart_count()}
         try:
             descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # created from another host between our read and now
@@ -86,6 +88,19 @@ class RunLock:
         if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == this_host():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+
+def _holder_is_gone(holder: dict) -> bool:
+    """A dead process on this host, or a run of this very SLURM job before it was requeued (a
+    requeued job keeps its id, counts its restarts and may start on another node)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is not None and holder.get("slurm_job") == job and int(holder.get("slurm_restart") or 0) < _restart_count():
+        return True
+    return writer_is_dead(holder.get("host", ""), int(holder.get("pid", -1)))
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
 @contextlib.contextmanager
