@@ -90,6 +90,12 @@ def test_a_page_that_is_not_a_checkpoint_is_named_without_advising_unsafe_loadin
     assert error.value.__cause__ is None and error.value.__suppress_context__  # torch's advice not chained
 
 
+def test_a_missing_remote_file_is_named(served):
+    base, _, _ = served
+    with pytest.raises(FileNotFoundError, match=f"could not download checkpoint '{base}/nothing.ckpt': HTTP Error 404"):
+        load_checkpoint_file(f"{base}/nothing.ckpt")
+
+
 def test_other_remote_schemes_are_refused_with_advice():
     with pytest.raises(ValueError, match="copy the file to local disk first"):
         load_checkpoint_file("s3://bucket/last.ckpt")

@@ -24,6 +24,7 @@ import pathlib
 import pickle
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from typing import Any, Callable, Iterator
@@ -79,8 +80,11 @@ def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
         return
     descriptor, temporary = tempfile.mkstemp(prefix="bam-download-", suffix=".ckpt")
     try:
-        with os.fdopen(descriptor, "wb") as file, urllib.request.urlopen(str(path), timeout=DOWNLOAD_TIMEOUT_S) as response:
-            shutil.copyfileobj(response, file)
+        try:
+            with os.fdopen(descriptor, "wb") as file, urllib.request.urlopen(str(path), timeout=DOWNLOAD_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, file)
+        except urllib.error.URLError as error:  # HTTP errors included
+            raise FileNotFoundError(f"could not download checkpoint {str(path)!r}: {error}") from None
         yield pathlib.Path(temporary)
     finally:
         pathlib.Path(temporary).unlink(missing_ok=True)
