@@ -81,4 +81,4 @@ def test_an_incompletefind_last_checkpoint_is_passed_over(reference, tmp_path, c
     (tmp_path / "epoch=0-step=2.ckpt").unlink()
     last.unlink()
     assert find_last_checkpoint(tmp_path) is None
-    assert "starting from the beginning" in capsys.readouterr().err
+    assert "starting anew" in capsys.readouterr().err

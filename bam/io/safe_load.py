@@ -81,8 +81,9 @@ def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
     descriptor, temporary = tempfile.mkstemp(prefix="bam-download-", suffix=".ckpt")
     try:
         try:
-            with os.fdopen(descriptor, "wb") as file, urllib.request.urlopen(str(path), timeout=DOWNLOAD_TIMEOUT_S) as response:
-                shutil.copyfileobj(response, file)
+            with os.fdopen(descriptor, "wb") as file:
+                with urllib.request.urlopen(str(path), timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    shutil.copyfileobj(response, file)
         except urllib.error.URLError as error:  # HTTP errors included
             raise FileNotFoundError(f"could not download checkpoint {str(path)!r}: {error}") from None
         yield pathlib.Path(temporary)

@@ -164,7 +164,7 @@ def find_last_checkpoint(directory: Path) -> str | None:
         return str(last[0])
     newest = str(complete[0]) if complete else None
     if _launch_rank_is_zero():
-        found = f"resuming from {newest}, the newest complete checkpoint there" if newest else "starting from the beginning"
+        found = f"resuming from {newest}, the newest complete checkpoint there" if newest else "starting anew"
         print(f"bam: --ckpt_path last: no complete last.ckpt in {directory}: {found}", file=sys.stderr, flush=True)
     return newest
 
