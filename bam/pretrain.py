@@ -11,24 +11,23 @@ import os
 
 import torch
 from jsonargparse import Namespace
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
-from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
+from bam.training import PreemptionCheckpoint, check_slurm_allocation
+from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.training.slurm import devices_per_node
-from bam.training.stage_cli import StageCLI
 
 # logger class -> its sub-folder of the run directory (distinct, so both get the same version_N)
 DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightning.loggers.TensorBoardLogger": "tensorboard"}
 
 
-class PretrainCLI(StageCLI):
+class PretrainCLI(SafeRunCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
-    configurable groups."""
+    configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -53,11 +52,7 @@ class PretrainCLI(StageCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         _check_slurm(config.trainer)
-
-    def before_fit(self) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not when the user chose another
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        self.resolve_resume(config)
 
 
 def _check_slurm(trainer: Namespace) -> None:
@@ -87,4 +82,5 @@ def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
 
 def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
-    pretrain_cli(argv)
+    with one_line_errors("bam pretrain"):
+        pretrain_cli(argv)

@@ -203,6 +203,8 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         super().__init__()
         if augment_on not in ("cpu", "device"):
             raise ValueError(f"augment_on must be 'cpu' or 'device', got {augment_on!r}")
+        if batch_size < 1 or (knn_batch_size is not None and knn_batch_size < 1):
+            raise ValueError(f"batch_size and knn_batch_size must be at least 1, got {batch_size} and {knn_batch_size}")
         self.crops = crops or MultiCropConfig()
         self.augment_on = augment_on
         self.batch_size = batch_size

@@ -32,7 +32,7 @@ def resolve_backbone(backbone: str, which: str | None = None, arch: str | None =
         return BackboneSpec(backbone, {}, {}, encoder="random init", source_format="timm")
     files = _export_files(path)
     if files is None:
-        return read_spec(load_checkpoint_file(path), which, arch)
+        return read_spec(load_checkpoint_file(backbone), which, arch)  # the string: an http(s) address too
     model = load_backbone(path, which, arch)  # validates the export and loads it strictly
     metadata = json.loads(files[1].read_text())
     return BackboneSpec(

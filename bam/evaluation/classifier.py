@@ -18,7 +18,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
-from bam.methods.schedules import global_batch_size, warmup_cosine_lr
+from bam.io.safe_load import secure_checkpoint_loading
+from bam.methods.schedules import (
+    apply_lr_schedule,
+    global_batch_size,
+    rebuild_lr_schedule_on_resume,
+    warmup_cosine_lr,
+)
 
 RESULTS_FILE = "results.json"
 
@@ -136,11 +142,18 @@ class ClassificationStage(pl.LightningModule):
         accounts = getattr(self.trainer.datamodule, "file_accounts", None)
         return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
 
+    def setup(self, stage: str) -> None:
+        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("eval_history", []))
+        rebuild_lr_schedule_on_resume(checkpoint)  # the settings given for this run win
+
+    def on_train_start(self) -> None:
+        apply_lr_schedule(self)
 
     # ----------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:

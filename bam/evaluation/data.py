@@ -83,6 +83,8 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         super().__init__()
         if augment not in TRAIN_AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(TRAIN_AUGMENTATIONS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size

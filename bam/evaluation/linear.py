@@ -96,6 +96,7 @@ class LinearProbe(ClassificationStage):
         Runs after the process group exists and before any loader is built; every process gets
         the complete caches, in dataset order (see `embed_dataset`).
         """
+        super().setup(stage)
         if not self.cache_features:
             return
         data = self.trainer.datamodule

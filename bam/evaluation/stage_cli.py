@@ -18,12 +18,12 @@ from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.pretrain import DEFAULT_LOGGERS
-from bam.training.stage_cli import StageCLI
+from bam.training.run_cli import SafeRunCLI, one_line_errors
 
 
-class EvalCLI(StageCLI):
-    """LightningCLI with a run directory per stage, a last-checkpoint callback and the class count
-    linked from the data module to the model."""
+class EvalCLI(SafeRunCLI):
+    """LightningCLI with a run directory per stage, a last-checkpoint callback, the class count
+    linked from the data module to the model, and the safe-run behaviour of `SafeRunCLI`."""
 
     def __init__(self, *args: Any, stage: str, **kwargs: Any) -> None:
         self.stage = stage
@@ -46,19 +46,21 @@ class EvalCLI(StageCLI):
             ]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+        self.resolve_resume(config)
 
 
 def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
     """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
-    return EvalCLI(
-        model_class,
-        ClassificationDataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=True,
-        stage=stage,
-        program=f"bam {stage}",
-        argv=argv,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        parser_kwargs={"fit": {"description": description}},
-    )
+    with one_line_errors(f"bam {stage}"):
+        return EvalCLI(
+            model_class,
+            ClassificationDataModule,
+            subclass_mode_model=False,
+            subclass_mode_data=True,
+            stage=stage,
+            program=f"bam {stage}",
+            argv=argv,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            parser_kwargs={"fit": {"description": description}},
+        )

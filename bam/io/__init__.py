@@ -3,7 +3,13 @@ export to safetensors with `load_backbone` to read any of them back as a timm mo
 from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
 from bam.io.export import detect_format, export_backbone, load_backbone, read_spec
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec, resolve_released_arch
-from bam.io.safe_load import SAFE_GLOBALS, UnsafeCheckpointError, load_checkpoint_file
+from bam.io.safe_load import (
+    SAFE_GLOBALS,
+    NotACheckpointError,
+    SafeCheckpointIO,
+    UnsafeCheckpointError,
+    load_checkpoint_file,
+)
 from bam.io.state import (
     BackboneSpec,
     CheckpointFormatError,
@@ -18,8 +24,10 @@ __all__ = [
     "BackboneSpec",
     "CheckpointFormatError",
     "CheckpointMismatchError",
+    "NotACheckpointError",
     "RELEASED_ARCHS",
     "SAFE_GLOBALS",
+    "SafeCheckpointIO",
     "UnsafeCheckpointError",
     "bam_checkpoint_spec",
     "detect_format",

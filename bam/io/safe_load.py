@@ -10,17 +10,28 @@ code loads):
 - `pathlib.PosixPath`: argparse options declared with `type=Path` end up in `args`;
 - numpy scalars, numeric dtypes and arrays: values computed with numpy and stored in `args` or in data
   tables (numpy >= 2 names its modules `numpy._core`, numpy 1 `numpy.core`: both are allowed).
+
+A `http(s)://` address is downloaded to a temporary file first and loaded from there the same
+way (Lightning would hand it to `torch.hub` with weights-only loading off). `SafeCheckpointIO` makes
+Lightning's own checkpoint loads (`Trainer.fit(ckpt_path=...)`) go through `load_checkpoint_file`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import pickle
-from typing import Any, Callable
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
 
@@ -40,30 +51,102 @@ def _numpy_globals() -> list[SafeGlobal]:
 SAFE_GLOBALS: list[SafeGlobal] = [argparse.Namespace, pathlib.PosixPath, *_numpy_globals()]
 
 PathLike = str | os.PathLike
+REMOTE_SCHEMES = ("http://", "https://")
+DOWNLOAD_TIMEOUT_S = 60
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The file needs a type that weights-only loading does not allow (it could run code)."""
 
 
-def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
+class NotACheckpointError(ValueError):
+    """The file is not one `torch.save` wrote completely (another format, truncated, empty)."""
+
+
+def is_remote(path: PathLike) -> bool:
+    """Whether `path` is an `http(s)://` address (the only remote form bam downloads itself)."""
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
+    """`path` itself when it is local; an `http(s)://` address downloaded to a temporary file
+    (deleted afterwards). Other remote schemes (`s3://`, ...) are refused: copy them first."""
+    if not is_remote(path):
+        if "://" in str(path):
+            raise ValueError(f"cannot load {str(path)!r}: only local files and http(s):// addresses are supported; "
+                             "copy the file to local disk first")
+        yield pathlib.Path(path)
+        return
+    descriptor, temporary = tempfile.mkstemp(prefix="bam-download-", suffix=".ckpt")
+    try:
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                with urllib.request.urlopen(str(path), timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    shutil.copyfileobj(response, file)
+        except urllib.error.URLError as error:  # HTTP errors included
+            raise FileNotFoundError(f"could not download checkpoint {str(path)!r}: {error}") from None
+        yield pathlib.Path(temporary)
+    finally:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with `torch.load(weights_only=True)` onto the CPU.
 
-    Raises `FileNotFoundError` naming the path when it does not exist, and
-    `UnsafeCheckpointError` naming the refused types when the pickle asks for anything beyond
-    tensors, plain values and `SAFE_GLOBALS` (nothing from the file is executed in that case).
+    `path` may be an `http(s)://` address: it is downloaded to a temporary file first. `mmap`
+    maps the file instead of reading it (cheap when only a few entries are needed).
+
+    Raises `FileNotFoundError` naming the path when it does not exist, `NotACheckpointError` when
+    it is not a complete checkpoint, and `UnsafeCheckpointError` naming the refused types when the
+    pickle asks for anything beyond tensors, plain values and `SAFE_GLOBALS` (nothing from the file
+    is executed in that case).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise UnsafeCheckpointError(_refusal_message(path, _refused_types(path))) from error
+    with local_copy(path) as local:
+        if not local.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+        checkpoint = _load_weights_only(local, str(path), mmap and not is_remote(path))
     if not isinstance(checkpoint, dict):
         raise TypeError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
     return checkpoint
+
+
+def _load_weights_only(local: pathlib.Path, name: str, mmap: bool) -> Any:
+    # Errors are raised `from None`: torch's own messages advise `weights_only=False`, which is
+    # exactly what must not be done with a file of unknown origin.
+    if local.stat().st_size == 0 or (not zipfile.is_zipfile(local) and not _is_legacy_pickle(local)):
+        raise NotACheckpointError(f"{name!r} is not a checkpoint: it is not a complete file written by torch.save "
+                                  "(another format, an error page, or a truncated or empty file)") from None
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(local, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(local))
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpointError(_refusal_message(name, _refused_types(local))) from None
+        except RuntimeError as error:  # zip archive damaged inside
+            raise NotACheckpointError(f"{name!r} is not a readable checkpoint ({str(error).splitlines()[0]})") from None
+
+
+def _is_legacy_pickle(path: pathlib.Path) -> bool:
+    """Files torch wrote before 1.6 (and plain pickles) start with the pickle protocol opcode."""
+    with path.open("rb") as file:
+        return file.read(1) == b"\x80"
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O whose loads are always weights-only with `SAFE_GLOBALS`, local or
+    `http(s)://` (downloaded first), whatever `weights_only` Lightning asks for."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint_file(path)
+
+
+def secure_checkpoint_loading(trainer: Any) -> None:
+    """Make `trainer` load checkpoints weights-only: its default I/O is replaced by
+    `SafeCheckpointIO` (an I/O plugin the user chose is left alone). Called from bam modules'
+    `setup`, which runs before Lightning loads `ckpt_path`, so the Python API is covered too."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = SafeCheckpointIO()
 
 
 def _refused_types(path: pathlib.Path) -> list[str]:
@@ -75,10 +158,10 @@ def _refused_types(path: pathlib.Path) -> list[str]:
         return []
 
 
-def _refusal_message(path: pathlib.Path, refused: list[str]) -> str:
+def _refusal_message(name: str, refused: list[str]) -> str:
     what = f"type(s) {', '.join(refused)}" if refused else "a type"
     return (
-        f"refused to load {str(path)!r}: the file tried to load {what}, which weights-only loading "
+        f"refused to load {name!r}: the file tried to load {what}, which weights-only loading "
         "does not allow, because unpickling it could run arbitrary code. Do not load files from "
         "untrusted sources. If you trust this file and the type is harmless, allow it explicitly: "
         "`with torch.serialization.safe_globals([TheType]): bam.io.load_checkpoint_file(path)`."

@@ -46,6 +46,9 @@ class BAMModule(SSLMethod):
         column_block_size: int = 0,
         **kwargs: Any,
     ) -> None:
+        self.check_crop_settings(num_global_crops, num_local_crops)
+        if reg_final is not None and reg_final <= 0:
+            raise ValueError(f"reg_final must be positive (the entropic regularisation of the target), got {reg_final}")
         super().__init__(**kwargs)
         self.loss_fn = BAMLoss(
             num_crops=num_global_crops + num_local_crops,

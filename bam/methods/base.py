@@ -16,8 +16,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor
-from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
+from bam.methods.schedules import (
+    apply_lr_schedule,
+    cosine,
+    global_batch_size,
+    rebuild_lr_schedule_on_resume,
+    warmup_cosine_lr,
+)
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.training.sync_batchnorm import convert_sync_batchnorm
@@ -107,6 +114,14 @@ class SSLMethod(pl.LightningModule):
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
+        """Reject impossible crop counts when the model is built, naming the setting."""
+        if num_global_crops < 1:
+            raise ValueError(f"model num_global_crops must be at least 1, got {num_global_crops}")
+        if num_local_crops < 0:
+            raise ValueError(f"model num_local_crops must be >= 0, got {num_local_crops}")
 
     @staticmethod
     def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:
@@ -201,7 +216,14 @@ class SSLMethod(pl.LightningModule):
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rebuild_lr_schedule_on_resume(checkpoint)  # the settings given for this run win
+
+    def on_train_start(self) -> None:
+        apply_lr_schedule(self)
+
     def setup(self, stage: str) -> None:
+        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
         if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
             # torch's SyncBatchNorm on GPUs; on CPU processes (gloo) bam's, as torch's refuses CPU.
             device = self.trainer.strategy.root_device.type

@@ -1,7 +1,9 @@
 """Per-step hyperparameter schedules, as pure functions of the step index.
 
 Everything a resumed run needs to continue a schedule is the global step, which Lightning
-checkpoints; no schedule keeps state of its own.
+checkpoints. timm's lr scheduler does keep state (its peak and final values), so a resumed run
+drops the checkpoint's copy and sets the lr from the configured settings (`rebuild_lr_schedule_on_resume`
+and `apply_lr_schedule`): a changed `lr` or `min_lr` on resume is the one used.
 """
 from __future__ import annotations
 
@@ -38,6 +40,20 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+def rebuild_lr_schedule_on_resume(checkpoint: dict[str, Any]) -> None:
+    """Call from `on_load_checkpoint`: the lr schedulers are not restored from the checkpoint, so
+    they keep the values of the settings this run was started with."""
+    if "lr_schedulers" in checkpoint:
+        checkpoint["lr_schedulers"] = []
+
+
+def apply_lr_schedule(module: Any) -> None:
+    """Call from `on_train_start`: set each optimiser's lr for the coming step from its scheduler
+    (a resumed optimiser state carries the lr of the settings it was saved with)."""
+    for config in module.trainer.lr_scheduler_configs:
+        config.scheduler.step_update(num_updates=module.global_step)
 
 
 def global_batch_size(trainer: Any) -> int:

@@ -62,6 +62,7 @@ class SwAVModule(SSLMethod):
                 "SwAV has no momentum teacher (its codes come from the network's own global crops); "
                 "remove momentum_teacher from the SwAVModule arguments"
             )
+        self.check_crop_settings(num_global_crops, num_local_crops)
         if freeze_prototypes_epochs < 0:
             raise ValueError(f"freeze_prototypes_epochs={freeze_prototypes_epochs} must be >= 0")
         super().__init__(

@@ -1,16 +1,21 @@
 """Running pretraining at scale: SLURM checks and requeue, preemption-safe checkpoints, exact
-mid-epoch resume of the data order, and batch norm synchronised across CPU or GPU processes."""
-from bam.training.fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
+mid-epoch resume of the data order, batch norm synchronised across CPU or GPU processes, one run per
+run folder, and the command-line behaviour that makes training stages fail safely (`run_cli`)."""
+from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, PreemptionCheckpoint, atomic_save
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
+from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.slurm import SlurmAllocationError, check_slurm_allocation
 from bam.training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "AtomicCheckpointIO",
     "CPUSyncBatchNorm",
+    "DiskFullError",
     "PreemptionCheckpoint",
     "ResumableDataLoader",
     "ResumableSampler",
+    "RunFolderBusyError",
+    "RunLock",
     "SlurmAllocationError",
     "atomic_save",
     "check_slurm_allocation",

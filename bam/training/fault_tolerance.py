@@ -17,9 +17,11 @@ schedules) makes it build the loader earlier, and the restored position would be
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import secrets
 import signal
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,13 +31,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from bam.data.resumable import ResumableDataLoader
+from bam.io.safe_load import SafeCheckpointIO
+from bam.training.run_folder import this_host, writer_is_dead
 from bam.training.slurm import in_slurm_job, requeue_slurm_job
 
 
@@ -44,7 +47,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     Args:
         signals: names of the signals that mean "stop and save" (SLURM sends SIGUSR1 ahead of the
-            time limit with `--signal=USR1@<seconds>`; preemption and `scancel` send SIGTERM).
+            time limit with `--signal=USR1@<seconds>`; preemption and `scancel` send SIGTERM; Ctrl-C
+            sends SIGINT, and a second Ctrl-C aborts at once without saving).
         requeue_signals: of those, the ones after which a SLURM job requeues itself
             (`scontrol requeue`), once the checkpoint is completely written. A SIGTERM from a
             preemption is not among them: SLURM requeues preempted jobs itself when configured to.
@@ -55,7 +59,9 @@ class PreemptionCheckpoint(pl.Callback):
     """
 
     def __init__(
-        self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), requeue_signals: Sequence[str] = ("SIGUSR1",)
+        self,
+        signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+        requeue_signals: Sequence[str] = ("SIGUSR1",),
     ) -> None:
         self.signals = [signal.Signals[name] for name in signals]
         self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
@@ -78,7 +84,11 @@ class PreemptionCheckpoint(pl.Callback):
     # ------------------------------------------------------------------ signal handling
     def _on_signal(self, signum: int, _: FrameType | None) -> None:
         # Only a flag: the handler may run in the middle of anything, including a collective.
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now, without the checkpoint
         self.received = signal.Signals(signum)
+        if signum == signal.SIGINT:  # os.write: print is not safe inside a signal handler
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)\n")
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -102,6 +112,9 @@ class PreemptionCheckpoint(pl.Callback):
         # Lightning installs its handlers just before training starts; these replace them.
         self.received = None
         self._install()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()  # no step boundary comes any more: a Ctrl-C during final evaluations interrupts them
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -154,8 +167,21 @@ def checkpoint_path(trainer: pl.Trainer) -> str:
     return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint writes that cannot leave a truncated file behind, whatever kills the process.
+class DiskFullError(OSError):
+    """A checkpoint could not be written because its file system is full."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on {directory}")
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return (f"no space left on {self.directory} (the last complete checkpoint there is kept; "
+                "free some space and resume with --ckpt_path last)")
+
+
+class AtomicCheckpointIO(SafeCheckpointIO):
+    """Checkpoint writes that cannot leave a truncated file behind, whatever kills the process,
+    and loads that are weights-only (see `SafeCheckpointIO`).
 
     The checkpoint is written to a temporary file in the destination's own directory, flushed to
     disk (fsync) and renamed over the destination (`os.replace`, atomic within one file system),
@@ -173,21 +199,78 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)` through a same-directory temporary file, fsync and rename."""
+    """`torch.save(obj, path)` through a same-directory temporary file, fsync and rename.
+
+    The file gets the permissions the umask gives any new file (not the 0600 of `mkstemp`). A
+    full file system raises `DiskFullError` naming the directory; the temporary file is removed
+    and the previous checkpoint stays.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_writers_files(path)
+    temporary, descriptor = _create_temporary(path)
+    recorder = _ErrorRecordingFile(os.fdopen(descriptor, "wb"))
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save(obj, file)
+        with recorder.file as file:
+            torch.save(obj, recorder)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if is_disk_full(error) or is_disk_full(recorder.error):
+            raise DiskFullError(path.parent) from error
         raise
     _fsync_directory(path.parent)
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """`.<name>.<host>.<pid>.<random>.tmp` next to `path`, created exclusively with mode 0666 so
+    the kernel applies the umask; the name says which writer may still be using it."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{this_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Remove temporary files of `path` left by writers that were killed (on this host); a live
+    writer's file, or one from another host, is left alone."""
+    prefix = f".{path.name}."
+    for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        parts = temporary.name[len(prefix) : -len(".tmp")].rsplit(".", 2)
+        if len(parts) == 3 and parts[1].isdigit() and writer_is_dead(parts[0], int(parts[1])):
+            temporary.unlink(missing_ok=True)
+
+
+class _ErrorRecordingFile:
+    """A file whose write errors are remembered: torch's zip writer turns them into a generic
+    RuntimeError ("unexpected pos"), which no longer says that the disk was full."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fsync_directory(directory: Path) -> None:
