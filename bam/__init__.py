@@ -31,6 +31,8 @@ _LAZY = {
     "BPA": "bam.transforms.bpa",
     "GSPPool": "bam.models.gsp",
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
+    "trainer_extras": "bam.training.extras",
+    "DataRecipe": "bam.recipe",
 }
 
 __all__ = ["BAMLoss", "SwAVLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]

@@ -20,10 +20,8 @@ from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
+from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.slurm import devices_per_node
-
-# logger class -> its sub-folder of the run directory (distinct, so both get the same version_N)
-DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightning.loggers.TensorBoardLogger": "tensorboard"}
 
 
 class PretrainCLI(LightningCLI):
@@ -32,7 +30,7 @@ class PretrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.every_n_epochs": 10})
+        parser.set_defaults({f"checkpoint.{name}": value for name, value in CHECKPOINT_DEFAULTS.items()})
         # before the k-NN group: the last k-NN evaluation must see the re-estimated statistics
         parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
         parser.add_lightning_class_args(OnlineKNN, "knn")
@@ -44,11 +42,7 @@ class PretrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         run_dir = config.trainer.default_root_dir or os.path.join("runs", "pretrain")
         config.trainer.default_root_dir = run_dir
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = [
-                Namespace(class_path=path, init_args=Namespace(save_dir=run_dir, name=name))
-                for path, name in DEFAULT_LOGGERS.items()
-            ]
+        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         _check_slurm(config.trainer)

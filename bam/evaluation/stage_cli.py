@@ -1,7 +1,7 @@
 """LightningCLI of the supervised evaluation stages (`bam linear`, `bam finetune`).
 
 As for `bam pretrain`, a run lives in `trainer.default_root_dir` (default `runs/<stage>`): CSV and
-TensorBoard logs, `checkpoints/last.ckpt` (resume with `--ckpt_path last`), `results.json` and the
+TensorBoard logs (`csv/version_N`, `tensorboard/version_N`), `checkpoints/last.ckpt` (resume with `--ckpt_path last`), `results.json` and the
 accuracy and loss curves as `plots/*.png`.
 The number of classes is taken from the data, so configs never repeat it.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
-from bam.pretrain import DEFAULT_LOGGERS
+from bam.training.extras import logger_config
 
 
 class EvalCLI(LightningCLI):
@@ -38,11 +37,7 @@ class EvalCLI(LightningCLI):
         config = self.config[self.subcommand]
         run_dir = config.trainer.default_root_dir or os.path.join("runs", self.stage)
         config.trainer.default_root_dir = run_dir
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = [
-                Namespace(class_path=path, init_args=Namespace(save_dir=run_dir, name="logs"))
-                for path in DEFAULT_LOGGERS
-            ]
+        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
 

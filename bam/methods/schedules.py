@@ -41,8 +41,18 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
 
 
 def global_batch_size(trainer: Any) -> int:
-    """Images per optimiser step over all processes: the batch the learning rate is scaled by."""
+    """Images per optimiser step over all processes: the batch the learning rate is scaled by.
+
+    The per-process batch is the data module's `batch_size`, else the training DataLoader's (a
+    plain `trainer.fit(model, train_dataloaders=loader)`)."""
     batch_size = getattr(trainer.datamodule, "batch_size", None)
     if batch_size is None:
-        raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
+        if trainer.train_dataloader is None:  # not loaded yet when max_steps bounds the run
+            trainer.fit_loop.setup_data()
+        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+    if batch_size is None:
+        raise ValueError(
+            "cannot tell the batch size the learning rate is scaled by: give the data module a `batch_size` "
+            "attribute, or train from a DataLoader built with batch_size= (not a batch_sampler)"
+        )
     return batch_size * trainer.world_size * trainer.accumulate_grad_batches
