@@ -102,6 +102,7 @@ def test_linear_stage_writes_accuracy_plots(tmp_path):
         "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "1",
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
         "--data.init_args.fraction", "0.1", "--data.init_args.batch_size", "64",
+        "--data.init_args.image_size", "28", "--data.init_args.resize_size", "28",  # random init: no recipe
     ])
     names = {path.name for path in (run_dir / "plots").glob("*.png")}
     assert {"train_loss.png", "val_top1.png", "summary.png"} <= names, names
@@ -123,6 +124,7 @@ def test_plots_survive_a_logger_of_the_users_choice(tmp_path):
         "--trainer.logger.save_dir", str(tmp_path / "users_logs"),
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
         "--data.init_args.fraction", "0.1", "--data.init_args.batch_size", "64",
+        "--data.init_args.image_size", "28", "--data.init_args.resize_size", "28",  # random init: no recipe
     ])
     assert list((tmp_path / "users_logs").rglob("events.out.tfevents.*"))  # the user's logger logged
     assert (run_dir / "plots" / "summary.png").is_file()

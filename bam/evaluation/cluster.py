@@ -199,7 +199,7 @@ def run_clustering(
     device = select_device(accelerator)
     init_distributed(device)
     data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     features, labels = embed_dataset(
         data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers
     )

@@ -113,7 +113,7 @@ def run_knn(
     device = select_device(accelerator)
     init_distributed(device)
     data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     bank, bank_labels = embed_dataset(
         data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers
     )

@@ -18,7 +18,8 @@ from bam.recipe import DataRecipe
 
 ARCHITECTURE_KEY = "bam_architecture"
 MODELS = ("ema", "model")  # order of preference: the average when it was kept
-MODEL_PATHS = {"model": ("model",), "ema": ("ema", "module")}
+# the EMA's own `module.` level is skipped like a DistributedDataParallel wrapper (`submodule_state`)
+MODEL_PATHS = {"model": ("model",), "ema": ("ema",)}
 
 
 def is_finetune_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
