@@ -112,8 +112,10 @@ def square_base_transform(size: int) -> v2.Compose:
 def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
     """Deterministic evaluation transform: bicubic resize + centre crop to ``size`` (None: keep the
     image), as the evaluation stages do (``SSLDataModule.data_recipe``)."""
-    resize = v2.Resize(round(size / EVAL_CROP_FRACTION), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    steps = [] if size is None else [resize, v2.CenterCrop(size)]
+    steps = [] if size is None else [
+        v2.Resize(round(size / EVAL_CROP_FRACTION), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+    ]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])
 
 
