@@ -7,7 +7,11 @@ after a SIGTERM/SIGUSR1 (see `bam.training.fault_tolerance`).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
@@ -17,7 +21,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN, PreciseBatchNorm
 from bam.cli import stage_argv
-from bam.data import SSLDataModule
+from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
@@ -37,6 +41,12 @@ class PretrainCLI(LightningCLI):
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
+        # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+        for count in ("num_global_crops", "num_local_crops"):
+            parser.link_arguments(
+                ("data.init_args.crops", "model.class_path", f"model.init_args.{count}"), f"model.init_args.{count}",
+                compute_fn=functools.partial(_crop_count, count), apply_on="parse",
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
@@ -51,6 +61,22 @@ class PretrainCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not when the user chose another
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> int:
+    """The crop count `name` of the parsed `data.crops` (a class_path/init_args namespace, None for
+    the defaults), which the method gets; a different value set under `model` is an error (the
+    method's own default is not a setting)."""
+    values = {} if crops is None else crops.get("init_args", crops)
+    count = values.get(name, getattr(MultiCropConfig(), name))
+    module, _, class_name = model_class.rpartition(".")
+    default = inspect.signature(getattr(importlib.import_module(module), class_name)).parameters[name].default
+    if model_value not in (count, default):
+        raise ValueError(
+            f"model.init_args.{name}={model_value} disagrees with data.init_args.crops.{name}={count}: the crop "
+            f"counts are set once, under data.init_args.crops (the model is given them); remove model.init_args.{name}"
+        )
+    return count
 
 
 def _check_slurm(trainer: Namespace) -> None:
