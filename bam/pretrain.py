@@ -23,6 +23,7 @@ from bam.callbacks import ContrastiveCrop, CurvePlots, OnlineKNN, PreciseBatchNo
 from bam.cli import stage_argv
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
+from bam.shipped_configs import with_config_names
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.slurm import devices_per_node
@@ -88,14 +89,14 @@ def _check_slurm(trainer: Namespace) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`bam pretrain [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
+    """`bam pretrain [--config FILE|NAME] [--ckpt_path last] [--print_config] [overrides]`."""
     with stage_argv("bam pretrain"):
         PretrainCLI(
             SSLMethod,
             SSLDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=["fit", *argv],
+            args=["fit", *with_config_names("pretrain", argv)],
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # methods own their optimiser and schedules
             seed_everything_default=0,

@@ -24,6 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
 from bam.distributed import rank
+from bam.shipped_configs import with_config_names
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
@@ -240,4 +241,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam cluster --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_clustering, args=argv, as_positional=False, prog="bam cluster")
+    CLI(run_clustering, args=with_config_names("cluster", argv), as_positional=False, prog="bam cluster")

@@ -32,6 +32,7 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from bam.distributed import rank
+from bam.shipped_configs import with_config_names
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset, shard_batches
@@ -166,4 +167,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_knn, args=argv, as_positional=False, prog="bam knn")
+    CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")

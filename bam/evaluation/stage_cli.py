@@ -16,6 +16,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
+from bam.shipped_configs import with_config_names
 from bam.training.extras import logger_config
 
 
@@ -50,7 +51,7 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
         subclass_mode_model=False,
         subclass_mode_data=True,
         stage=stage,
-        args=["fit", *argv],
+        args=["fit", *with_config_names(stage, argv)],
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         parser_kwargs={"fit": {"description": description}},
