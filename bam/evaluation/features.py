@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bam.data.datamodule import collate_images
 from bam.distributed import gather_rows, rank, world_size
@@ -123,15 +124,24 @@ def shard_batches(
         yield fn(images.to(device, non_blocking=True)), labels, positions
 
 
+def progress_bar(steps: Iterable[Any], description: str | None, total: int | None = None) -> Iterable[Any]:
+    """`steps` with a progress bar on process 0 when `description` is given (none otherwise)."""
+    if description is None or rank() != 0:
+        return steps
+    return tqdm(steps, desc=description, total=total, unit="batch", dynamic_ncols=True)
+
+
 @torch.no_grad()
 def embed_dataset(
-    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0
+    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0,
+    progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features and labels of every item of `dataset`, in dataset order, on the CPU, on every process.
 
     Each process embeds its own shard (`shard_indices`); the shards are gathered batch by batch and
     moved to the CPU, so the device holds at most one batch from each process and every row
-    comes from a real image (no padding rows, no duplicates).
+    comes from a real image (no padding rows, no duplicates). `progress` names a progress bar
+    (shown by process 0), None shows none.
     """
     if len(dataset) < world_size():
         raise ValueError(f"cannot shard {len(dataset)} images over {world_size()} processes")
@@ -140,7 +150,7 @@ def embed_dataset(
     steps = math.ceil(math.ceil(len(dataset) / world_size()) / batch_size)
     batches = shard_batches(dataset, fn, device, batch_size, num_workers)
     features, keys = [], []
-    for _ in range(steps):
+    for _ in progress_bar(range(steps), progress):
         local, labels, positions = next(batches, None) or (local[:0], labels[:0], positions[:0])
         features.append(gather_rows(local.float()).cpu())
         keys.append(gather_rows(torch.stack([positions, labels], dim=1).to(device)).cpu())
