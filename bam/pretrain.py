@@ -24,6 +24,7 @@ from bam.cli import stage_argv
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.shipped_configs import with_config_names
+from bam.warning_filters import expected_warnings_silenced
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.slurm import devices_per_node
@@ -90,7 +91,7 @@ def _check_slurm(trainer: Namespace) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE|NAME] [--ckpt_path last] [--print_config] [overrides]`."""
-    with stage_argv("bam pretrain"):
+    with stage_argv("bam pretrain"), expected_warnings_silenced():
         PretrainCLI(
             SSLMethod,
             SSLDataModule,

@@ -17,6 +17,7 @@ from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.shipped_configs import with_config_names
+from bam.warning_filters import expected_warnings_silenced
 from bam.training.extras import logger_config
 
 
@@ -45,14 +46,15 @@ class EvalCLI(LightningCLI):
 
 def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
     """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
-    return EvalCLI(
-        model_class,
-        ClassificationDataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=True,
-        stage=stage,
-        args=["fit", *with_config_names(stage, argv)],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        parser_kwargs={"fit": {"description": description}},
-    )
+    with expected_warnings_silenced():
+        return EvalCLI(
+            model_class,
+            ClassificationDataModule,
+            subclass_mode_model=False,
+            subclass_mode_data=True,
+            stage=stage,
+            args=["fit", *with_config_names(stage, argv)],
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            parser_kwargs={"fit": {"description": description}},
+        )

@@ -32,7 +32,9 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
     parameter group's `lr_scale` (layer-wise lr decay)."""
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(total_steps - warmup_steps, 1),
+        # at least 2: timm warns that a 1-step cosine does nothing, and the steps a run has (at most
+        # one after the warm-up) get the same learning rates either way
+        t_initial=max(total_steps - warmup_steps, 2),
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_prefix=True,
