@@ -130,7 +130,7 @@ def test_convert_cli_round_trip(vit_small_pair, released_file, tmp_path, capsys)
     teacher, student = vit_small_pair
     images = torch.randn(2, 3, 32, 32)
     convert_cli.main([str(released_file), "--output", str(tmp_path / "teacher")])
-    assert "teacher model (vit_small_patch16_224, 384-d features, 0 classes)" in capsys.readouterr().out
+    assert "teacher backbone (vit_small_patch16_224, 384-d features, 0 classes)" in capsys.readouterr().out
     assert torch.equal(features(load_backbone(tmp_path / "teacher"), images), features(teacher, images))
 
     student_dir = str(tmp_path / "student")

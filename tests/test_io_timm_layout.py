@@ -32,8 +32,9 @@ import sys, torch, timm
 from safetensors.torch import load_file, save_file
 {prelude}
 images = load_file(sys.argv[1])["images"]
+torch.set_num_threads(int(sys.argv[3]))  # the test's: the same kernels, so outputs can match exactly
 outputs = {{}}
-for index, folder in enumerate(sys.argv[3:]):
+for index, folder in enumerate(sys.argv[4:]):
     model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
     with torch.no_grad():
         outputs[str(index)] = model(images).contiguous()
@@ -56,7 +57,7 @@ def load_in_subprocess(folders: list[Path], tmp_path: Path, prelude: str) -> lis
     save_file({"images": IMAGES}, tmp_path / "images.safetensors")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", LOAD_WITH_TIMM.format(prelude=prelude), str(tmp_path / "images.safetensors"),
-               str(tmp_path / "outputs.safetensors"), *map(str, folders)]
+               str(tmp_path / "outputs.safetensors"), str(torch.get_num_threads()), *map(str, folders)]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -183,3 +184,16 @@ def test_finetuned_export_defaults_to_the_ema(finetuned, tmp_path):
     export = export_backbone(checkpoint, tmp_path)
     with torch.no_grad():
         assert torch.equal(features(load_backbone(export)), module.ema.module.eval()(IMAGES))
+
+
+def test_finetuned_checkpoints_written_before_the_architecture_was_recorded(finetuned, tmp_path, capsys):
+    module, checkpoint = finetuned
+    old = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    del old["bam_architecture"]  # as bam 0.1 wrote them: the architecture only through the starting backbone
+    torch.save(old, tmp_path / "old.ckpt")
+    from bam.io import export as export_cli
+
+    export_cli.main([str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "export"), "--which", "model"])
+    assert "wrote the fine-tuned model (bam_cnn4, 32-d features, 4 classes)" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(features(load_backbone(tmp_path / "export")), module.model.eval()(IMAGES))

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from bam.callbacks import CurvePlots, plot_metrics
-from bam.callbacks.plots import plot_summary, read_curves, summary_figure
+from bam.callbacks.plots import curve_figure, plot_summary, read_curves, summary_figure
 from bam.cli import main as bam
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,6 +62,12 @@ def test_summary_figure_has_word_labels_and_the_knn_baselines(tmp_path):
     assert [line.get_ydata()[0] for line in accuracy.get_lines()[1:]] == [30.0, 35.5]
     _assert_pngs([plot_summary(curves, tmp_path / "summary.png")])
     assert summary_figure({"other/metric": ([0.0], [1.0])}) is None
+
+
+def test_knn_plot_draws_the_baselines():
+    axes = curve_figure("knn/top1", [10.0, 20.0], [50.0, 60.0], {"random init": 30.0}).axes[0]
+    assert [line.get_label() for line in axes.get_lines()] == ["trained backbone", "random init: 30.0%"]
+    assert axes.get_title() == "k-NN top-1 accuracy (%)"
 
 
 def test_callback_without_csv_logger_writes_nothing(tmp_path):

@@ -83,31 +83,49 @@ def _number(cell: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def plot_metrics(csv_path: str | Path, out_dir: str | Path, metrics: Sequence[str] | None = None) -> list[Path]:
+def plot_metrics(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    metrics: Sequence[str] | None = None,
+    knn_baselines: dict[str, float] | None = None,
+) -> list[Path]:
     """Write one PNG per metric of `csv_path` into `out_dir` (created); return the files written.
 
     `metrics` restricts the plots to those names (all logged metrics by default). A metric
-    `train/loss` goes to `train_loss.png`.
+    `train/loss` goes to `train_loss.png`. `knn_baselines` (name -> top-1, e.g. random init and
+    raw pixels) are drawn as horizontal lines on the k-NN top-1 plot.
     """
     curves = read_curves(csv_path)
     names = [name for name in (metrics if metrics is not None else sorted(curves)) if name in curves]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_plot_curve(name, *curves[name], out) for name in names]
+    return [
+        _plot_curve(name, *curves[name], out, knn_baselines if name == "knn/top1" else None) for name in names
+    ]
 
 
-def _plot_curve(name: str, xs: list[float], ys: list[float], out_dir: Path) -> Path:
+def _plot_curve(
+    name: str, xs: list[float], ys: list[float], out_dir: Path, baselines: dict[str, float] | None = None
+) -> Path:
+    path = out_dir / (name.replace("/", "_") + ".png")
+    curve_figure(name, xs, ys, baselines).savefig(path, dpi=100)
+    return path
+
+
+def curve_figure(name: str, xs: list[float], ys: list[float], baselines: dict[str, float] | None = None) -> "Figure":
+    """One metric against the training step, titled in words, with `baselines` as horizontal lines."""
     from matplotlib.figure import Figure  # here: importing matplotlib is slow, and only plotting needs it
 
     figure = Figure(figsize=(5, 3.2), layout="constrained")
     axes = figure.add_subplot()
     # markers keep single points (e.g. one k-NN evaluation) visible
-    axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3)
+    axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label="trained backbone")
+    if baselines:
+        _draw_baselines(axes, baselines)
+        axes.legend(fontsize="small")
     axes.set(xlabel="training step", ylabel=metric_label(name), title=metric_label(name))
     axes.grid(alpha=0.3)
-    path = out_dir / (name.replace("/", "_") + ".png")
-    figure.savefig(path, dpi=100)
-    return path
+    return figure
 
 
 def plot_summary(curves: Curves, path: str | Path, baselines: dict[str, float] | None = None) -> Path | None:
@@ -182,8 +200,9 @@ class CurvePlots(pl.Callback):
             rank_zero_info(f"CurvePlots: {csv_path} does not exist (nothing logged), so no plots are written")
             return
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        self.written = plot_metrics(csv_path, out_dir)
-        summary = plot_summary(read_curves(csv_path), out_dir / SUMMARY_FILE, _knn_baselines(trainer))
+        baselines = _knn_baselines(trainer)
+        self.written = plot_metrics(csv_path, out_dir, knn_baselines=baselines)
+        summary = plot_summary(read_curves(csv_path), out_dir / SUMMARY_FILE, baselines)
         self.written += [summary] if summary else []
         rank_zero_info(f"CurvePlots: wrote {len(self.written)} plots to {out_dir}")
 

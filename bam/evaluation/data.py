@@ -130,9 +130,8 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
                     RecipeMismatchWarning,
                     stacklevel=2,
                 )
-        settings = {name: value if self.explicit[name] is None else self.explicit[name] for name, value in recorded.items()}
-        self.image_size, self.resize_size = settings["image_size"], settings["resize_size"]
-        self.interpolation, self.mean, self.std = settings["interpolation"], settings["mean"], settings["std"]
+        for name, value in recorded.items():  # image_size, resize_size, interpolation, mean, std
+            setattr(self, name, value if self.explicit[name] is None else self.explicit[name])
 
     def data_recipe(self) -> DataRecipe:
         """The preprocessing in use, as a recipe (fine-tuning checkpoints and exports record it)."""

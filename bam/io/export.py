@@ -213,6 +213,9 @@ def _spec_from_weights(
     return BackboneSpec(name, kwargs, model.state_dict(), encoder, source_format, recipe, num_classes)
 
 
+# what an export holds, in words, by the `encoder` it records
+EXPORTED_NAMES = {"model": "fine-tuned model", "ema": "fine-tuned model's weight average (EMA)"}
+
 # errors that the command line reports as a message instead of a traceback
 CLI_ERRORS = (FileNotFoundError, UnsafeCheckpointError, CheckpointFormatError, CheckpointMismatchError)
 
@@ -251,8 +254,9 @@ def run_export(args: argparse.Namespace, prog: str, source_format: str | None = 
         raise SystemExit(f"{prog}: error: {error}") from error
     config = json.loads((output / CONFIG_FILE).read_text())
     recipe = config["pretrained_cfg"]
+    encoder = config["bam"]["encoder"]
     print(
-        f"{prog}: wrote the {config['bam']['encoder']} model ({config['architecture']}, {config['num_features']}-d "
+        f"{prog}: wrote the {EXPORTED_NAMES.get(encoder, encoder + ' backbone')} ({config['architecture']}, {config['num_features']}-d "
         f"features, {config['model_args']['num_classes']} classes) to {output / WEIGHTS_FILE} and "
         f"{output / CONFIG_FILE}; data recipe: {recipe['input_size'][-1]} px, mean {recipe['mean']}, std {recipe['std']}"
         + ("" if config["bam"]["data_recipe_recorded"] else " (the checkpoint records none: ImageNet's defaults)")
