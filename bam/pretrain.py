@@ -24,10 +24,10 @@ from bam.cli import stage_argv
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.shipped_configs import with_config_names
-from bam.warning_filters import expected_warnings_silenced
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.slurm import devices_per_node
+from bam.warning_filters import expected_warnings_silenced
 
 
 class PretrainCLI(LightningCLI):

@@ -17,10 +17,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bam.methods.monitoring import LossMonitor
-from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
