@@ -1,13 +1,16 @@
 """bam: self-supervised visual pretraining with Balanced self-Attention Matching.
 
 The objectives (`BAMLoss`, `SwAVLoss`) are importable without Lightning; the training, evaluation and
-checkpoint APIs are loaded on first use so that `import bam` stays light.
+checkpoint APIs are loaded on first use so that `import bam` stays light. Importing bam registers its
+architectures (`bam_cnn4`, `bam_caformer_m36`, ...) in timm, so that `timm.create_model` builds them
+and loads their exports (`"local-dir:DIR"`).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+import bam.models.backbones  # noqa: F401  (registers bam's architectures in timm's registry)
 from bam.losses import BAMLoss, SwAVLoss, balanced_target, bam_loss, positive_mask
 
 __version__ = "0.1.0"
@@ -28,6 +31,8 @@ _LAZY = {
     "BPA": "bam.transforms.bpa",
     "GSPPool": "bam.models.gsp",
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
+    "trainer_extras": "bam.training.extras",
+    "DataRecipe": "bam.recipe",
 }
 
 __all__ = ["BAMLoss", "SwAVLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]

@@ -7,7 +7,11 @@ after a SIGTERM/SIGUSR1 (see `bam.training.fault_tolerance`).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
@@ -15,14 +19,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
-from bam.data import SSLDataModule
+from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
+from bam.shipped_configs import with_config_names
 from bam.training import PreemptionCheckpoint, check_slurm_allocation
+from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.training.slurm import devices_per_node
-
-# logger class -> its sub-folder of the run directory (distinct, so both get the same version_N)
-DEFAULT_LOGGERS = {"pytorch_lightning.loggers.CSVLogger": "csv", "pytorch_lightning.loggers.TensorBoardLogger": "tensorboard"}
+from bam.warning_filters import expected_warnings_silenced
 
 
 class PretrainCLI(SafeRunCLI):
@@ -31,7 +35,7 @@ class PretrainCLI(SafeRunCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": -1, "checkpoint.every_n_epochs": 10})
+        parser.set_defaults({f"checkpoint.{name}": value for name, value in CHECKPOINT_DEFAULTS.items()})
         # before the k-NN group: the last k-NN evaluation must see the re-estimated statistics
         parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")
         parser.add_lightning_class_args(OnlineKNN, "knn")
@@ -39,20 +43,38 @@ class PretrainCLI(SafeRunCLI):
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
         parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
+        # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+        for count in ("num_global_crops", "num_local_crops"):
+            parser.link_arguments(
+                ("data.init_args.crops", "model.class_path", f"model.init_args.{count}"), f"model.init_args.{count}",
+                compute_fn=functools.partial(_crop_count, count), apply_on="parse",
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         run_dir = config.trainer.default_root_dir or os.path.join("runs", "pretrain")
         config.trainer.default_root_dir = run_dir
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = [
-                Namespace(class_path=path, init_args=Namespace(save_dir=run_dir, name=name))
-                for path, name in DEFAULT_LOGGERS.items()
-            ]
+        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         _check_slurm(config.trainer)
         self.resolve_resume(config)
+
+
+def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> int:
+    """The crop count `name` of the parsed `data.crops` (a class_path/init_args namespace, None for
+    the defaults), which the method gets; a different value set under `model` is an error (the
+    method's own default is not a setting)."""
+    values = {} if crops is None else crops.get("init_args", crops)
+    count = values.get(name, getattr(MultiCropConfig(), name))
+    module, _, class_name = model_class.rpartition(".")
+    default = inspect.signature(getattr(importlib.import_module(module), class_name)).parameters[name].default
+    if model_value not in (count, default):
+        raise ValueError(
+            f"model.init_args.{name}={model_value} disagrees with data.init_args.crops.{name}={count}: the crop "
+            f"counts are set once, under data.init_args.crops (the model is given them); remove model.init_args.{name}"
+        )
+    return count
 
 
 def _check_slurm(trainer: Namespace) -> None:
@@ -69,7 +91,7 @@ def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
         SSLMethod,
         SSLDataModule,
         program="bam pretrain",
-        argv=argv,
+        argv=with_config_names("pretrain", argv),
         run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -81,6 +103,6 @@ def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
 
 
 def main(argv: list[str]) -> None:
-    """`bam pretrain [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
-    with one_line_errors("bam pretrain"):
+    """`bam pretrain [--config FILE|NAME] [--ckpt_path last] [--print_config] [overrides]`."""
+    with one_line_errors("bam pretrain"), expected_warnings_silenced():
         pretrain_cli(argv)

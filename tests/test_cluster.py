@@ -104,8 +104,10 @@ def test_stage_writes_the_json_and_prints_a_table(checkpoint, tmp_path, capsys):
         assert set(result[space]) == {"nmi", "ari", "accuracy", "inertia"}
         assert 0 <= result[space]["nmi"] <= 1 and 0.25 <= result[space]["accuracy"] <= 1
     assert result["bpa_settings"] == {"reg": 0.1, "iterations": 10}
-    table = capsys.readouterr().out
-    assert "NMI" in table and "\nraw " in table and "\nBPA " in table
+    printed = capsys.readouterr()
+    assert "NMI" in printed.out and "\nraw " in printed.out and "\nBPA " in printed.out
+    assert "clustering: embedding the val split" in printed.err  # a progress bar while embedding
+    assert (tmp_path / "clusters.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):

@@ -28,10 +28,32 @@ def test_config_parses(config, tmp_path, capsys):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
 def test_config_builds_its_model(config):
-    init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    settings = yaml.safe_load(config.read_text())
+    init_args, crops = settings["model"]["init_args"], settings["data"]["init_args"]["crops"]
+    assert "num_local_crops" not in init_args  # one setting, under data.crops
+    counts = {name: crops[name] for name in ("num_global_crops", "num_local_crops")}
     module, name = model_class_path(config).rsplit(".", 1)
-    model = getattr(importlib.import_module(module), name)(**init_args)
-    assert model.loss_fn.num_crops == init_args["num_global_crops"] + init_args["num_local_crops"]
+    model = getattr(importlib.import_module(module), name)(**init_args, **counts)
+    assert model.loss_fn.num_crops == crops["num_global_crops"] + crops["num_local_crops"]
+
+
+def parsed_pretraining(args: list[str]):
+    from bam.data import SSLDataModule
+    from bam.methods import SSLMethod
+    from bam.pretrain import PretrainCLI
+
+    return PretrainCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                       auto_configure_optimizers=False, args=[*args, "--trainer.logger", "false"])
+
+
+def test_crop_counts_are_one_setting_linked_from_the_data(capsys):
+    demo = str(CONFIGS[0].parent / "demo.yaml")
+    cli = parsed_pretraining(["--config", demo, "--data.init_args.crops.num_local_crops", "2"])
+    assert cli.datamodule.crops.num_views == cli.model.loss_fn.num_crops == 4
+    with pytest.raises(SystemExit):
+        parsed_pretraining(["--config", demo, "--model.init_args.num_local_crops", "3"])
+    error = capsys.readouterr().err
+    assert "model.init_args.num_local_crops=3 disagrees with data.init_args.crops.num_local_crops=4" in error
 
 
 def test_misspelt_key_is_named(tmp_path, capsys):

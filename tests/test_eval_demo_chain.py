@@ -9,6 +9,7 @@ import pytest
 
 from bam.cli import main as bam
 from bam.evaluation import knn_stage, linear
+from bam.evaluation.data import RecipeMismatchWarning
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = [
@@ -29,12 +30,32 @@ def test_pretrain_export_knn_linear(tmp_path):
     bam(["export", str(checkpoint), "--output", str(tmp_path / "backbone")])
     backbone = str(tmp_path / "backbone")
 
+    # the export carries the demo's data recipe, which the k-NN config no longer retypes
+    recipe = json.loads((tmp_path / "backbone" / "config.json").read_text())["pretrained_cfg"]
+    assert (recipe["mean"], recipe["std"]) == ([0.1307] * 3, [0.3081] * 3)
+    assert (recipe["input_size"], recipe["crop_pct"]) == ([3, 28, 28], 1.0)
     knn_stage.main([
         "--config", str(CONFIGS / "eval" / "knn_demo.yaml"), "--backbone", backbone,
         "--bank_fraction", "0.1", "--output_dir", str(tmp_path / "knn"),
     ])
     knn = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     assert (knn["bank_size"], knn["num_queries"]) == (400, 1000)
+    hand_typed = [  # what the demo's config used to spell out
+        "--data.init_args.image_size", "28", "--data.init_args.resize_size", "28",
+        "--data.init_args.mean", "[0.1307, 0.1307, 0.1307]", "--data.init_args.std", "[0.3081, 0.3081, 0.3081]",
+    ]
+    knn_stage.main([
+        "--config", str(CONFIGS / "eval" / "knn_demo.yaml"), "--backbone", backbone,
+        "--bank_fraction", "0.1", "--output_dir", str(tmp_path / "knn_typed"), *hand_typed,
+    ])
+    typed = json.loads((tmp_path / "knn_typed" / "knn_results.json").read_text())
+    assert (knn["top1"], knn["top5"]) == (typed["top1"], typed["top5"])
+    imagenet = ["--data.init_args.mean", "[0.485, 0.456, 0.406]", "--data.init_args.std", "[0.229, 0.224, 0.225]"]
+    with pytest.warns(RecipeMismatchWarning, match="data.mean"):
+        knn_stage.main([
+            "--config", str(CONFIGS / "eval" / "knn_demo.yaml"), "--backbone", backbone,
+            "--bank_fraction", "0.1", "--output_dir", str(tmp_path / "knn_imagenet"), *imagenet,
+        ])
 
     linear.main([
         "--config", str(CONFIGS / "eval" / "linear_demo.yaml"), "--model.backbone", backbone, *QUIET,

@@ -60,9 +60,11 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
         assert torch.equal(shared["labels"], single["labels"])
 
 
-def test_stage_writes_results_and_bank_fraction_bounds_the_bank(checkpoint, tmp_path):
+def test_stage_writes_results_and_bank_fraction_bounds_the_bank(checkpoint, tmp_path, capsys):
     common = ["--accelerator", "cpu", "--output_dir", str(tmp_path), *synthetic_args(batch_size=32, train_size=96)]
     main(["--backbone", str(checkpoint), *common])
+    progress = capsys.readouterr().err  # progress bars while embedding and classifying
+    assert "k-NN: embedding the bank: 100%" in progress and "k-NN: classifying the queries: 100%" in progress
     result = json.loads((tmp_path / "knn_results.json").read_text())
     assert result["k"] == 20 and result["temperature"] == 0.07 and result["feature"] == "pooled"
     assert 0 <= result["top1"] <= result["top5"] <= 100

@@ -14,7 +14,8 @@ from bam.models.backbones import build_backbone
 from io_layouts import bam_checkpoint, randomise_buffers, released_args, released_checkpoint
 
 CNN_KWARGS = {"width": 8}
-HYPER_PARAMETERS = {"backbone": "bam_cnn4", "backbone_kwargs": CNN_KWARGS, "image_size": 28, "temperature": 0.1}
+HYPER_PARAMETERS = {"backbone": "bam_cnn4", "backbone_kwargs": CNN_KWARGS, "temperature": 0.1}
+MNIST_RECIPE = {"mean": [0.1307] * 3, "std": [0.3081] * 3, "input_size": 28, "crop_pct": 1.0, "interpolation": "bicubic"}
 IMAGES = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
@@ -33,14 +34,14 @@ def cnn_pair():
 def lightning_file(cnn_pair, tmp_path_factory):
     teacher, student = cnn_pair
     path = tmp_path_factory.mktemp("bam") / "last.ckpt"
-    torch.save(bam_checkpoint(student, teacher, HYPER_PARAMETERS), path)
+    torch.save({**bam_checkpoint(student, teacher, HYPER_PARAMETERS), "data_recipe": MNIST_RECIPE}, path)
     return path
 
 
 def test_export_from_a_bam_checkpoint_round_trips_exactly(cnn_pair, lightning_file, tmp_path):
     teacher, student = cnn_pair
     output = export_backbone(lightning_file, tmp_path / "export")
-    assert sorted(path.name for path in output.iterdir()) == ["backbone.safetensors", "bam_backbone.json"]
+    assert sorted(path.name for path in output.iterdir()) == ["config.json", "model.safetensors"]
     loaded = load_backbone(output)
     assert not loaded.training
     assert torch.equal(features(loaded), features(teacher))
@@ -50,28 +51,29 @@ def test_export_from_a_bam_checkpoint_round_trips_exactly(cnn_pair, lightning_fi
         assert torch.equal(loaded.state_dict()[name], buffer), name
 
 
-def test_export_metadata(lightning_file, tmp_path):
-    metadata = json.loads((export_backbone(lightning_file, tmp_path) / "bam_backbone.json").read_text())
-    assert metadata == {
-        "format": "bam-backbone",
-        "format_version": 1,
-        "model": "bam_cnn4",
-        "model_kwargs": CNN_KWARGS,
-        "feature_dim": 32,
-        "input_size": [3, 28, 28],
-        "mean": pytest.approx([0.485, 0.456, 0.406]),
-        "std": pytest.approx([0.229, 0.224, 0.225]),
-        "encoder": "teacher",
-        "source": str(lightning_file.resolve()),
-        "source_format": "bam",
-        "bam_version": bam.__version__,
+def test_export_config_is_timms_layout_with_the_recipe(lightning_file, tmp_path):
+    config = json.loads((export_backbone(lightning_file, tmp_path) / "config.json").read_text())
+    assert config == {
+        "architecture": "bam_cnn4",
+        "num_features": 32,
+        "model_args": {"num_classes": 0, **CNN_KWARGS},
+        "pretrained_cfg": {
+            "input_size": [3, 28, 28], "mean": pytest.approx(MNIST_RECIPE["mean"]),
+            "std": pytest.approx(MNIST_RECIPE["std"]), "crop_pct": 1.0, "crop_mode": "center",
+            "interpolation": "bicubic", "num_classes": 0, "first_conv": "features.0", "classifier": "head",
+        },
+        "bam": {
+            "format": "bam-backbone", "format_version": 2, "bam_architecture": "bam_cnn4", "encoder": "teacher",
+            "data_recipe_recorded": True, "source": str(lightning_file.resolve()), "source_format": "bam",
+            "bam_version": bam.__version__,
+        },
     }
 
 
 def test_student_on_request_and_every_way_of_naming_the_export(cnn_pair, lightning_file, tmp_path):
     _, student = cnn_pair
     output = export_backbone(lightning_file, tmp_path, which="student")
-    for path in (output, output / "backbone.safetensors", output / "bam_backbone.json"):
+    for path in (output, output / "model.safetensors", output / "config.json"):
         assert torch.equal(features(load_backbone(path)), features(student)), path
     with pytest.raises(ValueError, match="checkpoints only"):
         load_backbone(output, which="teacher")
@@ -94,8 +96,10 @@ def test_checkpoint_without_teacher(cnn_pair, tmp_path):
     path = tmp_path / "no_teacher.ckpt"
     torch.save(bam_checkpoint(student, None, {"backbone": "bam_cnn4", "backbone_kwargs": CNN_KWARGS}), path)
     output = export_backbone(path, tmp_path / "export")
-    metadata = json.loads((output / "bam_backbone.json").read_text())
-    assert metadata["encoder"] == "student" and metadata["input_size"] == [3, 224, 224]
+    config = json.loads((output / "config.json").read_text())
+    assert config["bam"]["encoder"] == "student" and not config["bam"]["data_recipe_recorded"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]  # no recipe recorded: ImageNet's
+    assert config["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert torch.equal(features(load_backbone(output)), features(student))
     with pytest.raises(CheckpointFormatError, match="no teacher backbone"):
         export_backbone(path, tmp_path / "export", which="teacher")
@@ -126,14 +130,16 @@ def test_convert_cli_round_trip(vit_small_pair, released_file, tmp_path, capsys)
     teacher, student = vit_small_pair
     images = torch.randn(2, 3, 32, 32)
     convert_cli.main([str(released_file), "--output", str(tmp_path / "teacher")])
-    assert "teacher backbone (bam_vit_small_patch16_224, 384-d features)" in capsys.readouterr().out
+    assert "teacher backbone (vit_small_patch16_224, 384-d features, 0 classes)" in capsys.readouterr().out
     assert torch.equal(features(load_backbone(tmp_path / "teacher"), images), features(teacher, images))
 
     student_dir = str(tmp_path / "student")
     convert_cli.main([str(released_file), "--output", student_dir, "--which", "student", "--arch", "vit_small"])
     loaded = load_backbone(tmp_path / "student")
     assert torch.equal(features(loaded, images), features(student, images))
-    assert json.loads((tmp_path / "student" / "bam_backbone.json").read_text())["source_format"] == "released"
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["bam"]["source_format"] == "released"
+    assert config["architecture"] == "vit_small_patch16_224" and config["model_args"]["num_heads"] == 12
 
 
 def test_export_cli_round_trip(cnn_pair, lightning_file, tmp_path):

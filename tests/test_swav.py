@@ -189,7 +189,7 @@ def test_training_step_moves_the_student(tmp_path):
     before = [p.detach().clone() for p in model.student.parameters()]
     tiny_trainer(tmp_path, fast_dev_run=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters()))
-    assert model.chance_level() == pytest.approx(math.log(8))
+    assert model.chance_level(batch_size=16) == pytest.approx(math.log(8))
 
 
 class RecordPrototypes(pl.Callback):
@@ -241,7 +241,7 @@ def test_demo_config_matches_the_bam_demo_except_the_model():
     swav, bam = yaml.safe_load(DEMO.read_text()), yaml.safe_load((DEMO.parent / "demo.yaml").read_text())
     assert swav["data"] == bam["data"] and swav["trainer"] == {**bam["trainer"], "default_root_dir": "runs/swav_demo"}
     assert swav["knn"] == bam["knn"] and swav["seed_everything"] == bam["seed_everything"]
-    for key in ("backbone", "backbone_kwargs", "channels_last", "num_global_crops", "num_local_crops"):
+    for key in ("backbone", "backbone_kwargs", "channels_last"):  # crop counts: one setting, under data
         assert swav["model"]["init_args"][key] == bam["model"]["init_args"][key]
 
 

@@ -1,4 +1,6 @@
-"""PNG plots of a run's logged curves (loss, lr, reg, weight decay, teacher momentum, accuracy).
+"""PNG plots of a run's logged curves (loss, lr, reg, weight decay, teacher momentum, accuracy):
+one per metric, and one summary figure per run (`summary.png`: loss, accuracy against the
+baselines the run computed, the schedules), all with axis labels in words.
 
 The plots are drawn from the CSV logger's `metrics.csv` after training, so they show exactly what
 the run logged and can be redrawn later from any run directory with :func:`plot_metrics`.
@@ -11,13 +13,43 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 # bookkeeping columns of Lightning's metrics.csv, never plotted
 INDEX_COLUMNS = ("step", "epoch")
+SUMMARY_FILE = "summary.png"
+
+# logged metric -> what it is, in words (axis labels and titles)
+METRIC_NAMES = {
+    "train/loss": "training loss",
+    "train/lr": "learning rate",
+    "train/weight_decay": "weight decay",
+    "train/teacher_momentum": "teacher momentum",
+    "train/reg": "Sinkhorn regularisation (reg)",
+    "train/temperature": "temperature",
+    "knn/top1": "k-NN top-1 accuracy (%)",
+    "knn/top5": "k-NN top-5 accuracy (%)",
+    "val/top1": "validation top-1 accuracy (%)",
+    "val/top5": "validation top-5 accuracy (%)",
+    "val_ema/top1": "validation top-1 of the EMA (%)",
+    "val_ema/top5": "validation top-5 of the EMA (%)",
+    "contrastive_crop/box_area": "ContrastiveCrop box area (fraction)",
+}
+ACCURACY_METRICS = ("knn/top1", "val/top1", "val_ema/top1")
+SCHEDULE_METRICS = ("train/lr", "train/weight_decay", "train/teacher_momentum", "train/reg")
+
+
+def metric_label(name: str) -> str:
+    """A metric's name in words (the key itself for metrics without one)."""
+    return METRIC_NAMES.get(name, name)
 
 Curves = dict[str, tuple[list[float], list[float]]]  # metric -> (x values, y values)
 
@@ -51,31 +83,95 @@ def _number(cell: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def plot_metrics(csv_path: str | Path, out_dir: str | Path, metrics: Sequence[str] | None = None) -> list[Path]:
+def plot_metrics(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    metrics: Sequence[str] | None = None,
+    knn_baselines: dict[str, float] | None = None,
+) -> list[Path]:
     """Write one PNG per metric of `csv_path` into `out_dir` (created); return the files written.
 
     `metrics` restricts the plots to those names (all logged metrics by default). A metric
-    `train/loss` goes to `train_loss.png`.
+    `train/loss` goes to `train_loss.png`. `knn_baselines` (name -> top-1, e.g. random init and
+    raw pixels) are drawn as horizontal lines on the k-NN top-1 plot.
     """
     curves = read_curves(csv_path)
     names = [name for name in (metrics if metrics is not None else sorted(curves)) if name in curves]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_plot_curve(name, *curves[name], out) for name in names]
+    return [
+        _plot_curve(name, *curves[name], out, knn_baselines if name == "knn/top1" else None) for name in names
+    ]
 
 
-def _plot_curve(name: str, xs: list[float], ys: list[float], out_dir: Path) -> Path:
+def _plot_curve(
+    name: str, xs: list[float], ys: list[float], out_dir: Path, baselines: dict[str, float] | None = None
+) -> Path:
+    path = out_dir / (name.replace("/", "_") + ".png")
+    curve_figure(name, xs, ys, baselines).savefig(path, dpi=100)
+    return path
+
+
+def curve_figure(name: str, xs: list[float], ys: list[float], baselines: dict[str, float] | None = None) -> "Figure":
+    """One metric against the training step, titled in words, with `baselines` as horizontal lines."""
     from matplotlib.figure import Figure  # here: importing matplotlib is slow, and only plotting needs it
 
     figure = Figure(figsize=(5, 3.2), layout="constrained")
     axes = figure.add_subplot()
     # markers keep single points (e.g. one k-NN evaluation) visible
-    axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3)
-    axes.set(xlabel="step", ylabel=name, title=name)
+    axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label="trained backbone")
+    if baselines:
+        _draw_baselines(axes, baselines)
+        axes.legend(fontsize="small")
+    axes.set(xlabel="training step", ylabel=metric_label(name), title=metric_label(name))
     axes.grid(alpha=0.3)
-    path = out_dir / (name.replace("/", "_") + ".png")
+    return figure
+
+
+def plot_summary(curves: Curves, path: str | Path, baselines: dict[str, float] | None = None) -> Path | None:
+    """Write `summary_figure` to `path` (a PNG); None when there is nothing to draw."""
+    figure = summary_figure(curves, baselines)
+    if figure is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
+
+
+def summary_figure(curves: Curves, baselines: dict[str, float] | None = None) -> "Figure | None":
+    """One figure of a run: the training loss, the accuracy curves with `baselines` (name -> top-1
+    of e.g. a random-init backbone, drawn as horizontal lines) and each schedule; None when the
+    run logged none of them."""
+    from matplotlib.figure import Figure
+
+    panels = [("train/loss",)] if "train/loss" in curves else []
+    accuracy = tuple(name for name in ACCURACY_METRICS if name in curves)
+    panels += [accuracy] if accuracy else []
+    panels += [(name,) for name in SCHEDULE_METRICS if name in curves]
+    if not panels:
+        return None
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.0 * rows), layout="constrained")
+    for index, names in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for name in names:
+            xs, ys = curves[name]
+            axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=metric_label(name))
+        if names == accuracy:
+            _draw_baselines(axes, baselines or {})
+        title = "accuracy (%)" if names == accuracy and len(names) > 1 else metric_label(names[0])
+        axes.set(xlabel="training step", ylabel=title, title=title)
+        axes.grid(alpha=0.3)
+        if len(axes.get_lines()) > 1:
+            axes.legend(fontsize="small")
+    return figure
+
+
+def _draw_baselines(axes: "Axes", baselines: dict[str, float]) -> None:
+    for (name, value), style in zip(baselines.items(), ("--", ":", "-.", (0, (5, 1)))):
+        axes.axhline(value, linestyle=style, color="grey", label=f"{name}: {value:.1f}%")
 
 
 class CurvePlots(pl.Callback):
@@ -104,5 +200,16 @@ class CurvePlots(pl.Callback):
             rank_zero_info(f"CurvePlots: {csv_path} does not exist (nothing logged), so no plots are written")
             return
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        self.written = plot_metrics(csv_path, out_dir)
+        baselines = _knn_baselines(trainer)
+        self.written = plot_metrics(csv_path, out_dir, knn_baselines=baselines)
+        summary = plot_summary(read_curves(csv_path), out_dir / SUMMARY_FILE, baselines)
+        self.written += [summary] if summary else []
         rank_zero_info(f"CurvePlots: wrote {len(self.written)} plots to {out_dir}")
+
+
+def _knn_baselines(trainer: pl.Trainer) -> dict[str, float]:
+    """Top-1 k-NN accuracies of the baselines the online k-NN computed (random init, raw pixels)."""
+    from bam.callbacks.knn import OnlineKNN  # here: knn imports the evaluation stack
+
+    report = next((callback.report for callback in trainer.callbacks if isinstance(callback, OnlineKNN)), {})
+    return {name: accuracy[1] for name, accuracy in report.items() if name != "trained backbone"}

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig
@@ -35,6 +35,7 @@ from bam.data.sources import (
     scan_image_folder,
     stratified_split,
 )
+from bam.recipe import DataRecipe
 
 AugmentOn = Literal["cpu", "device"]
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre-crop size (224 from 256)
@@ -134,8 +135,12 @@ def square_base_transform(size: int) -> v2.Compose:
 
 
 def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
-    """Deterministic evaluation transform: resize + centre crop to ``size`` (None: keep the image)."""
-    steps = [] if size is None else [v2.Resize(round(size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)]
+    """Deterministic evaluation transform: bicubic resize + centre crop to ``size`` (None: keep the
+    image), as the evaluation stages do (``SSLDataModule.data_recipe``)."""
+    steps = [] if size is None else [
+        v2.Resize(round(size / EVAL_CROP_FRACTION), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+    ]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])
 
 
@@ -294,6 +299,14 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
     def _training(self) -> bool:
         trainer = self.trainer
         return trainer is None or trainer.training
+
+    def data_recipe(self) -> DataRecipe:
+        """How a backbone trained on this data must see images at evaluation: the recipe's mean and
+        std at ``eval_size`` (bicubic resize + centre crop), or at the global crop size when images
+        are used as stored (``eval_size`` None). Stored in pretraining checkpoints and exports."""
+        cropped = self.eval_size is not None
+        size = self.eval_size if cropped else self.crops.global_size
+        return DataRecipe(self.crops.mean, self.crops.std, size, EVAL_CROP_FRACTION if cropped else 1.0, "bicubic")
 
     # -- k-NN evaluation ----------------------------------------------------------------------
     def knn_dataloaders(self) -> tuple[DataLoader, DataLoader]:

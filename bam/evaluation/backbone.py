@@ -8,43 +8,27 @@ rather than a built model, because fine-tuning must rebuild the architecture wit
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import timm
 from torch import nn
 
-from bam.io import BackboneSpec, load_backbone, load_checkpoint_file, load_state_strict, read_spec
-from bam.io.export import _export_files
+from bam.io import BackboneSpec, load_state_strict
+from bam.io.export import read_backbone
 from bam.models.backbones import build_backbone
 
 
 def resolve_backbone(backbone: str, which: str | None = None, arch: str | None = None) -> BackboneSpec:
-    """The architecture and weights named by `backbone`.
+    """The architecture, weights and data recipe named by `backbone`.
 
     `which` ("teacher"/"student") and `arch` apply to checkpoints, as in `bam.load_backbone`. A
     timm model name that is not an existing path gives a randomly initialised backbone
-    (`state` empty), the baseline every trained backbone should beat.
+    (`state` empty, no recipe), the baseline every trained backbone should beat.
     """
-    path = Path(backbone)
-    if not path.exists() and timm.is_model(backbone):
+    if not Path(backbone).exists() and timm.is_model(backbone):
         return BackboneSpec(backbone, {}, {}, encoder="random init", source_format="timm")
-    files = _export_files(path)
-    if files is None:
-        return read_spec(load_checkpoint_file(backbone), which, arch)  # the string: an http(s) address too
-    model = load_backbone(path, which, arch)  # validates the export and loads it strictly
-    metadata = json.loads(files[1].read_text())
-    return BackboneSpec(
-        metadata["model"],
-        dict(metadata["model_kwargs"]),
-        model.state_dict(),
-        metadata["encoder"],
-        metadata["source_format"],
-        image_size=int(metadata["input_size"][-1]),
-        mean=tuple(metadata["mean"]),
-        std=tuple(metadata["std"]),
-    )
+    return read_backbone(backbone, which, arch)
 
 
 def build_from_spec(spec: BackboneSpec, **overrides: Any) -> nn.Module:

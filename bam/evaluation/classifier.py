@@ -25,6 +25,7 @@ from bam.methods.schedules import (
     rebuild_lr_schedule_on_resume,
     warmup_cosine_lr,
 )
+from bam.recipe import DataRecipe
 
 RESULTS_FILE = "results.json"
 
@@ -71,6 +72,7 @@ class ClassificationStage(pl.LightningModule):
         self.weight_decay, self.momentum = weight_decay, momentum
         self.val_metrics = nn.ModuleDict({name: accuracy_metrics(num_classes) for name in evaluated})
         self.history: list[dict[str, float]] = []  # one entry per validated epoch
+        self.recipe: DataRecipe | None = None  # the evaluated backbone's data recipe, if it records one
 
     # ----------------------------------------------------------------- subclass interface
     def trainable(self) -> nn.Module:
@@ -84,6 +86,14 @@ class ClassificationStage(pl.LightningModule):
     def optimizer_options(self) -> dict[str, Any]:
         """Extra keyword arguments of `timm.optim.create_optimizer_v2` (e.g. `layer_decay`)."""
         return {}
+
+    # ----------------------------------------------------------------- data
+    def setup(self, stage: str) -> None:
+        """Give the data module the backbone's data recipe (`self.recipe`, set by the subclass)
+        for the settings it leaves unset, before any loader is built."""
+        apply_recipe = getattr(self.trainer.datamodule, "apply_recipe", None)
+        if apply_recipe is not None:
+            apply_recipe(self.recipe, self.hparams.get("backbone", "the backbone"))
 
     # ----------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.distributed import rank
+from bam.shipped_configs import with_config_names
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
@@ -32,6 +33,8 @@ from bam.evaluation.knn_stage import BPA_MAX_SET
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "cluster_results.json"
+PLOT_FILE = "clusters.png"
+SPACE_NAMES = {"raw": "the features", "bpa": "their BPA transform"}
 
 
 # -- k-means ------------------------------------------------------------------------------------
@@ -134,9 +137,9 @@ def cluster_features(
     bpa: bool = True,
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
-) -> dict[str, dict[str, float]]:
-    """Metrics of k-means on the L2-normalised `features` (`raw`) and, with `bpa`, on their BPA
-    transform (the whole set at once, rows L2-normalised as well: `bpa`)."""
+) -> tuple[dict[str, dict[str, float]], dict[str, Tensor]]:
+    """Metrics and cluster assignments of k-means on the L2-normalised `features` (`raw`) and,
+    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`)."""
     spaces = {"raw": F.normalize(features.float(), dim=1)}
     if bpa:
         if len(features) > BPA_MAX_SET:
@@ -145,11 +148,11 @@ def cluster_features(
                 "(its affinities would not fit); cluster a class-balanced `fraction` of the split"
             )
         spaces["bpa"] = F.normalize(bpa_transform(spaces["raw"], bpa_reg, bpa_iterations), dim=1)
-    results = {}
+    results, assignments = {}, {}
     for name, points in spaces.items():
-        assignment, _, inertia = kmeans(points, num_clusters, restarts, iterations, seed)
-        results[name] = {**clustering_metrics(labels, assignment), "inertia": inertia}
-    return results
+        assignments[name], _, inertia = kmeans(points, num_clusters, restarts, iterations, seed)
+        results[name] = {**clustering_metrics(labels, assignments[name]), "inertia": inertia}
+    return results, assignments
 
 
 def run_clustering(
@@ -204,13 +207,14 @@ def run_clustering(
     device = select_device(accelerator)
     init_distributed(device)
     data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     features, labels = embed_dataset(
-        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers
+        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
+        progress=f"clustering: embedding the {split} split",
     )
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
-    metrics = cluster_features(
+    metrics, assignments = cluster_features(
         features.to(device), labels, num_clusters, restarts, kmeans_iterations, seed, bpa, bpa_reg, bpa_iterations
     )
     result = {
@@ -219,7 +223,35 @@ def run_clustering(
         "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
     }
     _report(result, Path(output_dir))
+    if rank() == 0:
+        plot_clusters(features, labels, assignments, metrics, Path(output_dir) / PLOT_FILE)
     return result
+
+
+def plot_clusters(
+    features: Tensor, labels: Tensor, assignments: dict[str, Tensor], metrics: dict[str, dict[str, float]], path: Path
+) -> Path:
+    """The clustered images on the first two principal components of their (L2-normalised) features:
+    coloured by class, then by each k-means clustering (raw, BPA) with its scores in the title."""
+    from matplotlib.figure import Figure  # here: importing matplotlib is slow, and only plotting needs it
+
+    points = F.normalize(features.float().cpu(), dim=1)
+    _, _, directions = torch.pca_lowrank(points, q=2, center=True)
+    xy = ((points - points.mean(0)) @ directions).numpy()
+    panels = [("classes (labels)", labels)] + [
+        (f"k-means on {SPACE_NAMES[name]}: NMI {metrics[name]['nmi']:.2f}, ARI {metrics[name]['ari']:.2f}, "
+         f"acc {metrics[name]['accuracy']:.2f}", assignment)
+        for name, assignment in assignments.items()
+    ]
+    figure = Figure(figsize=(4.6 * len(panels), 4.2), layout="constrained")
+    for index, (title, colours) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes.scatter(xy[:, 0], xy[:, 1], c=colours.cpu().numpy(), cmap="tab20", s=6, alpha=0.8)
+        axes.set(title=title, xlabel="first principal component", ylabel="second principal component")
+        axes.title.set_fontsize("small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -246,4 +278,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam cluster --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_clustering, args=argv, as_positional=False, prog="bam cluster")
+    CLI(run_clustering, args=with_config_names("cluster", argv), as_positional=False, prog="bam cluster")

@@ -5,13 +5,16 @@ built-in datasets), split the same way, so a demo's evaluation uses the held-out
 pretraining run reported k-NN on. What differs is the transforms:
 
 - evaluation (validation, k-NN, cached features): resize the short side to `resize_size`
-  (bicubic; default `image_size / 0.875`, i.e. 256 for 224) and centre-crop `image_size`;
+  (bicubic by default) and centre-crop `image_size`, both from the backbone's data recipe unless
+  set (ImageNet's 256 -> 224 for backbones that record none);
 - training, by name (`TRAIN_AUGMENTATIONS`): `crop_flip` is the authors' linear-probe recipe
   (RandomResizedCrop + horizontal flip), `timm` is timm's fine-tuning recipe (RandAugment, random
   erasing, ...), `none` uses the evaluation transform (what cached features see).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
@@ -25,9 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import InterpolationMode, v2
 
 from bam.data.builtin import load_builtin
-from bam.data.config import IMAGENET_MEAN, IMAGENET_STD
 from bam.data.datamodule import (
-    EVAL_CROP_FRACTION,
     ImageFolderDataModule,
     LabelledSplits,
     ReadableLoader,
@@ -36,6 +37,7 @@ from bam.data.datamodule import (
     readable,
 )
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset
+from bam.recipe import DataRecipe
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -50,7 +52,8 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process).
         image_size: Side of the images the backbone sees, in pixels.
         resize_size: Short side evaluation images are resized to before the centre crop
-            (default `image_size / 0.875`; equal to `image_size` for no crop margin).
+            (equal to `image_size` for no crop margin).
+        interpolation: Resize interpolation of evaluation images ("bicubic", "bilinear", "nearest").
         augment: Training augmentation, a key of `TRAIN_AUGMENTATIONS`.
         crop_scale: Area range of the training RandomResizedCrop (fraction of the image).
         hflip_prob: Probability of a horizontal flip in training.
@@ -59,6 +62,11 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         re_prob: Random-erasing probability (`timm` recipe only).
         mean: Per-channel mean subtracted from images scaled to [0, 1].
         std: Per-channel standard deviation divided by.
+
+    `image_size`, `resize_size`, `interpolation`, `mean` and `std` left unset (None) come from the
+    data recipe of the evaluated backbone (`apply_recipe`: the stages call it with the recipe its
+    export or checkpoint records), else from ImageNet's (224 px from 256, bicubic, ImageNet mean
+    and std). A value set that differs from the backbone's recipe is used, with a warning.
         fraction: Class-balanced fraction of the training split to use (e.g. 0.01 for 1% labels).
         seed: Seed of the subsampling.
     """
@@ -67,16 +75,17 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         self,
         batch_size: int = 256,
         num_workers: int = 8,
-        image_size: int = 224,
+        image_size: Optional[int] = None,
         resize_size: Optional[int] = None,
+        interpolation: Optional[str] = None,
         augment: str = "crop_flip",
         crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip_prob: float = 0.5,
         auto_augment: Optional[str] = None,
         color_jitter: float = 0.4,
         re_prob: float = 0.0,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: Optional[tuple[float, ...]] = None,
+        std: Optional[tuple[float, ...]] = None,
         fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
@@ -87,21 +96,50 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_size = image_size
-        self.resize_size = resize_size or round(image_size / EVAL_CROP_FRACTION)
+        # what was set explicitly; the values used come from these and the backbone's recipe
+        self.explicit = {
+            "image_size": image_size, "resize_size": resize_size, "interpolation": interpolation,
+            "mean": None if mean is None else tuple(mean), "std": None if std is None else tuple(std),
+        }
+        self.apply_recipe(None)
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
         self.hflip_prob = hflip_prob
         self.auto_augment = auto_augment
         self.color_jitter = color_jitter
         self.re_prob = re_prob
-        self.mean = tuple(mean)
-        self.std = tuple(std)
         self.fraction = fraction
         self.seed = seed
         self.train_source: ImageSource | None = None
         self.val_source: ImageSource | None = None
         self.cache: dict[str, TensorDataset] = {}  # split -> (features, labels), see `use_features`
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def apply_recipe(self, recipe: Optional[DataRecipe], source: str = "the backbone") -> None:
+        """Use `recipe` (the evaluated backbone's; None: ImageNet's) for every setting left unset;
+        warn about each explicit setting that differs from it (`source` names the backbone)."""
+        base = recipe or DataRecipe()
+        image_size = self.explicit["image_size"] or base.input_size
+        recorded = {
+            "image_size": base.input_size, "resize_size": round(image_size / base.crop_pct),
+            "interpolation": base.interpolation, "mean": base.mean, "std": base.std,
+        }
+        for name, value in recorded.items():
+            chosen = self.explicit[name]
+            if recipe is not None and chosen is not None and not _same(chosen, value):
+                warnings.warn(
+                    f"data.{name}={_shown(chosen)} differs from the {name} {_shown(value)} that {source} was trained "
+                    f"with (its data recipe); using data.{name}={_shown(chosen)} as set. Leave data.{name} unset to "
+                    "use the recipe's.",
+                    RecipeMismatchWarning,
+                    stacklevel=2,
+                )
+        for name, value in recorded.items():  # image_size, resize_size, interpolation, mean, std
+            setattr(self, name, value if self.explicit[name] is None else self.explicit[name])
+
+    def data_recipe(self) -> DataRecipe:
+        """The preprocessing in use, as a recipe (fine-tuning checkpoints and exports record it)."""
+        return DataRecipe(self.mean, self.std, self.image_size, self.image_size / self.resize_size, self.interpolation)
 
     # -- data (splits: ``load_splits`` / ``setup`` of ``LabelledSplits``) ------------------------
     @property
@@ -113,7 +151,7 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     def eval_transform(self) -> v2.Compose:
         """uint8 image -> normalised float: bicubic resize of the short side, centre crop."""
         return v2.Compose([
-            v2.Resize(self.resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
             v2.CenterCrop(self.image_size),
             *_to_float(self),
         ])
@@ -166,6 +204,20 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         )
 
 
+class RecipeMismatchWarning(UserWarning):
+    """An evaluation setting differs from the data recipe the backbone was trained with."""
+
+
+def _same(chosen: Any, recorded: Any) -> bool:
+    if isinstance(recorded, tuple):
+        return len(chosen) == len(recorded) and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(chosen, recorded))
+    return chosen == recorded
+
+
+def _shown(value: Any) -> str:
+    return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, tuple) else repr(value)
+
+
 def _to_float(data: ClassificationDataModule) -> list[Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std))]
 
@@ -191,7 +243,7 @@ def _timm(data: ClassificationDataModule) -> Transform:
         hflip=data.hflip_prob,
         color_jitter=data.color_jitter,
         auto_augment=data.auto_augment,
-        interpolation="bicubic",
+        interpolation=data.interpolation,
         re_prob=data.re_prob,
         mean=data.mean,
         std=data.std,

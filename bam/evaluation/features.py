@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
 from bam.distributed import gather_rows, rank, world_size
@@ -136,16 +137,24 @@ def shard_batches(
         yield fn(images.to(device, non_blocking=True)), labels, positions
 
 
+def progress_bar(steps: Iterable[Any], description: str | None, total: int | None = None) -> Iterable[Any]:
+    """`steps` with a progress bar on process 0 when `description` is given (none otherwise)."""
+    if description is None or rank() != 0:
+        return steps
+    return tqdm(steps, desc=description, total=total, unit="batch", dynamic_ncols=True)
+
+
 @torch.no_grad()
 def embed_dataset(
-    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0
+    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0,
+    progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features and labels of every item of `dataset`, in dataset order, on the CPU, on every process.
 
     Each process embeds its own shard (`shard_indices`); the shards are gathered batch by batch and
     moved to the CPU, so the device holds at most one batch from each process and every row
     comes from a real image (no padding rows, no duplicates). Items that are None (unreadable
-    files) have no row.
+    files) have no row. `progress` names a progress bar (shown by process 0), None shows none.
     """
     if len(dataset) < world_size():
         raise ValueError(f"cannot shard {len(dataset)} images over {world_size()} processes")
@@ -155,7 +164,7 @@ def embed_dataset(
     batches = shard_batches(dataset, fn, device, batch_size, num_workers)
     features, keys = [], []
     local = None
-    for _ in range(steps):
+    for _ in progress_bar(range(steps), progress):
         batch = next(batches, None)
         if batch is None and local is None:
             raise ValueError(f"none of the {len(dataset)} images of process {rank()}'s share could be read")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.stage_cli import run_stage
+from bam.io.finetune_checkpoint import ARCHITECTURE_KEY
 
 
 class FineTune(ClassificationStage):
@@ -72,6 +73,8 @@ class FineTune(ClassificationStage):
         self.save_hyperparameters()
         self.layer_decay = layer_decay
         spec = resolve_backbone(backbone, which, arch)
+        self.recipe = spec.recipe
+        self.architecture = {"model": spec.model_name, "model_kwargs": spec.model_kwargs}
         self.model = build_from_spec(spec, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
         self.model.reset_classifier(num_classes)
         self.model.train()  # Lightning keeps the modes modules are in; the loaded backbone is in eval mode
@@ -112,6 +115,13 @@ class FineTune(ClassificationStage):
             # accumulation steps
             config["optimizer"].register_step_post_hook(self._update_ema)
         return config
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # what `bam export` rebuilds the classifier from, with the preprocessing it was tuned with
+        describe = getattr(self.trainer.datamodule, "data_recipe", None) if self._trainer else None
+        recipe = describe() if callable(describe) else self.recipe
+        checkpoint[ARCHITECTURE_KEY] = {**self.architecture, "data_recipe": recipe.to_dict() if recipe else None}
 
     def _update_ema(self, *_: Any) -> None:
         # `step` counts updates made so far (timm's convention: the first update copies the model)

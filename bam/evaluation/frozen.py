@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import FeatureExtractor, resolve_recipe
 
 
@@ -28,8 +29,13 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def frozen_extractor(backbone: str, which: Optional[str], arch: Optional[str], feature: str) -> FeatureExtractor:
+def frozen_extractor(
+    backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule
+) -> FeatureExtractor:
     """The named backbone (see `resolve_backbone`), frozen, with its feature recipe (`auto`: a ViT's
-    class token, otherwise the pooled output)."""
-    model = build_from_spec(resolve_backbone(backbone, which, arch))
+    class token, otherwise the pooled output); `data` takes the backbone's data recipe for the
+    settings it leaves unset."""
+    spec = resolve_backbone(backbone, which, arch)
+    data.apply_recipe(spec.recipe, backbone)
+    model = build_from_spec(spec)
     return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))

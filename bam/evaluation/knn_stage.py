@@ -23,6 +23,7 @@ on the device (`BPA_MAX_SET` items at most); `bank_fraction` shrinks the bank.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,9 +34,10 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.distributed import all_reduce_, rank
+from bam.shipped_configs import with_config_names
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import embed_dataset, shard_batches
+from bam.evaluation.features import embed_dataset, progress_bar, shard_batches, shard_indices
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
 from bam.transforms import bpa as bpa_transform
 
@@ -117,15 +119,18 @@ def run_knn(
     device = select_device(accelerator)
     init_distributed(device)
     data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     bank, bank_labels = embed_dataset(
-        data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers
+        data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers,
+        progress="k-NN: embedding the bank",
     )
     bank = F.normalize(bank, dim=1)
     metrics = accuracy_metrics(data.num_classes).to(device)  # torchmetrics sums over processes on compute
     queries = data.eval_dataset("val")
     num_queries = torch.zeros((), dtype=torch.long, device=device)
-    for features, labels, _ in shard_batches(queries, extractor, device, data.batch_size, data.num_workers):
+    batches = shard_batches(queries, extractor, device, data.batch_size, data.num_workers)
+    total = math.ceil(len(shard_indices(len(queries))) / data.batch_size)
+    for features, labels, _ in progress_bar(batches, "k-NN: classifying the queries", total):
         voters = bank
         if bpa:
             features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
@@ -174,4 +179,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_knn, args=argv, as_positional=False, prog="bam knn")
+    CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")

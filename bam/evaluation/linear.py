@@ -62,7 +62,9 @@ class LinearProbe(ClassificationStage):
     ) -> None:
         super().__init__(num_classes, ("val",), optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum)
         self.save_hyperparameters()
-        net = build_from_spec(resolve_backbone(backbone, which, arch))
+        spec = resolve_backbone(backbone, which, arch)
+        self.recipe = spec.recipe
+        net = build_from_spec(spec)
         recipe = resolve_recipe(feature, net, vit_default="cls_patch_mean")
         self.extractor = FeatureExtractor(net, recipe, n_last_blocks)
         self.cache_features = cache_features

@@ -1,7 +1,7 @@
 """LightningCLI of the supervised evaluation stages (`bam linear`, `bam finetune`).
 
 As for `bam pretrain`, a run lives in `trainer.default_root_dir` (default `runs/<stage>`): CSV and
-TensorBoard logs, `checkpoints/last.ckpt` (resume with `--ckpt_path last`), `results.json` and the
+TensorBoard logs (`csv/version_N`, `tensorboard/version_N`), `checkpoints/last.ckpt` (resume with `--ckpt_path last`), `results.json` and the
 accuracy and loss curves as `plots/*.png`.
 The number of classes is taken from the data, so configs never repeat it.
 """
@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
-from bam.pretrain import DEFAULT_LOGGERS
+from bam.shipped_configs import with_config_names
+from bam.training.extras import logger_config
 from bam.training.run_cli import SafeRunCLI, one_line_errors
+from bam.warning_filters import expected_warnings_silenced
 
 
 class EvalCLI(SafeRunCLI):
@@ -39,11 +40,7 @@ class EvalCLI(SafeRunCLI):
         config = self.config[self.subcommand]
         run_dir = config.trainer.default_root_dir or os.path.join("runs", self.stage)
         config.trainer.default_root_dir = run_dir
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = [
-                Namespace(class_path=path, init_args=Namespace(save_dir=run_dir, name="logs"))
-                for path in DEFAULT_LOGGERS
-            ]
+        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         self.resolve_resume(config)
@@ -51,7 +48,7 @@ class EvalCLI(SafeRunCLI):
 
 def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
     """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
-    with one_line_errors(f"bam {stage}"):
+    with one_line_errors(f"bam {stage}"), expected_warnings_silenced():
         return EvalCLI(
             model_class,
             ClassificationDataModule,
@@ -59,7 +56,7 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
             subclass_mode_data=True,
             stage=stage,
             program=f"bam {stage}",
-            argv=argv,
+            argv=with_config_names(stage, argv),
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             parser_kwargs={"fit": {"description": description}},

@@ -3,15 +3,16 @@
 Layout: `{'state_dict': ..., 'hyper_parameters': ..., 'epoch': ..., 'global_step': ..., ...}`.
 `state_dict` holds `student.backbone.*`, `student.projector.*` and, with a momentum teacher,
 `teacher.backbone.*`, `teacher.projector.*`. `hyper_parameters` names the backbone:
-`backbone` (timm model name), `backbone_kwargs` (dict or None) and optionally `image_size` (the
-global crop size).
+`backbone` (timm model name) and `backbone_kwargs` (dict or None). `data_recipe` (top level,
+`bam.recipe.DataRecipe` as a dict) is how its images were prepared; older checkpoints lack it.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from bam.io.state import DEFAULT_IMAGE_SIZE, BackboneSpec, CheckpointFormatError, select_encoder
+from bam.io.state import BackboneSpec, CheckpointFormatError, select_encoder
+from bam.recipe import CHECKPOINT_KEY, DataRecipe
 
 
 def is_bam_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -40,5 +41,11 @@ def bam_checkpoint_spec(
         state,
         encoder,
         source_format="bam",
-        image_size=int(hparams.get("image_size", DEFAULT_IMAGE_SIZE)),
+        recipe=checkpoint_recipe(checkpoint),
     )
+
+
+def checkpoint_recipe(checkpoint: Mapping[str, Any]) -> DataRecipe | None:
+    """The data recipe a Lightning checkpoint records (None for checkpoints written without one)."""
+    values = checkpoint.get(CHECKPOINT_KEY)
+    return DataRecipe.from_dict(values) if values else None

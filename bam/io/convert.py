@@ -5,7 +5,7 @@ reported instead of converted.
 """
 from __future__ import annotations
 
-from bam.io.export import METADATA_FILE, WEIGHTS_FILE, build_parser, run_export
+from bam.io.export import CONFIG_FILE, WEIGHTS_FILE, build_parser, run_export
 from bam.io.released import RELEASED_ARCHS
 
 CONVERT_EPILOG = f"""\
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser(
         prog,
         f"Convert an authors' released BAM pretraining file (keys model, optimizer, epoch, args, ...) into "
-        f"{WEIGHTS_FILE} plus {METADATA_FILE}, the backbone only, matched strictly to its timm architecture.",
+        f"{WEIGHTS_FILE} plus {CONFIG_FILE}, the backbone only, matched strictly to its timm architecture.",
         CONVERT_EPILOG,
     )
     run_export(parser.parse_args(argv), prog, source_format="released")

@@ -1,8 +1,15 @@
-"""Export a trained backbone to safetensors, and load it (or a checkpoint) back as a timm model.
+"""Export a trained backbone in the layout of timm and the Hugging Face Hub, and load it (or a
+checkpoint) back as a timm model.
 
-An export is a directory with `backbone.safetensors` (the timm model's weights) and
-`bam_backbone.json` (how to rebuild it: timm model name and kwargs, feature width, input size and
-normalisation, source checkpoint and encoder). It is read without unpickling anything.
+An export is a directory with `model.safetensors` (the timm model's weights) and `config.json`:
+`architecture` and `model_args` (the timm model that rebuilds it), `pretrained_cfg` (the data
+recipe it was trained with: input size, mean, std, crop, interpolation, which
+`timm.data.resolve_data_config` reads) and `bam` (where it came from). So
+`timm.create_model("local-dir:DIR", pretrained=True)` loads it: without bam for architectures timm
+has (bam's 12-head ViT-S is written as timm's `vit_small_patch16_224` with `num_heads: 12`), after
+`import bam` for bam's own (`bam_cnn4`, `bam_caformer_m36`); the folder can be uploaded to the Hub
+as it is. It is read without unpickling anything. Exports of bam 0.1 (`backbone.safetensors` +
+`bam_backbone.json`) are still read.
 """
 from __future__ import annotations
 
@@ -17,21 +24,25 @@ from torch import nn
 
 import bam
 from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
+from bam.io.finetune_checkpoint import MODELS, finetune_spec, is_finetune_checkpoint
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec
 from bam.io.safe_load import PathLike, UnsafeCheckpointError, load_checkpoint_file
-from bam.io.state import ENCODERS, BackboneSpec, CheckpointFormatError, CheckpointMismatchError
-from bam.models.backbones import build_backbone, feature_dim
+from bam.io.state import ENCODERS, BackboneSpec, CheckpointFormatError, CheckpointMismatchError, _classifier_name
+from bam.models.backbones import build_backbone, feature_dim, timm_equivalent, timm_kwargs
+from bam.recipe import DataRecipe
 
-WEIGHTS_FILE = "backbone.safetensors"
-METADATA_FILE = "bam_backbone.json"
+WEIGHTS_FILE = "model.safetensors"  # the names timm and the Hub look for
+CONFIG_FILE = "config.json"
+LEGACY_FILES = ("backbone.safetensors", "bam_backbone.json")  # bam 0.1's export
 EXPORT_FORMAT = "bam-backbone"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
 
 Detector = Callable[[Mapping[str, Any]], bool]
 SpecReader = Callable[[Mapping[str, Any], str | None, str | None], BackboneSpec]  # (checkpoint, which, arch)
 
-# checkpoint format -> (recognises the top-level keys, reads the backbone spec)
+# checkpoint format -> (recognises the top-level keys, reads the backbone spec); first match wins
 CHECKPOINT_FORMATS: dict[str, tuple[Detector, SpecReader]] = {
+    "finetune": (is_finetune_checkpoint, finetune_spec),
     "bam": (is_bam_checkpoint, bam_checkpoint_spec),
     "released": (is_released_checkpoint, released_spec),
 }
@@ -64,92 +75,146 @@ def export_backbone(
     which: str | None = None,
     arch: str | None = None,
     source_format: str | None = None,
+    recipe: DataRecipe | None = None,
 ) -> Path:
     """Write the backbone of a bam or released checkpoint to `output_dir`; return the directory.
 
-    `which`: "teacher" or "student"; None takes the teacher when there is one (the published
-    numbers use it). `arch` overrides the architecture recorded in the checkpoint.
+    `which`: "teacher" or "student" of a pretraining checkpoint (None: the teacher when there is
+    one, as the published numbers use it); "ema" or "model" of a fine-tuning checkpoint (None: the
+    average when it was kept), exported with its classifier. `arch` overrides the architecture
+    recorded in the checkpoint; `recipe` the data recipe (by default the checkpoint's, else
+    ImageNet's mean and std at 224 px).
     """
     spec = read_spec(load_checkpoint_file(checkpoint_path), which, arch, source_format)
+    if recipe is not None:
+        spec.recipe = recipe
     model = spec.build()
-    metadata = _metadata(spec, model, Path(checkpoint_path))
-    text = _to_json(metadata)  # before writing anything: kwargs must be JSON values
+    text = _to_json(export_config(spec, model, Path(checkpoint_path)))  # before writing: kwargs must be JSON values
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     save_model(model, str(output / WEIGHTS_FILE))  # handles tied weights, unlike save_file
-    (output / METADATA_FILE).write_text(text)
+    (output / CONFIG_FILE).write_text(text)
     return output
 
 
-def _metadata(spec: BackboneSpec, model: nn.Module, source: Path) -> dict[str, Any]:
-    channels = spec.model_kwargs.get("in_chans", 3)
+def export_config(spec: BackboneSpec, model: nn.Module, source: Path) -> dict[str, Any]:
+    """`config.json` of an export: timm's fields, plus bam's provenance under `bam`."""
+    architecture, model_args = timm_equivalent(
+        spec.model_name, timm_kwargs(spec.model_name, {"num_classes": spec.num_classes, **spec.model_kwargs})
+    )
+    recipe = spec.data_recipe
+    pretrained_cfg = {
+        **recipe.pretrained_cfg(),
+        "input_size": [model_args.get("in_chans", recipe.channels), recipe.input_size, recipe.input_size],
+        "num_classes": spec.num_classes,
+        "first_conv": _first_conv(model),
+        "classifier": _classifier_name(model) or "head",
+    }
     return {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "model": spec.model_name,
-        "model_kwargs": spec.model_kwargs,
-        "feature_dim": feature_dim(model),
-        "input_size": [channels, spec.image_size, spec.image_size],
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "encoder": spec.encoder,
-        "source": str(source.resolve()),
-        "source_format": spec.source_format,
-        "bam_version": bam.__version__,
+        "architecture": architecture,
+        "num_features": feature_dim(model),
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+        "bam": {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_FORMAT_VERSION,
+            "bam_architecture": spec.model_name,
+            "encoder": spec.encoder,
+            "data_recipe_recorded": spec.recipe is not None,
+            "source": str(source.resolve()),
+            "source_format": spec.source_format,
+            "bam_version": bam.__version__,
+        },
     }
 
 
-def _to_json(metadata: dict[str, Any]) -> str:
+def _first_conv(model: nn.Module) -> str:
+    """Name of the first convolution (timm adapts it to other channel counts)."""
+    return next((name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)), "")
+
+
+def _to_json(config: dict[str, Any]) -> str:
     try:
-        return json.dumps(metadata, indent=2)
+        return json.dumps(config, indent=2)
     except TypeError as error:
-        kwargs = metadata["model_kwargs"]
+        kwargs = config["model_args"]
         raise CheckpointFormatError(f"backbone kwargs {kwargs!r} cannot be exported as JSON: {error}") from error
 
 
-# the file a path names -> (weights file, metadata file) of its export
-_EXPORT_FILES: dict[str, Callable[[Path], tuple[Path, Path]]] = {
-    ".safetensors": lambda path: (path, path.parent / METADATA_FILE),
-    ".json": lambda path: (path.parent / WEIGHTS_FILE, path),
-}
-
-
-def _export_files(path: Path) -> tuple[Path, Path] | None:
-    """(weights, metadata) when `path` names an export (its directory or one of its files)."""
-    if path.is_dir():
-        return path / WEIGHTS_FILE, path / METADATA_FILE
-    locate = _EXPORT_FILES.get(path.suffix)
-    return locate(path) if locate else None
+def _export_dir(path: Path) -> Path | None:
+    """The export directory `path` names (the directory or one of its files), or None."""
+    directory = path if path.is_dir() else path.parent
+    names = (WEIGHTS_FILE, CONFIG_FILE, *LEGACY_FILES)
+    if path.is_dir() or path.name in names:
+        return directory
+    return None
 
 
 def load_backbone(path: PathLike, which: str | None = None, arch: str | None = None) -> nn.Module:
-    """A timm backbone in eval mode, from an export (directory, `.safetensors` or `.json`), a bam
-    Lightning checkpoint or the authors' released file.
+    """A timm backbone in eval mode, from an export (directory or one of its files), a bam
+    Lightning checkpoint (pretraining or fine-tuning) or the authors' released file.
 
     `which` and `arch` choose the encoder and architecture of a checkpoint (see `export_backbone`);
     an export holds one backbone, so they must be left out for it.
     """
-    files = _export_files(Path(path))
-    if files is None:
-        return read_spec(load_checkpoint_file(path), which, arch).build()
-    if which is not None or arch is not None:
+    if _export_dir(Path(path)) is not None and (which is not None or arch is not None):
         raise ValueError(f"{str(path)!r} is an export of one backbone: which= and arch= apply to checkpoints only")
-    return _load_export(*files)
+    return read_backbone(path, which, arch).build()
 
 
-def _load_export(weights: Path, metadata_file: Path) -> nn.Module:
-    for required in (weights, metadata_file):
-        if not required.is_file():
-            raise FileNotFoundError(f"backbone export file not found: {str(required)!r}")
-    metadata = json.loads(metadata_file.read_text())
+def read_backbone(path: PathLike, which: str | None = None, arch: str | None = None) -> BackboneSpec:
+    """The architecture, weights and data recipe of an export or a checkpoint."""
+    directory = _export_dir(Path(path))
+    if directory is None:
+        return read_spec(load_checkpoint_file(path), which, arch)
+    if (directory / CONFIG_FILE).is_file() or not (directory / LEGACY_FILES[1]).is_file():
+        return _read_export(directory / WEIGHTS_FILE, directory / CONFIG_FILE)
+    return _read_legacy_export(directory / LEGACY_FILES[0], directory / LEGACY_FILES[1])
+
+
+def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
+    config = _read_json(config_file, weights)
+    provenance = config.get("bam", {})
+    model_args = dict(config["model_args"])
+    num_classes = int(model_args.pop("num_classes", 0))
+    recipe = DataRecipe.from_pretrained_cfg(config.get("pretrained_cfg", {}))
+    return _spec_from_weights(
+        config["architecture"], model_args, weights, provenance.get("encoder", "export"),
+        provenance.get("source_format", "export"), recipe, num_classes,
+    )
+
+
+def _read_legacy_export(weights: Path, metadata_file: Path) -> BackboneSpec:
+    metadata = _read_json(metadata_file, weights)
     if metadata.get("format") != EXPORT_FORMAT:
         raise CheckpointFormatError(
             f"{str(metadata_file)!r} is not a bam backbone export (its \"format\" is not \"{EXPORT_FORMAT}\")"
         )
-    model = build_backbone(metadata["model"], **metadata["model_kwargs"])
-    load_model(model, str(weights), strict=True)
-    return model.eval()
+    recipe = DataRecipe(metadata["mean"], metadata["std"], int(metadata["input_size"][-1]))
+    return _spec_from_weights(
+        metadata["model"], dict(metadata["model_kwargs"]), weights, metadata["encoder"], metadata["source_format"], recipe
+    )
 
+
+def _read_json(config_file: Path, weights: Path) -> dict[str, Any]:
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise FileNotFoundError(f"backbone export file not found: {str(required)!r}")
+    return json.loads(config_file.read_text())
+
+
+def _spec_from_weights(
+    name: str, kwargs: dict[str, Any], weights: Path, encoder: str, source_format: str,
+    recipe: DataRecipe, num_classes: int = 0,
+) -> BackboneSpec:
+    """Load the safetensors file strictly into the architecture, and describe the result."""
+    model = build_backbone(name, num_classes=num_classes, **kwargs)
+    load_model(model, str(weights), strict=True)
+    return BackboneSpec(name, kwargs, model.state_dict(), encoder, source_format, recipe, num_classes)
+
+
+# what an export holds, in words, by the `encoder` it records
+EXPORTED_NAMES = {"model": "fine-tuned model", "ema": "fine-tuned model's weight average (EMA)"}
 
 # errors that the command line reports as a message instead of a traceback
 CLI_ERRORS = (FileNotFoundError, UnsafeCheckpointError, CheckpointFormatError, CheckpointMismatchError)
@@ -165,12 +230,13 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--output", "-o", type=Path, required=True,
-        help=f"directory to write {WEIGHTS_FILE} and {METADATA_FILE} into (created if needed)",
+        help=f"directory to write {WEIGHTS_FILE} and {CONFIG_FILE} into (created if needed)",
     )
     parser.add_argument(
-        "--which", choices=ENCODERS, default=None,
-        help="encoder to export; default: the teacher when the checkpoint has one (the published numbers use "
-        "it), else the student",
+        "--which", choices=(*ENCODERS, *MODELS), default=None,
+        help="pretraining checkpoints: the encoder to export, by default the teacher when the checkpoint has one "
+        "(the published numbers use it), else the student; fine-tuning checkpoints: the EMA of the weights "
+        "(default, when kept) or the model, exported with its classifier",
     )
     parser.add_argument(
         "--arch", default=None,
@@ -186,17 +252,23 @@ def run_export(args: argparse.Namespace, prog: str, source_format: str | None = 
         output = export_backbone(args.checkpoint, args.output, args.which, args.arch, source_format)
     except CLI_ERRORS as error:
         raise SystemExit(f"{prog}: error: {error}") from error
-    metadata = json.loads((output / METADATA_FILE).read_text())
+    config = json.loads((output / CONFIG_FILE).read_text())
+    recipe = config["pretrained_cfg"]
+    encoder = config["bam"]["encoder"]
     print(
-        f"{prog}: wrote the {metadata['encoder']} backbone ({metadata['model']}, {metadata['feature_dim']}-d features) "
-        f"to {output / WEIGHTS_FILE} and {output / METADATA_FILE}"
+        f"{prog}: wrote the {EXPORTED_NAMES.get(encoder, encoder + ' backbone')} ({config['architecture']}, {config['num_features']}-d "
+        f"features, {config['model_args']['num_classes']} classes) to {output / WEIGHTS_FILE} and "
+        f"{output / CONFIG_FILE}; data recipe: {recipe['input_size'][-1]} px, mean {recipe['mean']}, std {recipe['std']}"
+        + ("" if config["bam"]["data_recipe_recorded"] else " (the checkpoint records none: ImageNet's defaults)")
     )
     return output
 
 
 EXPORT_EPILOG = """\
-The export is read back with bam.load_backbone(DIR), which returns a timm model in eval mode:
+The export is read back with bam.load_backbone(DIR), which returns a timm model in eval mode, or by
+timm itself (after `import bam` for bam's own architectures such as bam_cnn4):
     model = bam.load_backbone("DIR"); features = model(images)  # (N, feature_dim)
+    model = timm.create_model("local-dir:DIR", pretrained=True)
 
 examples:
     bam export runs/bam/last.ckpt --output exported/vit_s16
@@ -209,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser(
         prog,
         "Export the backbone of a pretraining checkpoint (bam's Lightning checkpoint or the authors' released "
-        f"file, detected from its contents) as {WEIGHTS_FILE} plus {METADATA_FILE}.",
+        f"file, detected from its contents) as {WEIGHTS_FILE} plus {CONFIG_FILE}, the layout of timm and the "
+        "Hugging Face Hub. Fine-tuning checkpoints (bam finetune) export the whole classifier.",
         EXPORT_EPILOG,
     )
     run_export(parser.parse_args(argv), prog)

@@ -13,14 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from bam.models.backbones import build_backbone
+from bam.recipe import DataRecipe
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 ENCODERS = ("teacher", "student")  # order of preference: the published numbers use the teacher
-DEFAULT_IMAGE_SIZE = 224  # the global crop size of the authors' recipes
 MAX_LISTED_KEYS = 8
 
 
@@ -150,19 +149,25 @@ def _mismatch_message(arch: str, missing: list[str], unexpected: list[str], resh
 
 @dataclass
 class BackboneSpec:
-    """Everything needed to rebuild one trained backbone: the timm model and its weights."""
+    """Everything needed to rebuild one trained backbone: the timm model, its weights and the data
+    recipe it was trained with (None when its source records none: ImageNet's, as the authors')."""
 
     model_name: str
     model_kwargs: dict[str, Any]
     state: dict[str, Tensor]
     encoder: str
     source_format: str
-    image_size: int = DEFAULT_IMAGE_SIZE
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # the authors' and bam's input normalisation
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    recipe: DataRecipe | None = None
+    num_classes: int = 0  # a fine-tuned model's classifier (0: features only)
+
+    @property
+    def data_recipe(self) -> DataRecipe:
+        """The recorded recipe, or the default (ImageNet normalisation, 224 px)."""
+        return self.recipe or DataRecipe()
 
     def build(self) -> nn.Module:
-        """The timm feature extractor with these weights loaded strictly, in eval mode."""
-        model = build_backbone(self.model_name, **self.model_kwargs)
+        """The timm model (feature extractor, or classifier with `num_classes`) with these weights
+        loaded strictly, in eval mode."""
+        model = build_backbone(self.model_name, **{"num_classes": self.num_classes, **self.model_kwargs})
         load_state_strict(model, self.state, self.model_name)
         return model.eval()

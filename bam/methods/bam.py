@@ -66,11 +66,8 @@ class BAMModule(SSLMethod):
         self.check_crop_count(crops, self.loss_fn.num_crops)
         return self.loss_fn(self.student(crops), self.teacher_embeddings(crops))
 
-    def chance_level(self) -> float:
-        batch = getattr(self.trainer.datamodule, "batch_size", None) if self._trainer else None
-        if batch is None:
-            return float("nan")
-        return self.loss_fn.chance_level(batch * world_size())
+    def chance_level(self, batch_size: int) -> float:
+        return self.loss_fn.chance_level(batch_size * world_size())
 
     def on_schedule(self, step: int) -> dict[str, float]:
         self.loss_fn.reg = self.reg_at(step)

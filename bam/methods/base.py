@@ -27,11 +27,20 @@ from bam.methods.schedules import (
 )
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
 class SSLMethod(pl.LightningModule):
     """Shared training logic of the self-supervised methods.
+
+    Batches are `(crops, labels)` or just `crops`: `crops` is a list of `num_global_crops +
+    num_local_crops` float tensors `(B, C, H, W)`, already augmented and normalised, global crops
+    first (they may be larger than the local ones); labels are ignored. bam's data modules make
+    them; a plain `DataLoader` whose dataset returns `(list of crops, label)` works as well:
+    `trainer.fit(model, train_dataloaders=loader)`. Checkpoints store the data recipe (mean, std,
+    input size: see `bam.recipe.DataRecipe`) of bam's data modules; with other data, set
+    `model.data_recipe` so that exports carry it.
 
     Args:
         backbone: timm model name (bam's presets included, see `bam.models.backbones`).
@@ -108,6 +117,7 @@ class SSLMethod(pl.LightningModule):
         if compile_backbone:
             self.student.backbone.compile()
         self.loss_monitor = LossMonitor(patience=stuck_loss_patience)
+        self.data_recipe: DataRecipe | None = None  # for data without a `data_recipe()` method
         self.steps_per_epoch = 1
         self.total_steps = 1
 
@@ -132,8 +142,9 @@ class SSLMethod(pl.LightningModule):
                 "(num_global_crops + num_local_crops); make the data and model crop counts agree"
             )
 
-    def chance_level(self) -> float:
-        """Loss value of an untrained (uniform) model; `nan` disables the stuck-loss check."""
+    def chance_level(self, batch_size: int) -> float:
+        """Loss value of an untrained (uniform) model for a per-process batch of `batch_size`
+        images; `nan` disables the stuck-loss check."""
         return float("nan")
 
     def on_schedule(self, step: int) -> dict[str, float]:
@@ -141,10 +152,10 @@ class SSLMethod(pl.LightningModule):
         return {}
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
-        crops, _ = batch
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        crops = _crops_of(batch)
         loss = self.compute_loss(crops)
-        self.loss_monitor.update(loss.item(), self.global_step, self.chance_level())
+        self.loss_monitor.update(loss.item(), self.global_step, self.chance_level(len(crops[0])))
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -222,6 +233,16 @@ class SSLMethod(pl.LightningModule):
     def on_train_start(self) -> None:
         apply_lr_schedule(self)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recipe = self.recipe_of_data()
+        if recipe is not None:
+            checkpoint[CHECKPOINT_KEY] = recipe.to_dict()
+
+    def recipe_of_data(self) -> DataRecipe | None:
+        """The training data's recipe: the data module's `data_recipe()`, else `self.data_recipe`."""
+        describe = getattr(self.trainer.datamodule, "data_recipe", None) if self._trainer else None
+        return describe() if callable(describe) else self.data_recipe
+
     def setup(self, stage: str) -> None:
         secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
         if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
@@ -230,6 +251,17 @@ class SSLMethod(pl.LightningModule):
             self.student = convert_sync_batchnorm(self.student, device)
             if self.teacher is not None:
                 self.teacher = convert_sync_batchnorm(self.teacher, device)
+
+
+def _crops_of(batch: Any) -> list[torch.Tensor]:
+    """The list of crops of a batch `(crops, labels)` or `crops`."""
+    crops = batch[0] if isinstance(batch, (list, tuple)) and isinstance(batch[0], (list, tuple)) else batch
+    if not (isinstance(crops, (list, tuple)) and all(isinstance(crop, torch.Tensor) and crop.dim() == 4 for crop in crops)):
+        raise TypeError(
+            "a training batch must be (crops, labels) or crops, where crops is a list of (B, C, H, W) tensors "
+            f"with the global crops first; got a {type(batch).__name__}"
+        )
+    return list(crops)
 
 
 def _enable_gradient_checkpointing(backbone: nn.Module, name: str) -> None:

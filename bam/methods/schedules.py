@@ -34,7 +34,9 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
     parameter group's `lr_scale` (layer-wise lr decay)."""
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(total_steps - warmup_steps, 1),
+        # at least 2: timm warns that a 1-step cosine does nothing, and the steps a run has (at most
+        # one after the warm-up) get the same learning rates either way
+        t_initial=max(total_steps - warmup_steps, 2),
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_prefix=True,
@@ -57,8 +59,18 @@ def apply_lr_schedule(module: Any) -> None:
 
 
 def global_batch_size(trainer: Any) -> int:
-    """Images per optimiser step over all processes: the batch the learning rate is scaled by."""
+    """Images per optimiser step over all processes: the batch the learning rate is scaled by.
+
+    The per-process batch is the data module's `batch_size`, else the training DataLoader's (a
+    plain `trainer.fit(model, train_dataloaders=loader)`)."""
     batch_size = getattr(trainer.datamodule, "batch_size", None)
     if batch_size is None:
-        raise ValueError("the datamodule must expose `batch_size` so the learning rate can be scaled")
+        if trainer.train_dataloader is None:  # not loaded yet when max_steps bounds the run
+            trainer.fit_loop.setup_data()
+        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+    if batch_size is None:
+        raise ValueError(
+            "cannot tell the batch size the learning rate is scaled by: give the data module a `batch_size` "
+            "attribute, or train from a DataLoader built with batch_size= (not a batch_sampler)"
+        )
     return batch_size * trainer.world_size * trainer.accumulate_grad_batches

@@ -90,7 +90,7 @@ class SwAVModule(SSLMethod):
         self.loss_fn.normalize_prototypes_()
         return self.loss_fn(self.student(crops))
 
-    def chance_level(self) -> float:
+    def chance_level(self, batch_size: int) -> float:
         return self.loss_fn.chance_level()
 
     def on_schedule(self, step: int) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Backbones are timm models, built by name with their classifier removed.
 
 Architectures that timm does not name directly are registered in timm's own registry here, so
-that `timm.create_model` builds them like any other model (after `import bam.models`):
+that `timm.create_model` builds them like any other model (after `import bam`, which imports this
+module), and loads an export of them with `timm.create_model("local-dir:DIR", pretrained=True)`:
 
 - `bam_vit_small_patch16_224`: ViT-S/16 with 12 heads, as in the authors' release (timm's
   `vit_small_patch16_224` has 6 heads: it loads the same keys and computes something else).
@@ -18,24 +19,43 @@ from typing import Any, Optional
 import timm
 import torch
 from timm.layers import SelectAdaptivePool2d
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 from torch import nn
 
 from bam.models.gsp import GSPPool
 
 
-def _without_factory_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # timm.create_model passes its pretrained-config bookkeeping to every model function.
-    factory_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-    return {key: value for key, value in kwargs.items() if key not in factory_only}
+# bam's name -> (timm's architecture, its arguments) of the same network: exports name the timm
+# architecture, so that timm alone (without bam) loads them
+TIMM_EQUIVALENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bam_vit_small_patch16_224": ("vit_small_patch16_224", {"num_heads": 12}),
+}
+
+
+def timm_equivalent(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`(architecture, kwargs)` that timm alone builds into the same network as bam's `name`
+    (unchanged when timm has no equivalent)."""
+    if name not in TIMM_EQUIVALENTS:
+        return name, dict(kwargs)
+    architecture, defaults = TIMM_EQUIVALENTS[name]
+    return architecture, {**defaults, **kwargs}
+
+
+# No downloadable weights: `pretrained=True` loads an export (timm's `local-dir:` source) only.
+default_cfgs = generate_default_cfgs({
+    "bam_cnn4.untrained": {"num_classes": 0, "input_size": (3, 28, 28), "first_conv": "features.0", "classifier": "head"},
+    "bam_caformer_m36.untrained": {
+        "num_classes": 0, "first_conv": "stem.conv", "classifier": "head.fc", "crop_pct": 1.0,
+    },
+})
 
 
 @register_model
 def bam_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ViT-S/16 with 12 attention heads of dimension 32 (the authors' ViT-S)."""
-    kwargs.setdefault("num_heads", 12)
-    return timm.create_model("vit_small_patch16_224", pretrained=pretrained, **kwargs)
+    architecture, kwargs = timm_equivalent("bam_vit_small_patch16_224", kwargs)
+    return timm.create_model(architecture, pretrained=pretrained, **kwargs)
 
 
 class GeluSepConv(SepConv):
@@ -49,13 +69,15 @@ class GeluSepConv(SepConv):
 
 @register_model
 def bam_caformer_m36(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """CAFormer-M36 with GELU everywhere and without layer/residual scale parameters."""
-    if pretrained:
-        raise ValueError("bam_caformer_m36 has no timm weights; load the authors' file with bam.load_backbone")
-    kwargs = _without_factory_kwargs(kwargs)
+    """CAFormer-M36 with GELU everywhere and without layer/residual scale parameters (weights:
+    the authors' file through `bam.load_backbone`, or an export through timm's `local-dir:`)."""
     kwargs.setdefault("res_scale_init_values", None)
     kwargs.setdefault("layer_scale_init_values", None)
-    return MetaFormer(
+    return build_model_with_cfg(
+        MetaFormer,
+        "bam_caformer_m36",
+        pretrained,
+        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2, 3)},
         depths=(3, 12, 18, 3),
         dims=(96, 192, 384, 576),
         token_mixers=(GeluSepConv, GeluSepConv, Attention, Attention),
@@ -87,6 +109,7 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.num_features = channels[-1] * pool_size**2
         self.global_pool = global_pool
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +122,18 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 @register_model
 def bam_cnn4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """The CPU demo's 4-layer CNN (no timm weights)."""
-    if pretrained:
-        raise ValueError("bam_cnn4 has no pretrained weights")
-    return SmallCNN(**_without_factory_kwargs(kwargs))
+    """The CPU demo's 4-layer CNN (weights: an export, through timm's `local-dir:` source)."""
+    return build_model_with_cfg(SmallCNN, "bam_cnn4", pretrained, **kwargs)
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -141,16 +166,23 @@ def build_backbone(
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS} (None: the model's own)")
     if pooling_kwargs and pooling is None:
         raise ValueError("pooling_kwargs given without pooling='gsp'")
-    kwargs.setdefault("num_classes", 0)
-    if "vit" in name or "deit" in name:
-        kwargs.setdefault("dynamic_img_size", True)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model = timm.create_model(name, pretrained=pretrained, **timm_kwargs(name, kwargs))
     if pooling == "gsp":
         _install_gsp(model, name, pooling_kwargs or {})
     return model
 
 
 POOLINGS = (None, "gsp")
+
+
+def timm_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `build_backbone` gives `timm.create_model` for `name` (no classifier unless
+    `num_classes` says so; ViTs accept any input size), all of them explicit: what an export
+    records so that timm rebuilds the same network."""
+    defaults: dict[str, Any] = {"num_classes": 0}
+    if "vit" in name or "deit" in name:
+        defaults["dynamic_img_size"] = True
+    return {**defaults, **kwargs}
 
 
 def _install_gsp(model: nn.Module, name: str, options: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.slurm import SlurmAllocationError, check_slurm_allocation
 from bam.training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
+from bam.training.extras import trainer_extras
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -20,4 +21,5 @@ __all__ = [
     "atomic_save",
     "check_slurm_allocation",
     "convert_sync_batchnorm",
+    "trainer_extras",
 ]

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import yaml
 
+from bam.data import MultiCropConfig
 from bam.methods import BAMModule
 from bam.methods.base import SSLMethod
 
@@ -31,9 +32,9 @@ def build_method(config: Path) -> tuple[SSLMethod, list[tuple[int, int]]]:
     method_class = BAMModule if recipe["model"]["class_path"].endswith("BAMModule") else None
     if method_class is None:
         raise SystemExit(f"{config}: throughput is measured for BAM recipes only")
-    crops = recipe["data"]["init_args"].get("crops", {})
-    layout = [(model_args.get("num_global_crops", 2), crops.get("global_size", 224)),
-              (model_args.get("num_local_crops", 6), crops.get("local_size", 96))]
+    crops = MultiCropConfig(**recipe["data"]["init_args"].get("crops", {}))  # the crop counts live here
+    model_args.update(num_global_crops=crops.num_global_crops, num_local_crops=crops.num_local_crops)
+    layout = [(crops.num_global_crops, crops.global_size), (crops.num_local_crops, crops.local_size)]
     return method_class(**model_args), layout
 
 

@@ -1,0 +1,70 @@
+"""The configs ship inside the wheel and are found by name: `bam pretrain --config demo`."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bam.cli import main as bam
+from bam.shipped_configs import resolve_config, with_config_names
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600  # only to turn a hang into a failure
+SOURCES = ("bam", "configs", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md")
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        pytest.fail(f"{command} did not finish")
+    assert process.returncode == 0, output
+    return output
+
+
+def test_names_resolve_to_the_shipped_files_and_paths_stay_paths(tmp_path):
+    assert resolve_config("pretrain", "demo") == str(REPO / "configs" / "pretrain" / "demo.yaml")
+    assert resolve_config("knn", "demo") == resolve_config("knn", "knn_demo") == str(REPO / "configs" / "eval" / "knn_demo.yaml")
+    own = tmp_path / "mine.yaml"
+    own.write_text("{}")
+    assert with_config_names("linear", ["--config", str(own), "--config=demo"]) == [
+        "--config", str(own), f"--config={REPO / 'configs' / 'eval' / 'linear_demo.yaml'}",
+    ]
+    with pytest.raises(SystemExit, match="'dmeo' is neither a file nor a shipped config; shipped configs: .*demo"):
+        bam(["pretrain", "--config", "dmeo"])
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_configs_and_runs_them_by_name(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to the sources
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+        source, env)
+    wheel = next((tmp_path / "dist").glob("bam_ssl-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"bam/configs/pretrain/demo.yaml", "bam/configs/eval/knn_demo.yaml"} <= set(names)
+
+    installed = tmp_path / "installed"  # the wheel's contents, as pip would lay them out
+    zipfile.ZipFile(wheel).extractall(installed)
+    elsewhere = tmp_path / "elsewhere"  # no configs/ folder around
+    elsewhere.mkdir()
+    env["PYTHONPATH"] = str(installed)
+    where = run([sys.executable, "-c", "import bam.shipped_configs as s; print(s.configs_dir())"], elsewhere, env)
+    assert Path(where.strip()) == installed / "bam" / "configs"
+    printed = run([sys.executable, "-m", "bam", "pretrain", "--config", "demo", "--print_config"], elsewhere, env)
+    assert "backbone: bam_cnn4" in printed
