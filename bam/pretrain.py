@@ -20,6 +20,7 @@ from bam.cli import stage_argv
 from bam.data import SSLDataModule
 from bam.methods import SSLMethod
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, check_slurm_allocation
+from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
 
 # logger class -> its sub-folder of the run directory (distinct, so both get the same version_N)
@@ -69,7 +70,7 @@ def _check_slurm(trainer: Namespace) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE] [--ckpt_path last] [--print_config] [overrides]`."""
-    with stage_argv("bam pretrain"):
+    with stage_argv("bam pretrain"), explain_divergence("bam pretrain", argv):
         PretrainCLI(
             SSLMethod,
             SSLDataModule,

@@ -3,57 +3,14 @@ with `--ckpt_path last` logs, step for step, the losses of the run that was neve
 both augmentation paths (random crops, blur; CPU workers or batched on the device)."""
 from __future__ import annotations
 
-import csv
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from bam.data import BuiltinDataModule, MultiCropConfig
 from bam.data.seeding import SeededSamples, batch_seed, sample_seed, seeded_random
+from cli_runs import DEMO_STEPS, logged_losses, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 600  # only to turn a hang into a failure
-STEPS = 12  # 2 epochs of 6 batches (200 MNIST digits, batch 32)
 INTERRUPTED_STEP = 8  # the signal arrives during the 3rd batch of epoch 1
-
-# the demo, shrunk: a small head, 200 images, no plots, k-NN only after the last epoch
-DEMO = ["--config", "configs/pretrain/demo.yaml", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
-        "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--knn.every_n_epochs=100",
-        "--knn.compare_baselines=false", "--plots.enabled=false"]
-
-
-def pretrain(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
-    """`bam pretrain` with the shrunk demo into `run_dir`, one thread (a fixed summation order)."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "bam", "pretrain", *DEMO, f"--trainer.default_root_dir={run_dir}", *options]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=HANG_GUARD_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, output)
-
-
-def logged_losses(run_dir: Path) -> dict[int, float]:
-    """`train/loss` by step over every CSV the run directory holds (one per start); a step logged
-    twice is an error."""
-    losses: dict[int, float] = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                step = int(row["step"])
-                assert step not in losses, f"step {step} logged twice ({path})"
-                losses[step] = float(row["train/loss"])
-    return losses
 
 
 @pytest.mark.slow
@@ -64,10 +21,10 @@ def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, pat
     full = pretrain(tmp_path / "full", *path_options)
     assert full.returncode == 0, full.stdout[-3000:]
     uninterrupted = logged_losses(tmp_path / "full")
-    assert sorted(uninterrupted) == list(range(STEPS))
+    assert sorted(uninterrupted) == list(range(DEMO_STEPS))
 
     split = tmp_path / "split"
-    command = [*path_options, "--ckpt_path=last", "--trainer.callbacks+=cli_faults.SignalAtStep",
+    command = [*path_options, "--ckpt_path=last", "--trainer.callbacks+=cli_runs.SignalAtStep",
                f"--trainer.callbacks.init_args.step={INTERRUPTED_STEP}"]
     first = pretrain(split, *command)
     assert first.returncode == 0, first.stdout[-3000:]
@@ -77,8 +34,8 @@ def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, pat
     second = pretrain(split, *command)  # the same command again resumes
     assert second.returncode == 0, second.stdout[-3000:]
     resumed = logged_losses(split)
-    assert sorted(resumed) == list(range(STEPS))  # every step once, the interrupted one included
-    for step in range(STEPS):
+    assert sorted(resumed) == list(range(DEMO_STEPS))  # every step once, the interrupted one included
+    for step in range(DEMO_STEPS):
         assert resumed[step] == uninterrupted[step], f"step {step}: {resumed[step]} != {uninterrupted[step]}"
 
 

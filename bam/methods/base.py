@@ -16,10 +16,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from bam.methods.monitoring import LossMonitor
+from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.methods.schedules import cosine, global_batch_size, warmup_cosine_lr
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.training.health import check_and_record, checkpoint_directory, diverged
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -129,9 +130,17 @@ class SSLMethod(pl.LightningModule):
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         crops, _ = batch
         loss = self.compute_loss(crops)
-        self.loss_monitor.update(loss.item(), self.global_step, self.chance_level())
+        try:
+            self.loss_monitor.update(loss.item(), self.global_step, self.chance_level())
+        except NonFiniteLossError as error:  # add the way back: the newest sound checkpoint
+            raise diverged(NonFiniteLossError, str(error), checkpoint_directory(self._trainer), self.hparams.lr) from None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to save a non-finite state (`NonFiniteStateError`); record the last loss."""
+        check_and_record(checkpoint, self.global_step, self.loss_monitor.last_finite,
+                         checkpoint_directory(self._trainer), self.hparams.lr)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step
