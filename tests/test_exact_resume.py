@@ -98,3 +98,13 @@ def test_device_path_batch_is_seeded_by_epoch_and_indices():
     with seeded_random(batch_seed(5, 1, indices)):
         other_epoch = module.device_augment(images)
     assert not all(torch.equal(a, b) for a, b in zip(views, other_epoch))
+
+
+def test_keyed_sampler_yields_the_epoch_with_the_same_order_and_skip():
+    from bam.data.resumable import ResumableSampler
+
+    plain, keyed = ResumableSampler(range(20), seed=3), ResumableSampler(range(20), seed=3, keyed=True)
+    for sampler in (plain, keyed):
+        sampler.set_epoch(4)
+        sampler.start = 5  # a resumed epoch
+    assert list(keyed) == [(4, index) for index in plain]

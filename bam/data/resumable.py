@@ -42,8 +42,9 @@ def _process_group_shape() -> tuple[int, int]:
 class ResumableSampler(DistributedSampler):
     """Per-epoch permutation seeded by `(seed, epoch)`, split over processes, startable mid-epoch.
 
-    `keyed=True` yields `(epoch, index)` pairs (see the module's notes). Works without a process group (one process gets the whole permutation), so the same data
-    module runs on one device and on many. `len()` is always the full epoch of this process,
+    `keyed=True` yields `(epoch, index)` pairs (see the module's notes). Works without a process
+    group (one process gets the whole permutation), so the same data module runs on one device
+    and on many. `len()` is always the full epoch of this process,
     which Lightning uses for the schedules, whatever `start` is.
     """
 
