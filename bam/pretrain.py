@@ -25,6 +25,7 @@ from bam.shipped_configs import with_config_names
 from bam.training import PreemptionCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.run_cli import SafeRunCLI, one_line_errors
+from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
 from bam.warning_filters import expected_warnings_silenced
 
@@ -104,5 +105,5 @@ def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
 
 def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE|NAME] [--ckpt_path last] [--print_config] [overrides]`."""
-    with one_line_errors("bam pretrain"), expected_warnings_silenced():
+    with one_line_errors("bam pretrain"), explain_divergence("bam pretrain", argv), expected_warnings_silenced():
         pretrain_cli(argv)

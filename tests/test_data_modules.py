@@ -92,8 +92,9 @@ def test_training_batches_are_views_and_labels(augment_on):
 
 def test_device_path_loader_yields_uint8_and_hook_skips_evaluation_batches():
     module = _synthetic_module(augment_on="device")
-    images, labels = next(iter(module.train_dataloader()))
+    images, labels, indices = next(iter(module.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 24, 24)
+    assert torch.equal(images, module.train_source.images[indices])  # the indices seed the augmentation
 
     class NotTraining:
         training = False
@@ -163,7 +164,7 @@ def test_imagefolder_train_and_val_folders(imagenet_layout):
     assert len(module.train_source) == 18 and len(module.val_source) == 6
     assert torch.bincount(module.val_source.labels).tolist() == [2, 2, 2]
     module.augment_on = "device"
-    images, _ = next(iter(module.train_dataloader()))
+    images, _, _ = next(iter(module.train_dataloader()))
     assert images.shape == (4, 3, 20, 20) and images.dtype == torch.uint8
 
 

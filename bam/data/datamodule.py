@@ -27,6 +27,7 @@ from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.file_account import FileAccount, file_accounts_of
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
+from bam.data.seeding import SeededSamples, batch_seed, seeded_random
 from bam.data.sources import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -190,7 +191,8 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         knn_bank_fraction: Class-balanced fraction of the training split used as the k-NN bank.
         knn_batch_size: Batch size of the k-NN loaders (default: ``batch_size``).
         eval_size: Side of k-NN images (resize + centre crop); None keeps images as they are.
-        seed: Seed of the subsampling (``fraction``, ``knn_bank_fraction``).
+        seed: Seed of the subsampling (``fraction``, ``knn_bank_fraction``), of the training order
+            and of the augmentations.
     """
 
     def __init__(
@@ -267,34 +269,40 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, last partial batch dropped; see the class docstring for what it yields."""
+        """Shuffled, last partial batch dropped; see the class docstring for what it yields.
+
+        The augmentations are seeded from ``(seed, epoch, dataset index)`` (per image on the CPU
+        path, per batch on the device path; see ``bam.data.seeding``), so a run resumed from a
+        checkpoint makes the same views as the uninterrupted run.
+        """
         self.setup()
         boxes = self.crop_boxes
         if self.augment_on == "cpu":
             multicrop = CPUMultiCrop(self.crops, boxes, self.crop_alpha)
-            dataset, collate = TransformedSource(self.train_source, multicrop, pass_index=boxes is not None), collate_views
-        elif boxes is not None:
-            dataset, collate = IndexedSource(self.train_source, self.base_transform()), collate_indexed_images
-        else:
-            base = self.base_transform()
-            dataset = self.train_source if base is None else TransformedSource(self.train_source, base)
-            collate = collate_images
-        return self._loader(dataset, collate, self.batch_size, shuffle=True)
+            views = TransformedSource(self.train_source, multicrop, pass_index=boxes is not None)
+            return self._loader(SeededSamples(views, self.seed), collate_views, self.batch_size, shuffle=True,
+                                keyed=True)
+        # device path: the rows' dataset indices seed the augmentation (and pick ContrastiveCrop boxes)
+        dataset = IndexedSource(self.train_source, self.base_transform())
+        return self._loader(dataset, collate_indexed_images, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Device path: turn a training batch of uint8 images into ``(views, labels)`` on device.
+        """Device path: turn a training batch ``(uint8 images, labels, dataset indices)`` into
+        ``(views, labels)`` on device, seeded from ``(seed, epoch, indices)``.
 
-        With ContrastiveCrop the batch also carries the images' dataset indices, which pick
-        their boxes; ``training_step`` still receives ``(views, labels)``.
+        The indices also pick ContrastiveCrop's boxes. A batch without indices (FFCV without
+        ContrastiveCrop) is augmented from the process's random stream.
         """
         if self.augment_on != "device" or not self._training():
             return batch
-        if len(batch) == 3:
-            images, labels, indices = batch
-            regions = self.crop_boxes.lookup(indices) if self.crop_boxes is not None else None
+        if len(batch) == 2:
+            images, labels = batch
+            return self.device_augment(images), labels
+        images, labels, indices = batch
+        regions = self.crop_boxes.lookup(indices) if self.crop_boxes is not None else None
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        with seeded_random(batch_seed(self.seed, epoch, indices), images.device):
             return self.device_augment(images, regions), labels
-        images, labels = batch
-        return self.device_augment(images), labels
 
     def _training(self) -> bool:
         trainer = self.trainer
@@ -325,7 +333,8 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
             for source in (bank, self.val_source)
         )
 
-    def _loader(self, dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool,
+                keyed: bool = False) -> DataLoader:
         options = dict(
             batch_size=batch_size,
             drop_last=shuffle,  # training batches keep their size; evaluation sees every image
@@ -339,7 +348,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         # The training order is a permutation seeded by (seed, epoch), sharded over processes, and
         # the loader's position goes into checkpoints: a run stopped mid-epoch resumes at the next
         # batch instead of the epoch's start.
-        sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, drop_last=True)
+        sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, keyed=keyed)
         return ResumableDataLoader(dataset, sampler=sampler, **options)
 
 

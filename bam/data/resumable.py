@@ -9,6 +9,8 @@ epoch's iterator), which is the hook used here:
 - `ResumableSampler` is a `DistributedSampler` (Lightning then leaves it in place under DDP):
   epoch `e` is the permutation seeded by `(seed, e)`, process `r` of `W` takes its entries
   `r, r + W, r + 2W, ...`, and it can start `start` samples into that list.
+  With `keyed=True` it yields `(epoch, index)` pairs instead of indices, for datasets whose
+  items depend on the epoch (seeded augmentations, `bam.data.seeding.SeededSamples`).
 - `ResumableDataLoader` counts the batches it has handed to the trainer in the current epoch
   (not those prefetched by workers) and saves `{"epoch", "batches"}`; loading it makes the next
   iterator skip exactly those batches.
@@ -40,8 +42,9 @@ def _process_group_shape() -> tuple[int, int]:
 class ResumableSampler(DistributedSampler):
     """Per-epoch permutation seeded by `(seed, epoch)`, split over processes, startable mid-epoch.
 
-    Works without a process group (one process gets the whole permutation), so the same data
-    module runs on one device and on many. `len()` is always the full epoch of this process,
+    `keyed=True` yields `(epoch, index)` pairs (see the module's notes). Works without a process
+    group (one process gets the whole permutation), so the same data module runs on one device
+    and on many. `len()` is always the full epoch of this process,
     which Lightning uses for the schedules, whatever `start` is.
     """
 
@@ -53,6 +56,7 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
+        keyed: bool = False,
     ) -> None:
         world, own_rank = _process_group_shape()
         super().__init__(
@@ -64,15 +68,18 @@ class ResumableSampler(DistributedSampler):
             drop_last=drop_last,
         )
         self.start = 0  # samples of this epoch's list to skip, once (set by load_state_dict)
+        self.keyed = keyed
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start = 0  # a skip belongs to the epoch it was saved in
         super().set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         indices = list(super().__iter__())[self.start:]
         self.start = 0
+        if self.keyed:
+            return iter([(self.epoch, index) for index in indices])
         return iter(indices)
 
 

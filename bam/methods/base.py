@@ -17,7 +17,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bam.io.safe_load import secure_checkpoint_loading
-from bam.methods.monitoring import LossMonitor
+from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.methods.schedules import (
     apply_lr_schedule,
     cosine,
@@ -28,6 +28,7 @@ from bam.methods.schedules import (
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
+from bam.training.health import check_and_record, checkpoint_directory, diverged
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -155,9 +156,17 @@ class SSLMethod(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         crops = _crops_of(batch)
         loss = self.compute_loss(crops)
-        self.loss_monitor.update(loss.item(), self.global_step, self.chance_level(len(crops[0])))
+        try:
+            self.loss_monitor.update(loss.item(), self.global_step, self.chance_level(len(crops[0])))
+        except NonFiniteLossError as error:  # add the way back: the newest sound checkpoint
+            raise diverged(NonFiniteLossError, str(error), checkpoint_directory(self._trainer), self.hparams.lr) from None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to save a non-finite state (`NonFiniteStateError`); record the last loss."""
+        check_and_record(checkpoint, self.global_step, self.loss_monitor.last_finite,
+                         checkpoint_directory(self._trainer), self.hparams.lr)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step

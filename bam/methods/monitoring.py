@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 import warnings
 
+from bam.training.health import TrainingDiverged
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(TrainingDiverged):
     """Raised before the optimiser step that a NaN/inf loss would have poisoned."""
 
 

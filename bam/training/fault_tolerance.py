@@ -134,6 +134,11 @@ class PreemptionCheckpoint(pl.Callback):
         path = checkpoint_path(trainer)
         rank_zero_info(f"Signal received: saving {path} at step {trainer.global_step} and stopping")
         trainer.save_checkpoint(path)  # every rank; returns after rank 0 wrote it and all met
+        # The loop hands this step's metrics to the loggers only after this hook, and the exit
+        # below skips that: hand them over here, as the loop would, so that the step's row is
+        # logged once (the resumed run starts at the next step). The loggers flush on the exit.
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         # Leave the loops here (as Lightning does on SIGTERM): ending the epoch normally would run

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import random
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from bam.data import CPUMultiCrop, DeviceMultiCrop, MultiCropConfig, load_builtin, write_beton
 from bam.data.datamodule import square_base_transform
+from bam.data.seeding import sample_seed, seeded_random
 from bam.data.sources import ImageFiles, decode_image_file, scan_image_folder
 
 DECODE_ONLY = "decode only"  # rows that decode to a uint8 tensor without augmenting
@@ -145,6 +147,17 @@ def per_image(files: ImageFiles, transform: Callable[[str], object]) -> Callable
     return run
 
 
+def seeded_per_image(multicrop: CPUMultiCrop) -> Callable[[str], object]:
+    """The cpu path as training runs it: each image's draws seeded from (seed, epoch, index)."""
+    indices = itertools.count()
+
+    def load(path: str) -> list[torch.Tensor]:
+        with seeded_random(sample_seed(0, 0, next(indices))):
+            return multicrop(decode_image_file(path))
+
+    return load
+
+
 def device_path(files: ImageFiles, crops: MultiCropConfig, base: int, batch: int, device: torch.device):
     """Decode + base-size square per image on the CPU, then the batched crops on ``device``."""
     augment, to_base = DeviceMultiCrop(crops), square_base_transform(base)
@@ -182,7 +195,7 @@ def measure(args: argparse.Namespace, root: Path) -> list[tuple[str, float, floa
     cpu = torch.device("cpu")
     rows = [
         ("PIL + torchvision v1 per image (baseline)", per_image(files, pil_baseline(crops))),
-        ("cpu path: torchvision v2 per image", per_image(files, lambda p, f=CPUMultiCrop(crops): f(decode_image_file(p)))),
+        ("cpu path: torchvision v2 per image", per_image(files, seeded_per_image(CPUMultiCrop(crops)))),
         ("device path on CPU: decode per image + batched crops", device_path(files, crops, args.size, args.batch_size, cpu)),
         (f"{DECODE_ONLY}: PIL, as ImageFolder + PILToTensor", per_image(files, pil_decode)),
         (f"{DECODE_ONLY}: torchvision.io", per_image(files, decode_image_file)),
