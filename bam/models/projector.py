@@ -14,8 +14,9 @@ class Projector(nn.Sequential):
     CNNs need `batch_norm=True` to leave the uniform-attention start (loss at log N).
 
     `init`: "pytorch" keeps `nn.Linear`'s default (Kaiming-uniform weights and biases);
-    "trunc_normal" draws the weights from a normal of std 0.02 truncated at +-2 and zeroes the
-    biases, as the authors' projector (their `models/heads.py`) does.
+    "trunc_normal" draws the weights from a normal of std 0.02 truncated at +-2 (absolute bounds,
+    so in effect untruncated) and zeroes the biases, as the authors' projector (their
+    `models/heads.py`) does.
     """
 
     def __init__(
