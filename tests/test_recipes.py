@@ -148,3 +148,22 @@ def test_projector_init_is_truncated_normal():
         # std 0.02 and a normal's kurtosis 3 (PyTorch's default: uniform, std 0.026-0.03, kurtosis 1.8)
         assert 0.0195 < weight.std() < 0.0205 and 2.8 < kurtosis < 3.2
         assert torch.all(linear.bias == 0)
+
+
+def test_a_training_step_leaves_the_frozen_parts_and_moves_the_rest(tmp_path):
+    import pytorch_lightning as pl
+    from conftest import TinyCropsDataModule
+
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "weight_init": "moco",
+           "sincos_pos_embed": True, "freeze_patch_embed": True}
+    model = BAMModule(backbone="vit_tiny_patch16_224", backbone_kwargs=vit, num_local_crops=2, momentum_teacher=True,
+                      warmup_epochs=0, lr=0.1, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2, proj_init="trunc_normal")
+    before = {name: param.detach().clone() for name, param in model.student.named_parameters()}
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path, max_steps=1, gradient_clip_val=0.3,
+               ).fit(model, TinyCropsDataModule(num_images=8, batch_size=8))
+    after = dict(model.student.named_parameters())
+    frozen = ("backbone.pos_embed", "backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias")
+    for name in frozen:
+        assert torch.equal(after[name], before[name]) and torch.equal(dict(model.teacher.named_parameters())[name], before[name])
+    assert not torch.equal(after["backbone.blocks.0.attn.qkv.weight"], before["backbone.blocks.0.attn.qkv.weight"])
