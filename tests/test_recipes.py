@@ -165,5 +165,7 @@ def test_a_training_step_leaves_the_frozen_parts_and_moves_the_rest(tmp_path):
     after = dict(model.student.named_parameters())
     frozen = ("backbone.pos_embed", "backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias")
     for name in frozen:
-        assert torch.equal(after[name], before[name]) and torch.equal(dict(model.teacher.named_parameters())[name], before[name])
+        assert torch.equal(after[name], before[name]), name
+        # the EMA of two equal values: equal up to the rounding of m * x + (1 - m) * x
+        torch.testing.assert_close(dict(model.teacher.named_parameters())[name], before[name])
     assert not torch.equal(after["backbone.blocks.0.attn.qkv.weight"], before["backbone.blocks.0.attn.qkv.weight"])
