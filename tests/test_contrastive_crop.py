@@ -388,7 +388,7 @@ def test_recipes_turn_it_on_and_demo_leaves_it_off(capsys):
 
     for name in ("vit_small_patch16", "vit_base_patch16", "caformer_m36", "resnet50"):
         group = yaml.safe_load((REPO / "configs" / "pretrain" / f"{name}.yaml").read_text())["contrastive_crop"]
-        assert group == dict(enabled=True, warmup_epochs=20, loc_interval=20, box_thresh=0.1, alpha=0.6), name
+        assert group == dict(enabled=True, warmup_epochs=41, loc_interval=40, box_thresh=0.1, alpha=0.6), name  # authors
     with pytest.raises(SystemExit):
         bam_main(["pretrain", "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bam.evaluation import cluster, finetune, knn_stage, linear
+from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
-STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "linear": linear.main, "finetune": finetune.main}
+STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "fewshot": fewshot.main, "linear": linear.main,
+          "finetune": finetune.main}
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
@@ -19,7 +20,7 @@ def test_config_parses(config, capsys):
         stage(["--config", str(config), "--print_config"])
     assert exit_info.value.code in (None, 0), capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["backbone" if stage in (knn_stage.main, cluster.main) else "model"]
+    assert printed["backbone" if stage in (knn_stage.main, cluster.main, fewshot.main) else "model"]
 
 
 def test_every_stage_has_an_imagenet_and_a_demo_config():

@@ -1,4 +1,6 @@
-"""GSP pooling: average pooling at mu = 1, learnable prototypes, selection, and its place in backbones."""
+"""GSP pooling: the official one-total-mass formulation (default) and the per-prototype one, each
+against a reference written from its equations; average pooling at mu = 1, learnable prototypes,
+selection, and its place in backbones."""
 from __future__ import annotations
 
 import pytest
@@ -19,11 +21,82 @@ def _map(batch: int = 3, channels: int = 16, size: int = 7, seed: int = 0) -> to
     return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed)).relu()
 
 
+@pytest.mark.parametrize("mass", ["total", "per_prototype"])
 @pytest.mark.parametrize("size", [1, 4, 7])
-def test_mu_one_is_average_pooling(size):
-    pool = GSPPool(16, num_prototypes=8, mu=1.0, eps=0.01)
+def test_mu_one_is_average_pooling(size, mass):
+    pool = GSPPool(16, num_prototypes=8, mu=1.0, eps=0.01, mass=mass)
     feature_map = _map(size=size)
     torch.testing.assert_close(pool(feature_map), feature_map.mean(dim=(2, 3)), rtol=0, atol=1e-5)
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True)
+
+
+def _official_reference(feature_map, prototypes, mu, eps, iterations):
+    """The official total-mass layer, from its equations (float64, exp domain): binary cost
+    |x_i/|x_i| - z_k/|z_k||^2, K = exp(-cost / eps), S_i = sum_k K_ik, q = 1/n; mu_ = mu, then
+    `iterations` times p = q / (1 + mu_ S), mu_ = mu / sum_i p_i S_i; a last p; pooled =
+    average over locations of ((1 - n p_i) / mu) x_i."""
+    x = feature_map.double().flatten(2).transpose(1, 2)  # (B, n, C)
+    cost = torch.cdist(_unit(x), _unit(prototypes.double()).expand(len(x), -1, -1)).square()
+    row_sums = torch.exp(-cost / eps).sum(-1)  # (B, n)
+    n = x.shape[1]
+    scale = torch.full((len(x), 1), mu, dtype=torch.float64)
+    for _ in range(iterations):
+        residual = (1.0 / n) / (1.0 + scale * row_sums)
+        scale = mu / (residual * row_sums).sum(-1, keepdim=True)
+    residual = (1.0 / n) / (1.0 + scale * row_sums)
+    return (((1.0 - n * residual) / mu).unsqueeze(-1) * x).mean(1)
+
+
+def _per_prototype_reference(feature_map, prototypes, mu, eps, iterations):
+    """The per-prototype balanced transport, from its equations (float64, exp domain): rows
+    (locations) 1/n, prototypes mu/m each, residual 1 - mu at cost 0; cost 1 - cos; `iterations`
+    column-then-row scalings; weights = mass sent to the prototypes, normalised."""
+    x = feature_map.double().flatten(2).transpose(1, 2)
+    batch, n, _ = x.shape
+    m = len(prototypes)
+    cost = 1.0 - _unit(x) @ _unit(prototypes.double()).T
+    kernel = torch.cat([torch.exp(-cost / eps), torch.ones(batch, n, 1, dtype=torch.float64)], -1)
+    rows = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    columns = torch.cat([torch.full((m,), mu / m, dtype=torch.float64), torch.tensor([1.0 - mu], dtype=torch.float64)])
+    u = torch.ones(batch, n, dtype=torch.float64)
+    for _ in range(iterations):
+        v = columns / (kernel.mT @ u.unsqueeze(-1)).squeeze(-1)
+        u = rows / (kernel @ v.unsqueeze(-1)).squeeze(-1)
+    selected = (u.unsqueeze(-1) * kernel * v.unsqueeze(-2))[..., :m].sum(-1)
+    weights = selected / selected.sum(-1, keepdim=True)
+    return (weights.unsqueeze(-1) * x).sum(1)
+
+
+@pytest.mark.parametrize("mu, eps, iterations", [(0.3, 0.5, 100), (0.5, 0.2, 7), (0.7, 1.0, 1)])
+def test_total_mass_is_the_official_formulation(mu, eps, iterations):
+    pool = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations).double()
+    feature_map = _map(batch=3, size=5, seed=2).double()
+    expected = _official_reference(feature_map, pool.prototypes.detach(), mu, eps, iterations)
+    torch.testing.assert_close(pool(feature_map), expected, rtol=1e-9, atol=1e-12)
+    earlier = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations, mass="per_prototype").double()
+    earlier.load_state_dict(pool.state_dict())
+    assert not torch.allclose(earlier(feature_map), expected, atol=1e-4)  # the two formulations differ
+
+
+@pytest.mark.parametrize("mu, eps, iterations", [(0.3, 0.5, 50), (0.6, 0.1, 5)])
+def test_per_prototype_mass_matches_its_reference(mu, eps, iterations):
+    pool = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations, mass="per_prototype").double()
+    feature_map = _map(batch=2, size=4, seed=3).double()
+    expected = _per_prototype_reference(feature_map, pool.prototypes.detach(), mu, eps, iterations)
+    torch.testing.assert_close(pool(feature_map), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_total_mass_is_stable_at_a_sharp_eps():
+    # exp(-cost / eps) underflows float32 at eps = 0.01 (cost up to 4): the log domain keeps it finite
+    # (the single dual converges more slowly the sharper eps is: 1000 updates here)
+    pool = GSPPool(16, num_prototypes=8, mu=0.5, eps=0.01, iterations=1000)
+    feature_map = _map(size=7).requires_grad_()
+    pool(feature_map).sum().backward()
+    assert torch.isfinite(feature_map.grad).all() and torch.isfinite(pool.prototypes.grad).all()
+    torch.testing.assert_close(pool.weights(_map(size=7).flatten(2).transpose(1, 2)).sum(1), torch.ones(3))
 
 
 def test_output_shape_and_weights_are_a_distribution():
@@ -68,6 +141,8 @@ def test_bad_settings_are_explained():
         GSPPool(8, mu=0.0)
     with pytest.raises(ValueError, match="eps must be positive"):
         GSPPool(8, eps=0)
+    with pytest.raises(ValueError, match=r"unknown mass 'uniform'.*total"):
+        GSPPool(8, mass="uniform")
     with pytest.raises(ValueError, match=r"\(batch, 8, height, width\)"):
         GSPPool(8)(torch.randn(2, 8))
 

@@ -47,12 +47,13 @@ class SSLMethod(pl.LightningModule):
         backbone: timm model name (bam's presets included, see `bam.models.backbones`).
         backbone_kwargs: extra keyword arguments for `timm.create_model`.
         proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm,
-        proj_last_batch_norm, proj_bias: the projector MLP (see `bam.models.Projector`).
+        proj_last_batch_norm, proj_bias, proj_init: the projector MLP (see `bam.models.Projector`;
+            `proj_init="trunc_normal"` is the authors' initialisation).
         momentum_teacher: keep an EMA copy of the student that embeds the targets.
         teacher_momentum, teacher_momentum_final: cosine EMA momentum schedule over all steps.
         optimizer: any name timm's optimiser factory knows (adamw, sgd, lars, lamb, ...).
         lr: peak learning rate per 256 images; the peak used is `lr * global_batch / 256`.
-        min_lr: final learning rate of the cosine decay.
+        min_lr: final learning rate of the cosine decay (absolute: not scaled by the batch size).
         warmup_epochs: linear learning-rate warm-up, in epochs (applied per step).
         weight_decay, weight_decay_final: cosine weight-decay schedule (biases and 1-D parameters
             are never decayed).
@@ -78,6 +79,7 @@ class SSLMethod(pl.LightningModule):
         proj_batch_norm: bool = False,
         proj_last_batch_norm: bool = False,
         proj_bias: bool = True,
+        proj_init: str = "pytorch",
         momentum_teacher: bool = False,
         teacher_momentum: float = 0.995,
         teacher_momentum_final: float = 1.0,
@@ -111,6 +113,7 @@ class SSLMethod(pl.LightningModule):
             proj_batch_norm,
             proj_last_batch_norm,
             proj_bias,
+            proj_init,
         )
         self.student = MultiCropEncoder(net, head, channels_last, bn_stats_from_global_crops)
         # Created here (never later) so every checkpoint has the teacher's keys and resumes fit.

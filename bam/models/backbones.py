@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import timm
 import torch
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, build_sincos2d_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 from torch import nn
@@ -141,11 +141,17 @@ def is_vit(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "cls_token")
 
 
+# options of `build_backbone` that fix weights during pretraining without changing the network
+TRAINING_ONLY_OPTIONS = ("sincos_pos_embed", "freeze_patch_embed")
+
+
 def build_backbone(
     name: str,
     pretrained: bool = False,
     pooling: Optional[str] = None,
     pooling_kwargs: Optional[dict[str, Any]] = None,
+    sincos_pos_embed: bool = False,
+    freeze_patch_embed: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the timm model `name` as a feature extractor (`num_classes=0`).
@@ -158,6 +164,14 @@ def build_backbone(
     `iterations`); `None` keeps the model's own pooling. Both arrive here from a config's
     `backbone_kwargs` and are recorded with exported backbones, so the export rebuilds the same
     network with its learnt prototypes.
+
+    The authors' ViT (their `models/vit.py`, MoCo v3's stability recipe) is a timm ViT with three
+    settings, each an option here so that a config shows it: `weight_init="moco"` (timm's own
+    argument), `sincos_pos_embed=True` (a fixed 2-D sin-cos position embedding, not trained) and
+    `freeze_patch_embed=True` (the patch projection is not trained). The model stays a timm
+    `VisionTransformer` with the same state-dict keys (the fixed embedding is still the
+    `pos_embed` parameter, only with `requires_grad=False`), so released checkpoints load into it
+    and exports of it load into plain timm.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
@@ -167,6 +181,8 @@ def build_backbone(
     if pooling_kwargs and pooling is None:
         raise ValueError("pooling_kwargs given without pooling='gsp'")
     model = timm.create_model(name, pretrained=pretrained, **timm_kwargs(name, kwargs))
+    if sincos_pos_embed or freeze_patch_embed:
+        _make_vit_authors_faithful(model, name, sincos_pos_embed, freeze_patch_embed)
     if pooling == "gsp":
         _install_gsp(model, name, pooling_kwargs or {})
     return model
@@ -178,11 +194,43 @@ POOLINGS = (None, "gsp")
 def timm_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments `build_backbone` gives `timm.create_model` for `name` (no classifier unless
     `num_classes` says so; ViTs accept any input size), all of them explicit: what an export
-    records so that timm rebuilds the same network."""
+    records so that timm rebuilds the same network. `TRAINING_ONLY_OPTIONS` say which weights
+    pretraining keeps fixed, not what the network is: they are left out (timm would refuse them,
+    and fine-tuning an export trains every weight)."""
+    kwargs = {key: value for key, value in kwargs.items() if key not in TRAINING_ONLY_OPTIONS}
     defaults: dict[str, Any] = {"num_classes": 0}
     if "vit" in name or "deit" in name:
         defaults["dynamic_img_size"] = True
     return {**defaults, **kwargs}
+
+
+def _make_vit_authors_faithful(model: nn.Module, name: str, sincos_pos_embed: bool, freeze_patch_embed: bool) -> None:
+    if not (is_vit(model) and getattr(model, "pos_embed", None) is not None):
+        raise ValueError(
+            f"sincos_pos_embed and freeze_patch_embed apply to timm ViTs with a position embedding; {name} is "
+            f"{type(model).__name__}"
+        )
+    if sincos_pos_embed:
+        model.pos_embed.data.copy_(sincos_position_embedding(model))
+        model.pos_embed.requires_grad_(False)
+    if freeze_patch_embed:
+        model.patch_embed.proj.requires_grad_(False)
+
+
+def sincos_position_embedding(model: nn.Module) -> torch.Tensor:
+    """The fixed 2-D sin-cos embedding of a timm ViT's patch grid, shaped like its `pos_embed`.
+
+    Per patch at (row, column), a quarter of the width each: sin and cos of the row, then of the
+    column, at frequencies `10000 ** (-k / (width / 4))` (MoCo v3's layout, which the authors
+    use); the class token's entry is zero. Local crops of another size still interpolate it, as
+    timm does for any absolute embedding with `dynamic_img_size`.
+    """
+    width = model.pos_embed.shape[-1]
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {width}")
+    grid = build_sincos2d_pos_embed(list(model.patch_embed.grid_size), width, interleave_sin_cos=True)
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    return torch.cat([grid.new_zeros(prefix, width), grid]).unsqueeze(0)
 
 
 def _install_gsp(model: nn.Module, name: str, options: dict[str, Any]) -> None:

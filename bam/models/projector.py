@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+PROJECTOR_INITS = ("pytorch", "trunc_normal")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -11,6 +12,11 @@ class Projector(nn.Sequential):
 
     The authors' ViT default is 3 layers, 4096 hidden, 4096 out, GELU, bias, no batch norm. Small
     CNNs need `batch_norm=True` to leave the uniform-attention start (loss at log N).
+
+    `init`: "pytorch" keeps `nn.Linear`'s default (Kaiming-uniform weights and biases);
+    "trunc_normal" draws the weights from a normal of std 0.02 truncated at +-2 (absolute bounds,
+    so in effect untruncated) and zeroes the biases, as the authors' projector (their
+    `models/heads.py`) does.
     """
 
     def __init__(
@@ -23,9 +29,12 @@ class Projector(nn.Sequential):
         batch_norm: bool = False,
         last_batch_norm: bool = False,
         bias: bool = True,
+        init: str = "pytorch",
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"the projector needs at least 1 layer, got num_layers={num_layers}")
+        if init not in PROJECTOR_INITS:
+            raise ValueError(f"unknown projector init {init!r}; choose from {PROJECTOR_INITS}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown projector activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
@@ -39,3 +48,8 @@ class Projector(nn.Sequential):
                 layers.append(ACTIVATIONS[activation]())
         super().__init__(*layers)
         self.out_dim = out_dim
+        if init == "trunc_normal":
+            for linear in (layer for layer in layers if isinstance(layer, nn.Linear)):
+                nn.init.trunc_normal_(linear.weight, std=0.02, a=-2.0, b=2.0)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)

@@ -1,0 +1,140 @@
+"""`bam fewshot`: episode sampling, the prototype classifier, transductive BPA, the 95% interval,
+and the stage end to end through the `bam` command."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bam.cli import STAGES
+from bam.evaluation import fewshot
+from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
+from bam.transforms import bpa
+from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HANG_GUARD_S = 600  # only a guard against a hung child; never a speed requirement
+
+
+def _blobs(per_class: int = 20, classes: int = 6, dim: int = 8, noise: float = 0.05, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=generator)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    points = centres[labels] + noise * torch.randn(len(labels), dim, generator=generator)
+    order = torch.randperm(len(labels), generator=generator)
+    return points[order], labels[order]
+
+
+def test_episode_is_class_major_disjoint_and_seeded():
+    _, labels = _blobs(per_class=10, classes=7)
+    labels[labels == 6] = 5  # class 5 now has 20 images, class 6 none
+    labels[:3] = 9  # three images of a class too small for 2 + 3 images: never drawn
+    support, query = sample_episode(labels, ways=4, shots=2, queries=3, generator=torch.Generator().manual_seed(1))
+    assert support.shape == (8,) and query.shape == (12,)
+    assert not set(support.tolist()) & set(query.tolist())
+    support_classes, query_classes = labels[support].view(4, 2), labels[query].view(4, 3)
+    assert torch.all(support_classes == support_classes[:, :1]) and torch.all(query_classes == query_classes[:, :1])
+    assert torch.equal(support_classes[:, 0], query_classes[:, 0]) and len(support_classes[:, 0].unique()) == 4
+    assert 9 not in support_classes
+    again = sample_episode(labels, 4, 2, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], support) and torch.equal(again[1], query)
+
+
+def test_too_few_classes_is_explained():
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 2)
+    with pytest.raises(ValueError, match=r"3-way 1-shot.*3 classes with at least 4 images.*has 2"):
+        sample_episode(labels, 3, 1, 3, torch.Generator())
+
+
+def test_prototype_classifier_on_a_hand_computed_case():
+    support = torch.tensor([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0], [4.0, 2.0]])  # prototypes (0, 1), (4, 1)
+    query = torch.tensor([[1.9, 1.0], [2.1, 5.0], [3.0, 0.0], [-1.0, 0.0]])  # classes 0, 0, 1, 1
+    # nearest prototypes: 0, 1, 1, 0 -> half right
+    assert prototype_accuracy(support, query, ways=2, shots=2) == 0.5
+
+
+def test_separable_classes_are_always_right_and_noise_is_at_chance():
+    features, labels = _blobs()
+    perfect = episode_accuracies(features, labels, ways=5, shots=1, queries=5, episodes=50)
+    assert torch.all(perfect["raw"] == 1.0) and torch.all(perfect["bpa"] == 1.0)
+    noise = torch.randn(600, 32, generator=torch.Generator().manual_seed(3))
+    chance = evaluate_fewshot(noise, torch.arange(6).repeat(100), ways=5, shots=[1], queries=15, episodes=600)
+    raw = chance["1-shot"]["raw"]
+    assert abs(raw["mean"] - 20.0) < 2.0 * raw["ci95"] + 0.5
+
+
+def test_confidence_interval_is_the_normal_one_over_episodes():
+    features, labels = _blobs(noise=1.5, seed=4)
+    accuracies = episode_accuracies(features, labels, ways=3, shots=1, queries=4, episodes=40, bpa=False, seed=2)["raw"]
+    summary = fewshot.summarise(accuracies)
+    values = accuracies.tolist()
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    assert summary["mean"] == pytest.approx(100 * mean)
+    assert summary["ci95"] == pytest.approx(100 * 1.96 * std / math.sqrt(len(values)))
+    assert 0 < summary["ci95"] < 20
+
+
+def test_bpa_transforms_support_and_queries_together():
+    features, labels = _blobs(noise=0.8, seed=5)
+    result = episode_accuracies(features, labels, ways=4, shots=2, queries=3, episodes=5, seed=7)
+    # the first episode, recomputed independently: one BPA set of 4 * (2 + 3) rows
+    support, query = sample_episode(labels, 4, 2, 3, torch.Generator().manual_seed(7))
+    episode = bpa(F.normalize(features[torch.cat([support, query])], dim=1), 0.1, 10)
+    assert episode.shape == (20, 20)
+    prototypes = episode[:8].view(4, 2, -1).mean(1)
+    truth = torch.arange(4).repeat_interleave(3)
+    expected = (torch.cdist(episode[8:], prototypes).argmin(1) == truth).float().mean().item()
+    assert result["bpa"][0].item() == pytest.approx(expected)
+    raw = F.normalize(features[torch.cat([support, query])], dim=1)
+    expected_raw = (torch.cdist(raw[8:], raw[:8].view(4, 2, -1).mean(1)).argmin(1) == truth).float().mean().item()
+    assert result["raw"][0].item() == pytest.approx(expected_raw)
+
+
+def test_bad_settings_are_explained():
+    features, labels = _blobs()
+    with pytest.raises(ValueError, match="ways >= 2"):
+        episode_accuracies(features, labels, ways=1)
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        run_fewshot("bam_cnn4", synthetic_data(), split="test", accelerator="cpu")
+
+
+def _bam(arguments: list[str]) -> subprocess.CompletedProcess:
+    """`python -m bam ...` in its own process group, killed as a whole if it hangs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "bam", *arguments], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def test_stage_through_the_bam_command(tmp_path):
+    assert STAGES["fewshot"][0] == "bam.evaluation.fewshot"
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    done = _bam([
+        "fewshot", "--backbone", str(checkpoint), "--accelerator", "cpu", "--output_dir", str(tmp_path / "out"),
+        "--ways", "3", "--shots", "[1, 2]", "--queries", "4", "--episodes", "20",
+        *synthetic_args(batch_size=16, train_size=32, val_size=32),
+    ])
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out" / "fewshot_results.json").read_text())
+    assert set(result["results"]) == {"1-shot", "2-shot"}
+    for row in result["results"].values():
+        for space in ("raw", "bpa"):
+            assert 0 <= row[space]["mean"] <= 100 and row[space]["ci95"] >= 0
+    assert (result["ways"], result["episodes"], result["num_images"]) == (3, 20, 32)
+    assert (tmp_path / "out" / "fewshot.png").stat().st_size > 1000
+    assert "1-shot" in done.stdout and "BPA" in done.stdout
