@@ -15,14 +15,13 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.shipped_configs import with_config_names
-from bam.training import PreemptionCheckpoint, check_slurm_allocation
+from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.training.health import explain_divergence
@@ -35,7 +34,7 @@ class PretrainCLI(SafeRunCLI):
     configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{name}": value for name, value in CHECKPOINT_DEFAULTS.items()})
         # before the k-NN group: the last k-NN evaluation must see the re-estimated statistics
         parser.add_lightning_class_args(PreciseBatchNorm, "precise_bn")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import CurvePlots
@@ -18,6 +17,7 @@ from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.shipped_configs import with_config_names
 from bam.training.extras import logger_config
+from bam.training.fault_tolerance import RunCheckpoint
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced
 
@@ -31,7 +31,7 @@ class EvalCLI(SafeRunCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")

@@ -1,7 +1,7 @@
 """Running pretraining at scale: SLURM checks and requeue, preemption-safe checkpoints, exact
 mid-epoch resume of the data order, batch norm synchronised across CPU or GPU processes, one run per
 run folder, and the command-line behaviour that makes training stages fail safely (`run_cli`)."""
-from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, PreemptionCheckpoint, atomic_save
+from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, PreemptionCheckpoint, RunCheckpoint, atomic_save
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.slurm import SlurmAllocationError, check_slurm_allocation
@@ -13,6 +13,7 @@ __all__ = [
     "CPUSyncBatchNorm",
     "DiskFullError",
     "PreemptionCheckpoint",
+    "RunCheckpoint",
     "ResumableDataLoader",
     "ResumableSampler",
     "RunFolderBusyError",

@@ -13,11 +13,11 @@ import os
 from typing import Any
 
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from bam.callbacks import CurvePlots, OnlineKNN, PreciseBatchNorm
-from bam.training.fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint
+from bam.training.fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint, RunCheckpoint
 
 # the checkpoint callback's settings in `bam pretrain` (every 10 epochs, all kept, plus last.ckpt)
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"save_last": True, "save_top_k": -1, "every_n_epochs": 10}
@@ -76,7 +76,7 @@ def trainer_extras(
     Returns:
         `default_root_dir`, `callbacks`, `plugins` (atomic checkpoint writes) and `logger`.
     """
-    callbacks: list[Callback] = [ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), **CHECKPOINT_DEFAULTS)]
+    callbacks: list[Callback] = [RunCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), **CHECKPOINT_DEFAULTS)]
     if precise_bn:  # before k-NN: the last evaluation must see the re-estimated statistics
         callbacks.append(PreciseBatchNorm())
     if knn:

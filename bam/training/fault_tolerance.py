@@ -42,6 +42,23 @@ from bam.training.run_folder import this_host, writer_is_dead
 from bam.training.slurm import in_slurm_job, requeue_slurm_job
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` whose `last.ckpt` is always the state training ended in.
+
+    Lightning writes `last.ckpt` only together with a periodic checkpoint, so a run of 22 epochs
+    saving every 8 would end with `last.ckpt` from epoch 16, without the final epochs and the
+    re-estimated batch norm statistics, and that file is what users export and resume. Here
+    training's end also writes it when the last periodic save was at an earlier step.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `_last_global_step_saved` is Lightning's own record of the step of its latest save
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On any of `signals`: finish the batch, save `<checkpoint dir>/last.ckpt`, exit cleanly.
 
