@@ -38,12 +38,9 @@ def test_config_builds_its_model(config):
 
 
 def parsed_pretraining(args: list[str]):
-    from bam.data import SSLDataModule
-    from bam.methods import SSLMethod
-    from bam.pretrain import PretrainCLI
+    from bam.pretrain import pretrain_cli
 
-    return PretrainCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                       auto_configure_optimizers=False, args=[*args, "--trainer.logger", "false"])
+    return pretrain_cli([*args, "--trainer.logger", "false"], run=False)
 
 
 def test_crop_counts_are_one_setting_linked_from_the_data(capsys):

@@ -91,6 +91,7 @@ class ClassificationStage(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Give the data module the backbone's data recipe (`self.recipe`, set by the subclass)
         for the settings it leaves unset, before any loader is built."""
+        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
         apply_recipe = getattr(self.trainer.datamodule, "apply_recipe", None)
         if apply_recipe is not None:
             apply_recipe(self.recipe, self.hparams.get("backbone", "the backbone"))
@@ -151,9 +152,6 @@ class ClassificationStage(pl.LightningModule):
         in memory); printed and the skipped paths written to `<run dir>/skipped_files.tsv`."""
         accounts = getattr(self.trainer.datamodule, "file_accounts", None)
         return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
-
-    def setup(self, stage: str) -> None:
-        secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch

@@ -167,9 +167,13 @@ class SSLMethod(pl.LightningModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to save a non-finite state (`NonFiniteStateError`); record the last loss."""
+        """Refuse to save a non-finite state (`NonFiniteStateError`); record the last loss and the
+        training data's recipe (what exports and evaluation normalise with)."""
         check_and_record(checkpoint, self.global_step, self.loss_monitor.last_finite,
                          checkpoint_directory(self._trainer), self.hparams.lr)
+        recipe = self.recipe_of_data()
+        if recipe is not None:
+            checkpoint[CHECKPOINT_KEY] = recipe.to_dict()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -244,11 +248,6 @@ class SSLMethod(pl.LightningModule):
 
     def on_train_start(self) -> None:
         apply_lr_schedule(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        recipe = self.recipe_of_data()
-        if recipe is not None:
-            checkpoint[CHECKPOINT_KEY] = recipe.to_dict()
 
     def recipe_of_data(self) -> DataRecipe | None:
         """The training data's recipe: the data module's `data_recipe()`, else `self.data_recipe`."""
