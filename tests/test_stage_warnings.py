@@ -1,7 +1,12 @@
 """A stage run prints no warning that bam causes or expects (frozen modules, a 1-step cosine)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+
+import pytest
 
 from bam.evaluation import finetune
 from bam.methods.schedules import warmup_cosine_lr
@@ -28,3 +33,14 @@ def test_a_schedule_that_is_all_warm_up_is_silent_and_reaches_the_peak(caplog):
     scheduler.step_update(num_updates=4)
     assert "no effect" not in caplog.text
     assert optimizer.param_groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "linear", "finetune"])
+def test_stage_help_names_the_stage_and_warns_of_nothing(stage):
+    """Through the console script, as a user types it: no LightningCLI warning about `args` and
+    command-line arguments, and help reads `usage: bam <stage>`, not the internal `fit`."""
+    bam = str(Path(sys.executable).parent / "bam")
+    done = subprocess.run([bam, stage, "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: bam {stage} ") and " fit " not in done.stdout.splitlines()[0]
+    assert "args parameter is intended" not in done.stderr
