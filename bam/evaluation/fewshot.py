@@ -29,6 +29,7 @@ from bam.distributed import rank
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.features import embed_dataset
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.shipped_configs import with_config_names
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "fewshot_results.json"
@@ -183,9 +184,10 @@ def run_fewshot(
     device = select_device(accelerator)
     init_distributed(device)
     data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature).to(device)
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     features, labels = embed_dataset(
-        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers
+        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
+        progress=f"few-shot: embedding the {split} split",
     )
     scores = evaluate_fewshot(features.to(device), labels, ways, shots, queries, episodes, bpa, bpa_reg,
                               bpa_iterations, seed)
@@ -242,4 +244,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam fewshot --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_fewshot, args=argv, as_positional=False, prog="bam fewshot")
+    CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")
