@@ -90,7 +90,8 @@ def recipe_data_class(config: Path) -> str:
 
 def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs: int = 1) -> list[str]:
     """`--config <recipe>` plus what must shrink for 2 CPU processes and a few seconds: one step
-    per epoch, k-NN and ContrastiveCrop boxes already in the first epoch."""
+    per epoch, k-NN and ContrastiveCrop boxes already in the first epoch; full precision on CPU
+    (a recipe's bf16/fp16 is run on GPUs by tests/gpu/check.sh)."""
     args = [
         "--config", str(config),
         "--trainer.accelerator", ACCELERATOR, "--trainer.num_nodes", "1",
@@ -100,6 +101,8 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
         "--knn.every_n_epochs", "1", "--contrastive_crop.warmup_epochs", "0",
         "--contrastive_crop.loc_interval", "1",
     ]
+    if ACCELERATOR == "cpu":  # CPUs have no fp16 and emulate bf16; mixed precision is check.sh's, on GPUs
+        args += ["--trainer.precision", "32-true"]
     if recipe_data_class(config).endswith("ImageFolderDataModule"):
         args += [
             "--data.init_args.root", str(image_root), "--data.init_args.knn_bank_fraction", "1.0",
