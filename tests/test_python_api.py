@@ -7,12 +7,12 @@ import json
 import pytorch_lightning as pl
 import pytest
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 import bam
 from bam.callbacks import CurvePlots, OnlineKNN, PreciseBatchNorm
 from bam.methods import BAMModule
+from bam.training import RunCheckpoint
 from bam.recipe import DataRecipe
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint
 from conftest import TinyCropsDataModule
@@ -71,7 +71,7 @@ def test_a_batch_of_the_wrong_shape_is_a_clear_error(tmp_path):
 def test_trainer_extras_are_the_clis_callbacks_and_plugins(tmp_path):
     extras = bam.trainer_extras(str(tmp_path), compare_baselines=True)
     kinds = [type(callback) for callback in extras["callbacks"]]
-    assert kinds == [ModelCheckpoint, PreciseBatchNorm, OnlineKNN, PreemptionCheckpoint, CurvePlots]
+    assert kinds == [RunCheckpoint, PreciseBatchNorm, OnlineKNN, PreemptionCheckpoint, CurvePlots]
     assert [type(plugin) for plugin in extras["plugins"]] == [AtomicCheckpointIO]
     checkpoint = extras["callbacks"][0]
     assert (checkpoint.save_last, checkpoint.save_top_k, checkpoint.dirpath) == (True, -1, str(tmp_path / "checkpoints"))
