@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 import bam
 from bam.callbacks import CurvePlots, OnlineKNN, PreciseBatchNorm
 from bam.methods import BAMModule
-from bam.training import RunCheckpoint
 from bam.recipe import DataRecipe
-from bam.training import AtomicCheckpointIO, PreemptionCheckpoint
+from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, RunCheckpoint
 from conftest import TinyCropsDataModule
 
 BATCH = 8
