@@ -19,7 +19,7 @@ TINY_PRETRAIN = [
     "--knn.every_n_epochs=1000", "--precise_bn.enabled=false", "--plots.enabled=false",
     "--model=bam.methods.BAMModule", "--model.backbone=bam_cnn4", "--model.proj_hidden_dim=32",
     "--model.proj_out_dim=16", "--model.proj_layers=2", "--model.proj_batch_norm=true",
-    "--model.num_local_crops=1", "--model.lr=1e-3", "--model.warmup_epochs=10",
+    "--model.lr=1e-3", "--model.warmup_epochs=10",
     "--data=bam.data.BuiltinDataModule", "--data.name=mnist", "--data.augment_on=device",
     "--data.batch_size=8", "--data.num_workers=0", "--data.crops.global_size=28",
     "--data.crops.num_local_crops=1", "--data.crops.local_size=14",

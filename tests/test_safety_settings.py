@@ -41,7 +41,6 @@ def test_a_missing_data_path_is_one_line_naming_it(tmp_path):
         ("--data.batch_size=-8", "batch_size and knn_batch_size must be at least 1, got -8"),
         ("--model.reg_final=0", "reg_final must be positive"),
         ("--model.reg_final=-0.1", "reg_final must be positive"),
-        ("--model.num_local_crops=-1", "model num_local_crops must be >= 0, got -1"),
         ("--data.crops.num_local_crops=-2", "num_local_crops must be >= 0, got -2"),
     ],
 )
