@@ -27,8 +27,7 @@ from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.distributed import rank
 from bam.shipped_configs import with_config_names
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import embed_dataset
-from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.evaluation.frozen import embed_split
 from bam.evaluation.knn_stage import BPA_MAX_SET
 from bam.transforms import bpa as bpa_transform
 
@@ -202,15 +201,8 @@ def run_clustering(
         `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file account and
         settings used.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    device = select_device(accelerator)
-    init_distributed(device)
-    data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
-    features, labels = embed_dataset(
-        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
-        progress=f"clustering: embedding the {split} split",
+    features, labels, extractor, device = embed_split(
+        backbone, which, arch, feature, data, split, fraction, accelerator, "clustering"
     )
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes

@@ -27,8 +27,7 @@ from torch import Tensor
 
 from bam.distributed import rank
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import embed_dataset
-from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.evaluation.frozen import embed_split
 from bam.shipped_configs import with_config_names
 from bam.transforms import bpa as bpa_transform
 
@@ -177,17 +176,10 @@ def run_fewshot(
         Per shot count (`"1-shot"`, ...): `raw` and `bpa` mean accuracy and 95% CI half-width (%);
         and the settings used.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not shots:
         raise ValueError("shots must list at least one shot count, e.g. [1, 5]")
-    device = select_device(accelerator)
-    init_distributed(device)
-    data.setup()
-    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
-    features, labels = embed_dataset(
-        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
-        progress=f"few-shot: embedding the {split} split",
+    features, labels, extractor, device = embed_split(
+        backbone, which, arch, feature, data, split, fraction, accelerator, "few-shot"
     )
     scores = evaluate_fewshot(features.to(device), labels, ways, shots, queries, episodes, bpa, bpa_reg,
                               bpa_iterations, seed)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import FeatureExtractor, resolve_recipe
+from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -39,3 +39,23 @@ def frozen_extractor(
     data.apply_recipe(spec.recipe, backbone)
     model = build_from_spec(spec)
     return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
+
+
+def embed_split(
+    backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule,
+    split: str, fraction: float, accelerator: str, purpose: str,
+) -> tuple[torch.Tensor, torch.Tensor, FeatureExtractor, torch.device]:
+    """What the frozen-feature stages (`bam cluster`, `bam fewshot`) start with: the process group
+    (under torchrun), the data with the backbone's recipe, and every image of `split` embedded once
+    over all processes; `(features, labels, extractor, device)`. `purpose` names the progress bar."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    device = select_device(accelerator)
+    init_distributed(device)
+    data.setup()
+    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
+    features, labels = embed_dataset(
+        data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
+        progress=f"{purpose}: embedding the {split} split",
+    )
+    return features, labels, extractor, device
