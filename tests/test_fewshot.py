@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +13,9 @@ from bam.cli import STAGES
 from bam.evaluation import fewshot
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
 from bam.transforms import bpa
+from cli_runs import run_bam
 from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 600  # only a guard against a hung child; never a speed requirement
 
 
 def _blobs(per_class: int = 20, classes: int = 6, dim: int = 8, noise: float = 0.05, seed: int = 0):
@@ -107,29 +101,15 @@ def test_bad_settings_are_explained():
         run_fewshot("bam_cnn4", synthetic_data(), split="test", accelerator="cpu")
 
 
-def _bam(arguments: list[str]) -> subprocess.CompletedProcess:
-    """`python -m bam ...` in its own process group, killed as a whole if it hangs."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "bam", *arguments], cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=HANG_GUARD_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
 def test_stage_through_the_bam_command(tmp_path):
     assert STAGES["fewshot"][0] == "bam.evaluation.fewshot"
     checkpoint = write_checkpoint(tmp_path, *CNN)
-    done = _bam([
+    done = run_bam([
         "fewshot", "--backbone", str(checkpoint), "--accelerator", "cpu", "--output_dir", str(tmp_path / "out"),
         "--ways", "3", "--shots", "[1, 2]", "--queries", "4", "--episodes", "20",
         *synthetic_args(batch_size=16, train_size=32, val_size=32),
     ])
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout[-3000:]
     result = json.loads((tmp_path / "out" / "fewshot_results.json").read_text())
     assert set(result["results"]) == {"1-shot", "2-shot"}
     for row in result["results"].values():
