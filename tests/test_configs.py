@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from bam.cli import main as bam_main
+from repo_paths import REPO
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 
 
 def model_class_path(config: Path) -> str:

@@ -14,8 +14,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from repo_paths import REPO
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # a hang guard, not a speed requirement
 
 

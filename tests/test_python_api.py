@@ -14,7 +14,7 @@ from bam.callbacks import CurvePlots, OnlineKNN, PreciseBatchNorm
 from bam.methods import BAMModule
 from bam.recipe import DataRecipe
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, RunCheckpoint
-from conftest import TinyCropsDataModule
+from tiny_runs import TinyCropsDataModule
 
 BATCH = 8
 

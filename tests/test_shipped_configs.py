@@ -12,8 +12,8 @@ import pytest
 
 from bam.cli import main as bam
 from bam.shipped_configs import resolve_config, with_config_names
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # only to turn a hang into a failure
 SOURCES = ("bam", "configs", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md")
 

@@ -21,7 +21,7 @@ failures=0
 "$PYTHON" - "$work/images" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/helpers")
 from product_runs import write_image_folder
 write_image_folder(Path(sys.argv[1]))
 EOF
@@ -30,7 +30,7 @@ shrunk_args() {  # the launch tests' shrunk recipe, as shell words
   "$PYTHON" - "$@" <<'EOF'
 import shlex, sys
 from pathlib import Path
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/helpers")
 from product_runs import shrunk_recipe_args
 print(shlex.join(shrunk_recipe_args(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))))
 EOF
@@ -70,7 +70,7 @@ check ffcv-pretrain "$BAM" pretrain "${args[@]}" "${layout[@]}" --data bam.data.
   --data.init_args.base_size 40 --data.init_args.eval_size 32 --data.init_args.augment_on device
 
 echo "== 3. launch tests with the GPU accelerator (2 processes: needs 2 GPUs)"
-[ "$GPUS" -ge 2 ] && check launch-tests env BAM_TEST_ACCELERATOR=gpu "$PYTHON" -m pytest -q -x tests/test_launch_pretrain.py \
+[ "$GPUS" -ge 2 ] && check launch-tests env BAM_TEST_ACCELERATOR=gpu "$PYTHON" -m pytest -q -x tests/launch/test_launch_pretrain.py \
   -k "demo-lightning or vit_small_patch16-torchrun"
 
 echo "== 4. throughput (one GPU, batch 64 per step)"

@@ -1,0 +1,21 @@
+"""The data benchmark runs end to end at toy size (no timing assertions)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_data  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finaliser, see test_data_ffcv
+def test_benchmark_runs_every_available_path(capsys):
+    rows = bench_data.main(["--images", "6", "--size", "32", "--batch-size", "3", "--global-size", "24", "--local-size", "12",
+                            "--ffcv-modes", "jpg", "--repeats", "1"])
+    names = [name for name, *_ in rows]
+    assert names[0].startswith("PIL") and any(name.startswith("cpu path") for name in names)
+    assert any("FFCV" in name for name in names) == (importlib.util.find_spec("ffcv") is not None)
+    assert all(cpu > 0 and wall > 0 for _, cpu, wall in rows)
+    assert "vs baseline" in capsys.readouterr().out

@@ -1,0 +1,30 @@
+"""Every evaluation config parses with the stage it belongs to (no unknown or misspelt keys)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear
+from repo_paths import REPO
+
+CONFIGS = REPO / "configs" / "eval"
+STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "fewshot": fewshot.main, "linear": linear.main,
+          "finetune": finetune.main}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_config_parses(config, capsys):
+    stage = STAGES[config.stem.split("_")[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        stage(["--config", str(config), "--print_config"])
+    assert exit_info.value.code in (None, 0), capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["backbone" if stage in (knn_stage.main, cluster.main, fewshot.main) else "model"]
+
+
+def test_every_stage_has_an_imagenet_and_a_demo_config():
+    assert {path.stem for path in CONFIGS.glob("*.yaml")} == {
+        f"{stage}_{data}" for stage in STAGES for data in ("imagenet", "demo")
+    }

@@ -1,0 +1,106 @@
+"""Real `bam pretrain` runs for tests: the demo shrunk on the command line, the losses its CSV
+logs hold, and faults injected as callbacks that the command line adds:
+
+    PYTHONPATH=<repo>:<repo>/tests bam pretrain ... \
+        --trainer.callbacks+=cli_runs.SignalAtStep --trainer.callbacks.init_args.step=8
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from repo_paths import REPO
+
+HANG_GUARD_S = 600  # only to turn a hang into a failure
+# the demo, shrunk: 200 digits in batches of 32 (6 steps per epoch), 2 epochs, a small head, one
+# loss row per step, no plots, k-NN only after the last epoch
+DEMO = ["--config", "configs/pretrain/demo.yaml", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
+        "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--knn.every_n_epochs=100",
+        "--knn.compare_baselines=false", "--plots.enabled=false"]
+DEMO_STEPS = 12
+
+
+def run_bam(args: list[str]) -> subprocess.CompletedProcess:
+    """`bam ARGS` as a user runs it (this checkout, one thread: a fixed summation order), output
+    and errors together in `stdout`; the whole process group is killed if it hangs."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'helpers'}", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "bam", *args]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
+def pretrain(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    """`bam pretrain` of the shrunk demo into `run_dir`, with `options` appended."""
+    return run_bam(["pretrain", *DEMO, f"--trainer.default_root_dir={run_dir}", *options])
+
+
+def logged_losses(run_dir: Path, version: str = "*") -> dict[int, float]:
+    """`train/loss` by step in the CSV logs of `run_dir` (one `version_N` per start; all of them
+    by default); a step logged twice is an error."""
+    losses: dict[int, float] = {}
+    for path in sorted(run_dir.glob(f"csv/version_{version}/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                step = int(row["step"])
+                assert step not in losses, f"step {step} logged twice ({path})"
+                losses[step] = float(row["train/loss"])
+    return losses
+
+
+class SignalAtStep(pl.Callback):
+    """Sends `signal_name` to this process when global step `step` starts (as a preemption would)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step, self.signum = step, signal.Signals[signal_name]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNOnce(pl.Callback):
+    """A transient fault: at global step `step`, a NaN lands in the student's projector, once.
+
+    `marker` is created when it fires; a run that finds it (the resumed one) is left alone, like
+    a fault that does not recur. `target="optimizer"` puts the NaN into the optimiser's moments
+    after the step instead (parameters and loss stay finite until the next step).
+    """
+
+    def __init__(self, step: int, marker: str, target: str = "weights") -> None:
+        if target not in ("weights", "optimizer"):
+            raise ValueError(f"target must be 'weights' or 'optimizer', got {target!r}")
+        self.step, self.marker, self.target = step, Path(marker), target
+
+    def _fires(self, trainer: pl.Trainer, step: int) -> bool:
+        if trainer.global_step != step or self.marker.exists():
+            return False
+        self.marker.touch()
+        return True
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.target == "weights" and self._fires(trainer, self.step):
+            next(module.student.projector.parameters()).fill_(float("nan"))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # global_step already counts this batch's optimiser step here
+        if self.target == "optimizer" and self._fires(trainer, self.step + 1):
+            state = trainer.optimizers[0].state
+            next(iter(state.values()))["exp_avg_sq"].fill_(float("nan"))

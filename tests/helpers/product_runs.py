@@ -1,0 +1,166 @@
+"""Run bam as its users do: the `bam` console script, `python -m bam`, torchrun and the `launch/`
+scripts, in subprocesses with their own process group, on CPU.
+
+Also the command-line overrides that shrink a shipped recipe to a few seconds of CPU (and only
+what must shrink: crop sizes, batch size, data, epochs, schedules of the periodic callbacks).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+from repo_paths import REPO
+
+PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+BIN = Path(sys.executable).parent
+BAM = str(BIN / "bam")
+# The launch tests run on CPU; tests/gpu/check.sh sets "gpu" to run them over NCCL on 2+ GPUs.
+ACCELERATOR = os.environ.get("BAM_TEST_ACCELERATOR", "cpu")
+HANG_GUARD_S = 900  # only to turn a deadlock into a failure; not a performance limit
+
+# per process; 2 processes x 4 images = 8 = one step per epoch on the generated folder
+BATCH_PER_PROCESS = 4
+TRAIN_IMAGES_PER_CLASS, VAL_IMAGES_PER_CLASS, CLASSES = 4, 2, 2
+
+
+def bam_env(**extra: str) -> dict[str, str]:
+    """The user's environment with this virtual environment first on PATH (as after `source
+    .venv/bin/activate`), one thread per process (2 processes share 2 cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], log: Path, cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    """Start `command` in its own session (so a hang can be killed with all its children)."""
+    handle = log.open("wb")
+    return subprocess.Popen(command, cwd=cwd, env=bam_env(**env), stdout=handle, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait(process: subprocess.Popen, log: Path, timeout: float = HANG_GUARD_S) -> int:
+    """Exit code of `process`; on a hang, kill its whole process group and fail with the log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"{process.args} did not finish within {timeout} s (deadlock?)\n{tail(log)}")
+
+
+def run(command: list[str], log: Path, cwd: Path = REPO, **env: str) -> int:
+    return wait(start(command, log, cwd, **env), log)
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def write_image_folder(root: Path) -> Path:
+    """`root/train` and `root/val` ImageFolder trees of JPEGs of two colours, of uneven sizes."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", TRAIN_IMAGES_PER_CLASS), ("val", VAL_IMAGES_PER_CLASS)):
+        for label in range(CLASSES):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                pixels = (rng.random((40 + 4 * index, 48, 3)) * 96).astype(np.uint8)
+                pixels[..., label] += 150
+                Image.fromarray(pixels).save(folder / f"{index}.jpg")
+    return root
+
+
+def recipe_data_class(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["data"]["class_path"]
+
+
+def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs: int = 1) -> list[str]:
+    """`--config <recipe>` plus what must shrink for 2 CPU processes and a few seconds: one step
+    per epoch, k-NN and ContrastiveCrop boxes already in the first epoch; full precision on CPU
+    (a recipe's bf16/fp16 is run on GPUs by tests/gpu/check.sh)."""
+    args = [
+        "--config", str(config),
+        "--trainer.accelerator", ACCELERATOR, "--trainer.num_nodes", "1",
+        "--trainer.max_epochs", str(max_epochs), "--trainer.default_root_dir", str(run_dir),
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.batch_size", str(BATCH_PER_PROCESS), "--data.init_args.num_workers", "0",
+        "--knn.every_n_epochs", "1", "--contrastive_crop.warmup_epochs", "0",
+        "--contrastive_crop.loc_interval", "1",
+    ]
+    if ACCELERATOR == "cpu":  # CPUs have no fp16 and emulate bf16; mixed precision is check.sh's, on GPUs
+        args += ["--trainer.precision", "32-true"]
+    if recipe_data_class(config).endswith("ImageFolderDataModule"):
+        args += [
+            "--data.init_args.root", str(image_root), "--data.init_args.knn_bank_fraction", "1.0",
+            "--data.init_args.base_size", "40", "--data.init_args.eval_size", "32",
+            "--data.init_args.crops.global_size", "32", "--data.init_args.crops.local_size", "16",
+        ]
+    else:  # a built-in data set (the demos): keep it, train on a class-balanced 16 of its images
+        args += ["--data.init_args.fraction", "0.004"]
+    return args
+
+
+def lightning_launch(args: list[str], processes: int = 2) -> list[str]:
+    """Lightning starts the other processes itself (README: `bam pretrain ... --trainer.devices N`)."""
+    return [BAM, "pretrain", *args, "--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
+
+
+def torchrun_single_node(args: list[str], processes: int = 2) -> tuple[list[str], dict[str, str]]:
+    """`launch/torchrun_single_node.sh` with `GPUS` processes (README's torchrun row)."""
+    return ["bash", str(REPO / "launch" / "torchrun_single_node.sh"), *args], {"GPUS": str(processes)}
+
+
+def torchrun_multi_node(args: list[str], node_rank: int, nodes: int, port: int) -> tuple[list[str], dict[str, str]]:
+    """`launch/torchrun_multi_node.sh` for one "node" on localhost, one process per node."""
+    env = {"NNODES": str(nodes), "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "GPUS_PER_NODE": "1"}
+    return ["bash", str(REPO / "launch" / "torchrun_multi_node.sh"), *args], env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found += [int(child) for child in children]
+            pending += [int(child) for child in children]
+    return found
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the process running global rank `rank` below a launcher, once it exists."""
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:  # an exact entry: not LOCAL_RANK, not GROUP_RANK
+            return pid
+    return None
+
+
+def logged_losses(run_dir: Path, versions: str = "version_*") -> dict[int, float]:
+    """step -> training loss from the CSV logs of a run (every version folder a resumed run wrote)."""
+    rows = {}
+    for path in sorted((run_dir / "csv").glob(f"{versions}/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    rows[int(row["step"])] = float(row["train/loss"])
+    return rows

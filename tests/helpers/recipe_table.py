@@ -1,0 +1,83 @@
+"""The table of the authors' recipe values (tests/helpers/authors_recipes.yaml): loading, checking a
+shipped config against it, and the Markdown README.md shows. `python tests/helpers/recipe_table.py`
+prints that Markdown (paste it into README's 'Recipes' section after editing the table)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from repo_paths import REPO
+
+TABLE_FILE = Path(__file__).parent / "authors_recipes.yaml"
+RECIPES_DIR = REPO / "configs" / "pretrain"
+AUTHORS_REPO = "github.com/DanielShalam/BAM"
+SCRIPT_PLACEHOLDER = "{script}"
+
+
+def load_table() -> dict[str, dict[str, Any]]:
+    """Recipe file name -> {script, why, settings (flat list of rows)}."""
+    recipes = yaml.safe_load(TABLE_FILE.read_text())["recipes"]
+    for entry in recipes.values():
+        entry["settings"] = [row for rows in entry["settings"] for row in (rows if isinstance(rows, list) else [rows])]
+    return recipes
+
+
+def config_value(config: dict[str, Any], dotted_key: str) -> Any:
+    value: Any = config
+    for part in dotted_key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"{dotted_key} (missing at {part!r})")
+        value = value[part]
+    return value
+
+
+def expected_value(row: dict[str, Any]) -> Any:
+    """What the recipe must hold: the bam value of a deviation, else the authors' value."""
+    return row["bam"] if "bam" in row else row["authors"]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _authors_rows(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each key of the authors' recipes once, with the recipes it applies to."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, entry in recipes.items():
+        if entry["script"] is None:
+            continue
+        for row in entry["settings"]:
+            merged = rows.setdefault(row["key"], {**row, "recipes": []})
+            merged["recipes"].append(name.removesuffix(".yaml"))
+    return rows
+
+
+def markdown() -> str:
+    """README's two tables: the authors' recipes against theirs, then ResNet-50's own choices."""
+    recipes = load_table()
+    scripts = ", ".join(f"`{Path(entry['script']).name}`" for entry in recipes.values() if entry["script"])
+    every = {name.removesuffix(".yaml") for name, entry in recipes.items() if entry["script"]}
+    lines = [
+        f"Authors' values ({AUTHORS_REPO}; `{{script}}` is the recipe's slurm script: {scripts}) and bam's:",
+        "",
+        "| setting | authors | source | bam | why bam differs |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in _authors_rows(recipes).items():
+        scope = "" if set(row["recipes"]) == every else f" ({', '.join(row['recipes'])})"
+        bam = _format(row["bam"]) if "bam" in row else "same"
+        lines.append(f"| `{key}`{scope} | {_format(row['authors'])} | {row['source']} | {bam} | {row.get('reason', '')} |")
+    for name, entry in recipes.items():
+        if entry["script"] is None and entry["settings"]:
+            lines += ["", f"`{name}`: {entry['why']}:", "", "| setting | bam | why |", "|---|---|---|"]
+            lines += [f"| `{row['key']}` | {_format(row['bam'])} | {row['reason']} |" for row in entry["settings"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())

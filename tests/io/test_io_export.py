@@ -1,0 +1,185 @@
+"""Backbone export: bam Lightning checkpoints and released files to safetensors, and back, exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bam
+from bam.io import CheckpointFormatError, export_backbone, load_backbone
+from bam.io import convert as convert_cli
+from bam.io import export as export_cli
+from bam.models.backbones import build_backbone
+from io_layouts import bam_checkpoint, randomise_buffers, released_args, released_checkpoint
+
+CNN_KWARGS = {"width": 8}
+HYPER_PARAMETERS = {"backbone": "bam_cnn4", "backbone_kwargs": CNN_KWARGS, "temperature": 0.1}
+MNIST_RECIPE = {"mean": [0.1307] * 3, "std": [0.3081] * 3, "input_size": 28, "crop_pct": 1.0, "interpolation": "bicubic"}
+IMAGES = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def features(model: torch.nn.Module, images: torch.Tensor = IMAGES) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.fixture(scope="module")
+def cnn_pair():
+    torch.manual_seed(3)
+    return tuple(randomise_buffers(build_backbone("bam_cnn4", **CNN_KWARGS)) for _ in range(2))
+
+
+@pytest.fixture(scope="module")
+def lightning_file(cnn_pair, tmp_path_factory):
+    teacher, student = cnn_pair
+    path = tmp_path_factory.mktemp("bam") / "last.ckpt"
+    torch.save({**bam_checkpoint(student, teacher, HYPER_PARAMETERS), "data_recipe": MNIST_RECIPE}, path)
+    return path
+
+
+def test_export_from_a_bam_checkpoint_round_trips_exactly(cnn_pair, lightning_file, tmp_path):
+    teacher, student = cnn_pair
+    output = export_backbone(lightning_file, tmp_path / "export")
+    assert sorted(path.name for path in output.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_backbone(output)
+    assert not loaded.training
+    assert torch.equal(features(loaded), features(teacher))
+    assert not torch.equal(features(loaded), features(student))
+    assert features(teacher).abs().sum() > 0  # the comparison above sees real features
+    for name, buffer in teacher.state_dict().items():  # batch-norm statistics too
+        assert torch.equal(loaded.state_dict()[name], buffer), name
+
+
+def test_export_config_is_timms_layout_with_the_recipe(lightning_file, tmp_path):
+    config = json.loads((export_backbone(lightning_file, tmp_path) / "config.json").read_text())
+    assert config == {
+        "architecture": "bam_cnn4",
+        "num_features": 32,
+        "model_args": {"num_classes": 0, **CNN_KWARGS},
+        "pretrained_cfg": {
+            "input_size": [3, 28, 28], "mean": pytest.approx(MNIST_RECIPE["mean"]),
+            "std": pytest.approx(MNIST_RECIPE["std"]), "crop_pct": 1.0, "crop_mode": "center",
+            "interpolation": "bicubic", "num_classes": 0, "first_conv": "features.0", "classifier": "head",
+        },
+        "bam": {
+            "format": "bam-backbone", "format_version": 2, "bam_architecture": "bam_cnn4", "encoder": "teacher",
+            "data_recipe_recorded": True, "source": str(lightning_file.resolve()), "source_format": "bam",
+            "bam_version": bam.__version__,
+        },
+    }
+
+
+def test_student_on_request_and_every_way_of_naming_the_export(cnn_pair, lightning_file, tmp_path):
+    _, student = cnn_pair
+    output = export_backbone(lightning_file, tmp_path, which="student")
+    for path in (output, output / "model.safetensors", output / "config.json"):
+        assert torch.equal(features(load_backbone(path)), features(student)), path
+    with pytest.raises(ValueError, match="checkpoints only"):
+        load_backbone(output, which="teacher")
+
+
+def test_loading_an_export_unpickles_nothing(lightning_file, tmp_path, monkeypatch):
+    output = export_backbone(lightning_file, tmp_path)
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("torch.load was called"))
+    load_backbone(output)
+
+
+def test_load_backbone_reads_checkpoints_directly(cnn_pair, lightning_file):
+    teacher, student = cnn_pair
+    assert torch.equal(features(load_backbone(lightning_file)), features(teacher))
+    assert torch.equal(features(load_backbone(lightning_file, which="student")), features(student))
+
+
+def test_checkpoint_without_teacher(cnn_pair, tmp_path):
+    _, student = cnn_pair
+    path = tmp_path / "no_teacher.ckpt"
+    torch.save(bam_checkpoint(student, None, {"backbone": "bam_cnn4", "backbone_kwargs": CNN_KWARGS}), path)
+    output = export_backbone(path, tmp_path / "export")
+    config = json.loads((output / "config.json").read_text())
+    assert config["bam"]["encoder"] == "student" and not config["bam"]["data_recipe_recorded"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]  # no recipe recorded: ImageNet's
+    assert config["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert torch.equal(features(load_backbone(output)), features(student))
+    with pytest.raises(CheckpointFormatError, match="no teacher backbone"):
+        export_backbone(path, tmp_path / "export", which="teacher")
+
+
+def test_unrecognised_checkpoint_is_an_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointFormatError, match="unrecognised checkpoint"):
+        load_backbone(path)
+
+
+@pytest.fixture(scope="module")
+def vit_small_pair():
+    torch.manual_seed(4)
+    return build_backbone("bam_vit_small_patch16_224"), build_backbone("bam_vit_small_patch16_224")
+
+
+@pytest.fixture(scope="module")
+def released_file(vit_small_pair, tmp_path_factory):
+    teacher, student = vit_small_pair
+    path = tmp_path_factory.mktemp("released") / "checkpoint.pth"
+    torch.save(released_checkpoint(student, teacher, released_args("vit_small"), layout="compiled_encoder"), path)
+    return path
+
+
+def test_convert_cli_round_trip(vit_small_pair, released_file, tmp_path, capsys):
+    teacher, student = vit_small_pair
+    images = torch.randn(2, 3, 32, 32)
+    convert_cli.main([str(released_file), "--output", str(tmp_path / "teacher")])
+    assert "teacher backbone (vit_small_patch16_224, 384-d features, 0 classes)" in capsys.readouterr().out
+    assert torch.equal(features(load_backbone(tmp_path / "teacher"), images), features(teacher, images))
+
+    student_dir = str(tmp_path / "student")
+    convert_cli.main([str(released_file), "--output", student_dir, "--which", "student", "--arch", "vit_small"])
+    loaded = load_backbone(tmp_path / "student")
+    assert torch.equal(features(loaded, images), features(student, images))
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["bam"]["source_format"] == "released"
+    assert config["architecture"] == "vit_small_patch16_224" and config["model_args"]["num_heads"] == 12
+
+
+def test_export_cli_round_trip(cnn_pair, lightning_file, tmp_path):
+    _, student = cnn_pair
+    export_cli.main([str(lightning_file), "--output", str(tmp_path), "--which", "student"])
+    assert torch.equal(features(load_backbone(tmp_path)), features(student))
+
+
+def test_cli_reports_errors_without_traceback(lightning_file, tmp_path):
+    expected = r"^bam convert: error: expected a 'released' checkpoint, but this is a 'bam' one"
+    with pytest.raises(SystemExit, match=expected):
+        convert_cli.main([str(lightning_file), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^bam export: error: checkpoint file not found"):
+        export_cli.main([str(tmp_path / "missing.ckpt"), "--output", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing written on failure
+
+
+@pytest.mark.parametrize("cli", [export_cli, convert_cli])
+def test_cli_help(cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in ("--output", "--which", "--arch", "teacher", "bam.load_backbone"))
+
+
+def test_export_of_a_checkpoint_written_by_bam_module(tmp_path):
+    # the real writer: a BAMModule trained one step and saved by Lightning
+    import pytorch_lightning as pl
+
+    from bam.methods import BAMModule
+    from tiny_runs import TinyCropsDataModule
+
+    module = BAMModule(backbone="bam_cnn4", backbone_kwargs=CNN_KWARGS, num_local_crops=2, momentum_teacher=True,
+                       warmup_epochs=0, proj_hidden_dim=16, proj_out_dim=8, proj_layers=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, TinyCropsDataModule(num_images=8, batch_size=8, num_local=2))
+    trainer.save_checkpoint(tmp_path / "bam.ckpt")
+    for which, encoder in (("teacher", module.teacher), ("student", module.student)):
+        output = export_backbone(tmp_path / "bam.ckpt", tmp_path / which, which=which)
+        assert torch.equal(features(load_backbone(output)), features(encoder.backbone)), which
+    assert not torch.equal(features(module.teacher.backbone), features(module.student.backbone))
