@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from bam.losses import SwAVLoss, sinkhorn_log, swav_codes, swav_loss
+from bam.losses import SwAVLoss, swav_codes, swav_loss
+from bam.ops import sinkhorn_distributed
 from bam.methods import SwAVModule
 from conftest import TinyCropsDataModule, spawn_gloo_workers
 from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
@@ -23,11 +24,11 @@ DEMO = Path(__file__).parents[1] / "configs" / "pretrain" / "swav_demo.yaml"
 
 
 # ----------------------------------------------------------------- reference (paper's formulas)
-def reference_codes(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+def reference_codes(scores: torch.Tensor, reg: float, iterations: int) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp as the paper states it, in float64 on a (K, B) matrix: Q = exp(S^T / eps)
     scaled to total mass 1, then alternately each prototype (row) to mass 1/K and each image
     (column) to mass 1/B; the codes are the columns scaled to sum to 1."""
-    q = torch.exp(scores.double().T / epsilon)
+    q = torch.exp(scores.double().T / reg)
     q = q / q.sum()
     num_prototypes, batch = q.shape
     for _ in range(iterations):
@@ -37,7 +38,7 @@ def reference_codes(scores: torch.Tensor, epsilon: float, iterations: int) -> to
 
 
 def reference_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, num_crops: int, num_global: int,
-                   epsilon: float = 0.05, temperature: float = 0.1, iterations: int = 3) -> torch.Tensor:
+                   reg: float = 0.05, temperature: float = 0.1, iterations: int = 3) -> torch.Tensor:
     """Swapped prediction, pair by pair: for every global crop i and every other crop j,
     the mean over images of -sum_k q_ik log softmax(s_j / T)_k, averaged over the pairs."""
     batch = embeddings.shape[0] // num_crops
@@ -45,7 +46,7 @@ def reference_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, num_crops
     blocks = scores.split(batch)
     losses = []
     for i in range(num_global):
-        q = reference_codes(blocks[i].detach(), epsilon, iterations)
+        q = reference_codes(blocks[i].detach(), reg, iterations)
         for j in range(num_crops):
             if j != i:
                 losses.append(-(q * F.log_softmax(blocks[j] / temperature, dim=1)).sum(dim=1).mean())
@@ -59,20 +60,20 @@ def unit_prototypes(num: int = NUM_PROTOTYPES, dim: int = DIM, seed: int = 2) ->
 # ----------------------------------------------------------------- codes
 def test_codes_are_equipartitioned_distributions():
     scores = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1) @ unit_prototypes(4, 8).T
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=200)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=200)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(12))                 # each image: one unit of mass
     torch.testing.assert_close(codes.sum(dim=0), torch.full((4,), 12 / 4), rtol=0, atol=1e-4)  # each prototype: B / K
     # With SwAV's 3 iterations the rows are still exact distributions, the columns nearly balanced.
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=3)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=3)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(12))
     assert (codes >= 0).all()
 
 
 def test_codes_are_bams_sinkhorn_and_match_the_paper():
     scores = F.normalize(torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1) @ unit_prototypes(6, 8).double().T
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=3)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=3)
     torch.testing.assert_close(codes, reference_codes(scores, 0.05, 3), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(codes, sinkhorn_log(scores / 0.05, 3))            # one shared implementation
+    torch.testing.assert_close(codes, sinkhorn_distributed(scores / 0.05, 3))            # one shared implementation
 
 
 def test_codes_carry_no_gradient():
@@ -124,7 +125,7 @@ def test_normalize_prototypes_gives_unit_rows():
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(num_crops=1, num_global_crops=1), "at least 2 crops"), (dict(num_crops=4, num_global_crops=5), "num_global_crops"),
-     (dict(num_crops=4, epsilon=0.0), "epsilon"), (dict(num_crops=4, num_prototypes=1), "num_prototypes")],
+     (dict(num_crops=4, reg=0.0), "reg"), (dict(num_crops=4, num_prototypes=1), "num_prototypes")],
 )
 def test_bad_arguments_are_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -24,7 +24,7 @@ class SwAVModule(SSLMethod):
         num_local_crops: local crops per image.
         num_prototypes: learnable prototypes `K` (3000 for ImageNet; a few times the number of
             classes one expects is the paper's rule of thumb).
-        epsilon: entropic regularisation of the codes' Sinkhorn.
+        reg: entropic regularisation of the codes' Sinkhorn.
         temperature: temperature of the predictions' softmax.
         sinkhorn_iterations: balancing iterations of the codes.
         freeze_prototypes_epochs: the prototypes receive no update for this many (possibly
@@ -46,7 +46,7 @@ class SwAVModule(SSLMethod):
         num_global_crops: int = 2,
         num_local_crops: int = 6,
         num_prototypes: int = 3000,
-        epsilon: float = 0.05,
+        reg: float = 0.05,
         temperature: float = 0.1,
         sinkhorn_iterations: int = 3,
         freeze_prototypes_epochs: float = 1,
@@ -78,7 +78,7 @@ class SwAVModule(SSLMethod):
             num_global_crops=num_global_crops,
             dim=proj_out_dim,
             num_prototypes=num_prototypes,
-            epsilon=epsilon,
+            reg=reg,
             temperature=temperature,
             sinkhorn_iterations=sinkhorn_iterations,
         )

@@ -29,7 +29,7 @@ exactly symmetric as `(P + P^T) / 2` and the diagonal set to 1 without rescaling
 The excluded diagonal is `-inf` in the log-kernel (the official code writes a cost of 1000,
 which is the same at any useful `reg`): the plan is exactly zero there, with zero gradient.
 
-Balancing uses bam's one Sinkhorn (`bam.losses.sinkhorn.sinkhorn_plan`, its differentiable form).
+Balancing uses bam's one Sinkhorn (`bam.ops.sinkhorn_differentiable`).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam.losses.sinkhorn import sinkhorn_plan
+from bam.ops import compute_dtype, sinkhorn_differentiable
 
 
 def bpa(
@@ -65,12 +65,12 @@ def bpa(
         `(n, n)`, in `features`' dtype (half precision computed in float32), differentiable.
     """
     _check(features, reg, iterations)
-    unit = F.normalize(features.float() if features.dtype in (torch.float16, torch.bfloat16) else features, dim=1)
+    unit = F.normalize(features.to(compute_dtype(features)), dim=1)
     cost = 1.0 - unit @ unit.T
     own = torch.eye(len(unit), dtype=torch.bool, device=unit.device)
     # bam's Sinkhorn ends on a row normalisation; on this symmetric kernel its transpose is the plan
     # of the same iterations ending on the column one, as the official code's
-    plan = sinkhorn_plan((-cost / reg).masked_fill(own, -math.inf), iterations).T
+    plan = sinkhorn_differentiable((-cost / reg).masked_fill(own, -math.inf), iterations).T
     if symmetrize:
         plan = (plan + plan.T) / 2
     if max_scale:
