@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from bam.losses import SwAVLoss, swav_codes, swav_loss
+from bam.losses import SwAVLoss, SwAVObjective, swav_codes, swav_loss
 from bam.ops import sinkhorn_distributed
 from bam.methods import SwAVModule
 from conftest import TinyCropsDataModule, spawn_gloo_workers
@@ -186,7 +186,8 @@ def tiny_trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 def test_training_step_moves_the_student(tmp_path):
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, num_prototypes=8, warmup_epochs=0, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, objective=SwAVObjective(num_prototypes=8),
+                       warmup_epochs=0, **SMALL_HEAD)
     before = [p.detach().clone() for p in model.student.parameters()]
     tiny_trainer(tmp_path, fast_dev_run=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters()))
@@ -212,8 +213,8 @@ class RecordPrototypes(pl.Callback):
 
 
 def test_prototypes_frozen_for_the_first_epoch_then_trained_without_decay(tmp_path):
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, num_prototypes=8, freeze_prototypes_epochs=1,
-                       warmup_epochs=0, lr=0.5, weight_decay=0.1, weight_decay_final=0.1, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, objective=SwAVObjective(num_prototypes=8),
+                       freeze_prototypes_epochs=1, warmup_epochs=0, lr=0.5, weight_decay=0.1, weight_decay_final=0.1, **SMALL_HEAD)
     start = model.loss_fn.prototypes.weight.detach().clone()
     record = RecordPrototypes()
     trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[record])
@@ -232,7 +233,7 @@ def test_prototypes_frozen_for_the_first_epoch_then_trained_without_decay(tmp_pa
 def test_teacher_and_crop_mismatch_are_explained(tmp_path):
     with pytest.raises(ValueError, match="no momentum teacher"):
         SwAVModule(backbone="bam_cnn4", momentum_teacher=True, **SMALL_HEAD)
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=6, num_prototypes=8, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=6, objective=SwAVObjective(num_prototypes=8), **SMALL_HEAD)
     with pytest.raises(ValueError, match="provides 4 crops per image but the model expects 8"):
         tiny_trainer(tmp_path, fast_dev_run=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
 
@@ -261,5 +262,5 @@ def test_swav_configs_parse_and_build(name, capsys):
     assert printed["model"]["class_path"] == "bam.methods.SwAVModule"
     init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
     if name == "swav_demo":  # the ResNet-50 one is too big to build in a unit test
-        model = SwAVModule(**init_args)
-        assert model.loss_fn.prototypes.out_features == init_args["num_prototypes"]
+        model = SwAVModule(**{**init_args, "objective": SwAVObjective(**init_args["objective"])})
+        assert model.loss_fn.prototypes.out_features == init_args["objective"]["num_prototypes"]

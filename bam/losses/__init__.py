@@ -1,9 +1,9 @@
 """Objectives: pure torch modules with functional cores (no Lightning imports here)."""
 from bam.losses.bam_loss import BAMLoss, balanced_target, bam_loss, keep_top_k
 from bam.losses.bam_objective import BAMObjective, positive_mask
-from bam.losses.swav_loss import SwAVLoss, swapped_prediction, swav_codes, swav_loss
+from bam.losses.swav_loss import SwAVLoss, SwAVObjective, swapped_prediction, swav_codes, swav_loss
 
 __all__ = [
     "BAMObjective", "BAMLoss", "bam_loss", "balanced_target", "keep_top_k", "positive_mask",
-    "SwAVLoss", "swav_loss", "swav_codes", "swapped_prediction",
+    "SwAVObjective", "SwAVLoss", "swav_loss", "swav_codes", "swapped_prediction",
 ]

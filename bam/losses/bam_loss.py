@@ -89,12 +89,11 @@ def bam_loss(
 ) -> torch.Tensor:
     """Functional BAM loss; see :class:`BAMLoss`. The settings are `objective` (default:
     `BAMObjective()`), with any of its fields given by name (`reg=0.03`) replacing its value; a
-    positive `column_block_size` computes it with `bam.losses.blockwise.bam_loss_blockwise`."""
+    positive `column_block_size` computes it in column blocks (`bam.losses.blockwise`)."""
     objective = objective_of(objective, settings)
-    if objective.column_block_size > 0:
-        return blockwise.bam_loss_blockwise(student, teacher, num_crops=num_crops, num_global_crops=num_global_crops,
-                                            objective=objective)
     layout = layout_of(student, teacher, num_crops, num_global_crops, objective)
+    if objective.column_block_size > 0:
+        return blockwise.blockwise_bam_loss(student, teacher, layout=layout, objective=objective)
     # Similarities near 1 lose precision in half precision: the objective runs in float32 (or in
     # float64 when given float64). The teacher is detached: it never receives gradient (step 1).
     dtype = compute_dtype(student)

@@ -7,12 +7,12 @@ blocks) both build on this module; neither imports the other's internals.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bam.losses.settings import require_positive, settings_of
 from bam.ops import distributed
 
 
@@ -43,8 +43,7 @@ class BAMObjective:
     column_block_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.reg <= 0 or self.temperature <= 0:
-            raise ValueError(f"reg={self.reg} and temperature={self.temperature} must both be positive")
+        require_positive(reg=self.reg, temperature=self.temperature)
         if self.sinkhorn_iterations < 0:
             raise ValueError(f"sinkhorn_iterations must be >= 0, got {self.sinkhorn_iterations}")
         if self.column_block_size < 0:
@@ -62,12 +61,7 @@ class BAMObjective:
 
 def objective_of(objective: BAMObjective | None, settings: dict[str, Any]) -> BAMObjective:
     """`objective` (default: the defaults) with any `settings` given by name replaced."""
-    if objective is not None and not isinstance(objective, BAMObjective):
-        raise TypeError(
-            f"objective must be a BAMObjective, got {objective!r}; give num_target_crops and the other "
-            "settings by name (num_target_crops=2) or as BAMObjective(...)"
-        )
-    return dataclasses.replace(objective or BAMObjective(), **settings)
+    return settings_of(BAMObjective, objective, settings)
 
 
 def keeps_all(top_k: int, columns: int) -> bool:

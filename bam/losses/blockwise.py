@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bam.losses.bam_objective import BAMObjective, Layout, keeps_all, layout_of, objective_of, positive_mask, target_columns
+from bam.losses.bam_objective import BAMObjective, Layout, keeps_all, positive_mask, target_columns
 from bam.ops import BlockedPlan, compute_dtype, distributed, sinkhorn_blocked
 from bam.ops.sinkhorn import Block
 
@@ -223,26 +223,15 @@ def _row_mass(target_mass: torch.Tensor, num_crops: int) -> torch.Tensor:
     return mass.reshape(-1)
 
 
-def bam_loss_blockwise(
-    student: torch.Tensor,
-    teacher: torch.Tensor | None = None,
-    *,
-    num_crops: int,
-    num_global_crops: int = 2,
-    objective: BAMObjective | None = None,
-    **settings: Any,
-) -> torch.Tensor:
-    """`bam.losses.bam_loss` computed over `column_block_size` target columns at a time.
+def blockwise_bam_loss(student: torch.Tensor, teacher: torch.Tensor | None, layout: Layout,
+                       objective: BAMObjective) -> torch.Tensor:
+    """`bam.losses.bam_loss` over `objective.column_block_size` target columns at a time, for
+    inputs `bam_loss` has checked (it calls this when `column_block_size > 0`).
 
-    Same arguments (a positive `column_block_size` is required here), same value and gradients (up
-    to floating-point summation order), same collectives under `torch.distributed`; peak memory is
-    O(V*B*column_block_size) instead of O(V*B*N) on top of the embeddings and the gathered target
-    columns.
+    Same value and gradients (up to floating-point summation order), same collectives under
+    `torch.distributed`; peak memory is O(V*B*column_block_size) instead of O(V*B*N) on top of the
+    embeddings and the gathered target columns.
     """
-    objective = objective_of(objective, settings)
-    if objective.column_block_size < 1:
-        raise ValueError(f"column_block_size must be positive for the blocked objective, got {objective.column_block_size}")
-    layout = layout_of(student, teacher, num_crops, num_global_crops, objective)
     blocks = blocks_of(layout, objective.column_block_size)
     dtype = compute_dtype(student)
     with torch.autocast(device_type=student.device.type, enabled=False):
