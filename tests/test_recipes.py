@@ -11,7 +11,6 @@ import torch
 import yaml
 from recipe_table import RECIPES_DIR, ROOT, config_value, expected_value, load_table, markdown
 
-from bam.losses import BAMObjective
 from bam.methods import BAMModule
 from bam.models import build_backbone
 
@@ -111,7 +110,7 @@ def test_options_refuse_a_cnn():
 def _module(**kwargs):
     config = yaml.safe_load((RECIPES_DIR / "vit_small_patch16.yaml").read_text())["model"]["init_args"]
     config.update({"proj_hidden_dim": 64, "proj_out_dim": 32, **kwargs})
-    module = BAMModule(**{**config, "objective": BAMObjective(**config["objective"])})
+    module = BAMModule(**config)
     module.trainer = type("T", (), {"estimated_stepping_batches": 10, "max_epochs": 1, "world_size": 1,
                                     "num_devices": 1, "num_nodes": 1, "accumulate_grad_batches": 1})()
     module.global_batch_size = lambda: 256

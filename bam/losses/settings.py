@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 Settings = TypeVar("Settings")
 
 
-def settings_of(kind: type[Settings], given: Settings | None, overrides: dict[str, Any]) -> Settings:
-    """`given` (default: `kind()`, the defaults) with the fields named in `overrides` replaced."""
+def settings_of(kind: type[Settings], given: Settings | Mapping[str, Any] | None, overrides: dict[str, Any]) -> Settings:
+    """`given` (default: `kind()`, the defaults; a mapping: its fields, as a YAML config or a
+    checkpoint's settings hold them) with the fields named in `overrides` replaced."""
+    if isinstance(given, Mapping):
+        given = kind(**given)
     if given is not None and not isinstance(given, kind):
         raise TypeError(
             f"objective must be a {kind.__name__}, got {given!r}; give the settings by name "

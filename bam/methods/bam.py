@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bam.losses import BAMLoss, BAMObjective
+from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.methods.schedules import linear_ramp
 from bam.ops.distributed import world_size
@@ -42,6 +43,7 @@ class BAMModule(SSLMethod):
             raise ValueError(f"reg_final must be positive (the entropic regularisation of the target), got {reg_final}")
         super().__init__(**kwargs)
         # The checkpoint's settings hold plain values only (loadable without unpickling any class).
+        objective = settings_of(BAMObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
         self.hparams["objective"] = dataclasses.asdict(objective)
         self.loss_fn = BAMLoss(num_global_crops + num_local_crops, num_global_crops, objective)
 

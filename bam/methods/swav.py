@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from bam.losses import SwAVLoss, SwAVObjective
+from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.methods.schedules import warmup_cosine_lr
 
@@ -69,6 +70,7 @@ class SwAVModule(SSLMethod):
             **kwargs,
         )
         # The checkpoint's settings hold plain values only (loadable without unpickling any class).
+        objective = settings_of(SwAVObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
         self.hparams["objective"] = dataclasses.asdict(objective)
         self.loss_fn = SwAVLoss(num_global_crops + num_local_crops, num_global_crops, proj_out_dim, objective)
 
