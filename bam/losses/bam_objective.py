@@ -133,15 +133,8 @@ def target_columns(embeddings: torch.Tensor, layout: Layout) -> torch.Tensor:
     return gathered.view(world, layout.num_target, layout.batch, dim).transpose(0, 1).reshape(-1, dim)
 
 
-def positive_mask(
-    num_crops: int,
-    batch_size: int,
-    num_target_crops: int,
-    world_size: int = 1,
-    rank: int = 0,
-    device: torch.device | str | None = None,
-    columns: tuple[int, int] | None = None,
-) -> torch.Tensor:
+def positive_mask(num_crops: int, batch_size: int, num_target_crops: int, world_size: int = 1, rank: int = 0,
+                  device: torch.device | str | None = None, columns: tuple[int, int] | None = None) -> torch.Tensor:
     """Boolean `(num_crops * B, num_target_crops * B * W)` mask of each row's own image (step 4),
     or only its `[start, stop)` range of `columns`.
 
