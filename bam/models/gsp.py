@@ -58,15 +58,8 @@ class GSPPool(nn.Module):
             `mu / m` each (bam's earlier formulation).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        num_prototypes: int = 64,
-        mu: float = 0.5,
-        reg: float = 0.05,
-        iterations: int = 100,
-        mass: str = "total",
-    ) -> None:
+    def __init__(self, channels: int, num_prototypes: int = 64, mu: float = 0.5, reg: float = 0.05,
+                 iterations: int = 100, mass: str = "total") -> None:
         super().__init__()
         if not 0 < mu <= 1:
             raise ValueError(f"mu is the fraction of feature mass selected, in (0, 1]; got {mu}")
