@@ -66,7 +66,8 @@ def test_recipes_follow_the_authors_numbers():
     vit_s = yaml.safe_load((CONFIGS[0].parent / "vit_small_patch16.yaml").read_text())
     model = vit_s["model"]["init_args"]
     assert model["backbone"] == "bam_vit_small_patch16_224"  # 12 heads
-    assert (model["top_k"], model["num_target_crops"], model["sinkhorn_iterations"]) == (128, 2, 3)
+    objective = model["objective"]
+    assert (objective["top_k"], objective["num_target_crops"], objective["sinkhorn_iterations"]) == (128, 2, 3)
     assert (model["proj_hidden_dim"], model["proj_out_dim"], model["proj_batch_norm"]) == (4096, 4096, False)
     assert (model["weight_decay"], model["weight_decay_final"], model["warmup_epochs"]) == (0.04, 0.4, 40)
     assert vit_s["trainer"]["gradient_clip_val"] == 0.3

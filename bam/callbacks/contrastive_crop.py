@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from bam.data.contrastive_crop import CropBoxes, compute_boxes
-from bam.distributed import gather_rows
+from bam.ops.distributed import gather_rows
 
 
 class ContrastiveCrop(pl.Callback):

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from bam.distributed import all_reduce_, rank
+from bam.ops.distributed import all_reduce_, rank
 
 # why a file was skipped; its status code is 2 + its position here (0: not read yet, 1: read)
 SKIP_REASONS = ("empty", "undecodable", "too_many_pixels", "unsupported")

@@ -24,7 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
-from bam.distributed import rank
+from bam.ops.distributed import rank
 from bam.shipped_configs import with_config_names
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split

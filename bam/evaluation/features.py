@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
-from bam.distributed import gather_rows, rank, world_size
-from bam.models.backbones import is_vit
+from bam.ops.distributed import gather_rows, rank, world_size
+from bam.ops import is_vit
 
 FeatureFn = Callable[[Tensor], Tensor]
 

@@ -25,7 +25,7 @@ from jsonargparse import CLI
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from bam.distributed import rank
+from bam.ops.distributed import rank
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split
 from bam.shipped_configs import with_config_names

@@ -33,7 +33,7 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
-from bam.distributed import all_reduce_, rank
+from bam.ops.distributed import all_reduce_, rank
 from bam.shipped_configs import with_config_names
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule

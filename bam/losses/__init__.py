@@ -1,10 +1,9 @@
 """Objectives: pure torch modules with functional cores (no Lightning imports here)."""
-from bam.losses.bam_loss import BAMLoss, balanced_target, bam_loss, keep_top_k, positive_mask
-from bam.losses.sinkhorn import sinkhorn_log, sinkhorn_plan
-from bam.losses.swav_loss import SwAVLoss, swapped_prediction, swav_codes, swav_loss
+from bam.losses.bam_loss import BAMLoss, balanced_target, bam_loss, keep_top_k
+from bam.losses.bam_objective import BAMObjective, positive_mask
+from bam.losses.swav_loss import SwAVLoss, SwAVObjective, swapped_prediction, swav_codes, swav_loss
 
 __all__ = [
-    "BAMLoss", "bam_loss", "balanced_target", "keep_top_k", "positive_mask",
-    "SwAVLoss", "swav_loss", "swav_codes", "swapped_prediction",
-    "sinkhorn_log", "sinkhorn_plan",
+    "BAMObjective", "BAMLoss", "bam_loss", "balanced_target", "keep_top_k", "positive_mask",
+    "SwAVObjective", "SwAVLoss", "swav_loss", "swav_codes", "swapped_prediction",
 ]

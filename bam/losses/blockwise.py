@@ -10,7 +10,7 @@ block-sized matrices and vectors of length `V*B` or `N`:
 
 - Sinkhorn (no gradient): the column maxima, row maxima, column sums and row sums of the
   balancing are block-wise reductions; the scalings `u`, `v` are vectors (the plan is
-  `diag(u) K diag(v)`, see `bam.losses.sinkhorn`), with the same all-reduces as `bam_loss`.
+  `diag(u) K diag(v)`): this is `bam.ops.sinkhorn_blocked`, with the same all-reduces as `bam_loss`.
 - Top-k: a running top-k over the blocks keeps each image's `k` best columns and their values.
 - Source: the log-sum-exp of each row is streamed over the blocks; the cross-view entropy needs
   only `<target, logits>` per row and the row's log-sum-exp, both accumulated block by block.
@@ -25,57 +25,35 @@ the unblocked form stays the default. The gathered `(N, D)` target embeddings ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bam import distributed
-from bam.distributed import all_reduce_
-from bam.losses.bam_loss import _check_inputs, _target_columns, _validate_crop_counts, compute_dtype
-from bam.losses.sinkhorn import _finite_or_zero, _reciprocal
-
-Block = tuple[int, int]
+from bam.losses.bam_objective import BAMObjective, Layout, keeps_all, positive_mask, target_columns
+from bam.ops import BlockedPlan, compute_dtype, distributed, sinkhorn_blocked
+from bam.ops.sinkhorn import Block
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Shapes of one process's part of the objective (see the objective's notation)."""
+def blocks_of(layout: Layout, size: int) -> list[Block]:
+    """`[start, stop)` ranges of at most `size` target columns covering all of them."""
+    return [(start, min(start + size, layout.columns)) for start in range(0, layout.columns, size)]
 
-    num_crops: int  # V
-    num_global: int  # G
-    num_target: int  # T
-    batch: int  # B
-    world: int  # W
-    rank: int
-    masking: bool
 
-    @property
-    def rows(self) -> int:
-        return self.num_crops * self.batch
-
-    @property
-    def columns(self) -> int:
-        return self.num_target * self.batch * self.world
-
-    def blocks(self, size: int) -> list[Block]:
-        return [(start, min(start + size, self.columns)) for start in range(0, self.columns, size)]
-
-    def fill_positives_(self, matrix: torch.Tensor, block: Block, value: float) -> torch.Tensor:
-        """Write `value` where a row meets a column of its own image (step 4), in this block."""
-        if self.masking:
-            own_image = torch.arange(matrix.shape[0], device=matrix.device) % self.batch + self.rank * self.batch
-            column_image = torch.arange(*block, device=matrix.device) % (self.batch * self.world)
-            matrix.masked_fill_(own_image[:, None] == column_image[None, :], value)
-        return matrix
+def fill_positives_(matrix: torch.Tensor, layout: Layout, block: Block, value: float) -> torch.Tensor:
+    """Write `value` where a row meets a column of its own image (step 4), in this block."""
+    if layout.masking:
+        mask = positive_mask(layout.num_crops, layout.batch, layout.num_target, layout.world, layout.rank,
+                             matrix.device, columns=block)
+        matrix.masked_fill_(mask[: matrix.shape[0]], value)
+    return matrix
 
 
 class _TargetLogits:
     """Blocks of the target's masked log-kernel `S'/reg` (no gradient), recomputed on demand."""
 
-    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, reg: float, layout: _Layout) -> None:
+    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, reg: float, layout: Layout) -> None:
         self.queries, self.keys, self.reg, self.layout = queries.detach(), keys.detach(), reg, layout
 
     def block(self, block: Block, rows: int | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,80 +64,20 @@ class _TargetLogits:
             logits = (self.queries[:rows] @ self.keys[block[0] : block[1]].T).div_(self.reg)
         else:
             logits = similarity.detach() / self.reg
-        return self.layout.fill_positives_(logits, block, -math.inf)
-
-
-class _Plan:
-    """The balanced target `exp(A - column shift - row shift) * column scale * row scale`,
-    produced block by block; all four are vectors, so the plan itself is never stored."""
-
-    def __init__(self, logits: _TargetLogits, column_shift: torch.Tensor | None, row_shift: torch.Tensor,
-                 column_scale: torch.Tensor | None, row_scale: torch.Tensor) -> None:
-        self.logits = logits
-        self.column_shift, self.row_shift = column_shift, row_shift
-        self.column_scale, self.row_scale = column_scale, row_scale
-
-    def kernel(self, block: Block, rows: int | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.row_shift.shape[0] if rows is None else rows
-        log_kernel = self.logits.block(block, rows, similarity)
-        if self.column_shift is not None:
-            log_kernel.sub_(self.column_shift[block[0] : block[1]])
-        return log_kernel.sub_(self.row_shift[:rows, None]).exp_()
-
-    def block(self, block: Block, rows: int, similarity: torch.Tensor | None = None) -> torch.Tensor:
-        """The first `rows` rows of the plan in `block`: rows are distributions over all columns."""
-        plan = self.kernel(block, rows, similarity)
-        if self.column_scale is not None:
-            plan.mul_(self.column_scale[block[0] : block[1]])
-        return plan.mul_(self.row_scale[:rows, None])
-
-
-@torch.no_grad()
-def _balance(logits: _TargetLogits, iterations: int, blocks: list[Block]) -> _Plan:
-    """`bam.losses.sinkhorn.sinkhorn_` with the same steps and all-reduces, block by block."""
-    if iterations == 0:  # only the final row normalisation: a row softmax
-        return _row_softmax_plan(logits, blocks)
-    column_max = torch.cat([logits.block(block).amax(dim=0) for block in blocks])
-    column_max = _finite_or_zero(all_reduce_(column_max, op="max"))
-    row_max = torch.full((logits.layout.rows,), -math.inf, dtype=column_max.dtype, device=column_max.device)
-    for block in blocks:
-        shifted = logits.block(block).sub_(column_max[block[0] : block[1]])
-        row_max = torch.maximum(row_max, shifted.amax(dim=1))
-    row_max = _finite_or_zero(row_max)
-    plan = _Plan(logits, column_max, row_max, None, None)
-    row_scale = row_max.exp()
-    for _ in range(iterations):
-        column_sums = torch.cat([plan.kernel(block).T @ row_scale for block in blocks])
-        column_scale = _reciprocal(all_reduce_(column_sums, op="sum"))
-        column_scale /= column_scale.max()
-        row_sums = sum(plan.kernel(block) @ column_scale[block[0] : block[1]] for block in blocks)
-        row_scale = _reciprocal(row_sums)
-    plan.column_scale, plan.row_scale = column_scale, row_scale
-    return plan
-
-
-def _row_softmax_plan(logits: _TargetLogits, blocks: list[Block]) -> _Plan:
-    row_max = torch.full((logits.layout.rows,), -math.inf, dtype=logits.queries.dtype, device=logits.queries.device)
-    for block in blocks:
-        row_max = torch.maximum(row_max, logits.block(block).amax(dim=1))
-    row_max = _finite_or_zero(row_max)
-    plan = _Plan(logits, None, row_max, None, torch.ones_like(row_max))
-    plan.row_scale = _reciprocal(sum(plan.kernel(block).sum(dim=1) for block in blocks))
-    return plan
+        return fill_positives_(logits, self.layout, block, -math.inf)
 
 
 class _Targets:
     """The global crops' targets `P_0..P_{G-1}` of each block, `(G, B, C)`: straight from the
     plan, or, with top-k, from the kept columns (indices and renormalised values per image)."""
 
-    def __init__(self, plan: _Plan, top_k: int, blocks: list[Block]) -> None:
-        layout = plan.logits.layout
-        self.plan, self.layout = plan, layout
-        self.rows = layout.num_global * layout.batch
-        self.sparse = _top_k(self, top_k, blocks) if 0 < top_k < layout.columns else None
+    def __init__(self, logits: _TargetLogits, plan: BlockedPlan, top_k: int, blocks: list[Block]) -> None:
+        self.logits, self.plan, self.layout = logits, plan, logits.layout
+        self.rows = self.layout.target_rows
+        self.sparse = None if keeps_all(top_k, self.layout.columns) else _top_k(self, top_k, blocks)
 
     def dense(self, block: Block, similarity: torch.Tensor | None = None) -> torch.Tensor:
-        plan = self.plan.block(block, self.rows, similarity)
+        plan = self.plan.plan_(self.logits.block(block, self.rows, similarity), block)
         return plan.view(self.layout.num_global, self.layout.batch, -1)
 
     def block(self, block: Block, similarity: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,14 +171,15 @@ class _CrossViewEntropy(torch.autograd.Function):
         return grad_queries, grad_keys, None, None, None, None
 
 
-def _gather_target_columns(embeddings: torch.Tensor, num_target: int, batch: int) -> torch.Tensor:
+def _gather_target_columns(embeddings: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Step 2. Without gradient (teacher), each target crop is gathered straight into its place in
     the `(N, D)` column matrix: one `N x D` buffer instead of the stacked gather plus its reordered
     copy, which matters once `N x D` is the largest tensor (many processes, wide projector)."""
+    num_target, batch = layout.num_target, layout.batch
     local = embeddings[: num_target * batch]
     if local.requires_grad or not distributed.is_distributed():
-        return _target_columns(embeddings, num_target, batch)
-    span = distributed.world_size() * batch  # columns of one target crop
+        return target_columns(embeddings, layout)
+    span = layout.world * batch  # columns of one target crop
     columns = local.new_empty(num_target * span, local.shape[1])
     gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name
     for crop in range(num_target):
@@ -268,12 +187,12 @@ def _gather_target_columns(embeddings: torch.Tensor, num_target: int, batch: int
     return columns
 
 
-def _source_logits(similarity: torch.Tensor, layout: _Layout, block: Block, temperature: float) -> torch.Tensor:
+def _source_logits(similarity: torch.Tensor, layout: Layout, block: Block, temperature: float) -> torch.Tensor:
     # As in bam_loss: masked logits far below any other (weight exactly 0, yet finite).
-    return layout.fill_positives_(similarity / temperature, block, -1.0 / temperature - 1000.0)
+    return fill_positives_(similarity / temperature, layout, block, -1.0 / temperature - 1000.0)
 
 
-def _scale(layout: _Layout) -> float:
+def _scale(layout: Layout) -> float:
     return 1.0 / (layout.batch * layout.num_global * max(layout.num_crops - 1, 1))
 
 
@@ -304,38 +223,22 @@ def _row_mass(target_mass: torch.Tensor, num_crops: int) -> torch.Tensor:
     return mass.reshape(-1)
 
 
-def bam_loss_blockwise(
-    student: torch.Tensor,
-    teacher: torch.Tensor | None = None,
-    *,
-    num_crops: int,
-    num_global_crops: int = 2,
-    num_target_crops: int | None = None,
-    reg: float = 0.05,
-    temperature: float = 0.1,
-    sinkhorn_iterations: int = 3,
-    top_k: int = 0,
-    positive_masking: bool = True,
-    column_block_size: int = 8192,
-) -> torch.Tensor:
-    """`bam.losses.bam_loss` computed over `column_block_size` target columns at a time.
+def blockwise_bam_loss(student: torch.Tensor, teacher: torch.Tensor | None, layout: Layout,
+                       objective: BAMObjective) -> torch.Tensor:
+    """`bam.losses.bam_loss` over `objective.column_block_size` target columns at a time, for
+    inputs `bam_loss` has checked (it calls this when `column_block_size > 0`).
 
-    Same arguments, same value and gradients (up to floating-point summation order), same
-    collectives under `torch.distributed`; peak memory is O(V*B*column_block_size) instead of
-    O(V*B*N) on top of the embeddings and the gathered target columns.
+    Same value and gradients (up to floating-point summation order), same collectives under
+    `torch.distributed`; peak memory is O(V*B*column_block_size) instead of O(V*B*N) on top of the
+    embeddings and the gathered target columns.
     """
-    if column_block_size < 1:
-        raise ValueError(f"column_block_size must be positive, got {column_block_size}")
-    num_target_crops = _validate_crop_counts(num_crops, num_global_crops, num_target_crops)
-    world, rank = distributed.world_size(), distributed.rank()
-    batch = _check_inputs(student, teacher, num_crops, positive_masking, world)
-    layout = _Layout(num_crops, num_global_crops, num_target_crops, batch, world, rank, positive_masking)
-    blocks = layout.blocks(column_block_size)
+    blocks = blocks_of(layout, objective.column_block_size)
     dtype = compute_dtype(student)
     with torch.autocast(device_type=student.device.type, enabled=False):
         z = F.normalize(student.to(dtype), dim=1)
         z_target = z if teacher is None else F.normalize(teacher.detach().to(dtype), dim=1)
-        keys = _gather_target_columns(z_target, num_target_crops, batch)
-        plan = _balance(_TargetLogits(z_target, keys, reg, layout), sinkhorn_iterations, blocks)
-        targets = _Targets(plan, top_k, blocks)
-        return _CrossViewEntropy.apply(z, keys, targets, temperature, blocks, teacher is None)
+        keys = _gather_target_columns(z_target, layout)
+        logits = _TargetLogits(z_target, keys, objective.reg, layout)
+        plan = sinkhorn_blocked(logits.block, blocks, objective.sinkhorn_iterations)
+        targets = _Targets(logits, plan, objective.top_k, blocks)
+        return _CrossViewEntropy.apply(z, keys, targets, objective.temperature, blocks, teacher is None)

@@ -6,14 +6,15 @@ Pure torch, usable in any training loop. Embeddings are crop-major, as everywher
 1. `z = normalise(embedding)`, prototypes `c_k` unit vectors (re-normalised once per step), and
    scores `s = z . c` in [-1, 1]: a `(V*B, K)` matrix.
 2. Codes, without gradient, for each global crop `i` separately: its `(B, K)` block of
-   `exp(s / epsilon)` balanced by Sinkhorn-Knopp so that every image's code sums to 1 and, up to
-   the few iterations, every prototype receives the same mass `B_global / K` over the *global*
-   batch (the equipartition constraint that prevents the collapse onto one prototype).
+   `exp(s / reg)` (`reg`: the paper's epsilon, bam's one name for an entropic regularisation)
+   balanced by Sinkhorn-Knopp so that every image's code sums to 1 and, up to the few iterations,
+   every prototype receives the same mass `B_global / K` over the *global* batch (the equipartition
+   constraint that prevents the collapse onto one prototype).
 3. Swapped prediction: every other crop `j != i` (global and local) predicts `q_i` with
    `p_j = softmax(s_j / temperature)`; the loss is the cross-entropy `-<q_i, log p_j>`
    averaged over the `G * (V - 1)` pairs and the images.
 
-The balancing is bam's single Sinkhorn (`bam.losses.sinkhorn`): its layout (rows split over
+The balancing is bam's single Sinkhorn (`bam.ops.sinkhorn_distributed_`): its layout (rows split over
 processes, column sums all-reduced) is SwAV's with rows = images and columns = prototypes, its
 column-then-row normalisation order is SwAV's, and the uniform marginal constants SwAV multiplies
 in (`1/K`, `1/B`) cancel in that scheme. Under `torch.distributed` every process balances its own
@@ -27,30 +28,55 @@ number of prototypes); the prototypes then only see the current global batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam.losses.bam_loss import compute_dtype
-from bam.losses.sinkhorn import sinkhorn_
+from bam.losses.settings import require_positive, settings_of
+from bam.ops import compute_dtype, sinkhorn_distributed_
 
 
-def swav_codes(scores: torch.Tensor, epsilon: float = 0.05, sinkhorn_iterations: int = 3) -> torch.Tensor:
+@dataclass(frozen=True)
+class SwAVObjective:
+    """The settings of the SwAV objective, the paper's values by default.
+
+    Args:
+        num_prototypes: `K`, the number of learnable prototypes (3000 for ImageNet; a few times the
+            number of classes one expects is the paper's rule of thumb).
+        reg: entropic regularisation of the codes' Sinkhorn (the paper's epsilon).
+        temperature: temperature of the predictions' softmax.
+        sinkhorn_iterations: balancing iterations of the codes.
+    """
+
+    num_prototypes: int = 3000
+    reg: float = 0.05
+    temperature: float = 0.1
+    sinkhorn_iterations: int = 3
+
+    def __post_init__(self) -> None:
+        require_positive(reg=self.reg, temperature=self.temperature)
+        if self.num_prototypes < 2:
+            raise ValueError(f"num_prototypes={self.num_prototypes}: SwAV needs at least 2 prototypes to balance over")
+
+
+def swav_codes(
+    scores: torch.Tensor, reg: float = SwAVObjective.reg, sinkhorn_iterations: int = SwAVObjective.sinkhorn_iterations
+) -> torch.Tensor:
     """Step 2 for one crop: the `(B, K)` codes of `(B, K)` image-prototype scores, no gradient.
 
     Each row sums to 1; with enough iterations every column sums to `B_global / K` (over every
     process's rows). Computed in float32 (float64 stays float64) and stabilised line by line, so
-    `epsilon` down to 0.01 and half-precision scores are safe.
+    `reg` down to 0.01 and half-precision scores are safe.
     """
     with torch.no_grad():
-        logits = scores.detach().to(compute_dtype(scores)) / epsilon  # a fresh tensor, ours to overwrite
-        return sinkhorn_(logits, sinkhorn_iterations)
+        logits = scores.detach().to(compute_dtype(scores)) / reg  # a fresh tensor, ours to overwrite
+        return sinkhorn_distributed_(logits, sinkhorn_iterations)
 
 
-def swapped_prediction(
-    scores: torch.Tensor, codes: torch.Tensor, temperature: float = 0.1
-) -> torch.Tensor:
+def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, temperature: float = SwAVObjective.temperature) -> torch.Tensor:
     """Step 3: `(V*B, K)` scores, `(G, B, K)` codes of the first G crops -> the mean cross-entropy
     of every crop's prediction with the code of every *other* global crop."""
     num_global, batch, num_prototypes = codes.shape
@@ -92,23 +118,24 @@ def swav_loss(
     *,
     num_crops: int,
     num_global_crops: int = 2,
-    epsilon: float = 0.05,
-    temperature: float = 0.1,
-    sinkhorn_iterations: int = 3,
+    objective: SwAVObjective | None = None,
+    **settings: Any,
 ) -> torch.Tensor:
     """Functional SwAV loss of `(V*B, D)` un-normalised embeddings and `(K, D)` prototypes (used
-    as given: normalise them once per step, see :meth:`SwAVLoss.normalize_prototypes_`)."""
+    as given: normalise them once per step, see :meth:`SwAVLoss.normalize_prototypes_`). The
+    settings are `objective` with any of its fields given by name replacing its value
+    (`num_prototypes` is the prototypes' count here)."""
+    objective = settings_of(SwAVObjective, objective, settings)
     batch = _check_inputs(embeddings, prototypes, num_crops, num_global_crops)
     dtype = compute_dtype(embeddings)
-    # Scores near 1 divided by epsilon = 0.05 lose precision in half precision: run in float32.
+    # Scores near 1 divided by reg = 0.05 lose precision in half precision: run in float32.
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         z = F.normalize(embeddings.to(dtype), dim=1)  # step 1
         scores = z @ prototypes.to(dtype).T
         # One Sinkhorn per global crop, as in SwAV: each crop's images are spread over the prototypes.
-        codes = torch.stack(
-            [swav_codes(scores[i * batch : (i + 1) * batch], epsilon, sinkhorn_iterations) for i in range(num_global_crops)]
-        )  # step 2
-        return swapped_prediction(scores, codes, temperature)  # step 3
+        crops = [scores[i * batch : (i + 1) * batch] for i in range(num_global_crops)]
+        codes = torch.stack([swav_codes(crop, objective.reg, objective.sinkhorn_iterations) for crop in crops])  # step 2
+        return swapped_prediction(scores, codes, objective.temperature)  # step 3
 
 
 class SwAVLoss(nn.Module):
@@ -118,10 +145,8 @@ class SwAVLoss(nn.Module):
         num_crops: views per image `V` (global + local), rows are `V` blocks of `B` images.
         num_global_crops: the first `G` views are global; only they get codes.
         dim: dimension of the embeddings (the projector's output).
-        num_prototypes: `K`, the number of learnable prototypes (3000 for ImageNet).
-        epsilon: entropic regularisation of the codes' Sinkhorn (0.05 in the paper).
-        temperature: temperature of the predictions' softmax (0.1 in the paper).
-        sinkhorn_iterations: balancing iterations (3 in the paper).
+        objective: the settings (`SwAVObjective`: prototypes, reg, temperature, iterations).
+        **settings: any field of `SwAVObjective` by name, replacing `objective`'s value.
 
     The prototypes are a bias-free linear layer (`self.prototypes`, weight `(K, D)`): optimise
     them with the network, call :meth:`normalize_prototypes_` once per step before the forward
@@ -133,27 +158,15 @@ class SwAVLoss(nn.Module):
     """
 
     def __init__(
-        self,
-        num_crops: int,
-        num_global_crops: int = 2,
-        dim: int = 128,
-        num_prototypes: int = 3000,
-        epsilon: float = 0.05,
-        temperature: float = 0.1,
-        sinkhorn_iterations: int = 3,
+        self, num_crops: int, num_global_crops: int = 2, dim: int = 128, objective: SwAVObjective | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        if epsilon <= 0 or temperature <= 0:
-            raise ValueError(f"epsilon={epsilon} and temperature={temperature} must both be positive")
-        if num_prototypes < 2:
-            raise ValueError(f"num_prototypes={num_prototypes}: SwAV needs at least 2 prototypes to balance over")
+        self.objective = settings_of(SwAVObjective, objective, settings)
         _validate_crop_counts(num_crops, num_global_crops)
         self.num_crops = num_crops
         self.num_global_crops = num_global_crops
-        self.epsilon = epsilon
-        self.temperature = temperature
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
+        self.prototypes = nn.Linear(dim, self.objective.num_prototypes, bias=False)
         self.normalize_prototypes_()
 
     @torch.no_grad()
@@ -163,15 +176,8 @@ class SwAVLoss(nn.Module):
         weight.copy_(F.normalize(weight, dim=1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return swav_loss(
-            embeddings,
-            self.prototypes.weight,
-            num_crops=self.num_crops,
-            num_global_crops=self.num_global_crops,
-            epsilon=self.epsilon,
-            temperature=self.temperature,
-            sinkhorn_iterations=self.sinkhorn_iterations,
-        )
+        return swav_loss(embeddings, self.prototypes.weight, num_crops=self.num_crops,
+                         num_global_crops=self.num_global_crops, objective=self.objective)
 
     def chance_level(self) -> float:
         """The loss of uniform predictions, log(K): a loss that stays here means every image is
@@ -179,8 +185,4 @@ class SwAVLoss(nn.Module):
         return math.log(self.prototypes.out_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_crops={self.num_crops}, num_global_crops={self.num_global_crops}, "
-            f"num_prototypes={self.prototypes.out_features}, epsilon={self.epsilon}, "
-            f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}"
-        )
+        return f"num_crops={self.num_crops}, num_global_crops={self.num_global_crops}, {self.objective}"

@@ -2,14 +2,16 @@
 (encoders, teacher, optimiser, schedules, multi-crop) comes from `SSLMethod`."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from bam.distributed import world_size
-from bam.losses import BAMLoss
+from bam.losses import BAMLoss, BAMObjective
+from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.methods.schedules import linear_ramp
+from bam.ops.distributed import world_size
 
 
 class BAMModule(SSLMethod):
@@ -18,16 +20,12 @@ class BAMModule(SSLMethod):
     Args:
         num_global_crops: global crops per image (targets come from them).
         num_local_crops: local crops per image.
-        num_target_crops: crops used as attention columns (default: all global crops).
-        reg: entropic regularisation of the Sinkhorn target at the start of training.
-        reg_final: value `reg` reaches linearly after `reg_warmup_epochs` (default: `reg`).
+        objective: the objective's settings (`BAMObjective`: `num_target_crops`, `reg` at the start
+            of training, `temperature`, `sinkhorn_iterations`, `top_k`, `positive_masking`,
+            `column_block_size`); in a config or on the command line `objective.reg` etc.
+        reg_final: value `objective.reg` reaches linearly after `reg_warmup_epochs` (default: no
+            schedule, `reg` stays).
         reg_warmup_epochs: length of the linear `reg` schedule, in epochs.
-        temperature: temperature of the source softmax.
-        sinkhorn_iterations: balancing iterations of the target.
-        top_k: keep each image's k strongest target columns (0 = all; the recipes use 128).
-        positive_masking: exclude the other crops of the same image from the attention.
-        column_block_size: compute the objective in blocks of this many target columns (0 = off);
-            the same loss with memory that no longer grows with the number of processes.
         **kwargs: the shared arguments of `SSLMethod` (backbone, projector, teacher, optimiser).
     """
 
@@ -35,32 +33,19 @@ class BAMModule(SSLMethod):
         self,
         num_global_crops: int = 2,
         num_local_crops: int = 6,
-        num_target_crops: int | None = None,
-        reg: float = 0.05,
+        objective: BAMObjective = BAMObjective(),
         reg_final: float | None = None,
         reg_warmup_epochs: float = 30,
-        temperature: float = 0.1,
-        sinkhorn_iterations: int = 3,
-        top_k: int = 0,
-        positive_masking: bool = True,
-        column_block_size: int = 0,
         **kwargs: Any,
     ) -> None:
         self.check_crop_settings(num_global_crops, num_local_crops)
         if reg_final is not None and reg_final <= 0:
             raise ValueError(f"reg_final must be positive (the entropic regularisation of the target), got {reg_final}")
         super().__init__(**kwargs)
-        self.loss_fn = BAMLoss(
-            num_crops=num_global_crops + num_local_crops,
-            num_global_crops=num_global_crops,
-            num_target_crops=num_target_crops,
-            reg=reg,
-            temperature=temperature,
-            sinkhorn_iterations=sinkhorn_iterations,
-            top_k=top_k,
-            positive_masking=positive_masking,
-            column_block_size=column_block_size,
-        )
+        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
+        objective = settings_of(BAMObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
+        self.hparams["objective"] = dataclasses.asdict(objective)
+        self.loss_fn = BAMLoss(num_global_crops + num_local_crops, num_global_crops, objective)
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         self.check_crop_count(crops, self.loss_fn.num_crops)
@@ -74,6 +59,15 @@ class BAMModule(SSLMethod):
         return {"reg": self.loss_fn.reg}
 
     def reg_at(self, step: int) -> float:
-        hp = self.hparams
-        final = hp.reg if hp.reg_final is None else hp.reg_final
-        return linear_ramp(hp.reg, final, step, int(hp.reg_warmup_epochs * self.steps_per_epoch))
+        """`reg` at optimiser step `step`: a linear ramp over `reg_warmup_epochs` epochs, counted in
+        the trainer's optimiser steps per epoch (known once the trainer has its data)."""
+        start = self.hparams.objective["reg"]
+        final = self.hparams.reg_final
+        if final is None or final == start:
+            return start
+        return linear_ramp(start, final, step, int(self.hparams.reg_warmup_epochs * _steps_per_epoch(self.trainer)))
+
+
+def _steps_per_epoch(trainer: Any) -> int:
+    """Optimiser steps per epoch of `trainer`'s run, as the learning-rate warm-up counts them."""
+    return max(int(trainer.estimated_stepping_batches) // max(trainer.max_epochs or 1, 1), 1)

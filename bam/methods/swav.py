@@ -3,11 +3,13 @@ prototypes and their freeze; encoders, optimiser, schedules and multi-crop come 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from bam.losses import SwAVLoss
+from bam.losses import SwAVLoss, SwAVObjective
+from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.methods.schedules import warmup_cosine_lr
 
@@ -22,11 +24,8 @@ class SwAVModule(SSLMethod):
     Args:
         num_global_crops: global crops per image (codes come from them).
         num_local_crops: local crops per image.
-        num_prototypes: learnable prototypes `K` (3000 for ImageNet; a few times the number of
-            classes one expects is the paper's rule of thumb).
-        epsilon: entropic regularisation of the codes' Sinkhorn.
-        temperature: temperature of the predictions' softmax.
-        sinkhorn_iterations: balancing iterations of the codes.
+        objective: the objective's settings (`SwAVObjective`: `num_prototypes`, `reg`,
+            `temperature`, `sinkhorn_iterations`); in a config `objective.num_prototypes` etc.
         freeze_prototypes_epochs: the prototypes receive no update for this many (possibly
             fractional) epochs: early on, while the embeddings are still near-random, updating the
             prototypes makes the codes chase them and the paper found training less stable.
@@ -45,10 +44,7 @@ class SwAVModule(SSLMethod):
         self,
         num_global_crops: int = 2,
         num_local_crops: int = 6,
-        num_prototypes: int = 3000,
-        epsilon: float = 0.05,
-        temperature: float = 0.1,
-        sinkhorn_iterations: int = 3,
+        objective: SwAVObjective = SwAVObjective(),
         freeze_prototypes_epochs: float = 1,
         proj_hidden_dim: int = 2048,
         proj_out_dim: int = 128,
@@ -73,15 +69,10 @@ class SwAVModule(SSLMethod):
             proj_batch_norm=proj_batch_norm,
             **kwargs,
         )
-        self.loss_fn = SwAVLoss(
-            num_crops=num_global_crops + num_local_crops,
-            num_global_crops=num_global_crops,
-            dim=proj_out_dim,
-            num_prototypes=num_prototypes,
-            epsilon=epsilon,
-            temperature=temperature,
-            sinkhorn_iterations=sinkhorn_iterations,
-        )
+        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
+        objective = settings_of(SwAVObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
+        self.hparams["objective"] = dataclasses.asdict(objective)
+        self.loss_fn = SwAVLoss(num_global_crops + num_local_crops, num_global_crops, proj_out_dim, objective)
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias
 from torch import nn
 
 from bam.models.gsp import GSPPool
+from bam.ops import is_vit
 
 
 # bam's name -> (timm's architecture, its arguments) of the same network: exports name the timm
@@ -134,11 +135,6 @@ class SmallCNN(nn.Module):
 def bam_cnn4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """The CPU demo's 4-layer CNN (weights: an export, through timm's `local-dir:` source)."""
     return build_model_with_cfg(SmallCNN, "bam_cnn4", pretrained, **kwargs)
-
-
-def is_vit(model: nn.Module) -> bool:
-    """True for timm VisionTransformer-like models (a class token and patch embedding)."""
-    return hasattr(model, "patch_embed") and hasattr(model, "cls_token")
 
 
 # options of `build_backbone` that fix weights during pretraining without changing the network

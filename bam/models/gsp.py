@@ -13,8 +13,8 @@ Two formulations (`mass`), both written from the equations (independently of any
 
 - `"total"` (default), the official layer's (github.com/yetigurbuz/generalized-sum-pooling): a
   partial transport with one total mass. Cost of location `i` to prototype `k`:
-  `2 - 2 cos(x_i, z_k)` (squared distance of the unit vectors), kernel `exp(-cost / eps)`, row
-  sum `S_i = sum_k exp(-cost_ik / eps)`; to the residual: cost 0. The prototypes receive `mu` in
+  `2 - 2 cos(x_i, z_k)` (squared distance of the unit vectors), kernel `exp(-cost / reg)`, row
+  sum `S_i = sum_k exp(-cost_ik / reg)`; to the residual: cost 0. The prototypes receive `mu` in
   total, with no marginal per prototype, so the problem has a single dual variable `a` (the log of
   the official `mu_`): location `i` keeps `p_i = (1/n) / (1 + e^a S_i)` in the residual and sends
   the rest, `(1/n) - p_i`, to the prototypes. From `a = log mu`, each of `iterations` steps
@@ -22,7 +22,7 @@ Two formulations (`mass`), both written from the equations (independently of any
   last `p`, as the official layer reads them off the residual masses.
 - `"per_prototype"`, bam's earlier balanced reading of the paper: every prototype receives
   `mu / m` and the residual `1 - mu`, cost `1 - cos`, solved by bam's one differentiable
-  Sinkhorn (`bam.losses.sinkhorn.sinkhorn_plan`); weights normalised to sum to 1.
+  Sinkhorn (`bam.ops.sinkhorn_differentiable`); weights normalised to sum to 1.
 
 Gradients reach the prototypes and the features through the iterations (autograd; the official
 layer derives them at the optimum). With `mu = 1` nothing is left for the residual: every location
@@ -38,12 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam.losses.sinkhorn import sinkhorn_plan
-
-
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    # the transport runs in float32 at least: under autocast the map arrives in half precision
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+from bam.ops import compute_dtype, sinkhorn_differentiable
 
 
 MASSES = ("total", "per_prototype")
@@ -56,27 +51,20 @@ class GSPPool(nn.Module):
         channels: Feature channels `C` (the width of the prototypes).
         num_prototypes: Learnable prototypes `m`.
         mu: Fraction of the feature mass transported to the prototypes, in (0, 1]; 1 is average pooling.
-        eps: Entropic regularisation of the transport (smaller: sharper selection; the official
-            layer's `gamma` is `1 / eps`).
+        reg: Entropic regularisation of the transport (smaller: sharper selection; the official
+            layer's `gamma` is `1 / reg`).
         iterations: Dual updates (`"total"`) or Sinkhorn iterations (`"per_prototype"`).
         mass: `"total"`: the prototypes receive `mu` together (official); `"per_prototype"`:
             `mu / m` each (bam's earlier formulation).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        num_prototypes: int = 64,
-        mu: float = 0.5,
-        eps: float = 0.05,
-        iterations: int = 100,
-        mass: str = "total",
-    ) -> None:
+    def __init__(self, channels: int, num_prototypes: int = 64, mu: float = 0.5, reg: float = 0.05,
+                 iterations: int = 100, mass: str = "total") -> None:
         super().__init__()
         if not 0 < mu <= 1:
             raise ValueError(f"mu is the fraction of feature mass selected, in (0, 1]; got {mu}")
-        if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+        if reg <= 0:
+            raise ValueError(f"reg must be positive, got {reg}")
         if num_prototypes < 1 or channels < 1:
             raise ValueError(f"channels and num_prototypes must be positive, got {channels} and {num_prototypes}")
         if iterations < 1:
@@ -84,18 +72,18 @@ class GSPPool(nn.Module):
         if mass not in MASSES:
             raise ValueError(f"unknown mass {mass!r}; choose one of {MASSES}")
         self.channels, self.num_prototypes = channels, num_prototypes
-        self.mu, self.eps, self.iterations, self.mass = mu, eps, iterations, mass
+        self.mu, self.reg, self.iterations, self.mass = mu, reg, iterations, mass
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, channels) / channels**0.5)
 
     def weights(self, features: Tensor) -> Tensor:
         """`(B, n)` selection weights of the `n` locations of `(B, n, C)` features (each row sums to 1,
         exactly for `"per_prototype"`, at convergence for `"total"`)."""
         if self.mu == 1:
-            return features.new_full(features.shape[:2], 1.0 / features.shape[1], dtype=_compute_dtype(features))
-        dtype = _compute_dtype(features)
+            return features.new_full(features.shape[:2], 1.0 / features.shape[1], dtype=compute_dtype(features))
+        dtype = compute_dtype(features)
         cosine = F.normalize(features.to(dtype), dim=-1) @ F.normalize(self.prototypes.to(dtype), dim=-1).T
         if self.mass == "total":
-            return self._total_mass_weights(torch.logsumexp((2.0 * cosine - 2.0) / self.eps, dim=-1))
+            return self._total_mass_weights(torch.logsumexp((2.0 * cosine - 2.0) / self.reg, dim=-1))
         return self._per_prototype_weights(1.0 - cosine)
 
     def _total_mass_weights(self, log_row_sums: Tensor) -> Tensor:
@@ -110,12 +98,12 @@ class GSPPool(nn.Module):
         return torch.exp(log_q + F.logsigmoid(dual + log_row_sums)) / self.mu
 
     def _per_prototype_weights(self, cost: Tensor) -> Tensor:
-        log_kernel = torch.cat([-cost / self.eps, cost.new_zeros(*cost.shape[:-1], 1)], dim=-1)
+        log_kernel = torch.cat([-cost / self.reg, cost.new_zeros(*cost.shape[:-1], 1)], dim=-1)
         locations = cost.shape[1]
         row_mass = cost.new_full((locations,), 1.0 / locations)
         column_mass = torch.cat([cost.new_full((self.num_prototypes,), self.mu / self.num_prototypes),
                                  cost.new_full((1,), 1.0 - self.mu)])
-        plan = sinkhorn_plan(log_kernel, self.iterations, row_mass, column_mass)
+        plan = sinkhorn_differentiable(log_kernel, self.iterations, row_mass, column_mass)
         selected = plan[..., : self.num_prototypes].sum(dim=-1)
         return selected / selected.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(selected.dtype).tiny)
 
@@ -129,5 +117,5 @@ class GSPPool(nn.Module):
         return (weights.unsqueeze(-1) * features.to(weights.dtype)).sum(dim=1).to(feature_map.dtype)
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, num_prototypes={self.num_prototypes}, mu={self.mu}, eps={self.eps}, "
+        return (f"channels={self.channels}, num_prototypes={self.num_prototypes}, mu={self.mu}, reg={self.reg}, "
                 f"iterations={self.iterations}, mass={self.mass}")

@@ -29,18 +29,19 @@ exactly symmetric as `(P + P^T) / 2` and the diagonal set to 1 without rescaling
 The excluded diagonal is `-inf` in the log-kernel (the official code writes a cost of 1000,
 which is the same at any useful `reg`): the plan is exactly zero there, with zero gradient.
 
-Balancing uses bam's one Sinkhorn (`bam.losses.sinkhorn.sinkhorn_plan`, its differentiable form).
+Balancing uses bam's one Sinkhorn (`bam.ops.sinkhorn_differentiable`).
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam.losses.sinkhorn import sinkhorn_plan
+from bam.ops import compute_dtype, sinkhorn_differentiable
 
 
 def bpa(
@@ -65,12 +66,12 @@ def bpa(
         `(n, n)`, in `features`' dtype (half precision computed in float32), differentiable.
     """
     _check(features, reg, iterations)
-    unit = F.normalize(features.float() if features.dtype in (torch.float16, torch.bfloat16) else features, dim=1)
+    unit = F.normalize(features.to(compute_dtype(features)), dim=1)
     cost = 1.0 - unit @ unit.T
     own = torch.eye(len(unit), dtype=torch.bool, device=unit.device)
     # bam's Sinkhorn ends on a row normalisation; on this symmetric kernel its transpose is the plan
     # of the same iterations ending on the column one, as the official code's
-    plan = sinkhorn_plan((-cost / reg).masked_fill(own, -math.inf), iterations).T
+    plan = sinkhorn_differentiable((-cost / reg).masked_fill(own, -math.inf), iterations).T
     if symmetrize:
         plan = (plan + plan.T) / 2
     if max_scale:
@@ -99,27 +100,22 @@ def _check(features: Tensor, reg: float, iterations: int) -> None:
 class BPA(nn.Module):
     """`bpa` as a layer (no parameters): `(n, d)` set of features -> `(n, n)` balanced affinities.
 
-    Args: see :func:`bpa`.
+    Takes :func:`bpa`'s arguments after `features`, positional or by name, with its defaults (the
+    argument list is written once, on the function; a misspelt name fails here, not at the first call).
     """
 
-    def __init__(
-        self,
-        reg: float = 0.1,
-        iterations: int = 10,
-        self_affinity: Optional[float] = 1.0,
-        max_scale: bool = True,
-        symmetrize: bool = False,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        self.reg = reg
-        self.iterations = iterations
-        self.self_affinity = self_affinity
-        self.max_scale = max_scale
-        self.symmetrize = symmetrize
+        signature = inspect.signature(bpa)
+        try:
+            bound = signature.bind(None, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"BPA: {error}; it takes bpa's settings {list(signature.parameters)[1:]}") from None
+        bound.apply_defaults()
+        self.settings = {name: value for name, value in bound.arguments.items() if name != "features"}
 
     def forward(self, features: Tensor) -> Tensor:
-        return bpa(features, self.reg, self.iterations, self.self_affinity, self.max_scale, self.symmetrize)
+        return bpa(features, **self.settings)
 
     def extra_repr(self) -> str:
-        return (f"reg={self.reg}, iterations={self.iterations}, self_affinity={self.self_affinity}, "
-                f"max_scale={self.max_scale}, symmetrize={self.symmetrize}")
+        return ", ".join(f"{name}={value}" for name, value in self.settings.items())

@@ -119,7 +119,7 @@ def make_steps(shape: Shape, x: torch.Tensor) -> tuple[dict[str, Callable[[], No
     ours = BAMLoss(
         shape.num_crops,
         shape.num_global,
-        shape.num_target,
+        num_target_crops=shape.num_target,
         reg=shape.reg,
         temperature=shape.temperature,
         sinkhorn_iterations=shape.iterations,

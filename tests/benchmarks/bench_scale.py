@@ -5,8 +5,8 @@ Run: `python tests/benchmarks/bench_scale.py [--dims 256 512 1024] [--blocks 256
 Shape: the released recipe per process, B=256 images, V=8 crops (2 global + 6 local), T=2 target
 crops, top-k 128, 3 Sinkhorn iterations, with a momentum teacher. Every process holds
 `(V*B) x (T*B*W)` matrices, so the objective's memory grows linearly with W. For W = 1, 2, 4 gloo
-processes on CPU, each process measures one forward+backward of `bam_loss` (unblocked) and of
-`bam_loss_blockwise` (column blocks of C): peak live tensor bytes allocated by the step (the
+processes on CPU, each process measures one forward+backward of `bam_loss` unblocked and in column blocks of C
+(`column_block_size=C`): peak live tensor bytes allocated by the step (the
 quantity CUDA's `max_memory_allocated` reports; on CPU from the profiler's allocation events, see
 `bench_loss.py`) and the median wall time.
 
@@ -49,7 +49,6 @@ from torch.utils._pytree import tree_leaves
 from bench_loss import peak_bytes  # same directory
 
 from bam.losses import bam_loss
-from bam.losses.blockwise import bam_loss_blockwise
 
 BATCH, CROPS, GLOBAL, TARGET, TOP_K, ITERATIONS = 256, 8, 2, 2, 128, 3
 ROWS = CROPS * BATCH
@@ -62,9 +61,7 @@ GIB, MIB = 2**30, 2**20
 def objective(block: int | None) -> Callable[..., torch.Tensor]:
     kwargs = dict(num_crops=CROPS, num_global_crops=GLOBAL, num_target_crops=TARGET, top_k=TOP_K,
                   sinkhorn_iterations=ITERATIONS)
-    if block is None:
-        return lambda student, teacher: bam_loss(student, teacher, **kwargs)
-    return lambda student, teacher: bam_loss_blockwise(student, teacher, column_block_size=block, **kwargs)
+    return lambda student, teacher: bam_loss(student, teacher, column_block_size=block or 0, **kwargs)
 
 
 def inputs(dim: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ def test_loop_baseline_matches_bam_loss():
     shape = bench.Shape(batch=6, dim=12, top_k=5)
     x = torch.randn(shape.num_crops * shape.batch, shape.dim, generator=torch.Generator().manual_seed(0))
     ours_x, loop_x = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = BAMLoss(shape.num_crops, shape.num_global, shape.num_target, top_k=shape.top_k)(ours_x)
+    ours = BAMLoss(shape.num_crops, shape.num_global, num_target_crops=shape.num_target, top_k=shape.top_k)(ours_x)
     loop = bench.loop_loss(loop_x, shape)
     ours.backward()
     loop.backward()

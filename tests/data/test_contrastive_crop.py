@@ -17,9 +17,10 @@ from bam.callbacks import ContrastiveCrop
 from bam.callbacks.contrastive_crop import local_box_rows
 from bam.data import BuiltinDataModule, CPUMultiCrop, CropBoxes, DeviceMultiCrop, MultiCropConfig, batch_ops
 from bam.data.contrastive_crop import compute_boxes, heatmap, heatmap_boxes
-from bam.distributed import gather_rows
+from bam.losses import BAMObjective
 from bam.methods import BAMModule
 from bam.models import build_backbone
+from bam.ops.distributed import gather_rows
 from tiny_runs import spawn_gloo_workers
 
 from test_data_augment import GEOMETRY_ONLY, _geometry_stats, _ks, _ks_threshold, _ramp_image
@@ -303,8 +304,8 @@ def test_two_gloo_processes_compute_the_same_boxes_as_one(tmp_path):
 # -- Lightning: schedule and checkpoints ---------------------------------------------------------
 def _method() -> BAMModule:
     return BAMModule(backbone="bam_cnn4", backbone_kwargs=dict(width=8), proj_hidden_dim=32, proj_out_dim=16,
-                     proj_layers=2, num_global_crops=2, num_local_crops=2, top_k=0, lr=1e-3, warmup_epochs=0,
-                     momentum_teacher=True, stuck_loss_patience=0)
+                     proj_layers=2, num_global_crops=2, num_local_crops=2, objective=BAMObjective(top_k=0), lr=1e-3,
+                     warmup_epochs=0, momentum_teacher=True, stuck_loss_patience=0)
 
 
 def _trainer(tmp_path: Path, max_epochs: int, callback: ContrastiveCrop) -> pl.Trainer:

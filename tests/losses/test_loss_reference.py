@@ -187,7 +187,7 @@ def test_teacher_receives_no_gradient(crops):
     num_crops = global_crops + local_crops
     student = _embeddings(num_crops * 4, 8, 0, torch.float32).requires_grad_()
     teacher = _embeddings(num_crops * 4, 8, 1, torch.float32).requires_grad_()
-    loss = BAMLoss(num_crops, global_crops, target_crops, top_k=5)(student, teacher)
+    loss = BAMLoss(num_crops, global_crops, num_target_crops=target_crops, top_k=5)(student, teacher)
     loss.backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 from bam.losses import bam_loss
-from bam.losses.blockwise import bam_loss_blockwise
 from tiny_runs import spawn_gloo_workers
 
 # name: (num_crops, num_global, num_target, top_k, sinkhorn_iterations, teacher, positive_masking)
@@ -45,7 +44,7 @@ def test_equals_unblocked_in_float64(name, block):
     config = CONFIGS[name]
     student, teacher = _inputs(config, config[0] * BATCH, seed=0, dtype=torch.float64)
     loss, grad = _loss_and_grad(bam_loss, student, teacher, config)
-    blocked_loss, blocked_grad = _loss_and_grad(bam_loss_blockwise, student, teacher, config, column_block_size=block)
+    blocked_loss, blocked_grad = _loss_and_grad(bam_loss, student, teacher, config, column_block_size=block)
     torch.testing.assert_close(blocked_loss, loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(blocked_grad, grad, rtol=1e-10, atol=1e-14)
 
@@ -55,15 +54,15 @@ def test_equals_unblocked_in_float32_and_under_autocast():
     student, teacher = _inputs(config, config[0] * BATCH, seed=1, dtype=torch.float32)
     loss, grad = _loss_and_grad(bam_loss, student, teacher, config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        blocked_loss, blocked_grad = _loss_and_grad(bam_loss_blockwise, student, teacher, config, column_block_size=4)
+        blocked_loss, blocked_grad = _loss_and_grad(bam_loss, student, teacher, config, column_block_size=4)
     assert blocked_loss.dtype == torch.float32
     torch.testing.assert_close(blocked_loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(blocked_grad, grad, rtol=1e-4, atol=1e-6)
 
 
-def test_block_size_must_be_positive():
+def test_block_size_must_not_be_negative():
     with pytest.raises(ValueError, match="column_block_size"):
-        bam_loss_blockwise(torch.randn(8, 4), num_crops=2, column_block_size=0)
+        bam_loss(torch.randn(8, 4), num_crops=2, column_block_size=-1)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -76,7 +75,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             student, teacher = _inputs(config, config[0] * BATCH, seed=10 + rank, dtype=torch.float64)
             results[name] = (
                 _loss_and_grad(bam_loss, student, teacher, config),
-                _loss_and_grad(bam_loss_blockwise, student, teacher, config, column_block_size=5),
+                _loss_and_grad(bam_loss, student, teacher, config, column_block_size=5),
             )
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -100,9 +99,9 @@ def test_bam_loss_module_option_selects_the_blocked_form(monkeypatch):
     from bam import BAMLoss
 
     calls = []
-    original = blockwise.bam_loss_blockwise
-    monkeypatch.setattr(blockwise, "bam_loss_blockwise", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = blockwise.blockwise_bam_loss
+    monkeypatch.setattr(blockwise, "blockwise_bam_loss", lambda *a, **k: calls.append(k) or original(*a, **k))
     student = torch.randn(4 * 6, 16, dtype=torch.float64)
     blocked = BAMLoss(4, column_block_size=5, top_k=4)(student)
-    assert calls and calls[0]["column_block_size"] == 5
+    assert calls and calls[0]["objective"].column_block_size == 5
     torch.testing.assert_close(blocked, BAMLoss(4, top_k=4)(student))

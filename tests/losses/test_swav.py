@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from bam.losses import SwAVLoss, sinkhorn_log, swav_codes, swav_loss
+from bam.losses import SwAVLoss, SwAVObjective, swav_codes, swav_loss
+from bam.ops import sinkhorn_distributed
 from bam.methods import SwAVModule
 from tiny_runs import TinyCropsDataModule, spawn_gloo_workers
 from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
@@ -24,11 +25,11 @@ DEMO = REPO / "configs" / "pretrain" / "swav_demo.yaml"
 
 
 # ----------------------------------------------------------------- reference (paper's formulas)
-def reference_codes(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+def reference_codes(scores: torch.Tensor, reg: float, iterations: int) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp as the paper states it, in float64 on a (K, B) matrix: Q = exp(S^T / eps)
     scaled to total mass 1, then alternately each prototype (row) to mass 1/K and each image
     (column) to mass 1/B; the codes are the columns scaled to sum to 1."""
-    q = torch.exp(scores.double().T / epsilon)
+    q = torch.exp(scores.double().T / reg)
     q = q / q.sum()
     num_prototypes, batch = q.shape
     for _ in range(iterations):
@@ -38,7 +39,7 @@ def reference_codes(scores: torch.Tensor, epsilon: float, iterations: int) -> to
 
 
 def reference_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, num_crops: int, num_global: int,
-                   epsilon: float = 0.05, temperature: float = 0.1, iterations: int = 3) -> torch.Tensor:
+                   reg: float = 0.05, temperature: float = 0.1, iterations: int = 3) -> torch.Tensor:
     """Swapped prediction, pair by pair: for every global crop i and every other crop j,
     the mean over images of -sum_k q_ik log softmax(s_j / T)_k, averaged over the pairs."""
     batch = embeddings.shape[0] // num_crops
@@ -46,7 +47,7 @@ def reference_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, num_crops
     blocks = scores.split(batch)
     losses = []
     for i in range(num_global):
-        q = reference_codes(blocks[i].detach(), epsilon, iterations)
+        q = reference_codes(blocks[i].detach(), reg, iterations)
         for j in range(num_crops):
             if j != i:
                 losses.append(-(q * F.log_softmax(blocks[j] / temperature, dim=1)).sum(dim=1).mean())
@@ -60,20 +61,20 @@ def unit_prototypes(num: int = NUM_PROTOTYPES, dim: int = DIM, seed: int = 2) ->
 # ----------------------------------------------------------------- codes
 def test_codes_are_equipartitioned_distributions():
     scores = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1) @ unit_prototypes(4, 8).T
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=200)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=200)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(12))                 # each image: one unit of mass
     torch.testing.assert_close(codes.sum(dim=0), torch.full((4,), 12 / 4), rtol=0, atol=1e-4)  # each prototype: B / K
     # With SwAV's 3 iterations the rows are still exact distributions, the columns nearly balanced.
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=3)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=3)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(12))
     assert (codes >= 0).all()
 
 
 def test_codes_are_bams_sinkhorn_and_match_the_paper():
     scores = F.normalize(torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1) @ unit_prototypes(6, 8).double().T
-    codes = swav_codes(scores, epsilon=0.05, sinkhorn_iterations=3)
+    codes = swav_codes(scores, reg=0.05, sinkhorn_iterations=3)
     torch.testing.assert_close(codes, reference_codes(scores, 0.05, 3), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(codes, sinkhorn_log(scores / 0.05, 3))            # one shared implementation
+    torch.testing.assert_close(codes, sinkhorn_distributed(scores / 0.05, 3))            # one shared implementation
 
 
 def test_codes_carry_no_gradient():
@@ -125,7 +126,7 @@ def test_normalize_prototypes_gives_unit_rows():
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(num_crops=1, num_global_crops=1), "at least 2 crops"), (dict(num_crops=4, num_global_crops=5), "num_global_crops"),
-     (dict(num_crops=4, epsilon=0.0), "epsilon"), (dict(num_crops=4, num_prototypes=1), "num_prototypes")],
+     (dict(num_crops=4, reg=0.0), "reg"), (dict(num_crops=4, num_prototypes=1), "num_prototypes")],
 )
 def test_bad_arguments_are_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -186,7 +187,8 @@ def tiny_trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 def test_training_step_moves_the_student(tmp_path):
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, num_prototypes=8, warmup_epochs=0, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, objective=SwAVObjective(num_prototypes=8),
+                       warmup_epochs=0, **SMALL_HEAD)
     before = [p.detach().clone() for p in model.student.parameters()]
     tiny_trainer(tmp_path, fast_dev_run=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters()))
@@ -212,8 +214,8 @@ class RecordPrototypes(pl.Callback):
 
 
 def test_prototypes_frozen_for_the_first_epoch_then_trained_without_decay(tmp_path):
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, num_prototypes=8, freeze_prototypes_epochs=1,
-                       warmup_epochs=0, lr=0.5, weight_decay=0.1, weight_decay_final=0.1, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, objective=SwAVObjective(num_prototypes=8),
+                       freeze_prototypes_epochs=1, warmup_epochs=0, lr=0.5, weight_decay=0.1, weight_decay_final=0.1, **SMALL_HEAD)
     start = model.loss_fn.prototypes.weight.detach().clone()
     record = RecordPrototypes()
     trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[record])
@@ -232,7 +234,7 @@ def test_prototypes_frozen_for_the_first_epoch_then_trained_without_decay(tmp_pa
 def test_teacher_and_crop_mismatch_are_explained(tmp_path):
     with pytest.raises(ValueError, match="no momentum teacher"):
         SwAVModule(backbone="bam_cnn4", momentum_teacher=True, **SMALL_HEAD)
-    model = SwAVModule(backbone="bam_cnn4", num_local_crops=6, num_prototypes=8, **SMALL_HEAD)
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=6, objective=SwAVObjective(num_prototypes=8), **SMALL_HEAD)
     with pytest.raises(ValueError, match="provides 4 crops per image but the model expects 8"):
         tiny_trainer(tmp_path, fast_dev_run=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
 
@@ -262,4 +264,4 @@ def test_swav_configs_parse_and_build(name, capsys):
     init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
     if name == "swav_demo":  # the ResNet-50 one is too big to build in a unit test
         model = SwAVModule(**init_args)
-        assert model.loss_fn.prototypes.out_features == init_args["num_prototypes"]
+        assert model.loss_fn.prototypes.out_features == init_args["objective"]["num_prototypes"]

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from bam.callbacks import OnlineKNN
+from bam.losses import BAMObjective
 from bam.methods import BAMModule, NonFiniteLossError, StuckLossWarning
 from bam.methods.monitoring import LossMonitor
 from tiny_runs import TinyCropsDataModule
@@ -44,7 +45,7 @@ def test_teacher_follows_ema_of_student(tmp_path):
 
 def test_schedules_have_documented_values(tmp_path):
     model = BAMModule(backbone="bam_cnn4", num_local_crops=2, momentum_teacher=True, lr=0.256, min_lr=0.0,
-                      warmup_epochs=1, weight_decay=0.04, weight_decay_final=0.4, reg=0.05, reg_final=0.1,
+                      warmup_epochs=1, weight_decay=0.04, weight_decay_final=0.4, objective=BAMObjective(reg=0.05), reg_final=0.1,
                       reg_warmup_epochs=2, teacher_momentum=0.99, **SMALL_HEAD)
     data = TinyCropsDataModule(num_images=32, batch_size=8)  # 4 steps per epoch
     seen = []

@@ -24,7 +24,7 @@ def _map(batch: int = 3, channels: int = 16, size: int = 7, seed: int = 0) -> to
 @pytest.mark.parametrize("mass", ["total", "per_prototype"])
 @pytest.mark.parametrize("size", [1, 4, 7])
 def test_mu_one_is_average_pooling(size, mass):
-    pool = GSPPool(16, num_prototypes=8, mu=1.0, eps=0.01, mass=mass)
+    pool = GSPPool(16, num_prototypes=8, mu=1.0, reg=0.01, mass=mass)
     feature_map = _map(size=size)
     torch.testing.assert_close(pool(feature_map), feature_map.mean(dim=(2, 3)), rtol=0, atol=1e-5)
 
@@ -72,18 +72,18 @@ def _per_prototype_reference(feature_map, prototypes, mu, eps, iterations):
 
 @pytest.mark.parametrize("mu, eps, iterations", [(0.3, 0.5, 100), (0.5, 0.2, 7), (0.7, 1.0, 1)])
 def test_total_mass_is_the_official_formulation(mu, eps, iterations):
-    pool = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations).double()
+    pool = GSPPool(16, num_prototypes=6, mu=mu, reg=eps, iterations=iterations).double()
     feature_map = _map(batch=3, size=5, seed=2).double()
     expected = _official_reference(feature_map, pool.prototypes.detach(), mu, eps, iterations)
     torch.testing.assert_close(pool(feature_map), expected, rtol=1e-9, atol=1e-12)
-    earlier = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations, mass="per_prototype").double()
+    earlier = GSPPool(16, num_prototypes=6, mu=mu, reg=eps, iterations=iterations, mass="per_prototype").double()
     earlier.load_state_dict(pool.state_dict())
     assert not torch.allclose(earlier(feature_map), expected, atol=1e-4)  # the two formulations differ
 
 
 @pytest.mark.parametrize("mu, eps, iterations", [(0.3, 0.5, 50), (0.6, 0.1, 5)])
 def test_per_prototype_mass_matches_its_reference(mu, eps, iterations):
-    pool = GSPPool(16, num_prototypes=6, mu=mu, eps=eps, iterations=iterations, mass="per_prototype").double()
+    pool = GSPPool(16, num_prototypes=6, mu=mu, reg=eps, iterations=iterations, mass="per_prototype").double()
     feature_map = _map(batch=2, size=4, seed=3).double()
     expected = _per_prototype_reference(feature_map, pool.prototypes.detach(), mu, eps, iterations)
     torch.testing.assert_close(pool(feature_map), expected, rtol=1e-9, atol=1e-12)
@@ -92,7 +92,7 @@ def test_per_prototype_mass_matches_its_reference(mu, eps, iterations):
 def test_total_mass_is_stable_at_a_sharp_eps():
     # exp(-cost / eps) underflows float32 at eps = 0.01 (cost up to 4): the log domain keeps it finite
     # (the single dual converges more slowly the sharper eps is: 1000 updates here)
-    pool = GSPPool(16, num_prototypes=8, mu=0.5, eps=0.01, iterations=1000)
+    pool = GSPPool(16, num_prototypes=8, mu=0.5, reg=0.01, iterations=1000)
     feature_map = _map(size=7).requires_grad_()
     pool(feature_map).sum().backward()
     assert torch.isfinite(feature_map.grad).all() and torch.isfinite(pool.prototypes.grad).all()
@@ -109,7 +109,7 @@ def test_output_shape_and_weights_are_a_distribution():
 
 
 def test_small_mu_selects_the_locations_that_match_prototypes():
-    pool = GSPPool(8, num_prototypes=2, mu=0.25, eps=0.01, iterations=50)
+    pool = GSPPool(8, num_prototypes=2, mu=0.25, reg=0.01, iterations=50)
     with torch.no_grad():
         pool.prototypes.copy_(torch.eye(8)[:2])
     feature_map = torch.zeros(1, 8, 4, 4)
@@ -130,7 +130,7 @@ def test_gradients_reach_prototypes_and_features():
 
 
 def test_gradcheck_float64():
-    pool = GSPPool(4, num_prototypes=3, mu=0.6, eps=0.5, iterations=5).double()
+    pool = GSPPool(4, num_prototypes=3, mu=0.6, reg=0.5, iterations=5).double()
     # away from zero vectors, where L2 normalisation has a kink
     feature_map = (_map(batch=2, channels=4, size=2) + 0.5).double().requires_grad_()
     assert torch.autograd.gradcheck(pool, (feature_map,), eps=1e-6, atol=1e-6)
@@ -139,8 +139,8 @@ def test_gradcheck_float64():
 def test_bad_settings_are_explained():
     with pytest.raises(ValueError, match=r"mu is the fraction.*\(0, 1\]"):
         GSPPool(8, mu=0.0)
-    with pytest.raises(ValueError, match="eps must be positive"):
-        GSPPool(8, eps=0)
+    with pytest.raises(ValueError, match="reg must be positive"):
+        GSPPool(8, reg=0)
     with pytest.raises(ValueError, match=r"unknown mass 'uniform'.*total"):
         GSPPool(8, mass="uniform")
     with pytest.raises(ValueError, match=r"\(batch, 8, height, width\)"):

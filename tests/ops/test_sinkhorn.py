@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bam.losses import BAMLoss, balanced_target, bam_loss, keep_top_k, positive_mask, sinkhorn_log
+from bam.losses import BAMLoss, balanced_target, bam_loss, keep_top_k, positive_mask
+from bam.losses.bam_objective import Layout
+from bam.ops import sinkhorn_distributed
 
 # `bam.losses.bam_loss` is shadowed by the function of the same name; fetch the module itself.
 bam_loss_module = importlib.import_module("bam.losses.bam_loss")
@@ -102,13 +104,13 @@ def _freeze_target(monkeypatch: pytest.MonkeyPatch, student: torch.Tensor, **kwa
     The loss with a frozen target is the source path alone: its autograd gradient must equal the
     gradient of the real loss if (and only if) no gradient flows through the target."""
     frozen = []
-    real = bam_loss_module.sinkhorn_
+    real = bam_loss_module.sinkhorn_distributed_
 
     def recording(*args, **kw):
         frozen.append(real(*args, **kw))
         return frozen[0].clone()
 
-    monkeypatch.setattr(bam_loss_module, "sinkhorn_", recording)
+    monkeypatch.setattr(bam_loss_module, "sinkhorn_distributed_", recording)
     bam_loss(student.detach(), **kwargs)
     return frozen[0]
 
@@ -290,14 +292,14 @@ def test_chance_level_is_log_of_candidates():
 def test_fill_positives_writes_exactly_the_positive_mask(num_crops, batch, num_target, world, rank):
     """The loss masks through a strided view; it must hit the same entries as the boolean mask."""
     matrix = torch.zeros(num_crops * batch, num_target * batch * world)
-    fill_positives_(matrix, 1.0, num_crops, batch, num_target, world, rank)
+    fill_positives_(matrix, 1.0, Layout(num_crops, num_target, num_target, batch, world, rank, masking=True))
     assert torch.equal(matrix.bool(), positive_mask(num_crops, batch, num_target, world, rank))
 
 
 def test_public_helpers_leave_their_inputs_alone():
     log_kernel = _similarity(3, 4, 2, seed=16) / 0.05
     before = log_kernel.clone()
-    sinkhorn_log(log_kernel, 3)
+    sinkhorn_distributed(log_kernel, 3)
     targets = torch.rand(2, 4, 8, generator=torch.Generator().manual_seed(17))
     targets_before = targets.clone()
     sparse = keep_top_k(targets, 3)

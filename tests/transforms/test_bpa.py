@@ -131,3 +131,11 @@ def test_bad_settings_are_explained():
         bpa(torch.randn(4, 2), reg=0)
     with pytest.raises(ValueError, match="iterations must be non-negative"):
         BPA(iterations=-1)(torch.randn(4, 2))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'rag'.*'reg'"):
+        BPA(rag=0.1)  # the layer takes bpa's own settings, checked when it is built
+
+
+def test_layer_takes_the_functions_settings_positionally_or_by_name():
+    x = _features(8, 4, seed=9)
+    torch.testing.assert_close(BPA(0.2, 5)(x), bpa(x, reg=0.2, iterations=5))
+    torch.testing.assert_close(BPA(symmetrize=True, max_scale=False)(x), bpa(x, symmetrize=True, max_scale=False))
