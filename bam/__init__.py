@@ -31,7 +31,7 @@ _LAZY = {
     "BPA": "bam.transforms.bpa",
     "GSPPool": "bam.models.gsp",
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
-    "trainer_extras": "bam.training.extras",
+    "trainer_extras": "bam.callbacks.extras",
     "DataRecipe": "bam.recipe",
 }
 

@@ -22,7 +22,7 @@ from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.shipped_configs import with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
-from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
+from bam.training.run_setup import CHECKPOINT_DEFAULTS, logger_config
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from bam.callbacks import CurvePlots, plot_metrics
-from bam.callbacks.plots import curve_figure, plot_summary, read_curves, summary_figure
+from bam.training.plots import curve_figure, plot_summary, read_curves, summary_figure
 from bam.cli import main as bam
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -158,7 +158,7 @@ def run_fewshot(
         data: The labelled data.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
+        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
         split: The split episodes are drawn from: "val" (held out) or "train".
         fraction: Class-balanced fraction of the split embedded.
         ways: Classes per episode (N).

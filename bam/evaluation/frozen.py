@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 
 
 def select_device(accelerator: str) -> torch.device:

@@ -12,11 +12,11 @@ from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser
 
-from bam.callbacks import CurvePlots
+from bam.training.plots import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.shipped_configs import with_config_names
-from bam.training.extras import logger_config
+from bam.training.run_setup import logger_config
 from bam.training.fault_tolerance import RunCheckpoint
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced

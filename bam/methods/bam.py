@@ -9,7 +9,7 @@ import torch
 from bam.distributed import world_size
 from bam.losses import BAMLoss
 from bam.methods.base import SSLMethod
-from bam.methods.schedules import linear_ramp
+from bam.training.schedules import linear_ramp
 
 
 class BAMModule(SSLMethod):
