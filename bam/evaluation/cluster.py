@@ -95,15 +95,14 @@ def cluster_features(
     features: Tensor,
     labels: Tensor,
     num_clusters: int,
-    restarts: int = 10,
-    iterations: int = 100,
-    seed: int = 0,
     bpa: bool = True,
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
+    **kmeans_settings: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Tensor]]:
     """Metrics and cluster assignments of k-means on the L2-normalised `features` (`raw`) and,
-    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`)."""
+    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`).
+    `kmeans_settings` (restarts, iterations, seed) are those of `kmeans`, with its defaults."""
     spaces = {"raw": F.normalize(features.float(), dim=1)}
     if bpa:
         if len(features) > BPA_MAX_SET:
@@ -114,7 +113,7 @@ def cluster_features(
         spaces["bpa"] = F.normalize(bpa_transform(spaces["raw"], bpa_reg, bpa_iterations), dim=1)
     results, assignments = {}, {}
     for name, points in spaces.items():
-        assignments[name], _, inertia = kmeans(points, num_clusters, restarts, iterations, seed)
+        assignments[name], _, inertia = kmeans(points, num_clusters, **kmeans_settings)
         results[name] = {**clustering_metrics(labels, assignments[name]), "inertia": inertia}
     return results, assignments
 
@@ -172,7 +171,8 @@ def run_clustering(
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics, assignments = cluster_features(
-        features.to(device), labels, num_clusters, restarts, kmeans_iterations, seed, bpa, bpa_reg, bpa_iterations
+        features.to(device), labels, num_clusters, bpa, bpa_reg, bpa_iterations,
+        restarts=restarts, iterations=kmeans_iterations, seed=seed,
     )
     result = {
         **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split, "files": files,

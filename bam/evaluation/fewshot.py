@@ -107,24 +107,15 @@ def summarise(accuracies: Tensor) -> dict[str, float]:
 
 
 def evaluate_fewshot(
-    features: Tensor,
-    labels: Tensor,
-    ways: int = 5,
-    shots: Sequence[int] = (1, 5),
-    queries: int = 15,
-    episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
-    seed: int = 0,
+    features: Tensor, labels: Tensor, shots: Sequence[int] = (1, 5), **episode_settings: Any
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent)."""
+    """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent);
+    `episode_settings` (ways, queries, episodes, bpa, bpa_reg, bpa_iterations, seed) are those of
+    `episode_accuracies`, with its defaults."""
     return {
         f"{k}-shot": {
             name: summarise(values)
-            for name, values in episode_accuracies(
-                features, labels, ways, k, queries, episodes, bpa, bpa_reg, bpa_iterations, seed
-            ).items()
+            for name, values in episode_accuracies(features, labels, shots=k, **episode_settings).items()
         }
         for k in shots
     }
@@ -181,8 +172,10 @@ def run_fewshot(
     features, labels, extractor, device = embed_split(
         backbone, which, arch, feature, data, split, fraction, accelerator, "few-shot"
     )
-    scores = evaluate_fewshot(features.to(device), labels, ways, shots, queries, episodes, bpa, bpa_reg,
-                              bpa_iterations, seed)
+    scores = evaluate_fewshot(
+        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, bpa_reg=bpa_reg,
+        bpa_iterations=bpa_iterations, seed=seed,
+    )
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
         "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,
