@@ -34,11 +34,11 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.distributed import all_reduce_, rank
-from bam.shipped_configs import with_config_names
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
-from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
+from bam.shipped_configs import with_config_names
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "knn_results.json"

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
-from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 from bam.evaluation.stage_cli import run_stage
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 
 BACKBONE_PREFIX = "extractor."
 
