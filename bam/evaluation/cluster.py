@@ -121,11 +121,6 @@ def cluster_features(
 def run_clustering(
     backbone: str,
     data: ClassificationDataModule,
-    which: Optional[str] = None,
-    arch: Optional[str] = None,
-    feature: str = "auto",
-    split: str = "val",
-    fraction: float = 1.0,
     num_clusters: Optional[int] = None,
     restarts: int = 10,
     kmeans_iterations: int = 100,
@@ -133,21 +128,15 @@ def run_clustering(
     bpa: bool = True,
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
-    accelerator: str = "auto",
     output_dir: str = "runs/cluster",
+    **frozen: Any,
 ) -> dict[str, Any]:
     """Cluster a labelled split's frozen features by k-means, raw and after BPA; printed and
     written to `output_dir/cluster_results.json`.
 
     Args:
-        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
-            file, or a timm model name (random initialisation, a baseline).
-        data: The labelled data.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
-        arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
-        split: The split clustered: "val" (held out) or "train".
-        fraction: Class-balanced fraction of the split clustered.
+        backbone: The clustered backbone: an export, a checkpoint, a released file or a timm name.
+        data: The labelled data, whose `split` is clustered.
         num_clusters: Number of clusters (default: the number of classes).
         restarts: k-means++ restarts; the lowest inertia is kept.
         kmeans_iterations: Most Lloyd iterations per restart (stops earlier once stable).
@@ -155,8 +144,8 @@ def run_clustering(
         bpa: Also cluster the BPA transform of the features (the whole clustered set as one set).
         bpa_reg: BPA's entropic regularisation.
         bpa_iterations: BPA's Sinkhorn iterations.
-        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
+        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
 
     Unreadable files are left out (not replaced); `files` in the result counts what was found,
     read and skipped (the paths in `output_dir/skipped_files.tsv`).
@@ -165,9 +154,7 @@ def run_clustering(
         `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file account and
         settings used.
     """
-    features, labels, extractor, device = embed_split(
-        backbone, which, arch, feature, data, split, fraction, accelerator, "clustering"
-    )
+    features, labels, extractor, device, split = embed_split(backbone, data, "clustering", **frozen)
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics, assignments = cluster_features(
