@@ -1,44 +1,81 @@
 """bam: self-supervised visual pretraining with Balanced self-Attention Matching.
 
-The objectives (`BAMLoss`, `SwAVLoss`) are importable without Lightning; the training, evaluation and
-checkpoint APIs are loaded on first use so that `import bam` stays light. Importing bam registers its
-architectures (`bam_cnn4`, `bam_caformer_m36`, ...) in timm, so that `timm.create_model` builds them
-and loads their exports (`"local-dir:DIR"`).
+The public face for using and extending bam. Every name below is loaded on first use, so that
+`import bam` stays light (the objectives need no Lightning); the `TYPE_CHECKING` imports let
+editors and type checkers see them. To add a method, subclass `SSLMethod` and implement
+`compute_loss`; to add data, subclass `SSLDataModule` (crops described by a `MultiCropConfig`).
+
+Importing bam registers its architectures (`bam_cnn4`, `bam_caformer_m36`, ...) in timm, so that
+`timm.create_model` builds them and loads their exports (`"local-dir:DIR"`).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bam.models.backbones  # noqa: F401  (registers bam's architectures in timm's registry)
-from bam.losses import BAMLoss, SwAVLoss, balanced_target, bam_loss, positive_mask
+from bam._version import __version__
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from bam.callbacks.contrastive_crop import ContrastiveCrop
+    from bam.callbacks.extras import trainer_extras
+    from bam.data import MultiCropConfig, SSLDataModule
+    from bam.evaluation.cluster import run_clustering
+    from bam.evaluation.finetune import FineTune
+    from bam.evaluation.knn_stage import run_knn
+    from bam.evaluation.linear import LinearProbe
+    from bam.io.export import export_backbone, load_backbone
+    from bam.losses import BAMLoss, SwAVLoss, balanced_target, bam_loss, positive_mask
+    from bam.methods.bam import BAMModule
+    from bam.methods.base import SSLMethod
+    from bam.methods.swav import SwAVModule
+    from bam.models.backbones import build_backbone
+    from bam.models.gsp import GSPPool
+    from bam.models.projector import Projector
+    from bam.recipe import DataRecipe
+    from bam.transforms.bpa import BPA, bpa
 
-# public name -> module that defines it (imported lazily, on first attribute access)
+# public name -> module that defines it (imported on first attribute access)
 _LAZY = {
+    # objectives (pure torch)
+    "BAMLoss": "bam.losses",
+    "SwAVLoss": "bam.losses",
+    "bam_loss": "bam.losses",
+    "balanced_target": "bam.losses",
+    "positive_mask": "bam.losses",
+    # the Sinkhorn forms of bam.ops are listed here at merge time (in the TYPE_CHECKING block too)
+    # extending bam: a method, its data, the crops
+    "SSLMethod": "bam.methods.base",
+    "SSLDataModule": "bam.data",
+    "MultiCropConfig": "bam.data",
+    # methods, models, transforms
     "BAMModule": "bam.methods.bam",
     "SwAVModule": "bam.methods.swav",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
+    "GSPPool": "bam.models.gsp",
+    "bpa": "bam.transforms.bpa",
+    "BPA": "bam.transforms.bpa",
+    "DataRecipe": "bam.recipe",
+    # training and evaluation
+    "trainer_extras": "bam.callbacks.extras",
+    "ContrastiveCrop": "bam.callbacks.contrastive_crop",
     "load_backbone": "bam.io.export",
     "export_backbone": "bam.io.export",
     "LinearProbe": "bam.evaluation.linear",
     "FineTune": "bam.evaluation.finetune",
     "run_knn": "bam.evaluation.knn_stage",
     "run_clustering": "bam.evaluation.cluster",
-    "bpa": "bam.transforms.bpa",
-    "BPA": "bam.transforms.bpa",
-    "GSPPool": "bam.models.gsp",
-    "ContrastiveCrop": "bam.callbacks.contrastive_crop",
-    "trainer_extras": "bam.training.extras",
-    "DataRecipe": "bam.recipe",
 }
 
-__all__ = ["BAMLoss", "SwAVLoss", "bam_loss", "balanced_target", "positive_mask", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import os
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from bam.data import MultiCropConfig, SSLDataModule
 from bam.methods import SSLMethod
 from bam.shipped_configs import with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
-from bam.training.extras import CHECKPOINT_DEFAULTS, logger_config
+from bam.training.run_setup import CHECKPOINT_DEFAULTS
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
@@ -52,11 +51,7 @@ class PretrainCLI(SafeRunCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
-        run_dir = config.trainer.default_root_dir or os.path.join("runs", "pretrain")
-        config.trainer.default_root_dir = run_dir
-        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+        self.set_up_run_folder(config, "pretrain")
         _check_slurm(config.trainer)
         self.resolve_resume(config)
 

@@ -83,3 +83,21 @@ def test_trainer_extras_are_the_clis_callbacks_and_plugins(tmp_path):
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
     assert (tmp_path / "plots" / "summary.png").is_file()
     assert "knn/top1" in trainer.callback_metrics
+
+
+def test_every_public_name_resolves_and_editors_see_it():
+    """`bam`'s lazy names load from the modules they name, and the TYPE_CHECKING block imports
+    exactly those names (what editors and type checkers show)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    tree = ast.parse(Path(bam.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    seen = {alias.asname or alias.name for node in guarded.body for alias in node.names}
+    assert seen == set(bam._LAZY)
+    for name, module in bam._LAZY.items():
+        assert getattr(bam, name) is getattr(importlib.import_module(module), name)
+    assert {"SSLMethod", "SSLDataModule", "MultiCropConfig"} <= set(bam.__all__) and bam.__version__
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        bam.not_a_name  # noqa: B018

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bam.evaluation import finetune
-from bam.methods.schedules import warmup_cosine_lr
+from bam.training.schedules import warmup_cosine_lr
 from eval_fixtures import synthetic_args, trainer_args, write_checkpoint
 
 import torch

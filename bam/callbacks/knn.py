@@ -11,8 +11,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from bam.callbacks.training_end import is_final_epoch_end
-from bam.evaluation.features import embed_dataset
-from bam.evaluation.knn import knn_accuracy
+from bam.features.extract import embed_dataset
+from bam.features.knn import knn_accuracy
 from bam.models import build_backbone
 from bam.models.batchnorm_stats import recompute_batchnorm_stats
 
@@ -85,6 +85,10 @@ class OnlineKNN(pl.Callback):
             if module is not None:
                 module.train(was_training)
         return knn_accuracy(bank, bank_labels, query, query_labels, self.k, self.temperature)
+
+    def baseline_top1(self) -> dict[str, float]:
+        """Top-1 accuracies of the baselines (random init, raw pixels), for the curve plots."""
+        return {name: accuracy[1] for name, accuracy in self.report.items() if name != "trained backbone"}
 
     def _print_and_save(self, trainer: pl.Trainer) -> None:
         lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]

@@ -1,4 +1,4 @@
 """Evaluation: k-NN, linear probe and fine-tuning of (exported) backbones."""
-from bam.evaluation.knn import knn_accuracy, knn_class_scores, topk_accuracy
+from bam.features.knn import knn_accuracy, knn_class_scores, topk_accuracy
 
 __all__ = ["knn_accuracy", "knn_class_scores", "topk_accuracy"]

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -19,13 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.io.safe_load import secure_checkpoint_loading
-from bam.methods.schedules import (
-    apply_lr_schedule,
-    global_batch_size,
-    rebuild_lr_schedule_on_resume,
-    warmup_cosine_lr,
-)
 from bam.recipe import DataRecipe
+from bam.training.optim import optimizer_with_schedule
+from bam.training.schedules import apply_lr_schedule, global_batch_size, rebuild_lr_schedule_on_resume
 
 RESULTS_FILE = "results.json"
 
@@ -168,24 +163,15 @@ class ClassificationStage(pl.LightningModule):
         return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """timm optimiser at `lr * global batch / 256` and a per-step warm-up + cosine schedule.
-
-        timm's schedulers multiply each group's learning rate by its `lr_scale` (layer-wise decay)
-        every time they set it, so per-group scales take effect from the first step.
-        """
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        optimizer = create_optimizer_v2(
-            self.trainable(),
-            self.optimizer_name,
-            lr=self.lr * self.global_batch_size() / 256,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            **self.optimizer_options(),
+        """bam's optimiser recipe (`bam.training.optim`): timm optimiser at `lr * global batch / 256`
+        and a per-step warm-up + cosine schedule. timm's schedulers multiply each group's learning
+        rate by its `lr_scale` (layer-wise decay) every time they set it, so per-group scales take
+        effect from the first step."""
+        config, _ = optimizer_with_schedule(
+            self.trainer, self.trainable(), self.global_batch_size(), self.optimizer_name, self.lr, self.min_lr,
+            self.warmup_epochs, self.weight_decay, self.momentum, **self.optimizer_options(),
         )
-        warmup = int(self.warmup_epochs * steps_per_epoch)
-        scheduler = warmup_cosine_lr(optimizer, total_steps, warmup, self.min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return config
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)

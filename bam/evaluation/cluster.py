@@ -12,6 +12,7 @@ clusters to classes (Hungarian algorithm), all in [0, 1]; printed as a table and
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
 from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
@@ -37,63 +40,25 @@ SPACE_NAMES = {"raw": "the features", "bpa": "their BPA transform"}
 
 
 # -- k-means ------------------------------------------------------------------------------------
-def _squared_distances(points: Tensor, centroids: Tensor) -> Tensor:
-    distances = points.square().sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.square().sum(1)
-    return distances.clamp_min_(0)
-
-
-def _kmeans_plus_plus(points: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
-    """Seeds spread over the data: each next seed is drawn with probability proportional to its
-    squared distance to the nearest seed so far (Arthur & Vassilvitskii, 2007)."""
-    first = torch.randint(len(points), (1,), generator=generator)
-    centroids = points[first]
-    nearest = _squared_distances(points, centroids).squeeze(1)
-    for _ in range(1, num_clusters):
-        # all points on the seeds already (duplicates): any point will do
-        weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)
-        index = torch.multinomial(weights.cpu(), 1, generator=generator)
-        centroids = torch.cat([centroids, points[index.to(points.device)]])
-        nearest = torch.minimum(nearest, _squared_distances(points, centroids[-1:]).squeeze(1))
-    return centroids
-
-
-def _lloyd(points: Tensor, centroids: Tensor, iterations: int) -> tuple[Tensor, Tensor, float]:
-    for _ in range(iterations):
-        assignment = _squared_distances(points, centroids).argmin(1)
-        counts = torch.bincount(assignment, minlength=len(centroids))
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
-        updated = sums / counts.clamp_min(1).unsqueeze(1).to(points.dtype)
-        empty = counts == 0
-        if empty.any():  # restart an empty cluster at the points worst served by their centroid
-            worst = _squared_distances(points, centroids).gather(1, assignment[:, None]).squeeze(1)
-            updated[empty] = points[worst.topk(int(empty.sum())).indices]
-        if torch.equal(updated, centroids):
-            break
-        centroids = updated
-    distances = _squared_distances(points, centroids)
-    inertia, assignment = distances.min(1)
-    return assignment, centroids, float(inertia.sum())
-
-
 def kmeans(
     points: Tensor, num_clusters: int, restarts: int = 10, iterations: int = 100, seed: int = 0
 ) -> tuple[Tensor, Tensor, float]:
-    """k-means of the rows of `points`: `(assignment, centroids, inertia)` of the best of `restarts`
-    seeded k-means++ runs (lowest sum of squared distances). Deterministic for a given `seed`."""
+    """k-means of the rows of `points` (scikit-learn's `KMeans`): `(assignment, centroids, inertia)`
+    of the best of `restarts` seeded k-means++ runs (lowest sum of squared distances), on the
+    device of `points`. Deterministic for a given `seed`."""
     if points.dim() != 2:
         raise ValueError(f"k-means clusters the rows of a 2-D tensor, got shape {tuple(points.shape)}")
     if not 1 <= num_clusters <= len(points):
         raise ValueError(f"num_clusters must be between 1 and the number of points ({len(points)}), got {num_clusters}")
     if restarts < 1:
         raise ValueError(f"restarts must be at least 1, got {restarts}")
-    points = points.float() if points.dtype != torch.float64 else points
-    generator = torch.Generator().manual_seed(seed)
-    best: Optional[tuple[Tensor, Tensor, float]] = None
-    for _ in range(restarts):
-        run = _lloyd(points, _kmeans_plus_plus(points, num_clusters, generator), iterations)
-        if best is None or run[2] < best[2]:
-            best = run
-    return best
+    array = points.detach().cpu().numpy().astype(np.float64 if points.dtype == torch.float64 else np.float32)
+    with warnings.catch_warnings():
+        # fewer distinct points than clusters (duplicates) is a valid input: some clusters stay empty
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted = KMeans(num_clusters, init="k-means++", n_init=restarts, max_iter=iterations, random_state=seed).fit(array)
+    assignment = torch.from_numpy(fitted.labels_.astype(np.int64)).to(points.device)
+    return assignment, torch.from_numpy(fitted.cluster_centers_).to(points.device), float(fitted.inertia_)
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -130,15 +95,14 @@ def cluster_features(
     features: Tensor,
     labels: Tensor,
     num_clusters: int,
-    restarts: int = 10,
-    iterations: int = 100,
-    seed: int = 0,
     bpa: bool = True,
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
+    **kmeans_settings: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Tensor]]:
     """Metrics and cluster assignments of k-means on the L2-normalised `features` (`raw`) and,
-    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`)."""
+    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`).
+    `kmeans_settings` (restarts, iterations, seed) are those of `kmeans`, with its defaults."""
     spaces = {"raw": F.normalize(features.float(), dim=1)}
     if bpa:
         if len(features) > BPA_MAX_SET:
@@ -149,7 +113,7 @@ def cluster_features(
         spaces["bpa"] = F.normalize(bpa_transform(spaces["raw"], bpa_reg, bpa_iterations), dim=1)
     results, assignments = {}, {}
     for name, points in spaces.items():
-        assignments[name], _, inertia = kmeans(points, num_clusters, restarts, iterations, seed)
+        assignments[name], _, inertia = kmeans(points, num_clusters, **kmeans_settings)
         results[name] = {**clustering_metrics(labels, assignments[name]), "inertia": inertia}
     return results, assignments
 
@@ -157,11 +121,6 @@ def cluster_features(
 def run_clustering(
     backbone: str,
     data: ClassificationDataModule,
-    which: Optional[str] = None,
-    arch: Optional[str] = None,
-    feature: str = "auto",
-    split: str = "val",
-    fraction: float = 1.0,
     num_clusters: Optional[int] = None,
     restarts: int = 10,
     kmeans_iterations: int = 100,
@@ -169,21 +128,15 @@ def run_clustering(
     bpa: bool = True,
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
-    accelerator: str = "auto",
     output_dir: str = "runs/cluster",
+    **frozen: Any,
 ) -> dict[str, Any]:
     """Cluster a labelled split's frozen features by k-means, raw and after BPA; printed and
     written to `output_dir/cluster_results.json`.
 
     Args:
-        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
-            file, or a timm model name (random initialisation, a baseline).
-        data: The labelled data.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
-        arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
-        split: The split clustered: "val" (held out) or "train".
-        fraction: Class-balanced fraction of the split clustered.
+        backbone: The clustered backbone: an export, a checkpoint, a released file or a timm name.
+        data: The labelled data, whose `split` is clustered.
         num_clusters: Number of clusters (default: the number of classes).
         restarts: k-means++ restarts; the lowest inertia is kept.
         kmeans_iterations: Most Lloyd iterations per restart (stops earlier once stable).
@@ -191,8 +144,8 @@ def run_clustering(
         bpa: Also cluster the BPA transform of the features (the whole clustered set as one set).
         bpa_reg: BPA's entropic regularisation.
         bpa_iterations: BPA's Sinkhorn iterations.
-        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
+        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
 
     Unreadable files are left out (not replaced); `files` in the result counts what was found,
     read and skipped (the paths in `output_dir/skipped_files.tsv`).
@@ -201,13 +154,12 @@ def run_clustering(
         `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file account and
         settings used.
     """
-    features, labels, extractor, device = embed_split(
-        backbone, which, arch, feature, data, split, fraction, accelerator, "clustering"
-    )
+    features, labels, extractor, device, split = embed_split(backbone, data, "clustering", **frozen)
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics, assignments = cluster_features(
-        features.to(device), labels, num_clusters, restarts, kmeans_iterations, seed, bpa, bpa_reg, bpa_iterations
+        features.to(device), labels, num_clusters, bpa, bpa_reg, bpa_iterations,
+        restarts=restarts, iterations=kmeans_iterations, seed=seed,
     )
     result = {
         **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split, "files": files,

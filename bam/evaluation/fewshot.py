@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,24 +107,15 @@ def summarise(accuracies: Tensor) -> dict[str, float]:
 
 
 def evaluate_fewshot(
-    features: Tensor,
-    labels: Tensor,
-    ways: int = 5,
-    shots: Sequence[int] = (1, 5),
-    queries: int = 15,
-    episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
-    seed: int = 0,
+    features: Tensor, labels: Tensor, shots: Sequence[int] = (1, 5), **episode_settings: Any
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent)."""
+    """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent);
+    `episode_settings` (ways, queries, episodes, bpa, bpa_reg, bpa_iterations, seed) are those of
+    `episode_accuracies`, with its defaults."""
     return {
         f"{k}-shot": {
             name: summarise(values)
-            for name, values in episode_accuracies(
-                features, labels, ways, k, queries, episodes, bpa, bpa_reg, bpa_iterations, seed
-            ).items()
+            for name, values in episode_accuracies(features, labels, shots=k, **episode_settings).items()
         }
         for k in shots
     }
@@ -133,11 +124,6 @@ def evaluate_fewshot(
 def run_fewshot(
     backbone: str,
     data: ClassificationDataModule,
-    which: Optional[str] = None,
-    arch: Optional[str] = None,
-    feature: str = "auto",
-    split: str = "val",
-    fraction: float = 1.0,
     ways: int = 5,
     shots: list[int] = [1, 5],  # noqa: B006 (jsonargparse reads the default from the signature)
     queries: int = 15,
@@ -146,21 +132,15 @@ def run_fewshot(
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
     seed: int = 0,
-    accelerator: str = "auto",
     output_dir: str = "runs/fewshot",
+    **frozen: Any,
 ) -> dict[str, Any]:
     """Few-shot episodes on a labelled split's frozen features, raw and with transductive BPA;
     printed, written to `output_dir/fewshot_results.json` and plotted to `output_dir/fewshot.png`.
 
     Args:
-        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
-            file, or a timm model name (random initialisation, a baseline).
-        data: The labelled data.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
-        arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
-        split: The split episodes are drawn from: "val" (held out) or "train".
-        fraction: Class-balanced fraction of the split embedded.
+        backbone: The evaluated backbone: an export, a checkpoint, a released file or a timm name.
+        data: The labelled data, whose `split` the episodes are drawn from.
         ways: Classes per episode (N).
         shots: Support images per class (K); one result per value.
         queries: Query images per class and episode.
@@ -169,8 +149,8 @@ def run_fewshot(
         bpa_reg: BPA's entropic regularisation (the paper: 0.1).
         bpa_iterations: BPA's Sinkhorn iterations.
         seed: Seed of the episodes (the same episodes for raw and BPA).
-        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result and the plot are written (by process 0).
+        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
 
     Returns:
         Per shot count (`"1-shot"`, ...): `raw` and `bpa` mean accuracy and 95% CI half-width (%);
@@ -178,11 +158,11 @@ def run_fewshot(
     """
     if not shots:
         raise ValueError("shots must list at least one shot count, e.g. [1, 5]")
-    features, labels, extractor, device = embed_split(
-        backbone, which, arch, feature, data, split, fraction, accelerator, "few-shot"
+    features, labels, extractor, device, split = embed_split(backbone, data, "few-shot", **frozen)
+    scores = evaluate_fewshot(
+        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, bpa_reg=bpa_reg,
+        bpa_iterations=bpa_iterations, seed=seed,
     )
-    scores = evaluate_fewshot(features.to(device), labels, ways, shots, queries, episodes, bpa, bpa_reg,
-                              bpa_iterations, seed)
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
         "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,

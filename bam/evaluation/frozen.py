@@ -1,16 +1,16 @@
 """Set-up shared by the stages that evaluate a frozen backbone without training (`bam knn`,
-`bam cluster`): the device, the process group `torchrun` describes, and the feature extractor."""
+`bam cluster`, `bam fewshot`): the device, the process group `torchrun` describes, and the feature extractor."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -41,13 +41,42 @@ def frozen_extractor(
     return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
 
 
+class EmbeddedSplit(NamedTuple):
+    features: torch.Tensor
+    labels: torch.Tensor
+    extractor: FeatureExtractor
+    device: torch.device
+    split: str
+
+
 def embed_split(
-    backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule,
-    split: str, fraction: float, accelerator: str, purpose: str,
-) -> tuple[torch.Tensor, torch.Tensor, FeatureExtractor, torch.device]:
+    backbone: str,
+    data: ClassificationDataModule,
+    purpose: str,
+    which: Optional[str] = None,
+    arch: Optional[str] = None,
+    feature: str = "auto",
+    split: str = "val",
+    fraction: float = 1.0,
+    accelerator: str = "auto",
+) -> EmbeddedSplit:
     """What the frozen-feature stages (`bam cluster`, `bam fewshot`) start with: the process group
     (under torchrun), the data with the backbone's recipe, and every image of `split` embedded once
-    over all processes; `(features, labels, extractor, device)`. `purpose` names the progress bar."""
+    over all processes. The stages take these settings as `**frozen` (their command-line options
+    and help come from here).
+
+    Args:
+        backbone: Export directory or file, bam pretraining checkpoint, the authors' released
+            file, or a timm model name (random initialisation, a baseline).
+        data: The labelled data.
+        purpose: What the progress bar says the embedding is for.
+        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        arch: Architecture of a checkpoint, instead of the one it records.
+        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        split: The split evaluated: "val" (held out) or "train".
+        fraction: Class-balanced fraction of the split embedded.
+        accelerator: "auto" (CUDA when available), "cpu" or "cuda".
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     device = select_device(accelerator)
@@ -58,4 +87,4 @@ def embed_split(
         data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
         progress=f"{purpose}: embedding the {split} split",
     )
-    return features, labels, extractor, device
+    return EmbeddedSplit(features, labels, extractor, device, split)

@@ -34,11 +34,11 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.ops.distributed import all_reduce_, rank
-from bam.shipped_configs import with_config_names
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import embed_dataset, progress_bar, shard_batches, shard_indices
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
+from bam.shipped_configs import with_config_names
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "knn_results.json"
@@ -99,7 +99,7 @@ def run_knn(
         data: The labelled data: bank = training split, queries = held-out split.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.evaluation.features`); `auto`: ViT class token, else pooled.
+        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
         k: Number of neighbours that vote.
         temperature: Votes are weighted by `exp(similarity / temperature)`.
         bank_fraction: Class-balanced fraction of the training split used as the bank.

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
 from bam.evaluation.stage_cli import run_stage
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 
 BACKBONE_PREFIX = "extractor."
 
@@ -37,7 +37,7 @@ class LinearProbe(ClassificationStage):
         num_classes: Number of classes (the CLI takes it from the data).
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.evaluation.features`); `auto`: [CLS tokens, mean patch
+        feature: Feature recipe (`bam.features.extract`); `auto`: [CLS tokens, mean patch
             token] for ViTs, pooled features otherwise.
         n_last_blocks: Blocks whose class tokens a ViT's features include.
         cache_features: Embed every image once (no augmentation) and train on those features.

@@ -7,17 +7,15 @@ The number of classes is taken from the data, so configs never repeat it.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser
 
-from bam.callbacks import CurvePlots
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.shipped_configs import with_config_names
-from bam.training.extras import logger_config
 from bam.training.fault_tolerance import RunCheckpoint
+from bam.training.plots import CurvePlots
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced
 
@@ -38,11 +36,7 @@ class EvalCLI(SafeRunCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        run_dir = config.trainer.default_root_dir or os.path.join("runs", self.stage)
-        config.trainer.default_root_dir = run_dir
-        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+        self.set_up_run_folder(config, self.stage)
         self.resolve_resume(config)
 
 

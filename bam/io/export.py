@@ -22,7 +22,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-import bam
+from bam._version import __version__
 from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
 from bam.io.finetune_checkpoint import MODELS, finetune_spec, is_finetune_checkpoint
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec
@@ -42,7 +42,8 @@ SpecReader = Callable[[Mapping[str, Any], str | None, str | None], BackboneSpec]
 
 # checkpoint format -> (recognises the top-level keys, reads the backbone spec); first match wins
 CHECKPOINT_FORMATS: dict[str, tuple[Detector, SpecReader]] = {
-    "finetune": (is_finetune_checkpoint, finetune_spec),
+    "finetune": (is_finetune_checkpoint, lambda checkpoint, which, arch: finetune_spec(
+        checkpoint, which, arch, read_start=read_backbone)),
     "bam": (is_bam_checkpoint, bam_checkpoint_spec),
     "released": (is_released_checkpoint, released_spec),
 }
@@ -123,7 +124,7 @@ def export_config(spec: BackboneSpec, model: nn.Module, source: Path) -> dict[st
             "data_recipe_recorded": spec.recipe is not None,
             "source": str(source.resolve()),
             "source_format": spec.source_format,
-            "bam_version": bam.__version__,
+            "bam_version": __version__,
         },
     }
 

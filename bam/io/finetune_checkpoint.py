@@ -8,7 +8,7 @@ export or checkpoint path, read again to learn the architecture, or a timm model
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
@@ -21,6 +21,8 @@ MODELS = ("ema", "model")  # order of preference: the average when it was kept
 # the EMA's own `module.` level is skipped like a DistributedDataParallel wrapper (`submodule_state`)
 MODEL_PATHS = {"model": ("model",), "ema": ("ema",)}
 
+StartReader = Callable[[str], BackboneSpec]  # the path of an export or checkpoint -> its backbone spec
+
 
 def is_finetune_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     """True for a Lightning checkpoint of `bam finetune` (a classifier under `model.*`)."""
@@ -30,8 +32,12 @@ def is_finetune_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return ARCHITECTURE_KEY in checkpoint or ("layer_decay" in hparams and "num_classes" in hparams)
 
 
-def finetune_spec(checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None) -> BackboneSpec:
-    """The fine-tuned classifier `which` ("ema" by default when kept, else "model")."""
+def finetune_spec(
+    checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None, *, read_start: StartReader
+) -> BackboneSpec:
+    """The fine-tuned classifier `which` ("ema" by default when kept, else "model"). `read_start`
+    reads the starting backbone (an export or a checkpoint: `bam.io.export.read_backbone`, passed in
+    because the export module reads this format), for checkpoints older than recorded architectures."""
     found = {name: submodule_state(checkpoint["state_dict"], MODEL_PATHS[name]) for name in MODELS}
     present = [name for name in MODELS if found[name]]
     if which is not None and which not in MODELS:
@@ -39,14 +45,16 @@ def finetune_spec(checkpoint: Mapping[str, Any], which: str | None = None, arch:
     if not present or (which is not None and which not in present):
         raise CheckpointFormatError(f"the fine-tuning checkpoint has no {which or 'model'} weights (found: {present})")
     chosen = which or present[0]
-    model_name, model_kwargs, recipe = _architecture(checkpoint, arch)
+    model_name, model_kwargs, recipe = _architecture(checkpoint, arch, read_start)
     return BackboneSpec(
         model_name, model_kwargs, found[chosen], chosen, source_format="finetune", recipe=recipe,
         num_classes=int(checkpoint["hyper_parameters"]["num_classes"]),
     )
 
 
-def _architecture(checkpoint: Mapping[str, Any], arch: str | None) -> tuple[str, dict[str, Any], DataRecipe | None]:
+def _architecture(
+    checkpoint: Mapping[str, Any], arch: str | None, read_start: StartReader
+) -> tuple[str, dict[str, Any], DataRecipe | None]:
     recorded = checkpoint.get(ARCHITECTURE_KEY)
     if recorded is not None:
         recipe = DataRecipe.from_dict(recorded["data_recipe"]) if recorded.get("data_recipe") else None
@@ -54,10 +62,8 @@ def _architecture(checkpoint: Mapping[str, Any], arch: str | None) -> tuple[str,
     start = checkpoint["hyper_parameters"]["backbone"]
     if arch is not None or timm.is_model(start):
         return arch or start, {}, None
-    from bam.io.export import read_backbone  # the starting backbone is an export or a checkpoint
-
     try:
-        spec = read_backbone(start)
+        spec = read_start(start)
     except FileNotFoundError as error:
         raise CheckpointFormatError(
             f"this fine-tuning checkpoint (written before bam recorded architectures) names its starting backbone "

@@ -10,8 +10,8 @@ import torch
 from bam.losses import BAMLoss, BAMObjective
 from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
-from bam.methods.schedules import linear_ramp
 from bam.ops.distributed import world_size
+from bam.training.schedules import linear_ramp
 
 
 class BAMModule(SSLMethod):

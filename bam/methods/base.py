@@ -12,23 +12,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError
-from bam.methods.schedules import (
-    apply_lr_schedule,
-    cosine,
-    global_batch_size,
-    rebuild_lr_schedule_on_resume,
-    warmup_cosine_lr,
-)
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import check_and_record, checkpoint_directory, diverged
+from bam.training.optim import optimizer_with_schedule
+from bam.training.schedules import apply_lr_schedule, cosine, global_batch_size, rebuild_lr_schedule_on_resume
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -227,18 +221,19 @@ class SSLMethod(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        self.steps_per_epoch = max(self.total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        peak_lr = hp.lr * self.global_batch_size() / 256
-        extra = {"momentum": hp.sgd_momentum} if hp.optimizer in ("sgd", "lars", "nesterov", "momentum") else {}
-        optimizer = create_optimizer_v2(self.student, hp.optimizer, lr=peak_lr, weight_decay=hp.weight_decay, **extra)
-        for group in optimizer.param_groups:
-            group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+        config, budget = optimizer_with_schedule(
+            self.trainer, self.student, self.global_batch_size(), hp.optimizer, hp.lr, hp.min_lr, hp.warmup_epochs,
+            hp.weight_decay, hp.sgd_momentum, self.extra_param_groups(),
+        )
+        self.total_steps, self.steps_per_epoch = budget.total_steps, budget.steps_per_epoch
         if self.teacher is not None:
-            optimizer.register_step_post_hook(self._update_teacher)
-        warmup = int(hp.warmup_epochs * self.steps_per_epoch)
-        scheduler = warmup_cosine_lr(optimizer, self.total_steps, warmup, hp.min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            config["optimizer"].register_step_post_hook(self._update_teacher)
+        return config
+
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups a method trains beside the student's (e.g. SwAV's prototypes); settings
+        left out are the optimiser's. They are added before the lr schedule is built, so it drives them."""
+        return []
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)

@@ -11,7 +11,6 @@ import torch
 from bam.losses import SwAVLoss, SwAVObjective
 from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
-from bam.methods.schedules import warmup_cosine_lr
 
 
 class SwAVModule(SSLMethod):
@@ -99,15 +98,6 @@ class SwAVModule(SSLMethod):
         if self.prototypes_frozen(self.global_step):
             self.loss_fn.prototypes.weight.grad = None
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """`SSLMethod`'s optimiser over the student, plus the prototypes in a group of their own
-        without weight decay; the lr schedule is rebuilt so that it drives that group too."""
-        config = super().configure_optimizers()
-        optimizer = config["optimizer"]
-        peak_lr = optimizer.defaults["lr"]
-        optimizer.add_param_group(
-            {"params": [self.loss_fn.prototypes.weight], "lr": peak_lr, "weight_decay": 0.0, "initial_weight_decay": 0.0}
-        )
-        warmup = int(self.hparams.warmup_epochs * self.steps_per_epoch)
-        config["lr_scheduler"]["scheduler"] = warmup_cosine_lr(optimizer, self.total_steps, warmup, self.hparams.min_lr)
-        return config
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """The prototypes, in a group of their own without weight decay (peak lr: the optimiser's)."""
+        return [{"params": [self.loss_fn.prototypes.weight], "weight_decay": 0.0}]

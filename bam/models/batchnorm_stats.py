@@ -7,11 +7,11 @@ an exact average over many batches, makes evaluation see the normalisation it sh
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 
 def batch_norms(module: nn.Module) -> list[_BatchNorm]:
@@ -19,35 +19,39 @@ def batch_norms(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
-@torch.no_grad()
+class _CountedBatches:
+    """The batches up to `max_images` images, counting the images handed out."""
+
+    def __init__(self, batches: Iterable[Tensor], max_images: int | None) -> None:
+        self.batches, self.max_images, self.seen = batches, max_images, 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for images in self.batches:
+            if self.max_images is not None and self.seen >= self.max_images:
+                return
+            self.seen += len(images)
+            yield images
+
+
 def recompute_batchnorm_stats(module: nn.Module, batches: Iterable[Tensor], max_images: int | None = None) -> int:
     """Replace the running mean and variance of every batch norm layer in `module` by their
     average over `batches` of images (weighted by batch size); return the number of images used.
 
-    Only running statistics change: weights, biases and the module's train/eval mode stay as they
-    were. A module without batch norm is left untouched (returns 0).
+    The averaging is torch's own (`torch.optim.swa_utils.update_bn`); around it this keeps each
+    batch norm layer's train/eval mode as it was (update_bn restores only the module's), stops after
+    `max_images`, and refuses an empty iterable, which would leave the statistics reset. Weights
+    and biases never change. A module without batch norm is left untouched (returns 0).
     """
     norms = batch_norms(module)
     if not norms:
         return 0
-    saved = [(norm.momentum, norm.training) for norm in norms]
-    was_training = module.training
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the batches seen since the reset
-    module.train()  # the batch norm layers update their statistics; nothing else learns here
-    seen = 0
+    modes = [norm.training for norm in norms]
+    counted = _CountedBatches(batches, max_images)
     try:
-        for images in batches:
-            if max_images is not None and seen >= max_images:
-                break
-            module(images)
-            seen += len(images)
+        update_bn(counted, module)
     finally:
-        module.train(was_training)
-        for norm, (momentum, training) in zip(norms, saved):
-            norm.momentum = momentum
+        for norm, training in zip(norms, modes):
             norm.train(training)
-    if seen == 0:
+    if counted.seen == 0:
         raise ValueError("recompute_batchnorm_stats got no images: pass a non-empty iterable of batches")
-    return seen
+    return counted.seen

@@ -40,6 +40,7 @@ from bam.io.safe_load import (
 )
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.run_folder import RunFolderBusyError, RunLock
+from bam.training.run_setup import logger_config
 
 # environment variables through which launchers (torchrun, SLURM, Lightning's own) give ranks
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -66,8 +67,8 @@ class SafeRunCLI(LightningCLI):
     """LightningCLI that runs `Trainer.fit` for one `bam` stage from an explicit argument list, with
     safe resuming, a run-folder lock and atomic, weights-only checkpoint I/O.
 
-    Subclasses set `trainer.default_root_dir` and `checkpoint.dirpath` in
-    `before_instantiate_classes` and then call `resolve_resume(config)`.
+    Subclasses add a `checkpoint` group (`RunCheckpoint`), and in `before_instantiate_classes` call
+    `set_up_run_folder(config, stage)` and then `resolve_resume(config)`.
 
     Args:
         program: what help calls the command, e.g. "bam pretrain".
@@ -105,6 +106,16 @@ class SafeRunCLI(LightningCLI):
             super().instantiate_classes()
         except Exception as error:  # a constructor rejected a setting; jsonargparse wraps it
             raise SettingError(str(_root_cause(error))) from error
+
+    @staticmethod
+    def set_up_run_folder(config: Namespace, stage: str) -> None:
+        """The run folder `trainer.default_root_dir` (default `runs/<stage>`), its loggers
+        (`logger_config`) and its `checkpoints/` folder, unless the user set them."""
+        run_dir = config.trainer.default_root_dir or os.path.join("runs", stage)
+        config.trainer.default_root_dir = run_dir
+        config.trainer.logger = logger_config(run_dir, config.trainer.logger)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
 
     def resolve_resume(self, config: Namespace) -> None:
         """Turn `config.ckpt_path` into a local, complete checkpoint file and list the settings that

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from bam.callbacks import CurvePlots, plot_metrics
-from bam.callbacks.plots import curve_figure, plot_summary, read_curves, summary_figure
+from bam.training.plots import curve_figure, plot_summary, read_curves, summary_figure
 from bam.cli import main as bam
 from repo_paths import REPO
 

@@ -23,7 +23,7 @@ from bam.cli import main as bam
 from bam.data.file_account import FileAccount, summarise_accounts
 from bam.data.sources import ImageFiles, decode_image_file
 from bam.evaluation.data import FolderClassificationData
-from bam.evaluation.features import embed_dataset
+from bam.features.extract import embed_dataset
 from tiny_runs import HANG_GUARD_S, spawn_gloo_workers
 from eval_fixtures import CNN, write_checkpoint
 from repo_paths import REPO

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import scale_worker
-from bam.training import ResumableDataLoader, ResumableSampler
+from bam.data.resumable import ResumableDataLoader, ResumableSampler
 
 DATASET = TensorDataset(torch.arange(40))
 

@@ -113,7 +113,8 @@ def test_stage_writes_the_json_and_prints_a_table(checkpoint, tmp_path, capsys):
 def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
     clustered = []
     real = cluster.kmeans
-    monkeypatch.setattr(cluster, "kmeans", lambda points, *args: clustered.append(points) or real(points, *args))
+    monkeypatch.setattr(cluster, "kmeans",
+                        lambda points, *args, **kwargs: clustered.append(points) or real(points, *args, **kwargs))
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     common = dict(accelerator="cpu", restarts=1, split="train", fraction=0.5)
     without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "raw"), **common)

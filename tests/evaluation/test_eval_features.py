@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from bam.evaluation import knn_class_scores
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
-from bam.evaluation.features import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
 from bam.evaluation.knn_stage import knn_scores_streamed
 from bam.models.backbones import build_backbone
 from eval_fixtures import CNN, VIT, write_checkpoint

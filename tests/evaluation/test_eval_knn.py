@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bam.evaluation.features import FeatureExtractor, embed_dataset
+from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
 from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint

@@ -31,9 +31,8 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(REPO))  # the repository, when run as a script
 
 from bam.methods import BAMModule  # noqa: E402
-from bam.training import (  # noqa: E402
-    AtomicCheckpointIO, CPUSyncBatchNorm, PreemptionCheckpoint, ResumableDataLoader, ResumableSampler,
-)
+from bam.data.resumable import ResumableDataLoader, ResumableSampler  # noqa: E402
+from bam.training import AtomicCheckpointIO, CPUSyncBatchNorm, PreemptionCheckpoint  # noqa: E402
 
 GLOBAL_BATCH = 8
 NUM_IMAGES = 32  # 4 steps per epoch

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
