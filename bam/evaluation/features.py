@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
+from bam.data.datasets import ReadableLoader, collate_indexed_images, readable
 from bam.distributed import gather_rows, rank, world_size
 from bam.models.backbones import is_vit
 
