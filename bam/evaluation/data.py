@@ -102,8 +102,7 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         self.auto_augment = auto_augment
         self.color_jitter = color_jitter
         self.re_prob = re_prob
-        self.fraction = fraction
-        self.seed = seed
+        self.fraction, self.seed = fraction, seed  # how LabelledSplits subsamples the training split
         self.train_source: ImageSource | None = None
         self.val_source: ImageSource | None = None
         self.cache: dict[str, TensorDataset] = {}  # split -> (features, labels), see `use_features`
