@@ -1,14 +1,16 @@
-"""Data side of pretraining: the multi-crop recipe, its CPU and on-device implementations,
-Lightning data modules (image folders, built-in datasets, FFCV) and k-NN evaluation loaders."""
+"""Data side of pretraining: the multi-crop recipe, its augmentation operations with their per-image
+(CPU) and batched (device) drivers, datasets and collation, labelled splits, Lightning data
+modules (image folders, built-in datasets, FFCV) and k-NN evaluation loaders."""
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig, ViewSpec
 from bam.data.contrastive_crop import CropBoxes, compute_boxes, heatmap, heatmap_boxes
 from bam.data.cpu_augment import CPUMultiCrop
-from bam.data.datamodule import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.ffcv_data import FFCVDataModule, write_beton
 from bam.data.file_account import FileAccount
+from bam.data.modules import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageFiles, TensorImages, UnreadableImageError
+from bam.data.splits import image_splits
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -29,6 +31,7 @@ __all__ = [
     "compute_boxes",
     "heatmap",
     "heatmap_boxes",
+    "image_splits",
     "load_builtin",
     "write_beton",
 ]

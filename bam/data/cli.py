@@ -1,8 +1,8 @@
 """`bam data COMMAND [options]`: dataset tools, one module with a `main(argv)` per command."""
 from __future__ import annotations
 
+import argparse
 import importlib
-import sys
 
 # command -> (module defining `main(argv)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -10,18 +10,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: bam data COMMAND [options]   (bam data COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {description}" for name, (_, description) in COMMANDS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> int:
-    """Run ``bam data <command> ...``; without a known command, print the usage and exit."""
-    if argv and argv[0] in COMMANDS:
-        module, _ = COMMANDS[argv[0]]
-        return importlib.import_module(module).main(argv[1:])
-    asked = not argv or argv[0] in ("-h", "--help")
-    print(usage() if asked else f"unknown command {argv[0]!r}\n\n{usage()}", file=sys.stdout if asked else sys.stderr)
-    raise SystemExit(0 if asked else 2)
+    """Run ``bam data <command> ...``: argparse lists the commands (``--help``) and rejects an
+    unknown one (exit 2); the command's own options go to its module's ``main``."""
+    parser = argparse.ArgumentParser(
+        prog="bam data", description="Dataset tools; `bam data COMMAND --help` for a command's options.",
+        epilog="commands:\n" + "\n".join(f"  {name}: {text}" for name, (_, text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
+    parsed = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[parsed.command][0]).main(parsed.options)

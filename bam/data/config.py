@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import groupby
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,6 +24,23 @@ class ViewSpec:
     scale: tuple[float, float]
     blur_prob: float
     solarize_prob: float
+
+
+@dataclass(frozen=True)
+class ViewGroup:
+    """Consecutive views of the recipe with the same size and scale: both augmentation drivers
+    crop and augment them as one stack, with one blur kernel and per-view probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_probs: tuple[float, ...]
+    solarize_probs: tuple[float, ...]
+    blur_kernel: int
+
+    @property
+    def count(self) -> int:
+        """Number of views in the group."""
+        return len(self.blur_probs)
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,15 @@ class MultiCropConfig:
         ]
         local = ViewSpec(self.local_size, tuple(self.local_scale), self.local_blur_prob, self.local_solarize_prob)
         return specs + [local] * self.num_local_crops
+
+    def view_groups(self) -> list[ViewGroup]:
+        """``views()`` as runs of equal size and scale, in order (global crops, then local crops)."""
+        groups = []
+        for (size, scale), run in groupby(self.views(), key=lambda view: (view.size, view.scale)):
+            specs = list(run)
+            groups.append(ViewGroup(size, scale, tuple(v.blur_prob for v in specs),
+                                    tuple(v.solarize_prob for v in specs), blur_kernel_size(self.blur_sigma[1], size)))
+        return groups
 
     def jitter_ranges(self) -> dict[str, tuple[float, float]]:
         """Factor ranges of the colour-jitter operations that are switched on (torchvision's semantics)."""

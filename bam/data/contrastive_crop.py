@@ -14,7 +14,7 @@ trained and then samples crops around it:
 3. crops keep RandomResizedCrop's area and aspect ratio, but their centre is drawn between the
    box's edges as ``edge0 + (edge1 - edge0) * Beta(alpha, alpha)`` per axis (``alpha`` < 1 favours
    the box's edges, i.e. more varied crops still overlapping the object), restricted to centres
-   that keep the crop inside the image (``batch_ops.sample_crop_boxes(regions=...)``).
+   that keep the crop inside the image (``augment_ops.sample_crop_boxes(regions=...)``).
 
 Until the first update the crops are torchvision's RandomResizedCrop exactly (``CropBoxes.active``
 is off). Everything here is pure torch; ``bam.callbacks.ContrastiveCrop`` runs the schedule.

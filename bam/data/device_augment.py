@@ -1,13 +1,20 @@
-"""Multi-crop augmentation of a whole uint8 batch on the training device (the "device" path)."""
+"""Batched driver of the augmentation operations on the training device (the "device" path).
+
+``DeviceMultiCrop`` applies the operations of ``bam.data.augment_ops`` (the ones the CPU driver
+applies per image) to a whole uint8 batch, with independent random parameters per image. Each
+random choice is drawn for all rows at once, and an operation that applies to a random subset
+of rows computes only on that subset (index, compute, write back), so its cost scales with its
+probability.
+"""
 from __future__ import annotations
 
-from itertools import groupby
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from bam.data import batch_ops
-from bam.data.config import MultiCropConfig, ViewSpec, blur_kernel_size
+import bam.data.augment_ops as ops
+from bam.data.config import MultiCropConfig, ViewGroup
 
 
 class DeviceMultiCrop(nn.Module):
@@ -55,31 +62,59 @@ class DeviceMultiCrop(nn.Module):
     def _views(self, images: Tensor, regions: Tensor | None) -> list[Tensor]:
         pixels = images.float()  # 0..255; crops are scaled to [0, 1] after resizing (fewer pixels)
         views: list[Tensor] = []
-        for _, group in groupby(self.crops.views(), key=lambda v: (v.size, v.scale)):
-            specs = list(group)
-            views.extend(self._augment_group(pixels, specs, regions).chunk(len(specs)))
+        for group in self.crops.view_groups():
+            views.extend(self._augment_group(pixels, group, regions).chunk(group.count))
         return views
 
-    def _augment_group(self, pixels: Tensor, specs: list[ViewSpec], regions: Tensor | None) -> Tensor:
-        """Augment ``len(specs)`` views of equal size and scale as one batch, view-major rows."""
+    def _augment_group(self, pixels: Tensor, group: ViewGroup, regions: Tensor | None) -> Tensor:
+        """Augment the group's views as one batch, view-major rows."""
         batch, _, height, width = pixels.shape
         crops, device = self.crops, pixels.device
-        rows = len(specs) * batch
-        source = torch.arange(batch, device=device).repeat(len(specs))
+        rows = group.count * batch
+        source = torch.arange(batch, device=device).repeat(group.count)
         regions = None if regions is None else regions.to(device)[source]
-        boxes = batch_ops.sample_crop_boxes(rows, height, width, specs[0].scale, crops.ratio, device,
-                                            regions=regions, alpha=self.alpha)
-        x = batch_ops.crop_resize(pixels, boxes, source, specs[0].size).div_(255.0)
-        x = batch_ops.horizontal_flip(x, crops.flip_prob)
-        x = batch_ops.color_jitter(x, crops.color_jitter_prob, crops.jitter_ranges())
-        x = batch_ops.random_grayscale(x, crops.grayscale_prob)
-        blur_prob = self._per_row([s.blur_prob for s in specs], batch, device)
-        kernel = blur_kernel_size(crops.blur_sigma[1], specs[0].size)
-        x = batch_ops.gaussian_blur(x, blur_prob, crops.blur_sigma, kernel)
-        x = batch_ops.solarize(x, self._per_row([s.solarize_prob for s in specs], batch, device))
-        return batch_ops.normalize(x, crops.mean, crops.std)
+        boxes = ops.sample_crop_boxes(rows, height, width, group.scale, crops.ratio, device,
+                                      regions=regions, alpha=self.alpha)
+        x = ops.crop_resize(pixels, boxes, source, group.size).div_(255.0)
+        _random_rows(x, crops.flip_prob, lambda chosen: chosen.flip(-1))
+        random_color_jitter(x, crops.color_jitter_prob, crops.jitter_ranges())
+        _random_rows(x, crops.grayscale_prob, ops.grayscale_)
+        blur_prob = _per_row(group.blur_probs, batch, device)
+        _random_rows(x, blur_prob, lambda chosen: ops.gaussian_blur_batch(
+            chosen, ops.sample_uniform(*crops.blur_sigma, (len(chosen),), device), group.blur_kernel))
+        _random_rows(x, _per_row(group.solarize_probs, batch, device), ops.solarize_)
+        return ops.normalize_(x, crops.mean, crops.std)
 
-    @staticmethod
-    def _per_row(probs: list[float], batch: int, device: torch.device) -> Tensor:
-        """Expand one probability per view to one per row (rows are view-major)."""
-        return torch.tensor(probs, device=device).repeat_interleave(batch)
+
+def _random_rows(x: Tensor, prob: Tensor | float, operation: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``operation`` to the rows of ``x`` chosen with (per-row) ``prob``, in place."""
+    rows = ops.chosen_rows(prob, x.shape[0], x.device)
+    if rows.numel():
+        x[rows] = operation(x[rows])
+    return x
+
+
+def _per_row(probs: tuple[float, ...], batch: int, device: torch.device) -> Tensor:
+    """Expand one probability per view to one per row (rows are view-major)."""
+    return torch.tensor(probs, device=device).repeat_interleave(batch)
+
+
+def random_color_jitter(x: Tensor, prob: float, ranges: dict[str, tuple[float, float]]) -> Tensor:
+    """torchvision's ColorJitter, applied to each image of ``x`` with probability ``prob`` (in place).
+
+    Each selected image gets its own factors (uniform in ``ranges``) and its own random order of
+    the operations, as torchvision draws a fresh permutation for every call (every image);
+    kornia's ``ColorJitter`` draws one order per batch.
+    """
+    rows = ops.chosen_rows(prob, x.shape[0], x.device)
+    if rows.numel() == 0 or not ranges:
+        return x
+    names = list(ranges)
+    n = rows.numel()
+    factors = torch.stack([ops.sample_uniform(*ranges[name], (n,), x.device) for name in names], dim=1)
+    order = torch.argsort(torch.rand(n, len(names), device=x.device), dim=1)
+    for step in range(len(names)):
+        for op_index, name in enumerate(names):
+            chosen = torch.nonzero(order[:, step] == op_index).flatten()
+            x[rows[chosen]] = ops.JITTER_OPS[name](x[rows[chosen]], factors[chosen, op_index])
+    return x

@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig
-from bam.data.datamodule import EVAL_CROP_FRACTION, ImageFolderDataModule, SSLDataModule
+from bam.data.datasets import EVAL_CROP_FRACTION
+from bam.data.modules import SSLDataModule
 from bam.data.file_account import file_accounts_of, settle_accounts
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, stratified_split
+from bam.data.splits import listed_image_splits
 
 INSTALL_HINT = "FFCV is not installed: run `pip install 'bam-ssl[ffcv]'` (or scripts/install.sh), then retry"
 WriteMode = Literal["raw", "jpg", "proportion"]
@@ -87,7 +89,7 @@ def select_images(
                              "not --val-fraction")
         train, val = load_builtin(source)
         return [Selection(train if split == "train" else val, f"the {split} split of built-in {source}")]
-    train, val = ImageFolderDataModule(source, max_pixels=max_pixels).listed_splits()
+    train, val = listed_image_splits(source, max_pixels=max_pixels)
     if val_fraction is None:
         if split == "val" and val is None:
             raise ValueError(f"{source} has no val/ folder (and is not a val list): convert the training images "

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from bam.ops.distributed import all_reduce_, rank
 

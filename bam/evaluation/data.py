@@ -28,15 +28,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import InterpolationMode, v2
 
 from bam.data.builtin import load_builtin
-from bam.data.datamodule import (
-    ImageFolderDataModule,
-    LabelledSplits,
-    ReadableLoader,
-    TransformedSource,
-    collate_images,
-    readable,
-)
-from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset
+from bam.data.datasets import ReadableLoader, TransformedSource, collate_images, readable
+from bam.data.sources import ImageSource, balanced_subset
+from bam.data.splits import ImageFolderSplits, LabelledSplits
 from bam.recipe import DataRecipe
 
 Transform = Callable[[Tensor], Tensor]
@@ -108,8 +102,7 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         self.auto_augment = auto_augment
         self.color_jitter = color_jitter
         self.re_prob = re_prob
-        self.fraction = fraction
-        self.seed = seed
+        self.fraction, self.seed = fraction, seed  # how LabelledSplits subsamples the training split
         self.train_source: ImageSource | None = None
         self.val_source: ImageSource | None = None
         self.cache: dict[str, TensorDataset] = {}  # split -> (features, labels), see `use_features`
@@ -162,7 +155,7 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     def eval_dataset(self, split: str, fraction: float = 1.0) -> Dataset:
         """A class-balanced `fraction` of the `"train"` or `"val"` split with the evaluation
         transform (k-NN banks and queries, cached features). An unreadable file's item is None
-        (see `bam.data.datamodule.readable`): evaluation leaves it out instead of replacing it,
+        (see `bam.data.datasets.readable`): evaluation leaves it out instead of replacing it,
         and the subsample is drawn before any file is read, so it does not change which other
         images are evaluated."""
         self.setup()
@@ -237,16 +230,9 @@ def _crop_flip(data: ClassificationDataModule) -> Transform:
 def _timm(data: ClassificationDataModule) -> Transform:
     # timm's recipe (RandAugment in particular) works on PIL images; the sources yield tensors
     recipe = create_transform(
-        data.image_size,
-        is_training=True,
-        scale=data.crop_scale,
-        hflip=data.hflip_prob,
-        color_jitter=data.color_jitter,
-        auto_augment=data.auto_augment,
-        interpolation=data.interpolation,
-        re_prob=data.re_prob,
-        mean=data.mean,
-        std=data.std,
+        data.image_size, is_training=True, scale=data.crop_scale, hflip=data.hflip_prob,
+        color_jitter=data.color_jitter, auto_augment=data.auto_augment, interpolation=data.interpolation,
+        re_prob=data.re_prob, mean=data.mean, std=data.std,
     )
     _allow_zero_bit_posterize(recipe)
     return v2.Compose([v2.ToPILImage(), recipe])
@@ -278,39 +264,10 @@ TRAIN_AUGMENTATIONS: dict[str, Callable[[ClassificationDataModule], Transform]] 
 }
 
 
-class FolderClassificationData(ClassificationDataModule):
-    """Labelled images on disk, found and split exactly as `bam.data.ImageFolderDataModule` does.
-
-    Args:
-        root: A folder with `train/` (and optionally `val/`) sub-folders of class folders, a
-            folder of class folders, or a text file of `path label` lines.
-        val_root: Held-out split (folder of class folders or list file); default `root/val` if it
-            exists, else a stratified `val_fraction` of the training images.
-        val_fraction: Held-out fraction when there is no separate held-out split.
-        max_pixels: Images with more pixels (by their header) are skipped without decoding.
-        **kwargs: See `ClassificationDataModule`.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        val_root: Optional[str] = None,
-        val_fraction: float = 0.05,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.root = root
-        self.val_root = val_root
-        self.val_fraction = val_fraction
-        self.max_pixels = max_pixels
-
-    def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        folders = ImageFolderDataModule(
-            self.root, val_root=self.val_root, val_fraction=self.val_fraction, seed=self.seed,
-            max_pixels=self.max_pixels,
-        )
-        return folders.load_splits()
+class FolderClassificationData(ImageFolderSplits, ClassificationDataModule):
+    """Labelled images on disk, found and split as pretraining does: `root`, `val_root`,
+    `val_fraction` and `max_pixels` are `bam.data.splits.ImageFolderSplits`'s; `**kwargs`, see
+    `ClassificationDataModule`."""
 
 
 class BuiltinClassificationData(ClassificationDataModule):

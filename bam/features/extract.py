@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from bam.data.datamodule import ReadableLoader, collate_indexed_images, readable
-from bam.ops.distributed import gather_rows, rank, world_size
+from bam.data.datasets import ReadableLoader, collate_indexed_images, readable
 from bam.ops import is_vit
+from bam.ops.distributed import gather_rows, rank, world_size
 
 FeatureFn = Callable[[Tensor], Tensor]
 

@@ -38,7 +38,7 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
 from bam.data import CPUMultiCrop, DeviceMultiCrop, MultiCropConfig, load_builtin, write_beton
-from bam.data.datamodule import square_base_transform
+from bam.data.datasets import square_base_transform
 from bam.data.seeding import sample_seed, seeded_random
 from bam.data.sources import ImageFiles, decode_image_file, scan_image_folder
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from bam.callbacks import ContrastiveCrop
 from bam.callbacks.contrastive_crop import local_box_rows
-from bam.data import BuiltinDataModule, CPUMultiCrop, CropBoxes, DeviceMultiCrop, MultiCropConfig, batch_ops
+from bam.data import BuiltinDataModule, CPUMultiCrop, CropBoxes, DeviceMultiCrop, MultiCropConfig
+from bam.data.augment_ops import sample_crop_boxes
 from bam.data.contrastive_crop import compute_boxes, heatmap, heatmap_boxes
 from bam.losses import BAMObjective
 from bam.methods import BAMModule
@@ -129,9 +130,9 @@ def test_whole_image_uniform_region_is_random_resized_crop():
     """Whole-image regions with alpha = 1 draw the same boxes (in distribution) as no regions."""
     n, height, width = 4000, 24, 40
     torch.manual_seed(0)
-    plain = batch_ops.sample_crop_boxes(n, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
+    plain = sample_crop_boxes(n, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
     whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n, 1)
-    regioned = batch_ops.sample_crop_boxes(n, height, width, (0.05, 0.4), (3 / 4, 4 / 3), regions=whole, alpha=1.0)
+    regioned = sample_crop_boxes(n, height, width, (0.05, 0.4), (3 / 4, 4 / 3), regions=whole, alpha=1.0)
     for column in range(4):
         assert _ks(plain[:, column], regioned[:, column]) < _ks_threshold(n, n), column
 
@@ -140,17 +141,17 @@ def test_crop_centres_fall_in_the_box():
     n, size = 4000, 64
     region = torch.tensor([[0.5, 0.25, 0.875, 0.5]]).repeat(n, 1)  # x 32..56, y 16..32
     torch.manual_seed(0)
-    boxes = batch_ops.sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3), regions=region, alpha=0.6)
+    boxes = sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3), regions=region, alpha=0.6)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= size).all()
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     inside = (cx >= 32 - 1) & (cx <= 56 + 1) & (cy >= 16 - 1) & (cy <= 32 + 1)
     assert inside.float().mean() > 0.97
     # Beta(0.6, 0.6) is U-shaped: more centres near the box's edges than with uniform centres
-    uniform = batch_ops.sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3), regions=region, alpha=1.0)
+    uniform = sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3), regions=region, alpha=1.0)
     near_edges = lambda b: (((b[:, 0] + b[:, 2]) / 2 - 44).abs() > 8).float().mean()  # noqa: E731
     assert near_edges(boxes) > near_edges(uniform) + 0.05
     # with plain crops, the centres are spread over the whole image
-    plain = batch_ops.sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3))
+    plain = sample_crop_boxes(n, size, size, (0.05, 0.25), (3 / 4, 4 / 3))
     pcx, pcy = (plain[:, 0] + plain[:, 2]) / 2, (plain[:, 1] + plain[:, 3]) / 2
     assert ((pcx >= 31) & (pcx <= 57) & (pcy >= 15) & (pcy <= 33)).float().mean() < 0.25
 

@@ -313,3 +313,21 @@ def test_subclasses_are_selected_from_a_config_with_typed_arguments():
     config["data"]["init_args"]["crops"]["global_sise"] = 32
     with pytest.raises(SystemExit):
         parser.parse_object(config)
+
+
+def test_image_folder_settings_are_typed_config_keys_of_the_folder_module(imagenet_layout):
+    """root, val_fraction and max_pixels live in ImageFolderSplits; a config still sets them by name."""
+    from pytorch_lightning.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser()
+    parser.add_subclass_arguments(SSLDataModule, "data")
+    config = {"data": {"class_path": "bam.data.ImageFolderDataModule",
+                       "init_args": {"root": str(imagenet_layout / "train"), "val_fraction": 0.5, "max_pixels": 10_000,
+                                     "base_size": 20, "batch_size": 4, "num_workers": 0}}}
+    module = parser.instantiate(parser.parse_object(config)).data
+    assert isinstance(module, ImageFolderDataModule) and (module.base_size, module.max_pixels) == (20, 10_000)
+    module.setup()
+    assert torch.bincount(module.val_source.labels).tolist() == [3, 3, 3]  # val_fraction 0.5 of 6 per class
+    config["data"]["init_args"]["val_fracton"] = 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_object(config)

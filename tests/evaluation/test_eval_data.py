@@ -43,3 +43,20 @@ def test_timm_randaugment_survives_zero_bit_posterize():
     np.random.seed(0)
     for _ in range(100):  # 2 of 15 operations per call: posterize is drawn many times
         assert transform(image).shape == (3, 32, 32)
+
+
+def test_evaluation_holds_out_the_images_pretraining_held_out(tmp_path):
+    """Same folder, fraction and seed: the k-NN/linear held-out split is pretraining's."""
+    from bam.data import ImageFolderDataModule
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for index in range(8):
+            write_png(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), str(tmp_path / "train" / name / f"{index}.png"))
+    for seed in (0, 1):
+        evaluation = FolderClassificationData(str(tmp_path), val_fraction=0.25, seed=seed, num_workers=0)
+        pretraining = ImageFolderDataModule(str(tmp_path), val_fraction=0.25, seed=seed, num_workers=0)
+        evaluation.setup()
+        pretraining.setup()
+        assert len(evaluation.val_source.paths) == 4
+        assert evaluation.val_source.paths == pretraining.val_source.paths

@@ -4,176 +4,45 @@ Training batches reaching ``training_step`` are always ``(views, labels)``: ``vi
 ``num_global_crops + num_local_crops`` normalised float tensors ``(B, 3, H, W)``, global crops
 first. ``augment_on`` picks where the views are made:
 
-- ``"cpu"``: DataLoader workers run torchvision v2 per image (``CPUMultiCrop``);
+- ``"cpu"``: DataLoader workers make them per image (``CPUMultiCrop``);
 - ``"device"``: the loader yields uint8 images at a base size and ``on_after_batch_transfer``
   augments the whole batch on the training device (``DeviceMultiCrop``).
 """
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig
 from bam.data.contrastive_crop import CropBoxes
 from bam.data.cpu_augment import CPUMultiCrop
+from bam.data.datasets import (
+    EVAL_CROP_FRACTION,
+    IndexedSource,
+    ReadableLoader,
+    TransformedSource,
+    collate_images,
+    collate_images_and_indices,
+    collate_indexed_images,
+    collate_views,
+    eval_transform,
+    readable,
+    square_base_transform,
+)
 from bam.data.device_augment import DeviceMultiCrop
-from bam.data.file_account import FileAccount, file_accounts_of
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.data.seeding import SeededSamples, batch_seed, seeded_random
-from bam.data.sources import (
-    DEFAULT_MAX_PIXELS,
-    ImageSource,
-    balanced_subset,
-    read_file_list,
-    scan_image_folder,
-    stratified_split,
-)
+from bam.data.sources import ImageSource, balanced_subset
+from bam.data.splits import ImageFolderSplits, LabelledSplits, require_locations
 from bam.recipe import DataRecipe
 
 AugmentOn = Literal["cpu", "device"]
-EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre-crop size (224 from 256)
-
-
-class TransformedSource(Dataset):
-    """A source whose images go through ``transform`` (labels untouched).
-
-    ``pass_index=True`` calls ``transform(image, index)``: ContrastiveCrop's CPU path needs the
-    dataset index to find the image's box.
-    """
-
-    def __init__(self, source: ImageSource, transform: Callable[..., Any], pass_index: bool = False) -> None:
-        self.source, self.transform, self.pass_index = source, transform, pass_index
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
-        sample = self.source[index]
-        if sample is None:  # an unreadable file of a source that drops them
-            return None
-        image, label = sample
-        return (self.transform(image, index) if self.pass_index else self.transform(image)), label
-
-
-class IndexedSource(Dataset):
-    """``(image, label, index)`` of a source, the image optionally through ``transform``.
-
-    The index travels with the batch so that ContrastiveCrop's on-device crops (and its box
-    computation) know which image each row is.
-    """
-
-    def __init__(self, source: ImageSource, transform: Optional[Callable[[Tensor], Tensor]] = None,
-                 indices: Optional[Tensor] = None) -> None:
-        self.source, self.transform = source, transform
-        self.indices = torch.arange(len(source)) if indices is None else indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> tuple[Tensor, int, int]:
-        index = int(self.indices[position])
-        image, label = self.source[index]
-        return (image if self.transform is None else self.transform(image)), label, index
-
-
-def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Tensor]:
-    """Per-image lists of views -> per-view batches: ``([V x (B, 3, H, W)], labels)``."""
-    views = [torch.stack(view) for view in zip(*(sample[0] for sample in samples))]
-    return views, torch.tensor([sample[1] for sample in samples])
-
-
-def collate_images(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """``(images (B, ...), labels (B,))`` as a tuple."""
-    return torch.stack([sample[0] for sample in samples]), torch.tensor([sample[1] for sample in samples])
-
-
-def collate_indexed_images(samples: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(images (B, ...), labels (B,), dataset indices (B,))``."""
-    images, labels = collate_images([sample[:2] for sample in samples])
-    return images, labels, torch.tensor([sample[2] for sample in samples])
-
-
-def collate_images_and_indices(samples: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor]:
-    """``(images (B, ...), dataset indices (B,))``: what ContrastiveCrop's box update reads."""
-    images, _, indices = collate_indexed_images(samples)
-    return images, indices
-
-
-def readable(collate: Callable[[list], Any]) -> Callable[[list], Any]:
-    """``collate`` applied to the batch's readable samples (unreadable ones are None); None when
-    there is none left (``ReadableLoader`` skips such batches)."""
-    return partial(_collate_readable, collate)
-
-
-def _collate_readable(collate: Callable[[list], Any], samples: list) -> Any:
-    kept = [sample for sample in samples if sample is not None]
-    return collate(kept) if kept else None
-
-
-class ReadableLoader(DataLoader):
-    """A DataLoader whose collate function is ``readable(...)``: it skips the batches in which no
-    image could be read, so evaluation sees every readable image once and nothing else."""
-
-    def __iter__(self) -> Iterator[Any]:
-        return (batch for batch in super().__iter__() if batch is not None)
-
-
-def square_base_transform(size: int) -> v2.Compose:
-    """uint8 image -> ``size x size`` uint8: resize the short side, keep the centre square.
-
-    The device path crops from this square, so for non-square images its crops cover the
-    centre square only (the CPU path crops from the whole image); square images are unaffected.
-    """
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-
-
-def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
-    """Deterministic evaluation transform: bicubic resize + centre crop to ``size`` (None: keep the
-    image), as the evaluation stages do (``SSLDataModule.data_recipe``)."""
-    steps = [] if size is None else [
-        v2.Resize(round(size / EVAL_CROP_FRACTION), interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-    ]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])
-
-
-class LabelledSplits:
-    """A labelled ``(train, held-out)`` pair of image sources, loaded once on first ``setup`` with
-    the training split reduced to a class-balanced ``fraction`` (seeded by ``seed``).
-
-    Shared by the pretraining data modules and the evaluation stages' classification data, so
-    both see the same splits of the same data.
-    """
-
-    fraction: float
-    seed: int
-    train_source: ImageSource | None
-    val_source: ImageSource | None
-
-    def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        """``(train, held-out)`` sources; fail with the offending path if data is missing."""
-        raise NotImplementedError
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the splits once (cheap to call again), then subsample the training split."""
-        if self.train_source is not None:
-            return
-        train, val = self.load_splits()
-        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
-        self.val_source = val
-
-    def file_accounts(self) -> list[FileAccount]:
-        """Accounts of the image files behind both splits (none for images held in memory)."""
-        self.setup()
-        return file_accounts_of(self.train_source, self.val_source)
 
 
 class SSLDataModule(LabelledSplits, pl.LightningDataModule):
@@ -197,14 +66,14 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
 
     def __init__(
         self,
-        crops: Optional[MultiCropConfig] = None,
+        crops: MultiCropConfig | None = None,
         augment_on: AugmentOn = "cpu",
         batch_size: int = 256,
         num_workers: int = 4,
         fraction: float = 1.0,
         knn_bank_fraction: float = 1.0,
-        knn_batch_size: Optional[int] = None,
-        eval_size: Optional[int] = None,
+        knn_batch_size: int | None = None,
+        eval_size: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -352,54 +221,21 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         return ResumableDataLoader(dataset, sampler=sampler, **options)
 
 
-class ImageFolderDataModule(SSLDataModule):
+class ImageFolderDataModule(ImageFolderSplits, SSLDataModule):
     """Images on disk: an ImageFolder tree (``train/`` and ``val/`` or class folders) or a file list.
 
     Args:
-        root: Either a folder with ``train/`` (and optionally ``val/``) sub-folders of class
-            folders, a folder of class folders, or a text file of ``path label`` lines.
-        val_root: Held-out split (folder of class folders or list file); default ``root/val`` if
-            it exists, else a stratified ``val_fraction`` of the training images.
-        val_fraction: Held-out fraction when there is no separate held-out split.
+        root: Where the images are, with ``val_root``, ``val_fraction`` and ``max_pixels``: see
+            ``ImageFolderSplits``.
         base_size: Side of the square uint8 images the device path crops from.
         eval_size: Side of k-NN images (resize to ``eval_size / 0.875``, centre crop).
-        max_pixels: Images with more pixels (by their header) are skipped without decoding.
-        **kwargs: See ``SSLDataModule``.
+        **kwargs: See ``ImageFolderSplits`` and ``SSLDataModule``.
     """
 
-    def __init__(
-        self,
-        root: str,
-        val_root: Optional[str] = None,
-        val_fraction: float = 0.05,
-        base_size: int = 256,
-        eval_size: int = 224,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(eval_size=eval_size, **kwargs)
-        self.root = Path(root)
-        self.val_root = Path(val_root) if val_root is not None else None
-        for location in (self.root, self.val_root):
-            if location is not None and not location.exists():  # fail before any training starts
-                raise FileNotFoundError(f"image folder or list not found: {location}")
-        self.val_fraction = val_fraction
+    def __init__(self, root: str, base_size: int = 256, eval_size: int = 224, **kwargs: Any) -> None:
+        super().__init__(root=root, eval_size=eval_size, **kwargs)
+        require_locations(self.root, self.val_root)  # fail before any training starts
         self.base_size = base_size
-        self.max_pixels = max_pixels
-
-    def load_splits(self) -> tuple[ImageSource, ImageSource]:
-        train, val = self.listed_splits()
-        if val is not None:
-            return train, val
-        kept, held_out = stratified_split(train.labels, self.val_fraction, self.seed)
-        return train.subset(kept), train.subset(held_out)
-
-    def listed_splits(self) -> tuple[ImageSource, Optional[ImageSource]]:
-        """The training files and the separate held-out files (None without ``val/`` or ``val_root``)."""
-        train_root = self.root / "train" if (self.root / "train").is_dir() else self.root
-        train, classes = _load(train_root, max_pixels=self.max_pixels)
-        val_root = self.val_root or (self.root / "val" if (self.root / "val").is_dir() else None)
-        return train, None if val_root is None else _load(val_root, classes, self.max_pixels)[0]
 
     def base_transform(self) -> Callable[[Tensor], Tensor]:
         return square_base_transform(self.base_size)
@@ -410,15 +246,6 @@ class ImageFolderDataModule(SSLDataModule):
         if self.augment_on == "device":
             return self.base_transform()
         return v2.Resize((self.base_size, self.base_size), antialias=True)
-
-
-def _load(
-    location: Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[ImageSource, list[str] | None]:
-    """A folder of class folders or a ``path label`` list file."""
-    if location.is_file():
-        return read_file_list(location, max_pixels), classes
-    return scan_image_folder(location, classes, max_pixels)
 
 
 class BuiltinDataModule(SSLDataModule):

@@ -1,0 +1,122 @@
+"""Labelled ``(train, held-out)`` splits of image data, as pretraining and evaluation both load them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from bam.data.file_account import FileAccount, file_accounts_of
+from bam.data.sources import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    balanced_subset,
+    read_file_list,
+    scan_image_folder,
+    stratified_split,
+)
+
+
+class LabelledSplits:
+    """A labelled ``(train, held-out)`` pair of image sources, loaded once on first ``setup`` with
+    the training split reduced to a class-balanced ``fraction`` (seeded by ``seed``).
+
+    Shared by the pretraining data modules and the evaluation stages' classification data, so
+    both see the same splits of the same data.
+    """
+
+    fraction: float
+    seed: int
+    train_source: ImageSource | None
+    val_source: ImageSource | None
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        """``(train, held-out)`` sources; fail with the offending path if data is missing."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once (cheap to call again), then subsample the training split."""
+        if self.train_source is not None:
+            return
+        train, val = self.load_splits()
+        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.val_source = val
+
+    def file_accounts(self) -> list[FileAccount]:
+        """Accounts of the image files behind both splits (none for images held in memory)."""
+        self.setup()
+        return file_accounts_of(self.train_source, self.val_source)
+
+
+class ImageFolderSplits(LabelledSplits):
+    """The splits of images on disk (``image_splits``): where the images are, for the data
+    modules that read image folders or list files in pretraining and in evaluation.
+
+    Args:
+        root: Either a folder with ``train/`` (and optionally ``val/``) sub-folders of class
+            folders, a folder of class folders, or a text file of ``path label`` lines.
+        val_root: Held-out split (folder of class folders or list file); default ``root/val`` if
+            it exists, else a stratified ``val_fraction`` of the training images.
+        val_fraction: Held-out fraction when there is no separate held-out split.
+        max_pixels: Images with more pixels (by their header) are skipped without decoding.
+        **kwargs: The data module's own settings.
+    """
+
+    def __init__(self, root: str, val_root: Optional[str] = None, val_fraction: float = 0.05,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.val_root = Path(val_root) if val_root is not None else None
+        self.val_fraction = val_fraction
+        self.max_pixels = max_pixels
+
+    def load_splits(self) -> tuple[ImageSource, ImageSource]:
+        return image_splits(self.root, self.val_root, self.val_fraction, self.seed, self.max_pixels)
+
+
+def listed_image_splits(
+    root: str | Path, val_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageSource, Optional[ImageSource]]:
+    """The training images under ``root`` and the separate held-out images (None without one);
+    the arguments are ``ImageFolderSplits``'s.
+
+    Raises:
+        FileNotFoundError: ``root`` or ``val_root`` does not exist (named in the message).
+    """
+    root, val_root = Path(root), None if val_root is None else Path(val_root)
+    require_locations(root, val_root)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    train, classes = _load(train_root, max_pixels=max_pixels)
+    val_root = val_root or (root / "val" if (root / "val").is_dir() else None)
+    return train, None if val_root is None else _load(val_root, classes, max_pixels)[0]
+
+
+def require_locations(*locations: Path | None) -> None:
+    """Fail with the missing path's name if an image folder or list file does not exist (None: unset)."""
+    for location in locations:
+        if location is not None and not location.exists():
+            raise FileNotFoundError(f"image folder or list not found: {location}")
+
+
+def image_splits(
+    root: str | Path,
+    val_root: str | Path | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[ImageSource, ImageSource]:
+    """``(train, held-out)`` image sources of ``root`` (arguments: see ``ImageFolderSplits``): the
+    separate held-out split if there is one, else a stratified ``val_fraction`` of the training
+    images, seeded by ``seed``."""
+    train, val = listed_image_splits(root, val_root, max_pixels)
+    if val is not None:
+        return train, val
+    kept, held_out = stratified_split(train.labels, val_fraction, seed)
+    return train.subset(kept), train.subset(held_out)
+
+
+def _load(
+    location: Path, classes: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageSource, list[str] | None]:
+    """A folder of class folders or a ``path label`` list file."""
+    if location.is_file():
+        return read_file_list(location, max_pixels), classes
+    return scan_image_folder(location, classes, max_pixels)
