@@ -1,6 +1,8 @@
 """Shared fixtures: tiny in-memory data that exercises the training stack in seconds."""
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,6 +14,31 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
+# scripts/install.sh writes this file into the environment it builds with the `ffcv` extra
+FFCV_EXPECTED_MARKER = "bam-expects-ffcv"
+
+
+def ffcv_expected() -> str | None:
+    """Why this environment should have FFCV (None: it was set up without it)."""
+    if (Path(sys.prefix) / FFCV_EXPECTED_MARKER).is_file():
+        return f"scripts/install.sh marked {sys.prefix} with {FFCV_EXPECTED_MARKER}"
+    try:
+        return f"the ffcv {importlib.metadata.version('ffcv')} distribution is installed"
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def require_ffcv() -> None:
+    """Skip an FFCV test only where FFCV was never installed (a user without the `ffcv` extra);
+    where the install provided it, an import that fails is a test failure: a broken FFCV build
+    must not pass CI as a row of skips."""
+    try:
+        import ffcv  # noqa: F401
+    except Exception as error:  # a broken build raises ImportError, OSError (libturbojpeg), numba errors...
+        reason = ffcv_expected()
+        if reason is not None:
+            pytest.fail(f"FFCV does not import although {reason}: {type(error).__name__}: {error}")
+        pytest.skip("FFCV is not installed (pip install -e '.[ffcv]', see README)")
 
 
 def spawn_gloo_workers(worker: Callable[..., None], world: int, tmp_path: Path) -> None:

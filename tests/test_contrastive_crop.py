@@ -20,7 +20,7 @@ from bam.data.contrastive_crop import compute_boxes, heatmap, heatmap_boxes
 from bam.distributed import gather_rows
 from bam.methods import BAMModule
 from bam.models import build_backbone
-from conftest import spawn_gloo_workers
+from conftest import require_ffcv, spawn_gloo_workers
 
 from test_data_augment import GEOMETRY_ONLY, _geometry_stats, _ks, _ks_threshold, _ramp_image
 
@@ -397,7 +397,7 @@ def test_recipes_turn_it_on_and_demo_leaves_it_off(capsys):
 
 # -- FFCV ------------------------------------------------------------------------------------------
 def test_ffcv_batches_carry_file_indices(tmp_path):
-    pytest.importorskip("ffcv")
+    require_ffcv()
     from PIL import Image
 
     from bam.data.ffcv_data import FFCVDataModule, write_beton
