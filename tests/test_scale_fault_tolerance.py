@@ -17,7 +17,7 @@ import torch
 import scale_worker
 from bam.methods import BAMModule, NonFiniteLossError
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
-from conftest import TinyCropsDataModule
+from conftest import TinyCropsDataModule, readline_within, run_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 240  # only to turn a hang into a failure
@@ -25,7 +25,7 @@ HANG_GUARD_S = 240  # only to turn a hang into a failure
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    return run_process_group(command, HANG_GUARD_S, cwd=REPO, env=env)
 
 
 def _digest(path: Path) -> str:
@@ -105,7 +105,7 @@ def test_checkpoint_killed_while_writing_leaves_the_previous_one_intact(tmp_path
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], env=env, stdout=subprocess.PIPE,
                               text=True)
     try:
-        assert writer.stdout.readline().strip() == "writing"
+        assert readline_within(writer.stdout, HANG_GUARD_S).strip() == "writing"
         temporary = list(path.parent.glob(".last.ckpt.*.tmp"))
         assert len(temporary) == 1 and temporary[0].stat().st_size > 2**20  # really mid-write
         writer.send_signal(signal.SIGKILL)
