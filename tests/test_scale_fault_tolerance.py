@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+import cli_runs
 import scale_worker
 from bam.methods import BAMModule, NonFiniteLossError
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
@@ -190,12 +191,15 @@ def test_slurm_requeue_comes_after_the_complete_checkpoint(tmp_path, monkeypatch
 
 
 def test_bam_pretrain_writes_checkpoints_atomically_and_handles_signals(tmp_path, monkeypatch, capsys):
-    from bam.pretrain import PretrainCLI, main
+    from bam.pretrain import main
 
-    cli = PretrainCLI.__new__(PretrainCLI)  # only the hook under test, not a whole CLI run
-    cli.trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
-    cli.before_fit()
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    recorded = tmp_path / "checkpoint_io.txt"
+    run = cli_runs.pretrain(tmp_path / "run", "--trainer.max_epochs=1", "--trainer.callbacks+=cli_runs.RecordCheckpointIO",
+                            f"--trainer.callbacks.init_args.path={recorded}")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert recorded.read_text().rsplit(".", 1)[-1] == AtomicCheckpointIO.__name__  # what `bam pretrain` saves with
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not list(checkpoints.glob("*.tmp"))
 
     monkeypatch.setattr(sys, "argv", ["bam"])
     with pytest.raises(SystemExit):
