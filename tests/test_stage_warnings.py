@@ -1,7 +1,6 @@
 """A stage run prints no warning that bam causes or expects (frozen modules, a 1-step cosine)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 
 from bam.evaluation import finetune
 from bam.training.schedules import warmup_cosine_lr
+from processes import run_process_group
 from eval_fixtures import synthetic_args, trainer_args, write_checkpoint
 
 import torch
@@ -40,7 +40,7 @@ def test_stage_help_names_the_stage_and_warns_of_nothing(stage):
     """Through the console script, as a user types it: no LightningCLI warning about `args` and
     command-line arguments, and help reads `usage: bam <stage>`, not the internal `fit`."""
     bam = str(Path(sys.executable).parent / "bam")
-    done = subprocess.run([bam, stage, "--help"], capture_output=True, text=True, timeout=300)
+    done = run_process_group([bam, stage, "--help"], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"usage: bam {stage} ") and " fit " not in done.stdout.splitlines()[0]
     assert "args parameter is intended" not in done.stderr

@@ -22,6 +22,7 @@ from bam.losses import BAMObjective
 from bam.methods import BAMModule
 from bam.models import build_backbone
 from bam.ops.distributed import gather_rows
+from ffcv_check import require_ffcv
 from tiny_runs import spawn_gloo_workers
 
 from test_data_augment import GEOMETRY_ONLY, _geometry_stats, _ks, _ks_threshold, _ramp_image
@@ -399,7 +400,7 @@ def test_recipes_turn_it_on_and_demo_leaves_it_off(capsys):
 
 # -- FFCV ------------------------------------------------------------------------------------------
 def test_ffcv_batches_carry_file_indices(tmp_path):
-    pytest.importorskip("ffcv")
+    require_ffcv()
     from PIL import Image
 
     from bam.data.ffcv_data import FFCVDataModule, write_beton

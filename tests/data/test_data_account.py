@@ -24,6 +24,7 @@ from bam.data.file_account import FileAccount, summarise_accounts
 from bam.data.sources import ImageFiles, decode_image_file
 from bam.evaluation.data import FolderClassificationData
 from bam.features.extract import embed_dataset
+from ffcv_check import require_ffcv
 from tiny_runs import HANG_GUARD_S, spawn_gloo_workers
 from eval_fixtures import CNN, write_checkpoint
 from repo_paths import REPO
@@ -98,7 +99,7 @@ def _run_bam(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 # -- conversion ---------------------------------------------------------------------------------
 def test_converter_writes_every_readable_file_once_and_accounts_for_the_rest(root, tmp_path):
-    pytest.importorskip("ffcv")
+    require_ffcv()
     output = tmp_path / "train.beton"
     run = _run_bam(["data", "ffcv", "--source", str(root), "--output", str(output), "--split", "train",
                     "--write-mode", "raw", "--num-workers", "2"], tmp_path)
@@ -117,7 +118,7 @@ def test_converter_writes_every_readable_file_once_and_accounts_for_the_rest(roo
 
 
 def test_validation_fraction_is_explicit_disjoint_complete_and_seeded(root, tmp_path, capsys):
-    pytest.importorskip("ffcv")
+    require_ffcv()
     from bam.data.cli import main as data_cli
 
     digests = []

@@ -11,6 +11,7 @@ from PIL import Image
 
 from bam.data import FFCVDataModule, MultiCropConfig, write_beton
 from bam.data.cli import main as data_cli
+from ffcv_check import FFCV_EXPECTED_MARKER, require_ffcv
 
 # numba (0.68) fails in a finalizer when FFCV's compiled pipelines are garbage collected; harmless
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -28,19 +29,55 @@ def test_data_cli_lists_its_commands(capsys):
     assert exit_code.value.code == 2
 
 
-def test_without_ffcv_selecting_it_fails_with_one_install_line(monkeypatch):
+def _break_ffcv_import(monkeypatch) -> None:
     for name in [m for m in sys.modules if m == "ffcv" or m.startswith("ffcv.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "ffcv", None)  # makes `import ffcv...` raise ImportError
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # makes `import ffcv` raise ImportError
+
+
+def test_without_ffcv_selecting_it_fails_with_one_install_line(monkeypatch):
+    _break_ffcv_import(monkeypatch)
     with pytest.raises(ImportError) as error:
         FFCVDataModule("train.beton")
     assert "pip install" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_broken_ffcv_fails_where_the_install_provided_it(monkeypatch, tmp_path):
+    """The FFCV tests skip only for a user who never installed FFCV: where scripts/install.sh
+    marked the environment, or the ffcv distribution is installed, a failing import fails them."""
+    _break_ffcv_import(monkeypatch)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "1.0.2")
+    with pytest.raises(pytest.fail.Exception, match="distribution is installed"):
+        require_ffcv()
+    (tmp_path / FFCV_EXPECTED_MARKER).touch()
+    with pytest.raises(pytest.fail.Exception, match="scripts/install.sh marked"):
+        require_ffcv()
+
+
+def test_without_any_ffcv_install_its_tests_skip(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    _break_ffcv_import(monkeypatch)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr("importlib.metadata.version", not_installed)
+    with pytest.raises(pytest.skip.Exception, match="pip install"):
+        require_ffcv()
+
+
+def test_the_install_script_expects_ffcv():
+    """CI runs scripts/install.sh: it must mark the environment and prove that FFCV imports."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "install.sh").read_text()
+    assert FFCV_EXPECTED_MARKER in script and "import ffcv" in script
+
+
 @pytest.fixture(scope="module")
 def betons(tmp_path_factory) -> tuple[Path, Path]:
     """train.beton (raw pixels) and val.beton (JPEG) of flat images whose grey level is their id."""
-    pytest.importorskip("ffcv")
+    require_ffcv()
     root = tmp_path_factory.mktemp("folder")
     for split, count in (("train", PER_CLASS), ("val", 2)):
         for label in range(CLASSES):

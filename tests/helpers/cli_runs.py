@@ -104,3 +104,14 @@ class NaNOnce(pl.Callback):
         if self.target == "optimizer" and self._fires(trainer, self.step + 1):
             state = trainer.optimizers[0].state
             next(iter(state.values()))["exp_avg_sq"].fill_(float("nan"))
+
+
+class RecordCheckpointIO(pl.Callback):
+    """Writes the qualified class name of the checkpoint I/O plugin that the run really uses to `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        plugin = type(trainer.strategy.checkpoint_io)
+        self.path.write_text(f"{plugin.__module__}.{plugin.__qualname__}")

@@ -14,18 +14,20 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+import cli_runs
 import scale_worker
 from bam.methods import BAMModule, NonFiniteLossError
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
-from tiny_runs import TinyCropsDataModule
+from processes import readline_within, run_process_group
 from repo_paths import REPO
+from tiny_runs import TinyCropsDataModule
 
 HANG_GUARD_S = 240  # only to turn a hang into a failure
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    return run_process_group(command, HANG_GUARD_S, cwd=REPO, env=env)
 
 
 def _digest(path: Path) -> str:
@@ -105,7 +107,7 @@ def test_checkpoint_killed_while_writing_leaves_the_previous_one_intact(tmp_path
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], env=env, stdout=subprocess.PIPE,
                               text=True)
     try:
-        assert writer.stdout.readline().strip() == "writing"
+        assert readline_within(writer.stdout, HANG_GUARD_S).strip() == "writing"
         temporary = list(path.parent.glob(".last.ckpt.*.tmp"))
         assert len(temporary) == 1 and temporary[0].stat().st_size > 2**20  # really mid-write
         writer.send_signal(signal.SIGKILL)
@@ -190,12 +192,15 @@ def test_slurm_requeue_comes_after_the_complete_checkpoint(tmp_path, monkeypatch
 
 
 def test_bam_pretrain_writes_checkpoints_atomically_and_handles_signals(tmp_path, monkeypatch, capsys):
-    from bam.pretrain import PretrainCLI, main
+    from bam.pretrain import main
 
-    cli = PretrainCLI.__new__(PretrainCLI)  # only the hook under test, not a whole CLI run
-    cli.trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
-    cli.before_fit()
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    recorded = tmp_path / "checkpoint_io.txt"
+    run = cli_runs.pretrain(tmp_path / "run", "--trainer.max_epochs=1", "--trainer.callbacks+=cli_runs.RecordCheckpointIO",
+                            f"--trainer.callbacks.init_args.path={recorded}")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert recorded.read_text().rsplit(".", 1)[-1] == AtomicCheckpointIO.__name__  # what `bam pretrain` saves with
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not list(checkpoints.glob("*.tmp"))
 
     monkeypatch.setattr(sys, "argv", ["bam"])
     with pytest.raises(SystemExit):

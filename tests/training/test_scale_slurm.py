@@ -11,6 +11,7 @@ import pytest
 from bam.pretrain import main as pretrain_main
 from bam.training import SlurmAllocationError, check_slurm_allocation
 from bam.training.slurm import devices_per_node, requeue_slurm_job
+from processes import run_process_group
 from repo_paths import REPO
 
 # What srun exports for `--nodes=2 --ntasks-per-node=4 --gpus-per-node=4`.
@@ -90,7 +91,8 @@ def test_requeue_calls_scontrol_with_the_job_id(monkeypatch):
 
 @pytest.mark.parametrize("script", ["slurm_pretrain.sbatch", "torchrun_single_node.sh", "torchrun_multi_node.sh"])
 def test_launch_scripts_are_valid_bash(script):
-    subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+    done = run_process_group(["bash", "-n", str(REPO / "launch" / script)], timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_sbatch_template_runs_one_task_per_gpu_and_requeues():

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Mutation testing of one part of bam within a time budget (too slow for CI; a developer's habit):
+#
+#     tests/mutation.sh PATH [BUDGET_S]        e.g.  tests/mutation.sh bam/losses 1800
+#
+# PATH is a package folder (bam/losses) or a module file (bam/data/cpu_augment.py). mutmut (the
+# `dev` extra: pip install -e .[dev]) mutates only PATH, in a scratch copy of this checkout so the
+# worktree never holds mutated code, and runs against each mutant only the fast tests (not `slow`,
+# not `distributed`, settings in setup.cfg's [mutmut]) of the test files that name PATH's package
+# (`bam.losses`, `bam.data`, ...): a file found by name keeps working when modules move. Set TESTS
+# to a space-separated list of test files to choose them yourself.
+#
+# When the budget runs out mutmut is stopped and the mutants it did not reach are counted as "not
+# checked". The per-status counts are printed last; `mutmut show NAME` in the scratch folder (printed
+# too) shows a surviving mutant's diff, `mutmut results` lists them.
+set -euo pipefail
+
+if [[ $# -lt 1 || $# -gt 2 ]]; then
+    echo "usage: tests/mutation.sh PATH [BUDGET_S]   (PATH: bam/losses, bam/data/cpu_augment.py, ...)" >&2
+    exit 2
+fi
+target=${1%/}
+budget=${2:-3600}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-$repo/.venv/bin/python}
+
+if [[ ! -e $repo/$target || $target != bam/* ]]; then
+    echo "tests/mutation.sh: $target is not a folder or file under bam/ of $repo" >&2
+    exit 2
+fi
+if ! "$python" -c "import mutmut" 2>/dev/null; then
+    echo "tests/mutation.sh: mutmut is not installed for $python; pip install -e '.[dev]'" >&2
+    exit 2
+fi
+
+if [[ -d $repo/$target ]]; then
+    package=${target//\//.}
+    only_mutate="$target/*"
+else
+    package=$(dirname "$target"); package=${package//\//.}
+    only_mutate=$target
+fi
+if [[ -z ${TESTS:-} ]]; then
+    TESTS=$(cd "$repo" && grep -l -E "${package//./\\.}([^a-zA-Z_]|$)" tests/test_*.py | tr '\n' ' ' || true)
+fi
+if [[ -z ${TESTS// /} ]]; then
+    echo "tests/mutation.sh: no test file names $package; set TESTS" >&2
+    exit 2
+fi
+
+scratch=$(mktemp -d "/tmp/bam-mutation-${target//\//-}.XXXX")
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$scratch")
+# only_mutate and the test files of this run, one per line as mutmut reads lists
+"$python" - "$scratch/setup.cfg" "$only_mutate" $TESTS <<'EOF'
+import configparser, sys
+path, only_mutate, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
+config = configparser.ConfigParser()
+config.read(path)
+config["mutmut"]["only_mutate"] = only_mutate
+config["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
+with open(path, "w") as handle:
+    config.write(handle)
+EOF
+
+echo "mutating $only_mutate against: $TESTS"
+echo "scratch copy: $scratch (budget ${budget} s)"
+cd "$scratch"
+# the scratch copy, not the editable install, is the bam that the tests import
+export PYTHONPATH="$scratch/mutants:$scratch/mutants/tests"
+mutmut_run() {
+    local left=$(( budget - SECONDS ))
+    (( left > 0 )) || return 124
+    timeout --signal=INT --kill-after=60 "$left" "$(dirname "$python")/mutmut" run --max-children 1
+}
+SECONDS=0
+status=0
+mutmut_run || status=$?
+if [[ $status -ne 0 && $status -ne 124 ]]; then
+    # mutmut 3.8.1's first run in a fresh copy can fail its test-mapping step with pytest's usage
+    # error; the second run (mutants already generated) goes through
+    echo "mutmut stopped with status $status; running it once more"
+    status=0
+    mutmut_run || status=$?
+fi
+if [[ $status -eq 124 ]]; then
+    echo "budget of ${budget} s spent: the mutants not reached are 'not checked'"
+fi
+"$(dirname "$python")/mutmut" results --all true > results.txt 2>&1 || true
+echo "per status (results.txt in $scratch):"
+sed -n 's/.*: //p' results.txt | sort | uniq -c
