@@ -25,25 +25,32 @@ if TYPE_CHECKING:
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
     from bam.io.export import export_backbone, load_backbone
-    from bam.losses import BAMLoss, SwAVLoss, balanced_target, bam_loss, positive_mask
+    from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
     from bam.methods.bam import BAMModule
     from bam.methods.base import SSLMethod
     from bam.methods.swav import SwAVModule
     from bam.models.backbones import build_backbone
     from bam.models.gsp import GSPPool
     from bam.models.projector import Projector
+    from bam.ops import sinkhorn_blocked, sinkhorn_differentiable, sinkhorn_distributed, sinkhorn_distributed_
     from bam.recipe import DataRecipe
     from bam.transforms.bpa import BPA, bpa
 
 # public name -> module that defines it (imported on first attribute access)
 _LAZY = {
     # objectives (pure torch)
+    "BAMObjective": "bam.losses",
     "BAMLoss": "bam.losses",
+    "SwAVObjective": "bam.losses",
     "SwAVLoss": "bam.losses",
     "bam_loss": "bam.losses",
     "balanced_target": "bam.losses",
     "positive_mask": "bam.losses",
-    # the Sinkhorn forms of bam.ops are listed here at merge time (in the TYPE_CHECKING block too)
+    # the one Sinkhorn, in the forms named by what they do (bam.ops.sinkhorn explains each)
+    "sinkhorn_distributed_": "bam.ops",
+    "sinkhorn_distributed": "bam.ops",
+    "sinkhorn_blocked": "bam.ops",
+    "sinkhorn_differentiable": "bam.ops",
     # extending bam: a method, its data, the crops
     "SSLMethod": "bam.methods.base",
     "SSLDataModule": "bam.data",
