@@ -167,7 +167,7 @@ class ClassificationStage(pl.LightningModule):
         and a per-step warm-up + cosine schedule. timm's schedulers multiply each group's learning
         rate by its `lr_scale` (layer-wise decay) every time they set it, so per-group scales take
         effect from the first step."""
-        config, _ = optimizer_with_schedule(
+        config = optimizer_with_schedule(
             self.trainer, self.trainable(), self.global_batch_size(), self.optimizer_name, self.lr, self.min_lr,
             self.warmup_epochs, self.weight_decay, self.momentum, **self.optimizer_options(),
         )

@@ -65,9 +65,5 @@ class BAMModule(SSLMethod):
         final = self.hparams.reg_final
         if final is None or final == start:
             return start
-        return linear_ramp(start, final, step, int(self.hparams.reg_warmup_epochs * _steps_per_epoch(self.trainer)))
+        return linear_ramp(start, final, step, self.step_budget.steps(self.hparams.reg_warmup_epochs))
 
-
-def _steps_per_epoch(trainer: Any) -> int:
-    """Optimiser steps per epoch of `trainer`'s run, as the learning-rate warm-up counts them."""
-    return max(int(trainer.estimated_stepping_batches) // max(trainer.max_epochs or 1, 1), 1)

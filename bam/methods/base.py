@@ -21,7 +21,7 @@ from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import check_and_record, checkpoint_directory, diverged
-from bam.training.optim import optimizer_with_schedule
+from bam.training.optim import StepBudget, optimizer_with_schedule
 from bam.training.schedules import apply_lr_schedule, cosine, global_batch_size, rebuild_lr_schedule_on_resume
 from bam.training.sync_batchnorm import convert_sync_batchnorm
 
@@ -116,8 +116,6 @@ class SSLMethod(pl.LightningModule):
             self.student.backbone.compile()
         self.loss_monitor = LossMonitor(patience=stuck_loss_patience)
         self.data_recipe: DataRecipe | None = None  # for data without a `data_recipe()` method
-        self.steps_per_epoch = 1
-        self.total_steps = 1
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -192,11 +190,11 @@ class SSLMethod(pl.LightningModule):
     # ----------------------------------------------------------------- schedules
     def teacher_momentum_at(self, step: int) -> float:
         hp = self.hparams
-        return cosine(hp.teacher_momentum, hp.teacher_momentum_final, step, self.total_steps)
+        return cosine(hp.teacher_momentum, hp.teacher_momentum_final, step, self.step_budget.total_steps)
 
     def weight_decay_at(self, step: int) -> float:
         hp = self.hparams
-        return cosine(hp.weight_decay, hp.weight_decay_final, step, self.total_steps)
+        return cosine(hp.weight_decay, hp.weight_decay_final, step, self.step_budget.total_steps)
 
     def _set_weight_decay(self, step: int) -> float:
         value = self.weight_decay_at(step)
@@ -216,16 +214,21 @@ class SSLMethod(pl.LightningModule):
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
     # ----------------------------------------------------------------- optimisation
+    @property
+    def step_budget(self) -> StepBudget:
+        """The run's optimiser steps, asked of the trainer when a schedule needs them (it knows them
+        once it has its data), never cached from an earlier call."""
+        return StepBudget.of(self.trainer)
+
     def global_batch_size(self) -> int:
         return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        config, budget = optimizer_with_schedule(
+        config = optimizer_with_schedule(
             self.trainer, self.student, self.global_batch_size(), hp.optimizer, hp.lr, hp.min_lr, hp.warmup_epochs,
             hp.weight_decay, hp.sgd_momentum, self.extra_param_groups(),
         )
-        self.total_steps, self.steps_per_epoch = budget.total_steps, budget.steps_per_epoch
         if self.teacher is not None:
             config["optimizer"].register_step_post_hook(self._update_teacher)
         return config

@@ -89,7 +89,7 @@ class SwAVModule(SSLMethod):
     # ----------------------------------------------------------------- prototypes
     def prototypes_frozen(self, step: int) -> bool:
         """Whether optimiser step `step` leaves the prototypes unchanged."""
-        return step < int(self.hparams.freeze_prototypes_epochs * self.steps_per_epoch)
+        return step < self.step_budget.steps(self.hparams.freeze_prototypes_epochs)
 
     def on_after_backward(self) -> None:
         # No gradient at all (not a zero one): the optimiser then skips the prototypes entirely,

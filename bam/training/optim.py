@@ -73,12 +73,12 @@ def optimizer_with_schedule(
     momentum: float,
     extra_groups: list[dict[str, Any]] = (),
     **options: Any,
-) -> tuple[dict[str, Any], StepBudget]:
+) -> dict[str, Any]:
     """`configure_optimizers`' return value for training `model` under `trainer`: the optimiser at
     `lr * global_batch / 256` (`lr` is per 256 images) and a per-step warm-up + cosine schedule to
-    `min_lr`; with the run's step budget, which the schedules of other values need."""
+    `min_lr`."""
     budget = StepBudget.of(trainer)
     peak_lr = lr * global_batch / 256
     built = create_optimizer(model, optimizer, peak_lr, weight_decay, momentum, extra_groups, **options)
     scheduler = warmup_cosine_lr(built, budget.total_steps, budget.steps(warmup_epochs), min_lr)
-    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}, budget
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

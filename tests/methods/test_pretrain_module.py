@@ -64,7 +64,7 @@ def test_schedules_have_documented_values(tmp_path):
     no_decay = [g for g in trainer_groups(model) if g["initial_weight_decay"] == 0]
     assert no_decay and all(g["weight_decay"] == 0 for g in no_decay)
     assert model.teacher_momentum_at(0) == pytest.approx(0.99)
-    assert model.teacher_momentum_at(model.total_steps) == pytest.approx(1.0)
+    assert model.teacher_momentum_at(model.step_budget.total_steps) == pytest.approx(1.0)
 
 
 def trainer_groups(model):

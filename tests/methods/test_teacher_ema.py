@@ -60,5 +60,5 @@ def test_teacher_is_float64_ema_of_student_with_constant_momentum():
 
 def test_teacher_follows_the_cosine_momentum_schedule():
     model, expected, start = train_and_expect(0.7, 1.0)
-    assert model.teacher_momentum_at(0) == 0.7 and model.teacher_momentum_at(model.total_steps) == 1.0
+    assert model.teacher_momentum_at(0) == 0.7 and model.teacher_momentum_at(model.step_budget.total_steps) == 1.0
     assert_teacher_is(model, expected, start)
