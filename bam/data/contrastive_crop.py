@@ -27,14 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bam.ops import is_vit
+
 BOX_DIM = 4  # x0, y0, x1, y1, normalised to [0, 1]
 SUPPORTED = "timm VisionTransformer-like models (class token + qkv attention), CNNs and MetaFormers " \
             "(any model whose forward_features returns a (B, C, h, w) or (B, h, w, C) feature map)"
 
 
 # -- heat maps --------------------------------------------------------------------------------
-def _is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") and hasattr(model, "cls_token") and hasattr(model, "blocks")
+def _has_class_attention(model: nn.Module) -> bool:
+    """A ViT whose last block's attention the heat map can recompute (it needs `blocks`)."""
+    return is_vit(model) and hasattr(model, "blocks")
 
 
 @torch.no_grad()
@@ -120,7 +123,7 @@ def heatmap(model: nn.Module, images: Tensor) -> Tensor:
     ViTs: last-block class-token attention; anything with a spatial ``forward_features``
     (timm CNNs, MetaFormer/CAFormer, ``bam_cnn4``): channel-summed last feature map.
     """
-    if _is_vit(model):
+    if _has_class_attention(model):
         return vit_class_attention(model, images)
     return feature_map_energy(model, images)
 
