@@ -41,7 +41,7 @@ else
     only_mutate=$target
 fi
 if [[ -z ${TESTS:-} ]]; then
-    TESTS=$(cd "$repo" && grep -l -E "${package//./\\.}([^a-zA-Z_]|$)" tests/test_*.py | tr '\n' ' ' || true)
+    TESTS=$(cd "$repo" && grep -rl --include='test_*.py' -E "${package//./\\.}([^a-zA-Z_]|$)" tests | sort | tr '\n' ' ' || true)
 fi
 if [[ -z ${TESTS// /} ]]; then
     echo "tests/mutation.sh: no test file names $package; set TESTS" >&2
