@@ -12,6 +12,7 @@ import pytest
 
 from bam.cli import main as bam
 from bam.shipped_configs import resolve_config, with_config_names
+from processes import run_process_group
 from repo_paths import REPO
 
 TIMEOUT_S = 600  # only to turn a hang into a failure
@@ -19,16 +20,9 @@ SOURCES = ("bam", "configs", "setup.py", "setup.cfg", "pyproject.toml", "MANIFES
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.communicate()
-        pytest.fail(f"{command} did not finish")
-    assert process.returncode == 0, output
-    return output
+    finished = run_process_group(command, TIMEOUT_S, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    assert finished.returncode == 0, finished.stdout
+    return finished.stdout
 
 
 def test_names_resolve_to_the_shipped_files_and_paths_stay_paths(tmp_path):

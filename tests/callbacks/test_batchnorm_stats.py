@@ -1,7 +1,6 @@
 """Precise batch norm statistics: the helper and the end-of-training callback."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl

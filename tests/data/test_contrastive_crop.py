@@ -4,7 +4,6 @@ the distributed update, the schedule in a Lightning run, and checkpoint round tr
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl

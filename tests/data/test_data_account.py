@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -27,6 +26,7 @@ from bam.features.extract import embed_dataset
 from ffcv_check import require_ffcv
 from tiny_runs import HANG_GUARD_S, spawn_gloo_workers
 from eval_fixtures import CNN, write_checkpoint
+from processes import run_process_group
 from repo_paths import REPO
 
 # numba fails in a finalizer when FFCV's compiled pipelines are garbage collected; harmless
@@ -85,16 +85,9 @@ def _beton_digests(path: Path) -> Counter:
 def _run_bam(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m bam ARGS` as a user would start it; the whole process group dies on a hang."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "bam", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=HANG_GUARD_S * 3)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"bam {' '.join(args)} did not finish")
-    assert process.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(args, process.returncode, out, err)
+    finished = run_process_group([sys.executable, "-m", "bam", *args], HANG_GUARD_S * 3, cwd=cwd, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
 
 
 # -- conversion ---------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Every evaluation config parses with the stage it belongs to (no unknown or misspelt keys)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

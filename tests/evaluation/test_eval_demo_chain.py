@@ -3,7 +3,6 @@ linear probe on the built-in MNIST digits."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from processes import run_process_group
 from repo_paths import REPO
 
 HANG_GUARD_S = 600  # only to turn a hang into a failure
@@ -32,16 +33,8 @@ def run_bam(args: list[str]) -> subprocess.CompletedProcess:
     """`bam ARGS` as a user runs it (this checkout, one thread: a fixed summation order), output
     and errors together in `stdout`; the whole process group is killed if it hangs."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'helpers'}", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "bam", *args]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=HANG_GUARD_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, output)
+    return run_process_group([sys.executable, "-m", "bam", *args], HANG_GUARD_S, stderr=subprocess.STDOUT,
+                             cwd=REPO, env=env)
 
 
 def pretrain(run_dir: Path, *options: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from processes import finish_process_group
 from repo_paths import REPO
 
 PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
@@ -54,12 +54,8 @@ def start(command: list[str], log: Path, cwd: Path = REPO, **env: str) -> subpro
 
 def wait(process: subprocess.Popen, log: Path, timeout: float = HANG_GUARD_S) -> int:
     """Exit code of `process`; on a hang, kill its whole process group and fail with the log."""
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise AssertionError(f"{process.args} did not finish within {timeout} s (deadlock?)\n{tail(log)}")
+    finish_process_group(process, timeout, log)
+    return process.returncode
 
 
 def run(command: list[str], log: Path, cwd: Path = REPO, **env: str) -> int:

@@ -3,10 +3,11 @@ session, so a hang is ended by killing its whole process group."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from processes import finish_process_group
 from repo_paths import REPO
 
 HANG_GUARD_S = 300  # only to turn a hang into a failure, not a performance limit
@@ -37,13 +38,8 @@ def start_bam(args: list[str], **popen: object) -> subprocess.Popen:
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     """Wait for `process` (its whole group is killed if it hangs); (status, stdout, stderr)."""
-    try:
-        out, err = process.communicate(timeout=HANG_GUARD_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"bam did not finish within {HANG_GUARD_S} s:\n{err[-3000:]}")
-    return process.returncode, out or "", err or ""
+    out, err = finish_process_group(process, HANG_GUARD_S)
+    return process.returncode, out, err
 
 
 def run_bam(args: list[str]) -> tuple[int, str, str]:

@@ -21,6 +21,8 @@ from bam.models.backbones import build_backbone
 from bam.recipe import DataRecipe
 from eval_fixtures import synthetic_data, write_checkpoint
 from io_layouts import bam_checkpoint, randomise_buffers
+from processes import run_process_group
+from repo_paths import REPO
 
 SUBPROCESS_TIMEOUT_S = 600  # only to turn a hang into a failure
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -29,7 +31,6 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 LOAD_WITH_TIMM = """
 import sys, torch, timm
 from safetensors.torch import load_file, save_file
-from repo_paths import REPO
 {prelude}
 images = load_file(sys.argv[1])["images"]
 torch.set_num_threads(int(sys.argv[3]))  # the test's: the same kernels, so outputs can match exactly
@@ -58,15 +59,8 @@ def load_in_subprocess(folders: list[Path], tmp_path: Path, prelude: str) -> lis
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", LOAD_WITH_TIMM.format(prelude=prelude), str(tmp_path / "images.safetensors"),
                str(tmp_path / "outputs.safetensors"), str(torch.get_num_threads()), *map(str, folders)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.communicate()
-        pytest.fail("loading the exports with timm did not finish")
-    assert process.returncode == 0, output
+    finished = run_process_group(command, SUBPROCESS_TIMEOUT_S, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    assert finished.returncode == 0, finished.stdout
     outputs = load_file(tmp_path / "outputs.safetensors")
     return [(outputs[str(index)], outputs[f"{index}_mean"]) for index in range(len(folders))]
 

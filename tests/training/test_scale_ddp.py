@@ -16,6 +16,7 @@ gradient term moves parameters by about the learning rate, ~1e-6 here).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 import torch
 
 import scale_worker
+from processes import finish_process_group
 from repo_paths import REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -50,18 +52,18 @@ def _free_port() -> int:
 def _check(processes: list[subprocess.Popen], logs: list[Path]) -> None:
     for process, log in zip(processes, logs):
         try:
-            code = process.wait(timeout=HANG_GUARD_S)
-        except subprocess.TimeoutExpired:
+            finish_process_group(process, HANG_GUARD_S, log)
+        finally:  # a hang of one launch leaves no worker of the others behind
             for other in processes:
-                other.kill()
-            pytest.fail(f"DDP launch did not finish within {HANG_GUARD_S} s (deadlock?); log: {log.read_text()[-3000:]}")
-        assert code == 0, f"launcher exited with {code}:\n{log.read_text()[-3000:]}"
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+        assert process.returncode == 0, f"launcher exited with {process.returncode}:\n{log.read_text()[-3000:]}"
 
 
 def _launch(command: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     with log.open("w") as handle:
         return subprocess.Popen(command, cwd=REPO, env={**_env(), **(extra_env or {})}, stdout=handle,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
