@@ -1,4 +1,4 @@
-"""The loss benchmark still runs (at a toy size). No timing is asserted: wall-clock numbers on a
+"""The benchmarks still run (at toy sizes). No timing is asserted: wall-clock numbers on a
 shared CI machine mean nothing; the script is for people to read."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 BENCH = Path(__file__).parent / "bench_loss.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_loss", BENCH)
+def _load_benchmark(name: str = "bench_loss"):
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -46,3 +46,40 @@ def test_loop_baseline_matches_bam_loss():
     loop.backward()
     torch.testing.assert_close(loop, ours, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loop_x.grad, ours_x.grad, rtol=1e-4, atol=1e-6)
+
+
+# the shipped demo through `bam pretrain`, shrunk: 200 digits, batches of 32, a small head, no plots
+TINY_DEMO = ["--trainer.max_epochs=1", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
+             "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--plots.enabled=false"]
+
+
+def test_step_benchmark_runs_at_toy_size(capsys):
+    """Both recipe shapes and the whole-run split run; every phase of both steps is timed and the
+    run's CPU time is charged to the parts that ran in it."""
+    bench = _load_benchmark("bench_step")
+    results = bench.main(["demo", "vit_small"], repeats=1, warmup=0, threads=1, vit_sizes=(32, 16), vit_batch=4,
+                         demo_batch=8, run_epochs=1, run_args=TINY_DEMO)
+    for shape in ("demo", "vit_small"):
+        assert set(results[shape]["bam"]) == {*bench.PHASES, "step"}
+        assert set(results[shape]["backbone only"]) == {*bench.BACKBONE_ONLY_PHASES, "step"}
+        assert results[shape]["bam"]["teacher forward"] > 0  # both recipes have a momentum teacher
+    ledger = results["run"]
+    for part in ("training", "k-NN evaluations", "baselines", "BN re-estimation", "checkpointing"):
+        assert ledger.cpu[part] > 0, part
+    out = capsys.readouterr().out
+    assert out.count("BAM step / backbone-only step:") == 2
+    assert "bam_vit_small_patch16_224, batch 4, 2x32 + 6x16 px" in out
+    assert "Whole demo run (1 epochs" in out
+
+
+def test_demo_benchmark_compares_recipes_through_bam_pretrain(tmp_path, capsys):
+    """Both recipes run as `bam pretrain` children: their CPU time comes from the kernel and their
+    k-NN from the reports the runs wrote."""
+    bench = _load_benchmark("bench_demo")
+    old, new = bench.main(threads=1, extra_args=TINY_DEMO, out_dir=tmp_path)
+    for run in (old, new):
+        assert run.returncode == 0
+        assert run.cpu_s > 0 and run.wall_s > 0
+        assert set(run.report()) == {"trained backbone", "random init (same architecture)", "raw pixels"}
+    assert "demo_750bb23.yaml" in old.config.name and "seed_everything" in old.config.read_text()
+    assert "new / old CPU-seconds:" in capsys.readouterr().out
