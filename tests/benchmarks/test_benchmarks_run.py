@@ -76,10 +76,11 @@ def test_demo_benchmark_compares_recipes_through_bam_pretrain(tmp_path, capsys):
     """Both recipes run as `bam pretrain` children: their CPU time comes from the kernel and their
     k-NN from the reports the runs wrote."""
     bench = _load_benchmark("bench_demo")
-    old, new = bench.main(threads=1, extra_args=TINY_DEMO, out_dir=tmp_path)
+    # HEAD: a shallow clone (as CI may make) holds no older revision
+    old, new = bench.main(baseline_rev="HEAD", threads=1, extra_args=TINY_DEMO, out_dir=tmp_path)
     for run in (old, new):
         assert run.returncode == 0
         assert run.cpu_s > 0 and run.wall_s > 0
         assert set(run.report()) == {"trained backbone", "random init (same architecture)", "raw pixels"}
-    assert "demo_750bb23.yaml" in old.config.name and "seed_everything" in old.config.read_text()
+    assert "demo_HEAD.yaml" in old.config.name and "seed_everything" in old.config.read_text()
     assert "new / old CPU-seconds:" in capsys.readouterr().out
