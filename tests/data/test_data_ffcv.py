@@ -11,6 +11,7 @@ from PIL import Image
 
 from bam.data import FFCVDataModule, MultiCropConfig, write_beton
 from bam.data.cli import main as data_cli
+from repo_paths import REPO
 from ffcv_check import FFCV_EXPECTED_MARKER, require_ffcv
 
 # numba (0.68) fails in a finalizer when FFCV's compiled pipelines are garbage collected; harmless
@@ -70,7 +71,7 @@ def test_without_any_ffcv_install_its_tests_skip(monkeypatch, tmp_path):
 
 def test_the_install_script_expects_ffcv():
     """CI runs scripts/install.sh: it must mark the environment and prove that FFCV imports."""
-    script = (Path(__file__).resolve().parents[1] / "scripts" / "install.sh").read_text()
+    script = (REPO / "scripts" / "install.sh").read_text()
     assert FFCV_EXPECTED_MARKER in script and "import ffcv" in script
 
 
