@@ -203,11 +203,14 @@ class SSLMethod(pl.LightningModule):
                 group["weight_decay"] = value
         return value
 
-    @torch.no_grad()
     def _update_teacher(self, *_: Any) -> None:
         """EMA step, run as the optimiser's post-step hook: only after a step really happened
         (a step skipped by the fp16 grad scaler or an accumulation step does not move it)."""
-        momentum = self.teacher_momentum_at(self.global_step)
+        self.move_teacher(self.teacher_momentum_at(self.global_step))
+
+    @torch.no_grad()
+    def move_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
         teacher = list(self.teacher.parameters())
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_mul_(teacher, momentum)

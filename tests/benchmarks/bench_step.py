@@ -91,7 +91,8 @@ def optimiser(model: Any, with_ema: bool) -> torch.optim.Optimizer:
     hp = model.hparams
     optimizer = create_optimizer_v2(model.student, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
     if with_ema and model.teacher is not None:
-        optimizer.register_step_post_hook(model._update_teacher)
+        # the EMA's cost at the recipe's momentum (the schedule needs a Trainer's step budget)
+        optimizer.register_step_post_hook(lambda *_: model.move_teacher(hp.teacher_momentum))
     return optimizer
 
 

@@ -75,7 +75,7 @@ def measure(config: Path, batch: int, steps: int, device: torch.device, precisio
             loss = method.compute_loss(crops)
         optimise(loss)
         if method.teacher is not None:
-            method._update_teacher()
+            method.move_teacher(method.hparams.teacher_momentum)
 
     return batch / timed(backbone_only, steps, device), batch / timed(full_step, steps, device)
 
