@@ -68,7 +68,8 @@ def test_warmup_cosine_lr_at_every_step(total, warmup):
 def test_apply_lr_schedule_sets_the_lr_of_the_current_step():
     optimizer = _sgd(0.4)
     scheduler = warmup_cosine_lr(optimizer, 10, 4, min_lr=0.0)
-    module = SimpleNamespace(global_step=2, trainer=SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)]))
+    trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    module = SimpleNamespace(global_step=2, trainer=trainer)
     apply_lr_schedule(module)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
 
@@ -85,7 +86,8 @@ def test_resume_drops_the_saved_lr_schedulers_only():
 def _trainer(datamodule=None, loader=None, world_size=2, accumulate=3):
     trainer = SimpleNamespace(datamodule=datamodule, train_dataloader=loader, world_size=world_size,
                               accumulate_grad_batches=accumulate)
-    trainer.fit_loop = SimpleNamespace(setup_data=lambda: setattr(trainer, "train_dataloader", SimpleNamespace(batch_size=5)))
+    loader_of_setup = SimpleNamespace(batch_size=5)
+    trainer.fit_loop = SimpleNamespace(setup_data=lambda: setattr(trainer, "train_dataloader", loader_of_setup))
     return trainer
 
 
@@ -132,7 +134,7 @@ def test_sgd_gets_the_momentum_and_no_weight_decay_on_1d_parameters():
     assert decayed == {id(model[0].weight), id(model[2].weight)}
     assert all(group["momentum"] == 0.8 and group["lr"] == 0.3 for group in built.param_groups)
     assert built.param_groups[-1]["params"] == [extra]
-    assert [group["initial_weight_decay"] for group in built.param_groups] == [g["weight_decay"] for g in built.param_groups]
+    assert all(group["initial_weight_decay"] == group["weight_decay"] for group in built.param_groups)
     assert sorted(g["initial_weight_decay"] for g in built.param_groups) == [0.0, 0.0, 0.05]
 
 
