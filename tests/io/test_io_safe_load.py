@@ -196,6 +196,19 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content):
                                 "(another format, an error page, or a truncated or empty file)")
 
 
+@pytest.mark.parametrize("kept", [0.1, 0.3, 0.5, 0.9])
+def test_a_truncated_legacy_file_says_it_ends_early(tmp_path, kept):
+    """A pre-1.6 file cut short (an interrupted copy) stops the unpickler with a bare EOFError or
+    IndexError, depending on where the cut falls."""
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(3)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(NotACheckpointError) as error:
+        load_checkpoint_file(path)
+    assert str(error.value) == f"{str(path)!r} is not a readable checkpoint: the file ends early or is damaged"
+
+
 def test_a_damaged_archive_names_torchs_first_error_line(tmp_path):
     path = tmp_path / "damaged.ckpt"
     torch.save({"w": torch.arange(3.0)}, path)
