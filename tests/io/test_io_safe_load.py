@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import functools
+import http.server
 import os
 import pathlib
+import threading
 import zipfile
 from typing import Any
 
@@ -151,6 +154,22 @@ def test_mmap_maps_the_file_only_when_asked(tmp_path, mmap):
 def _is_mapped(path: pathlib.Path) -> bool:
     """Whether this process has `path` memory-mapped (Linux's list of the process's mappings)."""
     return str(path) in pathlib.Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_downloaded_checkpoint_is_read_not_mapped(tmp_path):
+    """Its temporary copy is deleted after the load: a mapping would hold a deleted file."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "served.ckpt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tensor = load_checkpoint_file(f"http://127.0.0.1:{server.server_address[1]}/served.ckpt", mmap=True)["w"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert torch.equal(tensor, torch.arange(4.0))
+    assert "bam-download-" not in pathlib.Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.parametrize("mmap", [False, True])
