@@ -71,6 +71,16 @@ def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path, refused):
     assert "untrusted" in message and "safe_globals" in message
 
 
+def test_weights_only_is_asked_for_not_left_to_torchs_default(tmp_path, monkeypatch):
+    """torch 2.5 (allowed by setup.cfg) defaults to unsafe loading, as does any torch with this
+    variable set: the refusal must not depend on the default."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path, marker = _crafted_file(tmp_path, RunsPython)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint_file(path)
+    assert not marker.exists(), "the crafted pickle's code ran"
+
+
 def test_the_crafted_pickle_does_run_code_when_loaded_unsafely(tmp_path):
     # control: proves the refusal test above would see the marker if the payload had run
     path, marker = _crafted_file(tmp_path, RunsPython)
