@@ -8,7 +8,12 @@
 # worktree never holds mutated code, and runs against each mutant only the fast tests (not `slow`,
 # not `distributed`, settings in setup.cfg's [mutmut]) of the test files that name PATH's package
 # (`bam.losses`, `bam.data`, ...): a file found by name keeps working when modules move. Set TESTS
-# to a space-separated list of test files to choose them yourself.
+# to a space-separated list of test files to choose them yourself, and MUTANTS to a space-separated
+# list of mutant-name patterns to check only some functions (MUTANTS='*linear_ramp__mutmut_*').
+#
+# A module that defines a LightningModule (bam/methods/base.py, ...) cannot be run: mutmut wraps
+# `__init__`, and Lightning's save_hyperparameters then no longer finds its arguments, so the
+# clean test run fails. mutmut also leaves decorated functions (`@torch.no_grad()`) unmutated.
 #
 # When the budget runs out mutmut is stopped and the mutants it did not reach are counted as "not
 # checked". The per-status counts are printed last; `mutmut show NAME` in the scratch folder (printed
@@ -67,10 +72,16 @@ echo "scratch copy: $scratch (budget ${budget} s)"
 cd "$scratch"
 # the scratch copy, not the editable install, is the bam that the tests import
 export PYTHONPATH="$scratch/mutants:$scratch/mutants/tests"
+# mutmut forks each mutant's run from a process that has already run the tests: a torch (OpenMP)
+# thread pool started before the fork leaves the child waiting forever on its locks (mutants of
+# bam/training/schedules.py hung at 0% CPU that way), and one thread also keeps the run light
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mutmut_run() {
     local left=$(( budget - SECONDS ))
     (( left > 0 )) || return 124
-    timeout --signal=INT --kill-after=60 "$left" "$(dirname "$python")/mutmut" run --max-children 1
+    local patterns=()
+    read -r -a patterns <<< "${MUTANTS:-}"  # split on spaces, patterns left unexpanded
+    timeout --signal=INT --kill-after=60 "$left" "$(dirname "$python")/mutmut" run --max-children 1 "${patterns[@]}"
 }
 SECONDS=0
 status=0

@@ -1,4 +1,5 @@
-"""The notebooks in notebooks/: stored without outputs, and each runs top to bottom at toy size.
+"""The notebooks in notebooks/: stored without outputs, and each runs top to bottom at toy size
+with what it shows checked afterwards.
 
 They run on a kernel of this very interpreter (the venv's), in a temporary working directory with
 a headless matplotlib backend. A kernelspec written under the test's temporary JUPYTER_PATH makes
@@ -19,11 +20,36 @@ from repo_paths import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # a hang guard, not a speed requirement
 
+# Run after each notebook in its kernel: what the notebook shows the reader, checked.
+RESULT_CHECKS = {
+    "01_quickstart": """
+from bam.io import load_checkpoint_file
+assert load_checkpoint_file(CHECKPOINT)["global_step"] == 3
+torch.testing.assert_close(attention.sum(dim=1), torch.ones(2 * B))
+assert attention.masked_select(mask).eq(0).all(), "a positive pair kept attention"
+""",
+    "02_using_a_checkpoint": """
+with torch.no_grad():
+    assert not torch.allclose(teacher(probe), student(probe)), "teacher and student agree: which= would not show"
+    assert torch.allclose(loaded(probe), teacher(probe)) and torch.allclose(loaded_student(probe), student(probe))
+    mnist_probe = (val.images[:8].float() / 255 - MEAN) / STD
+    torch.testing.assert_close(backbone(mnist_probe), bam.load_backbone(CHECKPOINT)(mnist_probe))
+    assert not torch.allclose(backbone(mnist_probe), random_backbone(mnist_probe))
+""",
+    "03_training_curves": """
+assert len(curves["train/loss"][0]) == 6 and set(WANTED) - {"train/teacher_momentum"} <= set(present)
+lr_steps, lrs = curves["train/lr"]
+assert list(lr_steps) == sorted(lr_steps) and max(lrs) > 0
+assert written and written[0].is_file() and written[0].stat().st_size > 0
+""",
+}
+
 
 def test_there_are_notebooks():
     assert [path.name for path in NOTEBOOKS] == [
         "01_quickstart.ipynb", "02_using_a_checkpoint.ipynb", "03_training_curves.ipynb",
     ]
+    assert sorted(RESULT_CHECKS) == [path.stem for path in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
@@ -57,6 +83,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     notebook = nbformat.read(path, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(RESULT_CHECKS[path.stem]))
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}

@@ -124,6 +124,9 @@ def _load_weights_only(local: pathlib.Path, name: str, mmap: bool) -> Any:
             raise UnsafeCheckpointError(_refusal_message(name, _refused_types(local))) from None
         except RuntimeError as error:  # zip archive damaged inside
             raise NotACheckpointError(f"{name!r} is not a readable checkpoint ({str(error).splitlines()[0]})") from None
+        except (EOFError, IndexError):  # how the unpickler stops in a pre-1.6 (plain pickle) file cut short
+            raise NotACheckpointError(f"{name!r} is not a readable checkpoint: the file ends early or is "
+                                      "damaged") from None
 
 
 def _is_legacy_pickle(path: pathlib.Path) -> bool:

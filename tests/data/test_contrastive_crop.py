@@ -80,14 +80,50 @@ def test_flat_heat_map_gives_the_whole_image():
         ("bam_caformer_m36", {}, 64, (2, 2)),
     ],
 )
-def test_real_backbones_give_valid_boxes(name, kwargs, size, grid):
+def test_real_backbones_give_the_boxes_of_their_saliency(name, kwargs, size, grid):
+    """Map and boxes against a reference computed here: the class-token attention of the unfused
+    path (ViTs) or the channel sum of the last feature map, thresholded pixel by pixel."""
     torch.manual_seed(0)
     model = build_backbone(name, **kwargs).eval()
-    images = torch.randn(2, 3, size, size)
+    images = torch.randn(3, 3, size, size)
     maps = heatmap(model, images)
-    assert maps.shape == (2, *grid) and torch.isfinite(maps).all()
-    boxes = compute_boxes(model, images, 0.1)
-    assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert maps.shape == (3, *grid)
+    expected_maps = _reference_saliency(model, images)
+    torch.testing.assert_close(maps, expected_maps, atol=1e-5, rtol=1e-4)
+    # a high threshold: with 2x2 maps, 0.5 still takes in the whole image
+    boxes = compute_boxes(model, images, 0.8)
+    torch.testing.assert_close(boxes, _reference_boxes(expected_maps, (size, size), 0.8))
+    assert (boxes != torch.tensor([0.0, 0.0, 1.0, 1.0])).any(), "every box is the whole image: the check sees nothing"
+
+
+@torch.no_grad()
+def _reference_saliency(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if not hasattr(model, "blocks"):
+        return model.forward_features(images).float().sum(dim=1)
+    attn = model.blocks[-1].attn
+    recorded = []
+    attn.fused_attn = False  # the explicit softmax(q k^T) path, whose probabilities attn_drop sees
+    handle = attn.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(out))
+    try:
+        model.forward_features(images)
+    finally:
+        handle.remove()
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    side = int(round((recorded[-1].shape[-1] - prefix) ** 0.5))
+    return recorded[-1][:, :, 0, prefix:].mean(dim=1).reshape(len(images), side, side)
+
+
+def _reference_boxes(maps: torch.Tensor, image_size: tuple[int, int], thresh: float) -> torch.Tensor:
+    """Bounding box (fractions of the image) of the pixels whose upsampled, min-max scaled map is >= thresh."""
+    upsampled = nn.functional.interpolate(maps.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
+    boxes = []
+    for pixels in upsampled[:, 0]:
+        scaled = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+        rows, columns = (scaled >= thresh).nonzero(as_tuple=True)
+        height, width = image_size
+        boxes.append([columns.min() / width, rows.min() / height,
+                      (columns.max() + 1) / width, (rows.max() + 1) / height])
+    return torch.tensor(boxes)
 
 
 def test_vit_maps_images_that_are_not_whole_patches_at_the_resized_grid():
