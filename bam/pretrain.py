@@ -7,22 +7,26 @@ after a SIGTERM/SIGUSR1 (see `bam.training.fault_tolerance`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
 from bam.data import MultiCropConfig, SSLDataModule
+from bam.losses import BAMObjective
 from bam.methods import SSLMethod
-from bam.shipped_configs import with_config_names
+from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
-from bam.training.run_cli import SafeRunCLI, one_line_errors
+from bam.training.run_cli import SafeRunCLI, SettingError, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
 from bam.warning_filters import expected_warnings_silenced
@@ -80,13 +84,37 @@ def _check_slurm(trainer: Namespace) -> None:
         check_slurm_allocation(trainer.num_nodes, devices, uses_gpus)
 
 
+OBJECTIVE_FIELDS = {field.name for field in dataclasses.fields(BAMObjective)}
+
+
+def refuse_moved_objective_keys(argv: list[str]) -> None:
+    """The objective's settings moved under `model.init_args.objective` (one `BAMObjective`); a
+    config or command line written before would otherwise get jsonargparse's page-long error."""
+    moved = [arg.split("=")[0] for arg in argv if arg.lstrip("-").split("=")[0].split(".")[-1] in OBJECTIVE_FIELDS
+             and arg.startswith(("--model.init_args.", "--model.")) and ".objective." not in arg]
+    for config in _config_files(argv):
+        init_args = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}
+        moved += [f"{config}: model.init_args.{key}" for key in init_args if key in OBJECTIVE_FIELDS]
+    if moved:
+        raise SettingError(f"{', '.join(moved)}: the objective's settings now live under "
+                           "model.init_args.objective (e.g. --model.init_args.objective.reg 0.05)")
+
+
+def _config_files(argv: list[str]) -> list[Path]:
+    values = [later for earlier, later in zip(argv, argv[1:]) if earlier == CONFIG_OPTION]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"{CONFIG_OPTION}=")]
+    return [Path(value) for value in values if Path(value).is_file()]
+
+
 def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
     """Parse `argv` as `bam pretrain` does and build everything; with `run`, also train."""
+    argv = with_config_names("pretrain", argv)
+    refuse_moved_objective_keys(argv)
     return PretrainCLI(
         SSLMethod,
         SSLDataModule,
         program="bam pretrain",
-        argv=with_config_names("pretrain", argv),
+        argv=argv,
         run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,

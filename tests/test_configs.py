@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bam.cli import main as bam_main
+from cli_runs import run_bam
 from repo_paths import REPO
 
 CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
@@ -72,3 +73,15 @@ def test_recipes_follow_the_authors_numbers():
     assert (model["weight_decay"], model["weight_decay_final"], model["warmup_epochs"]) == (0.04, 0.4, 40)
     assert vit_s["trainer"]["gradient_clip_val"] == 0.3
     assert vit_s["trainer"]["devices"] * vit_s["trainer"]["num_nodes"] * vit_s["data"]["init_args"]["batch_size"] == 4096
+
+
+def test_objective_keys_written_before_they_moved_are_named_with_their_new_home(tmp_path):
+    """`bam pretrain` as a user runs it: a flat objective key (command line or an old config file)
+    is one line naming the key and `model.init_args.objective`, not jsonargparse's usage page."""
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text("model:\n  init_args:\n    top_k: 4\n")
+    finished = run_bam(["pretrain", "--config", "demo", "--config", str(old_config), "--model.init_args.reg=0.03"])
+    assert finished.returncode != 0
+    last_line = finished.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("bam pretrain: --model.init_args.reg, ") and "old.yaml: model.init_args.top_k" in last_line
+    assert "now live under model.init_args.objective" in last_line
