@@ -45,8 +45,8 @@ from bam.training.slurm import in_slurm_job, requeue_slurm_job
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` whose `last.ckpt` is always the state training ended in.
 
-    Lightning writes `last.ckpt` only together with a periodic checkpoint, so a run of 22 epochs
-    saving every 8 would end with `last.ckpt` from epoch 16, without the final epochs and the
+    Lightning writes `last.ckpt` only together with a periodic checkpoint, so a run of 15 epochs
+    saving every 8 would end with `last.ckpt` from epoch 8, without the final epochs and the
     re-estimated batch norm statistics, and that file is what users export and resume. Here
     training's end also writes it when the last periodic save was at an earlier step.
     """

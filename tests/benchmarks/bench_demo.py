@@ -85,6 +85,20 @@ def start(run: DemoRun, extra_args: list[str], threads: int | None) -> None:
 def wait(run: DemoRun) -> None:
     """Reap the child and keep its own resource usage (not that of any other child)."""
     _, status, usage = os.wait4(run.process.pid, 0)
+    record_end(run, status, usage)
+
+
+def wait_all(runs: list[DemoRun]) -> None:
+    """Reap the children in the order they end, so that each one's wall time stops at its own end
+    (waiting for them in list order would charge the first one's duration to a faster second)."""
+    by_pid = {run.process.pid: run for run in runs}
+    while by_pid:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in by_pid:
+            record_end(by_pid.pop(pid), status, usage)
+
+
+def record_end(run: DemoRun, status: int, usage: os.struct_rusage) -> None:
     run.wall_s = time.perf_counter() - run.started
     run.returncode = os.waitstatus_to_exitcode(status)
     run.process.returncode = run.returncode  # already reaped: Popen must not wait for it again
@@ -121,8 +135,7 @@ def main(baseline_rev: str = BASELINE_REV, sequential: bool = False, threads: in
             if sequential:
                 wait(run)
         if not sequential:
-            for run in runs:
-                wait(run)
+            wait_all(runs)
         print_table(runs, "one after the other" if sequential else "concurrently", threads)
     return runs
 
