@@ -1,0 +1,126 @@
+"""The checks every method runs, on their own: the loss monitor's stuck-loss count and tolerance,
+the batch and crop-count checks, and the argument checks of BAMModule and SwAVModule (no training)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from bam.losses import SwAVObjective
+from bam.methods import BAMModule, NonFiniteLossError, SSLMethod, StuckLossWarning, SwAVModule
+from bam.methods.base import _crops_of
+from bam.methods.monitoring import LossMonitor
+
+SMALL_HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+CHANCE = 1000.0  # with the default tolerance 0.002 the loss may differ from it by 2.0 (exact in binary)
+
+
+def updates(monitor: LossMonitor, losses, first_step: int = 0) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, loss in enumerate(losses, start=first_step):
+            monitor.update(loss, step, CHANCE)
+    return caught
+
+
+def test_stuck_loss_counts_consecutive_steps_within_the_tolerance():
+    monitor = LossMonitor(patience=3)
+    assert updates(monitor, [1002.0, 998.0]) == [] and monitor.steps_at_chance == 2
+    assert updates(monitor, [1002.5]) == [] and monitor.steps_at_chance == 0  # outside: counting starts again
+    assert updates(monitor, [1000.0, 1000.0], first_step=3) == []
+    caught = updates(monitor, [1000.0], first_step=5)
+    assert [w.category for w in caught] == [StuckLossWarning]
+    assert str(caught[0].message).startswith("the loss has stayed at log(N) = 1000.0000 for 3 steps (step 5): ")
+    assert caught[0].filename == __file__  # points at the caller of update(), the training step
+    assert updates(monitor, [1000.0] * 5, first_step=6) == []  # once per run
+    assert monitor.last_finite == 1000.0
+
+
+def test_stuck_loss_defaults_are_200_steps_and_a_relative_tolerance_of_0_002():
+    monitor = LossMonitor()
+    assert updates(monitor, [1002.0] * 199) == []
+    assert len(updates(monitor, [998.0], first_step=199)) == 1
+    assert updates(LossMonitor(patience=1), [1002.5]) == []
+
+
+@pytest.mark.parametrize("patience, warns", [(0, False), (1, True)])
+def test_patience_zero_turns_the_check_off_and_one_warns_at_once(patience, warns):
+    assert len(updates(LossMonitor(patience=patience), [CHANCE])) == int(warns)
+
+
+def test_infinite_loss_stops_too_and_names_the_last_finite_loss():
+    monitor = LossMonitor()
+    monitor.update(3.5, 0, CHANCE)
+    with pytest.raises(NonFiniteLossError, match=r"^the loss became inf at step 7 \(last finite loss: 3.5\); stopping"):
+        monitor.update(float("inf"), 7, CHANCE)
+    assert monitor.last_finite == 3.5
+
+
+# --------------------------------------------------------------------------------- batches and crops
+def test_a_batch_is_crops_with_labels_or_crops_alone():
+    crops = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)]
+    assert _crops_of((crops, torch.zeros(2))) == crops
+    assert _crops_of([tuple(crops), torch.zeros(2)]) == crops
+    assert _crops_of(crops) == crops
+    assert _crops_of(tuple(crops)) == crops
+
+
+@pytest.mark.parametrize("batch", [torch.zeros(2, 3, 8, 8), [torch.zeros(2, 3, 8)], ([torch.zeros(2, 3, 8, 8), "x"], None)])
+def test_a_batch_that_is_not_a_list_of_image_batches_is_refused(batch):
+    with pytest.raises(TypeError, match=f"got a {type(batch).__name__}$"):
+        _crops_of(batch)
+
+
+def test_crop_count_check_names_both_numbers():
+    SSLMethod.check_crop_count([torch.zeros(1)] * 3, 3)
+    with pytest.raises(ValueError, match="^the data provides 2 crops per image but the model expects 3 "):
+        SSLMethod.check_crop_count([torch.zeros(1)] * 2, 3)
+
+
+@pytest.mark.parametrize("method", [BAMModule, SwAVModule])
+def test_crop_settings_need_a_global_crop_and_no_negative_local_crops(method):
+    extra = dict(objective=SwAVObjective(num_prototypes=8)) if method is SwAVModule else {}
+    # the fewest crops each objective takes: BAM one (a lone global crop), SwAV two
+    local = 1 if method is SwAVModule else 0
+    model = method(backbone="bam_cnn4", num_global_crops=1, num_local_crops=local, **extra, **SMALL_HEAD)
+    assert model.loss_fn.num_crops == 1 + local
+    with pytest.raises(ValueError, match="^model num_global_crops must be at least 1, got 0$"):
+        method(backbone="bam_cnn4", num_global_crops=0, **SMALL_HEAD)
+    with pytest.raises(ValueError, match="^model num_local_crops must be >= 0, got -1$"):
+        method(backbone="bam_cnn4", num_local_crops=-1, **SMALL_HEAD)
+
+
+class OnlyALoss(SSLMethod):
+    def compute_loss(self, crops):
+        return self.student(crops).square().mean()
+
+
+def test_a_method_without_its_own_chance_level_or_schedule_has_neither():
+    model = OnlyALoss(backbone="bam_cnn4", **SMALL_HEAD)
+    assert math.isnan(model.chance_level(8))
+    assert model.on_schedule(5) == {}
+    assert model.extra_param_groups() == []
+    with pytest.raises(NotImplementedError):
+        SSLMethod.compute_loss(model, [])
+
+
+# --------------------------------------------------------------------------------- method arguments
+@pytest.mark.parametrize("reg_final", [0.0, -0.1])
+def test_bam_reg_final_must_be_positive(reg_final):
+    with pytest.raises(ValueError, match=f"^reg_final must be positive .*got {reg_final}$"):
+        BAMModule(backbone="bam_cnn4", reg_final=reg_final, **SMALL_HEAD)
+
+
+def test_bam_chance_level_is_its_objectives_for_the_batch_on_one_process():
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, **SMALL_HEAD)
+    assert model.chance_level(8) == model.loss_fn.chance_level(8) != model.loss_fn.chance_level(9)
+
+
+def test_swav_prototypes_may_be_free_from_the_start_but_not_negative():
+    model = SwAVModule(backbone="bam_cnn4", objective=SwAVObjective(num_prototypes=8), freeze_prototypes_epochs=0,
+                       **SMALL_HEAD)
+    assert model.hparams.freeze_prototypes_epochs == 0
+    with pytest.raises(ValueError, match=r"^freeze_prototypes_epochs=-0.5 must be >= 0$"):
+        SwAVModule(backbone="bam_cnn4", freeze_prototypes_epochs=-0.5, **SMALL_HEAD)
