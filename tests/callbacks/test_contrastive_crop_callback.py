@@ -44,8 +44,10 @@ def test_box_rows_are_the_indices_and_the_boxes_of_the_normalised_images():
     torch.manual_seed(0)
     backbone = build_backbone("bam_cnn4", width=8).train()
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8), torch.tensor(idx))
-               for n, idx in ((3, [7, 2, 9]), (2, [0, 4]))]
+    # many images: a box edge of one of them moves when the pixel scale is off by 1/255
+    order = torch.randperm(64, generator=generator)
+    batches = [(torch.randint(0, 256, (32, 3, 32, 32), generator=generator, dtype=torch.uint8), order[:32]),
+               (torch.randint(0, 256, (32, 3, 32, 32), generator=generator, dtype=torch.uint8), order[32:])]
     rows = local_box_rows(backbone, batches, MEAN, STD, 0.3, torch.device("cpu"))
     assert backbone.training  # put back in the mode it was in
 
@@ -53,11 +55,12 @@ def test_box_rows_are_the_indices_and_the_boxes_of_the_normalised_images():
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         boxes = torch.cat([compute_boxes(backbone, (images.float() / 255 - mean) / std, 0.3) for images, _ in batches])
-    assert rows.dtype == torch.float64 and rows.shape == (5, 5)
-    assert rows[:, 0].tolist() == [7, 2, 9, 0, 4]
+    assert rows.dtype == torch.float64 and rows.shape == (64, 5)
+    assert rows[:, 0].tolist() == order.tolist()
     torch.testing.assert_close(rows[:, 1:], boxes.double())
-    unnormalised = torch.cat([compute_boxes(backbone, images.float(), 0.3) for images, _ in batches])
-    assert not torch.allclose(unnormalised.double(), rows[:, 1:]), "the normalisation would not show here"
+    with torch.no_grad():
+        off_scale = torch.cat([compute_boxes(backbone, (images.float() / 256 - mean) / std, 0.3) for images, _ in batches])
+    assert not torch.equal(off_scale, boxes), "a wrong pixel scale would not show here"
 
     assert not local_box_rows(backbone.eval(), batches[:1], MEAN, STD, 0.3, torch.device("cpu")).isnan().any()
     assert not backbone.training
