@@ -158,6 +158,7 @@ def test_a_method_built_without_arguments_has_the_documented_defaults(method, de
     for name, value in defaults.items():
         assert model.hparams[name] == value, name
     assert model.teacher is None and model.loss_monitor.patience == 200 and model.data_recipe is None
+    assert model.student.memory_format == torch.contiguous_format and model.student.global_running_stats
     assert model.loss_fn.num_crops == 8
     hidden, out = defaults["proj_hidden_dim"], defaults["proj_out_dim"]
     widths = [384] + [hidden] * (defaults["proj_layers"] - 1) + [out]  # ViT-S/16 features: 384
@@ -168,3 +169,34 @@ def test_a_method_built_without_arguments_has_the_documented_defaults(method, de
     activations = [type(m) for m in model.student.projector.modules() if isinstance(m, (torch.nn.GELU, torch.nn.ReLU))]
     assert activations == [activation] * (defaults["proj_layers"] - 1)
     assert all(m.bias is not None for m in model.student.projector.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_projector_and_encoder_settings_reach_the_modules():
+    model = BAMModule(backbone="bam_cnn4", proj_hidden_dim=32, proj_out_dim=16, proj_layers=2, proj_batch_norm=True,
+                      proj_last_batch_norm=True, proj_bias=False, proj_init="trunc_normal", channels_last=True,
+                      bn_stats_from_global_crops=False)
+    projector = model.student.projector
+    assert all(m.bias is None for m in projector.modules() if isinstance(m, torch.nn.Linear))
+    assert [type(m) for m in projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))] == [
+        torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.Linear, torch.nn.BatchNorm1d]
+    assert model.student.memory_format == torch.channels_last and model.student.global_running_stats is False
+    # the authors' initialisation zeroes the biases; PyTorch's leaves them random
+    authors = BAMModule(backbone="bam_cnn4", proj_init="trunc_normal", **SMALL_HEAD).student.projector
+    pytorch = BAMModule(backbone="bam_cnn4", proj_init="pytorch", **SMALL_HEAD).student.projector
+    biases = [(m.bias, n.bias) for m, n in zip(authors.modules(), pytorch.modules()) if isinstance(m, torch.nn.Linear)]
+    assert all(not a.any() and b.abs().sum() > 0 for a, b in biases)
+
+
+def test_swav_builds_the_backbone_it_is_given():
+    from bam.models import build_backbone
+
+    model = SwAVModule(backbone="bam_cnn4", backbone_kwargs={"width": 8}, objective=SwAVObjective(num_prototypes=8),
+                       **SMALL_HEAD)
+    reference = build_backbone("bam_cnn4", width=8)
+    assert {k: v.shape for k, v in model.student.backbone.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_unsupported_gradient_checkpointing_names_the_backbone():
+    with pytest.raises(ValueError, match="^backbone 'bam_cnn4' does not support gradient checkpointing"):
+        BAMModule(backbone="bam_cnn4", gradient_checkpointing=True, **SMALL_HEAD)
