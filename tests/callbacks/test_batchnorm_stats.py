@@ -159,3 +159,12 @@ def test_max_images_must_be_positive_and_defaults_to_4096():
     assert PreciseBatchNorm(max_images=1).max_images == 1
     default = PreciseBatchNorm()
     assert (default.enabled, default.max_images) == (True, 4096)
+
+
+def test_callback_serves_a_module_without_a_teacher_attribute():
+    """A user's LightningModule with a bam student encoder and no `teacher` at all."""
+    model = _model_with_distinct_teacher()
+    expected = _expected_stats(model.student.backbone, 4096)
+    PreciseBatchNorm().on_train_epoch_end(_final_epoch_trainer(BankAndQuery()), SimpleNamespace(student=model.student))
+    for mine, theirs in zip(_norm_stats(model.student.backbone), expected):
+        torch.testing.assert_close(mine, theirs)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bam.callbacks import ContrastiveCrop
+from bam.callbacks import contrastive_crop as contrastive_crop_callback
 from bam.callbacks.contrastive_crop import local_box_rows, locating_backbone
 from bam.data import CropBoxes
 from bam.data.contrastive_crop import compute_boxes
@@ -117,3 +118,66 @@ def test_a_state_without_boxes_or_record_keeps_the_store_and_records_nothing():
     assert torch.equal(data.store.boxes, CropBoxes(3).boxes)
     callback.load_state_dict({"updated_epochs": [5]})
     assert callback.updated_epochs == [5] and not data.store.is_active
+
+
+# ------------------------------------------------------------------ settings, the update epoch, the state
+@pytest.mark.parametrize("settings", [dict(warmup_epochs=0), dict(box_thresh=0.0), dict(alpha=0.01), dict(loc_interval=1)])
+def test_the_edges_of_the_settings_are_accepted(settings):
+    ContrastiveCrop(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(warmup_epochs=-1), "need warmup_epochs >= 0 and loc_interval >= 1, got -1, 20"),
+    (dict(loc_interval=0), "need warmup_epochs >= 0 and loc_interval >= 1, got 20, 0"),
+    (dict(warmup_epochs=-1, loc_interval=5), "got -1, 5"),
+    (dict(box_thresh=1.0), "need box_thresh in \\[0, 1\\) and alpha > 0, got 1.0, 0.6"),
+    (dict(box_thresh=1.5), "got 1.5, 0.6"),
+    (dict(box_thresh=-0.1), "got -0.1, 0.6"),
+    (dict(alpha=0.0), "need box_thresh in \\[0, 1\\) and alpha > 0, got 0.1, 0.0"),
+])
+def test_impossible_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ContrastiveCrop(**settings)
+
+
+def test_defaults_are_off_with_the_imagenet_schedule():
+    callback = ContrastiveCrop()
+    assert (callback.enabled, callback.warmup_epochs, callback.loc_interval, callback.box_thresh, callback.alpha,
+            callback.batch_size) == (False, 20, 20, 0.1, 0.6, None)
+    assert ContrastiveCrop(batch_size=7).batch_size == 7
+    assert callback.state_dict() == {"updated_epochs": []}
+
+
+class LoggingModule:
+    def __init__(self) -> None:
+        self.logged = {}
+
+    def log(self, name, value, sync_dist=False) -> None:
+        self.logged[name] = value
+
+
+def test_an_update_epoch_logs_the_mean_box_area(monkeypatch):
+    messages = []
+    monkeypatch.setattr(contrastive_crop_callback, "rank_zero_info", messages.append)
+    callback = ContrastiveCrop(enabled=True, warmup_epochs=1, loc_interval=2)
+    data = BoxData(3)
+    callback.setup(SimpleNamespace(datamodule=data), None, "fit")
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.3, 0.1, 0.4, 0.9]])
+    callback.update = lambda trainer, module: data.store.update(boxes)  # the heat maps are tested elsewhere
+    module = LoggingModule()
+    for epoch in range(4):
+        callback.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), module)
+    area = ((0.4 * 0.4) + 1.0 + (0.1 * 0.8)) / 3  # width x height of each box, averaged
+    assert callback.updated_epochs == [1, 3]
+    assert module.logged["contrastive_crop/box_area"] == pytest.approx(area)
+    assert messages[-1] == f"ContrastiveCrop: boxes of 3 images updated at epoch 3 (mean box area {area:.3f} of the image)"
+
+
+def test_a_second_fit_with_the_same_callback_sets_up_again():
+    callback = ContrastiveCrop(enabled=True)
+    callback.load_state_dict(_saved_state())
+    data = BoxData(3)
+    callback.setup(SimpleNamespace(datamodule=data), None, "fit")
+    callback.updated_epochs.append(60)
+    callback.setup(SimpleNamespace(datamodule=data), None, "fit")  # the checkpoint is not restored twice
+    assert callback.updated_epochs == [20, 40, 60]

@@ -77,7 +77,9 @@ def two_listings() -> list[FileAccount]:
 def test_data_account_writes_the_summed_account_and_the_skipped_paths(tmp_path, capsys):
     DataAccount().on_fit_end(account_trainer(tmp_path, AccountedData(two_listings())), None)
     # counted here: a/0, a/1, b/0 read; a/2 empty, b/1 undecodable, a/4 unsupported; a/3, b/2 never needed
-    files = json.loads((tmp_path / "data_account.json").read_text())["files"]
+    text = (tmp_path / "data_account.json").read_text()
+    files = json.loads(text)["files"]
+    assert text == json.dumps({"files": files}, indent=2)  # indented for people to read
     assert files == {"found": 8, "read": 3, "skipped": 3, "not_read": 2,
                      "skipped_by_reason": {"empty": 1, "undecodable": 1, "too_many_pixels": 0, "unsupported": 1},
                      "skipped_log": str(tmp_path / "skipped_files.tsv")}
