@@ -11,9 +11,11 @@
 # to a space-separated list of test files to choose them yourself, and MUTANTS to a space-separated
 # list of mutant-name patterns to check only some functions (MUTANTS='*linear_ramp__mutmut_*').
 #
-# A module that defines a LightningModule (bam/methods/base.py, ...) cannot be run: mutmut wraps
-# `__init__`, and Lightning's save_hyperparameters then no longer finds its arguments, so the
-# clean test run fails. mutmut also leaves decorated functions (`@torch.no_grad()`) unmutated.
+# Modules that define a LightningModule (bam/methods) run too: mutmut moves a mutated `__init__`'s
+# body into a renamed copy behind a trampoline, where Lightning's save_hyperparameters no longer
+# finds the constructor's arguments; the pytest plugin tests/helpers/mutmut_plugin.py (loaded
+# with -p in every run of this script, and only here) teaches it those frames. mutmut leaves
+# decorated functions (`@torch.no_grad()`) unmutated: they count nowhere, check them by hand.
 #
 # When the budget runs out mutmut is stopped and the mutants it did not reach are counted as "not
 # checked". The per-status counts are printed last; `mutmut show NAME` in the scratch folder (printed
@@ -63,6 +65,9 @@ config = configparser.ConfigParser()
 config.read(path)
 config["mutmut"]["only_mutate"] = only_mutate
 config["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
+# Lightning's save_hyperparameters must see through mutmut's trampolines (see the comment above), and
+# no test may leave a child process for mutmut's os.wait() to take for a mutant's run
+config["mutmut"]["pytest_add_cli_args"] += "\n-p\nmutmut_plugin"
 with open(path, "w") as handle:
     config.write(handle)
 EOF
@@ -71,7 +76,7 @@ echo "mutating $only_mutate against: $TESTS"
 echo "scratch copy: $scratch (budget ${budget} s)"
 cd "$scratch"
 # the scratch copy, not the editable install, is the bam that the tests import
-export PYTHONPATH="$scratch/mutants:$scratch/mutants/tests"
+export PYTHONPATH="$scratch/mutants:$scratch/mutants/tests:$scratch/mutants/tests/helpers"
 # mutmut forks each mutant's run from a process that has already run the tests: a torch (OpenMP)
 # thread pool started before the fork leaves the child waiting forever on its locks (mutants of
 # bam/training/schedules.py hung at 0% CPU that way), and one thread also keeps the run light

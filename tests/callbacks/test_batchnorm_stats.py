@@ -1,13 +1,16 @@
 """Precise batch norm statistics: the helper and the end-of-training callback."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from bam.callbacks import PreciseBatchNorm
+from bam.callbacks import batchnorm_stats as batchnorm_stats_callback
 from bam.methods import BAMModule
 from bam.models.batchnorm_stats import recompute_batchnorm_stats
 from tiny_runs import TinyCropsDataModule
@@ -69,3 +72,99 @@ def test_pretrain_cli_runs_precise_batch_norm_before_the_knn_evaluation(tmp_path
     cli = pretrain_cli(["--config", str(demo), "--trainer.default_root_dir", str(tmp_path)], run=False)
     kinds = [type(callback) for callback in cli.trainer.callbacks]
     assert kinds.index(PreciseBatchNorm) < kinds.index(OnlineKNN)
+
+
+# ------------------------------------------------------------------ the callback on a stand-in trainer
+SMALL_HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+
+
+def _loader(seed: int, count: int, scale: float) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(count, 3, 32, 32, generator=generator) * scale
+    return DataLoader(TensorDataset(images, torch.zeros(count, dtype=torch.long)), batch_size=16)
+
+
+class BankAndQuery:
+    """k-NN loaders whose bank (clean training images) and queries differ in distribution."""
+
+    def knn_dataloaders(self):
+        return _loader(1, 48, 1.0), _loader(2, 32, 5.0)
+
+
+def _final_epoch_trainer(datamodule, **state) -> SimpleNamespace:
+    values = dict(should_stop=False, max_steps=-1, global_step=0, max_epochs=3, current_epoch=2)
+    return SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                           **{**values, **state})
+
+
+def _model_with_distinct_teacher() -> BAMModule:
+    torch.manual_seed(0)
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, momentum_teacher=True, **SMALL_HEAD)
+    with torch.no_grad():
+        for parameter in model.teacher.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def _norm_stats(backbone: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)]
+
+
+def _expected_stats(backbone: nn.Module, max_images: int) -> list[torch.Tensor]:
+    """Statistics of a copy of `backbone`, averaged here over the bank loader's first batches."""
+    copy = BAMModule(backbone="bam_cnn4", **SMALL_HEAD).student.backbone
+    copy.load_state_dict(backbone.state_dict())
+    recompute_batchnorm_stats(copy, (images for images, _ in BankAndQuery().knn_dataloaders()[0]), max_images)
+    return _norm_stats(copy)
+
+
+def test_callback_reestimates_both_backbones_on_the_bank_images_up_to_max_images(monkeypatch):
+    messages = []
+    monkeypatch.setattr(batchnorm_stats_callback, "rank_zero_info", messages.append)
+    model = _model_with_distinct_teacher()
+    expected = {name: _expected_stats(getattr(model, name).backbone, 20) for name in ("student", "teacher")}
+    before = _norm_stats(model.student.backbone)
+    PreciseBatchNorm(max_images=20).on_train_epoch_end(_final_epoch_trainer(BankAndQuery()), model)
+    for name in ("student", "teacher"):
+        got = _norm_stats(getattr(model, name).backbone)
+        for mine, theirs in zip(got, expected[name]):
+            torch.testing.assert_close(mine, theirs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _norm_stats(model.student.backbone)))
+    assert any(not torch.allclose(a, b) for a, b in zip(expected["student"], expected["teacher"]))
+    # two batches of 16 reach the 20 images
+    assert messages == [f"PreciseBatchNorm: {name} backbone's batch norm statistics re-estimated on 32 clean images"
+                        for name in ("student", "teacher")]
+
+
+@pytest.mark.parametrize("enabled, state", [(False, {}), (True, dict(current_epoch=1)), (True, dict(max_epochs=-1))])
+def test_callback_waits_for_the_last_epoch_end(enabled, state):
+    model = _model_with_distinct_teacher()
+    before = _norm_stats(model.student.backbone) + _norm_stats(model.teacher.backbone)
+    PreciseBatchNorm(enabled=enabled).on_train_epoch_end(_final_epoch_trainer(BankAndQuery(), **state), model)
+    after = _norm_stats(model.student.backbone) + _norm_stats(model.teacher.backbone)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_callback_without_a_bank_loader_warns_and_changes_nothing():
+    model = _model_with_distinct_teacher()
+    before = _norm_stats(model.student.backbone)
+    with pytest.warns(UserWarning, match="SimpleNamespace has no knn_dataloaders\\(\\) to read clean training images"):
+        PreciseBatchNorm().on_train_epoch_end(_final_epoch_trainer(SimpleNamespace()), model)
+    assert all(torch.equal(a, b) for a, b in zip(before, _norm_stats(model.student.backbone)))
+
+
+def test_max_images_must_be_positive_and_defaults_to_4096():
+    with pytest.raises(ValueError, match="max_images must be positive, got 0"):
+        PreciseBatchNorm(max_images=0)
+    assert PreciseBatchNorm(max_images=1).max_images == 1
+    default = PreciseBatchNorm()
+    assert (default.enabled, default.max_images) == (True, 4096)
+
+
+def test_callback_serves_a_module_without_a_teacher_attribute():
+    """A user's LightningModule with a bam student encoder and no `teacher` at all."""
+    model = _model_with_distinct_teacher()
+    expected = _expected_stats(model.student.backbone, 4096)
+    PreciseBatchNorm().on_train_epoch_end(_final_epoch_trainer(BankAndQuery()), SimpleNamespace(student=model.student))
+    for mine, theirs in zip(_norm_stats(model.student.backbone), expected):
+        torch.testing.assert_close(mine, theirs)
