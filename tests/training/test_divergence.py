@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from bam.io import load_checkpoint_file
 from bam.methods import BAMModule
@@ -22,6 +23,7 @@ from bam.training.health import (
     resume_command,
 )
 from cli_runs import NaNOnce, logged_losses, pretrain, run_bam
+from repo_paths import REPO
 from tiny_runs import TinyCropsDataModule
 
 SMALL = dict(backbone="bam_cnn4", num_local_crops=2, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
@@ -113,8 +115,9 @@ def test_nan_stop_names_a_sound_checkpoint_whose_command_trains_on(tmp_path):
     assert f"The newest sound checkpoint is {named} (step 6" in first.stdout
     last_line = first.stdout.strip().splitlines()[-1]
     command = shlex.split(last_line)
+    demo_lr = yaml.safe_load((REPO / "configs" / "pretrain" / "demo.yaml").read_text())["model"]["init_args"]["lr"]
     assert command[:2] == ["bam", "pretrain"] and command[-3:] == ["--ckpt_path", str(named),
-                                                                    "--model.init_args.lr=0.0002"]  # demo: 2e-3
+                                                                    f"--model.init_args.lr={demo_lr / 10:g}"]
     state = load_checkpoint_file(named)
     assert all(torch.isfinite(value).all() for value in state["state_dict"].values() if value.is_floating_point())
 
