@@ -1,6 +1,8 @@
 """The authors' released files: prefixes, teacher/student, architecture mapping, strict matching."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import timm
 import torch
@@ -8,12 +10,14 @@ import torch
 from bam.io import (
     CheckpointFormatError,
     CheckpointMismatchError,
+    is_released_checkpoint,
     load_backbone,
     released_spec,
     resolve_released_arch,
     strip_prefix,
     submodule_state,
 )
+from bam.io.released import RELEASED_ARCHS
 from bam.models.backbones import build_backbone
 from io_layouts import RELEASED_PREFIXES, released_args, released_checkpoint
 
@@ -167,3 +171,27 @@ def test_architecture_resolution(arch, patch_size, override, expected):
 def test_unknown_or_absent_architecture_is_an_error(args):
     with pytest.raises(CheckpointFormatError, match="known architectures"):
         resolve_released_arch(args)
+
+
+def test_a_file_without_patch_size_uses_the_authors_default_of_16():
+    """Older `args` lack `patch_size`: the authors' default (16) picks the ViT, and is what an error names."""
+    assert resolve_released_arch(argparse.Namespace(arch="vit_base")) == "vit_base_patch16_224"
+    assert resolve_released_arch({"arch": "vit_small"}) == "bam_vit_small_patch16_224"  # args saved as a dict
+    with pytest.raises(CheckpointFormatError) as error:
+        resolve_released_arch(argparse.Namespace(arch="vit_tiny"))
+    assert str(error.value) == (
+        "cannot map the checkpoint's args.arch='vit_tiny' (patch size 16) to a model; known architectures: "
+        f"{sorted(RELEASED_ARCHS)}; pass arch= / --arch with one of them or with a timm model name")
+
+
+def test_an_unknown_arch_argument_is_named_as_the_argument():
+    with pytest.raises(CheckpointFormatError) as error:
+        resolve_released_arch(released_args("vit_small"), arch="not_a_model")
+    assert str(error.value).startswith("cannot map arch='not_a_model' (patch size 16) to a model; known architectures:")
+
+
+def test_only_the_authors_layout_is_a_released_file():
+    """A Lightning checkpoint whose state happens to sit next to a `model` entry is not the authors' file."""
+    assert is_released_checkpoint({"model": {}, "args": None})
+    assert not is_released_checkpoint({"model": {}, "state_dict": {}})
+    assert not is_released_checkpoint({"state_dict": {}})
