@@ -10,6 +10,9 @@
 # (`bam.losses`, `bam.data`, ...): a file found by name keeps working when modules move. Set TESTS
 # to a space-separated list of test files to choose them yourself, and MUTANTS to a space-separated
 # list of mutant-name patterns to check only some functions (MUTANTS='*linear_ramp__mutmut_*').
+# Set SAMPLE=N to check a uniform random sample of N of PATH's mutants (of those MUTANTS matches, if
+# set) instead of all of them, SEED to choose another sample: a whole package's kill rate within a
+# budget that could not check every mutant. The counts printed last are then the sample's.
 #
 # Modules that define a LightningModule (bam/methods) run too: mutmut moves a mutated `__init__`'s
 # body into a renamed copy behind a trampoline, where Lightning's save_hyperparameters no longer
@@ -88,8 +91,31 @@ mutmut_run() {
     read -r -a patterns <<< "${MUTANTS:-}"  # split on spaces, patterns left unexpanded
     timeout --signal=INT --kill-after=60 "$left" "$(dirname "$python")/mutmut" run --max-children 1 "${patterns[@]}"
 }
+mutmut_results() {
+    "$(dirname "$python")/mutmut" results --all true > "$1" 2>&1 || true
+}
 SECONDS=0
 status=0
+if [[ -n ${SAMPLE:-} ]]; then
+    # A run filtered on a name no mutant has generates every mutant and maps tests to functions,
+    # then stops on mutmut's "nothing matches" check: the full list to draw the sample from.
+    echo "generating every mutant of $only_mutate to draw a sample of $SAMPLE (seed ${SEED:-0})"
+    MUTANTS=__bam_no_such_mutant__ mutmut_run > sample-probe.log 2>&1 || true
+    grep -q "nothing matches" sample-probe.log || MUTANTS=__bam_no_such_mutant__ mutmut_run >> sample-probe.log 2>&1 || true
+    mutmut_results all-mutants.txt
+    MUTANTS=$("$python" - all-mutants.txt "$SAMPLE" "${SEED:-0}" "${MUTANTS:-}" <<'EOF2'
+import fnmatch, random, sys
+path, size, seed, patterns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
+names = sorted(line.split(":")[0].strip() for line in open(path) if line.startswith("    "))
+names = [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in patterns)]
+if not names:
+    sys.exit(f"tests/mutation.sh: no mutants to sample from (see {path} and sample-probe.log)")
+print(" ".join(random.Random(seed).sample(names, min(size, len(names)))))
+EOF2
+)
+    tr ' ' '\n' <<< "$MUTANTS" > sample.txt
+    echo "sampled $(wc -l < sample.txt) of $(grep -c '^    ' all-mutants.txt) mutants (sample.txt)"
+fi
 mutmut_run || status=$?
 if [[ $status -ne 0 && $status -ne 124 ]]; then
     # mutmut 3.8.1's first run in a fresh copy can fail its test-mapping step with pytest's usage
@@ -101,6 +127,13 @@ fi
 if [[ $status -eq 124 ]]; then
     echo "budget of ${budget} s spent: the mutants not reached are 'not checked'"
 fi
-"$(dirname "$python")/mutmut" results --all true > results.txt 2>&1 || true
-echo "per status (results.txt in $scratch):"
-sed -n 's/.*: //p' results.txt | sort | uniq -c
+mutmut_results results.txt
+if [[ -n ${SAMPLE:-} ]]; then
+    awk 'NR == FNR { sampled[$1]; next } { name = $1; sub(/:$/, "", name) } name in sampled' \
+        sample.txt results.txt > sample-results.txt
+    echo "per status of the sample (sample-results.txt in $scratch):"
+    sed -n 's/.*: //p' sample-results.txt | sort | uniq -c
+else
+    echo "per status (results.txt in $scratch):"
+    sed -n 's/.*: //p' results.txt | sort | uniq -c
+fi

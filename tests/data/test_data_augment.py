@@ -176,6 +176,21 @@ def test_crop_boxes_fall_back_like_torchvision():
     assert boxes.tolist() == [expected] * 5
 
 
+# -- device placement: tensors an op creates live on its input's device ----------------------------
+def test_batched_ops_create_their_tensors_on_the_inputs_device():
+    # The "meta" device holds shapes without data, and mixing it with a CPU tensor raises: on a
+    # machine without a GPU it is how a tensor created on the CPU instead of the batch's device
+    # (the device path's bug on a GPU) shows.
+    boxes = ops.sample_crop_boxes(5, 20, 24, (0.2, 1.0), (3 / 4, 4 / 3), device="meta")
+    assert (boxes.device.type, boxes.shape) == ("meta", (5, 4))
+    sigma = torch.rand(3, device="meta")
+    images = torch.rand(3, 3, 16, 20, device="meta")
+    assert ops.gaussian_taps(sigma, 5).device.type == "meta"
+    assert ops.gaussian_blur_batch(images, sigma, 5).device.type == "meta"
+    assert ops.shift_hue(images, torch.rand(3, device="meta")).device.type == "meta"
+    assert ops.sample_uniform(0.1, 2.0, (4,), device="meta").device.type == "meta"
+
+
 # -- colour jitter: per-image random order ---------------------------------------------------------
 def test_jitter_order_is_drawn_per_image():
     """Brightness 1.5 then contrast 0 gives mean(grey(clamp(1.5 x))); the other order 1.5 mean(grey(x)).

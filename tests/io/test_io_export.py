@@ -157,12 +157,17 @@ def test_cli_reports_errors_without_traceback(lightning_file, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written on failure
 
 
-@pytest.mark.parametrize("cli", [export_cli, convert_cli])
-def test_cli_help(cli, capsys):
+@pytest.mark.parametrize("cli, what_it_does", [
+    (export_cli, "Export the backbone of a pretraining checkpoint (bam's Lightning checkpoint or the authors' released"),
+    (convert_cli, "Convert an authors' released BAM pretraining file (keys model, optimizer, epoch, args, ...) into"),
+])
+def test_cli_help(cli, what_it_does, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    assert text.startswith(f"usage: {cli.__name__.replace('bam.io.', 'bam ')} ")
+    assert what_it_does in " ".join(text.split())  # the description, whatever the terminal's width
     assert all(option in text for option in ("--output", "--which", "--arch", "teacher", "bam.load_backbone"))
 
 

@@ -1,0 +1,64 @@
+"""The objectives' settings at their limits: what is accepted, and the whole message of what is not;
+and the target's `rows=` contract. The numbers themselves are checked against references in
+test_loss_reference.py and test_swav.py."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+
+from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swav_loss
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=0.0), "reg=0.05 and temperature=0.0 must be positive"),
+    (dict(reg=-1.0), "reg=-1.0 and temperature=0.1 must be positive"),
+    (dict(sinkhorn_iterations=-1), "sinkhorn_iterations must be >= 0, got -1"),
+    (dict(column_block_size=-2), "column_block_size must be >= 0 (0: not blocked), got -2"),
+])
+def test_bam_objective_names_the_setting_out_of_range(settings, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        BAMObjective(**settings)
+
+
+def test_bam_objective_limits_that_are_allowed():
+    assert BAMObjective(sinkhorn_iterations=0, column_block_size=0).sinkhorn_iterations == 0
+
+
+def test_positive_masking_needs_two_images_and_two_are_enough():
+    loss = BAMLoss(num_crops=2, num_global_crops=2, positive_masking=True)
+    two_images = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    assert torch.isfinite(loss(two_images))
+    message = ("positive masking needs at least 2 images in the global batch, got 1 per process x 1 processes; "
+               "increase the batch size or set positive_masking=False")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        loss(two_images[:2])
+
+
+def test_target_rows_are_the_first_rows_of_the_whole_balanced_target():
+    # rows= only cuts what is returned: every row still takes part in the balancing
+    similarity = torch.randn(6, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = balanced_target(similarity, sinkhorn_iterations=3)
+    first = balanced_target(similarity, sinkhorn_iterations=3, rows=4)
+    assert first.shape == (4, 9)
+    torch.testing.assert_close(first, whole[:4])
+    assert not torch.allclose(first, balanced_target(similarity[:4], sinkhorn_iterations=3))
+
+
+def test_swav_takes_two_prototypes_but_not_one():
+    assert SwAVObjective(num_prototypes=2).num_prototypes == 2
+    message = "num_prototypes=1: SwAV needs at least 2 prototypes to balance over"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        SwAVObjective(num_prototypes=1)
+
+
+def test_swav_loss_raises_no_warning():
+    # e.g. PyTorch warns on a softmax whose dimension is left implicit
+    embeddings = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swav_loss(embeddings, prototypes, num_crops=3, num_global_crops=2)
+        SwAVLoss(dim=8, num_crops=3, num_prototypes=5)(embeddings)
