@@ -3,6 +3,7 @@ augmentation paths (and plain crops before the first update), shared boxes in Da
 the distributed update, the schedule in a Lightning run, and checkpoint round trips."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -255,8 +256,21 @@ def test_before_the_first_update_crops_are_plain():
 
 
 def test_cpu_path_needs_the_index():
-    with pytest.raises(ValueError, match="index"):
+    message = ("CPUMultiCrop with ContrastiveCrop boxes needs the image's dataset index: "
+               "multicrop(image, index)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         CPUMultiCrop(CROPS, _store(REGION))(_ramp_image(32))
+
+
+def test_box_updates_take_any_float_dtype_for_some_or_all_rows():
+    # heat maps computed in float64 (or half precision) write into the float32 store all the same
+    store = CropBoxes(4)
+    store.update(torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64),
+                 torch.tensor([3, 1], dtype=torch.int32))
+    expected = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.5, 0.6]])
+    assert torch.equal(store.lookup(torch.arange(4)), expected)
+    store.update(torch.zeros(4, 4, dtype=torch.float16) + 0.5)
+    assert store.boxes.dtype == torch.float32 and torch.equal(store.lookup(2), torch.full((4,), 0.5))
 
 
 # -- data modules ---------------------------------------------------------------------------------

@@ -168,10 +168,12 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale):
         assert _ks(stat(boxes), stat(ref)) < _ks_threshold(n, n)
 
 
-def test_crop_boxes_fall_back_like_torchvision():
-    # a 4:1 image cannot hold a square covering 90% of it: both fall back to the same centre crop
-    boxes = ops.sample_crop_boxes(5, 8, 32, (0.9, 1.0), (1.0, 1.0))
-    ref = v2.RandomResizedCrop(8, scale=(0.9, 1.0), ratio=(1.0, 1.0)).make_params([torch.zeros(3, 8, 32)])
+@pytest.mark.parametrize("height, width, ratio", [(8, 32, (1.0, 1.0)), (32, 8, (1.0, 1.0)), (30, 8, (3 / 4, 4 / 3))])
+def test_crop_boxes_fall_back_like_torchvision(height, width, ratio):
+    # a 4:1 (or 1:4) image cannot hold a square covering 90% of it: both fall back to the same
+    # centre crop, its aspect ratio clamped into the range
+    boxes = ops.sample_crop_boxes(5, height, width, (0.9, 1.0), ratio)
+    ref = v2.RandomResizedCrop(8, scale=(0.9, 1.0), ratio=ratio).make_params([torch.zeros(3, height, width)])
     expected = [ref["left"], ref["top"], ref["left"] + ref["width"], ref["top"] + ref["height"]]
     assert boxes.tolist() == [expected] * 5
 

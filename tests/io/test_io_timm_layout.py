@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from bam.evaluation.data import ClassificationDataModule, RecipeMismatchWarning
 from bam.evaluation.finetune import FineTune
-from bam.io import export_backbone, load_backbone
+from bam.io import CheckpointFormatError, export_backbone, load_backbone
 from bam.models.backbones import build_backbone
 from bam.recipe import DataRecipe
 from eval_fixtures import synthetic_data, write_checkpoint
@@ -123,7 +124,14 @@ def test_exports_of_bam_0_1_are_still_read(tmp_path):
 
     spec = resolve_backbone(str(legacy / "bam_backbone.json"))
     assert spec.recipe == DataRecipe(MNIST["mean"], MNIST["std"], 28)
+    assert (spec.encoder, spec.source_format) == ("teacher", "bam")
     assert torch.equal(features(spec.build()), features(loaded))
+
+    metadata = legacy / "bam_backbone.json"
+    metadata.write_text(metadata.read_text().replace('"bam-backbone"', '"other"'))
+    message = f"{str(metadata)!r} is not a bam backbone export (its \"format\" is not \"bam-backbone\")"
+    with pytest.raises(CheckpointFormatError, match=f"^{re.escape(message)}$"):
+        load_backbone(legacy)
 
 
 def test_evaluation_data_takes_the_recipe_and_warns_on_explicit_differences():
