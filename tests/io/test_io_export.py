@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import bam
-from bam.io import CheckpointFormatError, export_backbone, load_backbone
+from bam.io import CheckpointFormatError, export_backbone, load_backbone, read_backbone
 from bam.io import convert as convert_cli
 from bam.io import export as export_cli
 from bam.models.backbones import build_backbone
+from bam.recipe import DataRecipe
 from io_layouts import bam_checkpoint, randomise_buffers, released_args, released_checkpoint
 
 CNN_KWARGS = {"width": 8}
@@ -103,6 +104,23 @@ def test_checkpoint_without_teacher(cnn_pair, tmp_path):
     assert torch.equal(features(load_backbone(output)), features(student))
     with pytest.raises(CheckpointFormatError, match="no teacher backbone"):
         export_backbone(path, tmp_path / "export", which="teacher")
+
+
+def test_an_export_reads_back_with_its_provenance_and_recipe(cnn_pair, lightning_file, tmp_path):
+    _, student = cnn_pair
+    output = export_backbone(lightning_file, tmp_path / "export", which="student")
+    spec = read_backbone(output)
+    assert (spec.model_name, spec.encoder, spec.source_format, spec.num_classes) == ("bam_cnn4", "student", "bam", 0)
+    assert spec.recipe == DataRecipe((0.1307,) * 3, (0.3081,) * 3, 28, crop_pct=1.0, interpolation="bicubic")
+
+    # a folder with timm's fields only (written by another tool): timm's defaults, nothing invented
+    config_file = output / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["bam"], config["pretrained_cfg"], config["model_args"]["num_classes"]
+    config_file.write_text(json.dumps(config))
+    spec = read_backbone(output)
+    assert (spec.encoder, spec.source_format, spec.num_classes, spec.recipe) == ("export", "export", 0, DataRecipe())
+    assert torch.equal(features(spec.build()), features(student))
 
 
 def test_unrecognised_checkpoint_is_an_error(tmp_path):
