@@ -71,3 +71,21 @@ def test_a_listing_says_how_many_keys_it_left_out_only_when_it_left_some(count, 
     with pytest.raises(CheckpointFormatError) as error:
         select_encoder(state)
     assert str(error.value).endswith(", ".join(sorted(state)[:8]) + tail)
+
+
+class _NoHead(nn.Module):
+    """A timm-style model whose `get_classifier()` names no module of its own (it has no head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+
+    def get_classifier(self) -> None:
+        return None
+
+
+def test_a_model_without_a_registered_classifier_loads_all_its_keys():
+    model = _NoHead()
+    state = {name: torch.full_like(value, 0.5) for name, value in model.state_dict().items()}
+    load_state_strict(model, state, "no_head")
+    assert all(torch.equal(value, torch.full_like(value, 0.5)) for value in model.state_dict().values())
