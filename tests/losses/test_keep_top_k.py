@@ -22,3 +22,11 @@ def test_k_of_zero_or_at_least_n_keeps_every_column():
     targets = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(1)).softmax(dim=-1)
     for k in (0, 4, 9):
         torch.testing.assert_close(keep_top_k(targets, k), targets)
+
+
+def test_k_of_one_keeps_each_images_strongest_column():
+    targets = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)).softmax(dim=-1)
+    strongest = targets.sum(dim=0).argmax(dim=-1)  # (B,): one column per image, over its G crops
+    expected = torch.zeros_like(targets)
+    expected[:, torch.arange(3), strongest] = 1.0
+    torch.testing.assert_close(keep_top_k(targets, 1), expected)

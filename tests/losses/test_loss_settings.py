@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swav_loss
+from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swav_codes, swav_loss
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -37,6 +37,13 @@ def test_positive_masking_needs_two_images_and_two_are_enough():
         loss(two_images[:2])
 
 
+def test_embeddings_not_made_of_whole_crops_are_explained():
+    message = ("7 embedding rows are not divisible by num_crops=2; rows must be crop-major, num_crops blocks "
+               "of B images each")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        BAMLoss(num_crops=2)(torch.randn(7, 8))
+
+
 def test_target_rows_are_the_first_rows_of_the_whole_balanced_target():
     # rows= only cuts what is returned: every row still takes part in the balancing
     similarity = torch.randn(6, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -62,3 +69,19 @@ def test_swav_loss_raises_no_warning():
         warnings.simplefilter("error")
         swav_loss(embeddings, prototypes, num_crops=3, num_global_crops=2)
         SwAVLoss(dim=8, num_crops=3, num_prototypes=5)(embeddings)
+
+
+def test_swav_codes_of_half_precision_scores_are_computed_in_float32():
+    # scores / reg in bfloat16 would lose ~3 significant digits before the Sinkhorn
+    scores = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    codes = swav_codes(scores, reg=0.05)
+    assert codes.dtype == torch.float32
+    assert torch.equal(codes, swav_codes(scores.float(), reg=0.05))
+
+
+def test_swav_loss_defaults_to_two_global_crops():
+    embeddings = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(2)), dim=1)
+    default = swav_loss(embeddings, prototypes, num_crops=4)
+    assert torch.equal(default, swav_loss(embeddings, prototypes, num_crops=4, num_global_crops=2))
+    assert not torch.equal(default, swav_loss(embeddings, prototypes, num_crops=4, num_global_crops=3))
