@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import bam
 from bam.io import CheckpointFormatError, export_backbone, load_backbone, read_backbone
@@ -76,7 +79,8 @@ def test_student_on_request_and_every_way_of_naming_the_export(cnn_pair, lightni
     output = export_backbone(lightning_file, tmp_path, which="student")
     for path in (output, output / "model.safetensors", output / "config.json"):
         assert torch.equal(features(load_backbone(path)), features(student)), path
-    with pytest.raises(ValueError, match="checkpoints only"):
+    message = f"{str(output)!r} is an export of one backbone: which= and arch= apply to checkpoints only"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         load_backbone(output, which="teacher")
 
 
@@ -126,8 +130,64 @@ def test_an_export_reads_back_with_its_provenance_and_recipe(cnn_pair, lightning
 def test_unrecognised_checkpoint_is_an_error(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointFormatError, match="unrecognised checkpoint"):
+    message = ("unrecognised checkpoint (top-level keys ['conv.weight']): expected a bam Lightning checkpoint "
+               "('state_dict', 'hyper_parameters') or the authors' released file ('model', 'args', ...)")
+    with pytest.raises(CheckpointFormatError, match=f"^{re.escape(message)}$"):
         load_backbone(path)
+
+
+def test_config_is_indented_json_with_the_first_conv_and_classifier_of_the_model(tmp_path):
+    # timm reads first_conv and classifier by name to adapt the stem and drop the head
+    path = tmp_path / "resnet.ckpt"
+    torch.save(bam_checkpoint(build_backbone("resnet10t"), None, {"backbone": "resnet10t"}), path)
+    text = (export_backbone(path, tmp_path / "nested" / "dirs" / "export") / "config.json").read_text()
+    assert text.startswith('{\n  "architecture": "resnet10t",\n  "num_features": 512,\n')
+    config = json.loads(text)
+    assert (config["pretrained_cfg"]["first_conv"], config["pretrained_cfg"]["classifier"]) == ("conv1.0", "fc")
+
+
+def test_first_conv_of_a_model_without_convolutions_is_empty():
+    from bam.io.export import _first_conv
+
+    assert _first_conv(torch.nn.Sequential(torch.nn.Linear(3, 3))) == ""
+
+
+def test_input_channels_and_recipe_given_to_the_export_are_recorded(cnn_pair, tmp_path):
+    grey = build_backbone("bam_cnn4", in_chans=1, **CNN_KWARGS)
+    path = tmp_path / "grey.ckpt"
+    torch.save(bam_checkpoint(grey, None, {"backbone": "bam_cnn4", "backbone_kwargs": {"in_chans": 1, **CNN_KWARGS}}),
+               path)
+    recipe = DataRecipe((0.5,), (0.25,), 20, crop_pct=1.0, interpolation="bilinear")
+    config = json.loads((export_backbone(path, tmp_path / "export", recipe=recipe) / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [1, 20, 20]
+    assert (config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]) == ([0.5], [0.25])
+    assert read_backbone(tmp_path / "export").recipe == recipe
+
+
+def test_kwargs_that_json_cannot_hold_are_refused_before_writing(cnn_pair, tmp_path):
+    _, student = cnn_pair
+    path = tmp_path / "numpy.ckpt"
+    torch.save(bam_checkpoint(student, None, {"backbone": "bam_cnn4", "backbone_kwargs": {"width": np.int64(8)}}), path)
+    message = ("backbone kwargs {'num_classes': 0, 'width': np.int64(8)} cannot be exported as JSON: "
+               "Object of type int64 is not JSON serializable")
+    with pytest.raises(CheckpointFormatError, match=f"^{re.escape(message)}$"):
+        export_backbone(path, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_incomplete_exports_name_what_is_missing(lightning_file, tmp_path):
+    output = export_backbone(lightning_file, tmp_path / "export")
+    (output / "config.json").unlink()
+    message = f"backbone export file not found: {str(output / 'config.json')!r}"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        load_backbone(output)
+
+    output = export_backbone(lightning_file, tmp_path / "truncated")
+    weights = load_file(output / "model.safetensors")
+    save_file({name: value for name, value in weights.items() if name != "features.0.weight"},
+              output / "model.safetensors")
+    with pytest.raises(RuntimeError, match="features.0.weight"):  # strict: no layer left at random
+        load_backbone(output)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +346,8 @@ def test_convert_arch_option_reaches_the_export(vit_small_pair, tmp_path):
     with pytest.raises(SystemExit, match="^bam convert: error: .*vit_renamed"):
         convert_cli.main([str(path), "--output", str(tmp_path / "refused")])
     convert_cli.main([str(path), "--output", str(tmp_path / "export"), "--arch", "vit_small"])
+    assert torch.equal(features(load_backbone(path, arch="vit_small"), IMAGES[:, :, :16, :16]),
+                       features(teacher, IMAGES[:, :, :16, :16]))
     assert torch.equal(features(load_backbone(tmp_path / "export"), IMAGES[:, :, :16, :16]),
                        features(teacher, IMAGES[:, :, :16, :16]))
 
