@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -17,7 +18,7 @@ from bam.callbacks import ContrastiveCrop
 from bam.callbacks.contrastive_crop import local_box_rows
 from bam.data import BuiltinDataModule, CPUMultiCrop, CropBoxes, DeviceMultiCrop, MultiCropConfig
 from bam.data.augment_ops import sample_crop_boxes
-from bam.data.contrastive_crop import compute_boxes, heatmap, heatmap_boxes
+from bam.data.contrastive_crop import _patch_grid, compute_boxes, heatmap, heatmap_boxes
 from bam.losses import BAMObjective
 from bam.methods import BAMModule
 from bam.models import build_backbone
@@ -66,6 +67,22 @@ def test_low_resolution_maps_are_upsampled_before_thresholding():
     assert 0.2 < box[0] < 0.3 and 0.7 < box[2] < 0.8 and torch.equal(box[:2], box[[1, 0]])  # near 16/64 .. 48/64
 
 
+def test_threshold_must_lie_in_the_unit_interval():
+    assert heatmap_boxes(torch.ones(1, 3, 3), (9, 9), 0.0).tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    with pytest.raises(ValueError, match=re.escape("box_thresh must be in [0, 1), got 1.0")):
+        heatmap_boxes(torch.ones(1, 3, 3), (9, 9), 1.0)
+
+
+def test_patch_grid_of_padded_and_of_plain_patch_embeddings():
+    # timm's embedding reports its own grid (a padded one rounds up); one that cannot is counted
+    # in whole patches
+    padded = build_backbone("vit_tiny_patch16_224", img_size=64, dynamic_img_pad=True, depth=1)
+    assert _patch_grid(padded, torch.zeros(1, 3, 40, 56)) == (3, 4)
+    plain = SimpleNamespace(patch_embed=SimpleNamespace(patch_size=(8, 8)))
+    grid = _patch_grid(plain, torch.zeros(1, 3, 36, 20))
+    assert grid == (4, 2) and all(type(side) is int for side in grid)
+
+
 def test_flat_heat_map_gives_the_whole_image():
     assert heatmap_boxes(torch.ones(2, 3, 3), (9, 9), 0.1).tolist() == [[0.0, 0.0, 1.0, 1.0]] * 2
 
@@ -76,6 +93,7 @@ def test_flat_heat_map_gives_the_whole_image():
         ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32, (4, 4)),
         ("bam_vit_small_patch16_224", dict(depth=2), 48, (3, 3)),  # 12 heads, dynamic size, fused attention
         ("resnet18", {}, 64, (2, 2)),
+        ("mobilenetv3_small_050", {}, 64, (2, 2)),  # a CNN whose stages are called `blocks`, as a ViT's
         ("bam_cnn4", dict(width=8), 28, (4, 4)),
         ("caformer_s18", {}, 64, (2, 2)),
         ("bam_caformer_m36", {}, 64, (2, 2)),
@@ -99,7 +117,7 @@ def test_real_backbones_give_the_boxes_of_their_saliency(name, kwargs, size, gri
 
 @torch.no_grad()
 def _reference_saliency(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    if not hasattr(model, "blocks"):
+    if not hasattr(model, "cls_token"):  # the ViTs here have a class token; CNNs may have `blocks`
         return model.forward_features(images).float().sum(dim=1)
     attn = model.blocks[-1].attn
     recorded = []

@@ -193,6 +193,16 @@ def test_batched_ops_create_their_tensors_on_the_inputs_device():
     assert ops.sample_uniform(0.1, 2.0, (4,), device="meta").device.type == "meta"
 
 
+def test_crop_regions_default_to_uniform_placement_within_them():
+    # alpha = 1: Beta(1, 1) is uniform, the documented default
+    regions = torch.tensor([[0.2, 0.1, 0.9, 0.6]]).repeat(64, 1)
+    torch.manual_seed(5)
+    default = ops.sample_crop_boxes(64, 40, 48, (0.1, 0.3), (3 / 4, 4 / 3), regions=regions)
+    torch.manual_seed(5)
+    uniform = ops.sample_crop_boxes(64, 40, 48, (0.1, 0.3), (3 / 4, 4 / 3), regions=regions, alpha=1.0)
+    assert torch.equal(default, uniform)
+
+
 # -- colour jitter: per-image random order ---------------------------------------------------------
 def test_jitter_order_is_drawn_per_image():
     """Brightness 1.5 then contrast 0 gives mean(grey(clamp(1.5 x))); the other order 1.5 mean(grey(x)).
