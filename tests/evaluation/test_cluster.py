@@ -53,6 +53,16 @@ def test_kmeans_with_duplicates_and_bad_arguments():
         kmeans(torch.zeros(4), 2)
 
 
+def test_one_cluster_is_the_mean_and_centroids_keep_the_points_dtype():
+    points = torch.randn(20, 3, generator=torch.Generator().manual_seed(2))
+    assignment, centroids, inertia = kmeans(points, 1, restarts=1)
+    assert assignment.tolist() == [0] * 20
+    torch.testing.assert_close(centroids, points.mean(dim=0, keepdim=True))
+    assert inertia == pytest.approx(float(((points - points.mean(dim=0)) ** 2).sum()), rel=1e-5)
+    assert kmeans(points, 2, restarts=1)[1].dtype == torch.float32
+    assert kmeans(points.double(), 2, restarts=1)[1].dtype == torch.float64
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 
