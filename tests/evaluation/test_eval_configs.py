@@ -27,3 +27,15 @@ def test_every_stage_has_an_imagenet_and_a_demo_config():
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == {
         f"{stage}_{data}" for stage in STAGES for data in ("imagenet", "demo")
     }
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_shipped_config_by_name_is_the_file(stage, capsys):
+    printed = []
+    for config in ("demo", str(CONFIGS / f"{stage}_demo.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            STAGES[stage](["--config", config, "--print_config"])
+        assert exit_info.value.code in (None, 0), capsys.readouterr().err
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    by_name, by_path = printed
+    assert by_name == by_path and by_name["backbone" if stage in ("knn", "cluster", "fewshot") else "model"]

@@ -3,10 +3,12 @@ training the head exactly as on-the-fly features of un-augmented images do."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.linear import LinearProbe, main
@@ -42,6 +44,24 @@ def test_misspelt_config_key_is_rejected_by_name(checkpoints, tmp_path, capsys):
     assert "n_last_block" in capsys.readouterr().err
 
 
+def test_head_starts_from_small_gaussian_weights_after_a_plain_batch_norm(checkpoints):
+    torch.manual_seed(0)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=100)
+    norm, linear = probe.head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine
+    assert linear.weight.shape == (100, probe.extractor.out_dim) == (100, 32)
+    weights = linear.weight.detach().flatten()  # 3,200 draws of N(0, 0.01^2)
+    assert weights.std().item() == pytest.approx(0.01, rel=0.05) and abs(weights.mean().item()) < 0.001
+    assert torch.equal(linear.bias.detach(), torch.zeros(100))
+
+
+def test_optimiser_settings_reach_the_stage(checkpoints):
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer="adamw", lr=0.3, min_lr=0.01,
+                        warmup_epochs=2.0, weight_decay=0.05, momentum=0.8)
+    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+        "adamw", 0.3, 0.01, 2.0, 0.05, 0.8)
+
+
 def train_head(backbone: str, cache_features: bool, run_dir) -> tuple[LinearProbe, BuiltinClassificationData]:
     pl.seed_everything(0)
     model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, lr=0.5)
@@ -59,7 +79,39 @@ def test_cached_features_train_the_head_as_on_the_fly_features(checkpoints, tmp_
     cached, data = train_head(str(checkpoints["cnn"]), cache_features=True, run_dir=tmp_path / "features")
     assert len(data.cache["train"]) == 64 and len(data.cache["val"]) == 32
     assert on_the_fly.history == cached.history
+    assert set(on_the_fly.trainer.progress_bar_metrics) == {"train/loss"}  # the loss is shown as it trains
     moved = on_the_fly.head[1].weight.abs().max() > 0.05  # far from its N(0, 0.01) start: it trained
     assert moved
     for name, value in on_the_fly.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_report_is_printed_and_written_indented(checkpoints, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    model, _ = train_head(str(checkpoints["cnn"]), cache_features=True, run_dir=tmp_path)
+    text = (tmp_path / "results.json").read_text()
+    results = json.loads(text)
+    assert text == json.dumps(results, indent=2)  # for people to read
+    assert results["history"] == model.history and [entry["epoch"] for entry in model.history] == [1, 2]
+    best, last = results["val"], results["history"][-1]
+    assert (best["last_top1"], best["last_top5"], best["last_epoch"]) == (last["val/top1"], last["val/top5"], 2)
+    report = f"{'':<14} {'top-1':>7} {'top-5':>7}  epoch"
+    printed = [record.getMessage() for record in caplog.records if record.getMessage().startswith(report)]
+    assert printed == ["\n".join([
+        "                 top-1   top-5  epoch",
+        f"best val       {best['best_top1']:>6.2f}% {best['best_top5']:>6.2f}%  {best['best_epoch']}",
+        f"last val       {best['last_top1']:>6.2f}% {best['last_top5']:>6.2f}%  2",
+        f"(written to {tmp_path / 'results.json'})",
+    ])]
+
+
+def test_command_line_defaults_seed_and_shipped_config_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model.backbone", "bam_cnn4", "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed_everything"] == 0  # a run is reproducible without being told a seed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "demo", "--print_config"])  # configs/eval/linear_demo.yaml by name
+    assert exit_info.value.code in (None, 0)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"] == "runs/demo/backbone"
