@@ -120,6 +120,22 @@ def test_stage_writes_the_json_and_prints_a_table(checkpoint, tmp_path, capsys):
     assert (tmp_path / "clusters.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_table_has_one_row_per_feature_space():
+    result = {
+        "num_images": 24, "split": "val", "num_clusters": 4, "feature": "pooled", "restarts": 2,
+        "raw": {"nmi": 0.12345, "ari": -0.01, "accuracy": 0.375, "inertia": 3.0},
+        "bpa": {"nmi": 0.5, "ari": 0.25, "accuracy": 0.54166, "inertia": 1.0},
+    }
+    assert cluster.format_table(result).splitlines() == [
+        "k-means of 24 val images into 4 clusters (pooled features, best of 2 k-means++ runs)",
+        "features       NMI     ARI     acc",
+        "raw         0.1235 -0.0100  0.3750",
+        "BPA         0.5000  0.2500  0.5417",
+    ]
+    del result["bpa"]
+    assert cluster.format_table(result).splitlines()[2:] == ["raw         0.1235 -0.0100  0.3750"]
+
+
 def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
     clustered = []
     real = cluster.kmeans

@@ -39,3 +39,11 @@ def test_shipped_config_by_name_is_the_file(stage, capsys):
         printed.append(yaml.safe_load(capsys.readouterr().out))
     by_name, by_path = printed
     assert by_name == by_path and by_name["backbone" if stage in ("knn", "cluster", "fewshot") else "model"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help_names_the_bam_command(stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        STAGES[stage](["--help"])
+    assert exit_info.value.code in (None, 0)
+    assert capsys.readouterr().out.startswith(f"usage: bam {stage} ")

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
 from torchvision.io import write_png
+from torchvision.transforms import v2
 
+from bam.evaluation import data as data_module
 from bam.evaluation.data import FolderClassificationData, RecipeMismatchWarning
 from bam.recipe import DataRecipe
 from eval_fixtures import synthetic_data
@@ -157,3 +159,24 @@ def test_timm_recipe_crops_with_the_configured_scale():
     transform = data.train_transform()
     for _ in range(5):  # the crop is drawn at random: every draw of scale 1 is the whole image
         torch.testing.assert_close(transform(IMAGE), expected)
+
+
+def test_timm_recipe_steps_follow_the_settings():
+    to_pil, recipe = synthetic_data(augment="timm", color_jitter=0.3, hflip_prob=0.25).train_transform().transforms
+    assert isinstance(to_pil, v2.ToPILImage)  # timm's operations work on PIL images
+    assert [type(step).__name__ for step in recipe.transforms] == [
+        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ColorJitter", "MaybeToTensor", "Normalize"]
+    crop, flip, jitter = recipe.transforms[:3]
+    assert (crop.size, crop.scale, flip.p) == ((32, 32), (0.08, 1.0), 0.25)
+    assert [jitter.brightness, jitter.contrast, jitter.saturation] == [pytest.approx((0.7, 1.3))] * 3
+    assert jitter.hue is None
+    # with an auto-augment policy, RandAugment replaces the colour jitter; random erasing comes last
+    _, recipe = synthetic_data(augment="timm", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25).train_transform().transforms
+    assert [type(step).__name__ for step in recipe.transforms] == [
+        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybeToTensor", "Normalize",
+        "RandomErasing"]
+    augment, erasing = recipe.transforms[2], recipe.transforms[-1]
+    assert (augment.num_layers, len(augment.ops), erasing.probability) == (2, 15, 0.25)
+    assert {op.magnitude for op in augment.ops} == {9}
+    posterize = [op for op in augment.ops if op.name.startswith("Posterize")]
+    assert posterize and all(op.aug_fn is data_module._posterize for op in posterize)

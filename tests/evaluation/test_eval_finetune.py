@@ -105,3 +105,15 @@ def test_mixed_targets_take_the_soft_target_loss_and_plain_labels_the_smoothed_o
     smoothed = 0.9 * torch.nn.functional.one_hot(labels, 4) + 0.1 / 4
     torch.testing.assert_close(plain.loss_fn(logits, labels), -(smoothed * log_probabilities).sum(dim=1).mean())
 
+
+
+def test_defaults_are_the_beit_mae_recipe_without_ema(checkpoints):
+    model = FineTune(str(checkpoints["vit"]), num_classes=4)
+    assert model.ema is None and list(model.val_metrics) == ["val"]
+    assert model.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert (model.optimizer_name, model.lr, model.min_lr, model.warmup_epochs, model.weight_decay, model.momentum) == (
+        "adamw", 5e-4, 1e-6, 5.0, 0.05, 0.9)
+    assert model.optimizer_options() == {"layer_decay": 0.65}
+    mixup = model.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
+            mixup.num_classes) == (0.8, 1.0, 1.0, 0.5, 0.1, 4)

@@ -106,7 +106,9 @@ def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, t
         "top5": 100.0, "k": 20, "temperature": 0.07, "bank_size": TRAIN, "num_queries": VAL, "files": None,
         "backbone": str(checkpoint), "feature": "pooled", "bpa": None,
     }  # top-5 of 4 classes: always right
-    written = json.loads((tmp_path / "knn_results.json").read_text())
+    text = (tmp_path / "knn_results.json").read_text()
+    written = json.loads(text)
+    assert text == json.dumps(written, indent=2)  # for people to read
     assert written.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3) and written == result
     top1 = 100 * correct / VAL
     assert capsys.readouterr().out == (

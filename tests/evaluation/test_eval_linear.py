@@ -55,6 +55,29 @@ def test_head_starts_from_small_gaussian_weights_after_a_plain_batch_norm(checkp
     assert torch.equal(linear.bias.detach(), torch.zeros(100))
 
 
+def test_defaults_are_the_authors_protocol(checkpoints):
+    probe = LinearProbe(str(checkpoints["vit"]))
+    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+        "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
+    assert not probe.cache_features and list(probe.val_metrics) == ["val"]
+    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
+    assert probe.head[1].weight.shape == (1000, 2 * 48)
+
+
+def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path):
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, cache_features=True)
+    moves, move = [], probe.extractor.to
+    probe.extractor.to = lambda *args, **kwargs: moves.append(args) or move(*args, **kwargs)  # a GPU run moves it there
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    data = synthetic_data(batch_size=16, augment="none")
+    trainer.fit(probe, data)
+    assert moves == [(torch.device("cpu"),)] and len(data.cache["train"]) == 64
+
+
 def test_optimiser_settings_reach_the_stage(checkpoints):
     probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer="adamw", lr=0.3, min_lr=0.01,
                         warmup_epochs=2.0, weight_decay=0.05, momentum=0.8)

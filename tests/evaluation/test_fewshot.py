@@ -14,6 +14,7 @@ from matplotlib.container import BarContainer
 from bam.cli import STAGES
 from bam.evaluation import fewshot
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
 from bam.transforms import bpa
 from cli_runs import run_bam
@@ -189,3 +190,25 @@ def test_table_and_plot_without_bpa(tmp_path):
     ]
     fewshot.plot_results(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_stage_defaults_are_the_usual_protocol(tmp_path):
+    """5-way, 15 queries per class, BPA (reg 0.1, 10 iterations) next to raw, seed 0: only the shots
+    and the number of episodes are given."""
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    data = BuiltinClassificationData(
+        "synthetic", {"train_size": 10, "val_size": 80, "image_size": 32, "num_classes": 5},
+        image_size=32, resize_size=32, num_workers=0, batch_size=40,
+    )
+    result = run_fewshot(str(checkpoint), data, shots=[1], episodes=2, accelerator="cpu", output_dir=str(tmp_path / "out"))
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset("val")
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    expected = evaluate_fewshot(features, labels, [1], ways=5, queries=15, episodes=2, bpa=True, bpa_reg=0.1,
+                                bpa_iterations=10, seed=0)
+    assert result == {
+        "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
+        "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
+    }
