@@ -143,14 +143,19 @@ def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
                         lambda points, *args, **kwargs: clustered.append(points) or real(points, *args, **kwargs))
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     common = dict(accelerator="cpu", restarts=1, split="train", fraction=0.5)
-    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "raw"), **common)
-    assert "bpa" not in without and without["bpa_settings"] is None and len(clustered) == 1
+    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "runs" / "raw"), **common)
+    assert {key: value for key, value in without.items() if key != "raw"} == {
+        "num_images": 16, "num_clusters": 4, "split": "train", "files": None, "backbone": str(checkpoint),
+        "feature": "pooled", "restarts": 1, "seed": 0, "bpa_settings": None,
+    }  # no "bpa" entry; files: images held in memory
+    assert len(clustered) == 1 and set(without["raw"]) == {"nmi", "ari", "accuracy", "inertia"}
+    assert json.loads((tmp_path / "runs" / "raw" / "cluster_results.json").read_text()) == without
     assert without["num_images"] == 16  # class-balanced half of the 32 training images
-    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "bpa"), **common)
+    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "runs" / "bpa"), **common)
     assert with_bpa["raw"] == without["raw"]
     raw, transformed = clustered[1:]
     assert raw.shape == (16, 32) and transformed.shape == (16, 16)  # BPA: one affinity per set member
-    assert "bpa" in json.loads((tmp_path / "bpa" / "cluster_results.json").read_text())
+    assert "bpa" in json.loads((tmp_path / "runs" / "bpa" / "cluster_results.json").read_text())
 
 
 def test_unknown_split_is_rejected(checkpoint):
@@ -185,3 +190,32 @@ def test_knn_bpa_set_too_large_is_explained(monkeypatch):
     monkeypatch.setattr(knn_stage, "BPA_MAX_SET", 10)
     with pytest.raises(ValueError, match="lower bank_fraction or the batch size"):
         knn_stage.bpa_with_bank(torch.randn(4, 3), torch.randn(8, 3))
+
+
+def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+
+    class RecordedFigure(matplotlib.figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+    points, labels = _blobs(per_cluster=5, num_clusters=3)
+    assignments = {"raw": labels.flip(0), "bpa": labels}
+    metrics = {"raw": {"nmi": 0.123, "ari": 0.456, "accuracy": 0.789}, "bpa": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
+    path = cluster.plot_clusters(points, labels, assignments, metrics, tmp_path / "new" / "folder" / "clusters.png")
+    assert path == tmp_path / "new" / "folder" / "clusters.png" and path.read_bytes().startswith(b"\x89PNG")
+    panels = figures[0].axes
+    assert [axes.get_title() for axes in panels] == [
+        "classes (labels)",
+        "k-means on the features: NMI 0.12, ARI 0.46, acc 0.79",
+        "k-means on their BPA transform: NMI 1.00, ARI 1.00, acc 1.00",
+    ]
+    for axes, colours in zip(panels, (labels, labels.flip(0), labels)):
+        (scatter,) = axes.collections
+        assert scatter.get_offsets().shape == (15, 2)
+        assert scatter.get_array().tolist() == colours.tolist()
+        assert (axes.get_xlabel(), axes.get_ylabel()) == ("first principal component", "second principal component")

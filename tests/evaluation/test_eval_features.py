@@ -83,7 +83,9 @@ def test_backbone_from_checkpoint_and_random_init(tmp_path):
     student = resolve_backbone(str(path), which="student")
     assert student.encoder == "student" and student.model_name == "bam_cnn4"
     random = resolve_backbone("bam_cnn4")
-    assert random.encoder == "random init" and not random.state
+    assert (random.model_name, random.model_kwargs, random.encoder, random.source_format) == (
+        "bam_cnn4", {}, "random init", "timm")
+    assert not random.state and random.recipe is None
     with pytest.raises(FileNotFoundError):
         resolve_backbone(str(tmp_path / "missing.ckpt"))
 

@@ -62,6 +62,10 @@ def test_vit_fine_tuning_with_layer_decay_drop_path_and_ema(checkpoints, tmp_pat
     assert not torch.equal(ema["head.weight"], trained["head.weight"])
     assert not torch.equal(ema["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
     assert {"val/top1", "val_ema/top1"} <= set(model.history[-1])
+    assert sorted(trainer.callback_metrics) == [
+        "train/loss", "train/lr", "val/top1", "val/top5", "val_ema/top1", "val_ema/top5"]
+    # the logged learning rate is the last group's (the head's) at the last step
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(record.steps[-1][-1][0])
     assert set(trainer.progress_bar_metrics) == {"train/loss"}  # the loss is shown as it trains
 
 

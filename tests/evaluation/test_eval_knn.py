@@ -96,7 +96,8 @@ def _pooled(data, split: str, checkpoint: Path) -> tuple[torch.Tensor, torch.Ten
 
 def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, tmp_path, capsys):
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
-    result = run_knn(str(checkpoint), data, accelerator="cpu", output_dir=str(tmp_path))  # feature: auto
+    out = tmp_path / "runs" / "knn"  # made with its parents
+    result = run_knn(str(checkpoint), data, accelerator="cpu", output_dir=str(out))  # feature: auto
     bank, bank_labels = _pooled(data, "train", checkpoint)
     queries, labels = _pooled(data, "val", checkpoint)
     scores = knn_class_scores(queries, bank, bank_labels, num_classes=4, k=20, temperature=0.07)
@@ -106,7 +107,7 @@ def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, t
         "top5": 100.0, "k": 20, "temperature": 0.07, "bank_size": TRAIN, "num_queries": VAL, "files": None,
         "backbone": str(checkpoint), "feature": "pooled", "bpa": None,
     }  # top-5 of 4 classes: always right
-    text = (tmp_path / "knn_results.json").read_text()
+    text = (out / "knn_results.json").read_text()
     written = json.loads(text)
     assert text == json.dumps(written, indent=2)  # for people to read
     assert written.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3) and written == result
@@ -162,16 +163,23 @@ def test_init_distributed_joins_once_with_the_backend_of_the_device(monkeypatch)
 
 def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
     devices = []
-    real = frozen.embed_dataset
+    real, real_extractor = frozen.embed_dataset, frozen.frozen_extractor
 
     def recording(dataset, fn, device, *args, **kwargs):
         devices.append(device)
         return real(dataset, fn, device, *args, **kwargs)
 
+    def extractor_recording_moves(*args):
+        extractor = real_extractor(*args)
+        move = extractor.to
+        extractor.to = lambda *where: devices.append(("extractor moved to", *where)) or move(*where)
+        return extractor
+
     monkeypatch.setattr(frozen, "embed_dataset", recording)
+    monkeypatch.setattr(frozen, "frozen_extractor", extractor_recording_moves)
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
     embedded = frozen.embed_split(str(checkpoint), data, "testing", split="train", accelerator="cpu")
-    assert devices == [torch.device("cpu")] and embedded.device == torch.device("cpu") and embedded.split == "train"
+    assert devices == [("extractor moved to", torch.device("cpu")), torch.device("cpu")] and embedded.device == torch.device("cpu") and embedded.split == "train"
     features, labels = _pooled(data, "train", checkpoint)
     torch.testing.assert_close(embedded.features, features)
     assert torch.equal(embedded.labels, labels) and embedded.extractor.recipe == "pooled"

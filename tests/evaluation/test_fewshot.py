@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fewshot, "Figure", RecordedFigure)
     checkpoint = write_checkpoint(tmp_path, *CNN)
     data = synthetic_data(batch_size=16, train_size=32, val_size=32)
-    out = tmp_path / "out"
+    out = tmp_path / "runs" / "fewshot"  # made with its parents
     result = run_fewshot(str(checkpoint), data, ways=3, shots=[1, 2], queries=4, episodes=20, accelerator="cpu",
                          output_dir=str(out))
     # the same episodes on features computed here
@@ -150,9 +151,19 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
     with torch.no_grad():
         features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    scores = evaluate_fewshot(features, labels, [1, 2], ways=3, queries=4, episodes=20)
-    assert result == {
-        "results": scores, "ways": 3, "queries": 4, "episodes": 20, "split": "val", "num_images": 32,
+    scores = {}
+    for shots in (1, 2):
+        accuracies = episode_accuracies(features, labels, ways=3, shots=shots, queries=4, episodes=20)
+        scores[f"{shots}-shot"] = {
+            name: {"mean": 100 * values.mean().item(), "ci95": 100 * 1.96 * values.std().item() / math.sqrt(20)}
+            for name, values in accuracies.items()
+        }
+    assert {shot: set(row) for shot, row in result["results"].items()} == {shot: {"raw", "bpa"} for shot in scores}
+    for shot, row in scores.items():
+        for name, values in row.items():
+            assert result["results"][shot][name] == pytest.approx(values), (shot, name)
+    assert {key: value for key, value in result.items() if key != "results"} == {
+        "ways": 3, "queries": 4, "episodes": 20, "split": "val", "num_images": 32,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
     }
     assert json.loads((out / "fewshot_results.json").read_text()) == result
@@ -167,7 +178,8 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
         *rows,
     ]
     # the plot: one bar per shot count and space, CI as error bars, labelled
-    assert (out / "fewshot.png").read_bytes().startswith(b"\x89PNG")
+    png = (out / "fewshot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png[16:24] == struct.pack(">II", 600, 420)  # 5 x 3.5 inches at 120 dpi
     (axes,) = figures[0].axes
     bars = [container for container in axes.containers if isinstance(container, BarContainer)]
     assert [[bar.get_height() for bar in container] for container in bars] == [
@@ -200,7 +212,7 @@ def test_stage_defaults_are_the_usual_protocol(tmp_path):
         "synthetic", {"train_size": 10, "val_size": 80, "image_size": 32, "num_classes": 5},
         image_size=32, resize_size=32, num_workers=0, batch_size=40,
     )
-    result = run_fewshot(str(checkpoint), data, shots=[1], episodes=2, accelerator="cpu", output_dir=str(tmp_path / "out"))
+    result = run_fewshot(str(checkpoint), data, shots=[1], episodes=2, accelerator="cpu", output_dir=str(tmp_path))
     model = build_from_spec(resolve_backbone(str(checkpoint)))
     dataset = data.eval_dataset("val")
     with torch.no_grad():
