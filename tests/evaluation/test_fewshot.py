@@ -166,7 +166,8 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
         "ways": 3, "queries": 4, "episodes": 20, "split": "val", "num_images": 32,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
     }
-    assert json.loads((out / "fewshot_results.json").read_text()) == result
+    text = (out / "fewshot_results.json").read_text()
+    assert json.loads(text) == result and text == json.dumps(result, indent=2)  # indented for people to read
     rows = [
         f"{shot:<8}" + "".join(f"{result['results'][shot][name]['mean']:>9.2f} +-{result['results'][shot][name]['ci95']:>5.2f}"
                                for name in ("raw", "bpa"))
