@@ -90,6 +90,14 @@ def test_metrics_on_a_hand_computed_case():
     assert clustering_metrics([0, 1, 2], [0, 1, 2]) == pytest.approx({"nmi": 1.0, "ari": 1.0, "accuracy": 1.0})
 
 
+def test_metrics_take_any_tensor_and_explain_a_shape_mismatch():
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0], requires_grad=True)  # e.g. straight from a model's output
+    assert clustering_metrics(labels, torch.tensor([1, 1, 0, 0])) == pytest.approx({"nmi": 1.0, "ari": 1.0, "accuracy": 1.0})
+    with pytest.raises(ValueError) as error:
+        clustering_metrics([0, 1], [0, 1, 2])
+    assert str(error.value) == "labels and clusters differ in shape: (2,) vs (3,)"
+
+
 def test_more_clusters_than_classes_count_unmatched_as_wrong():
     assert cluster_accuracy([0, 0, 1, 1], [0, 1, 2, 3]) == 0.5
 
@@ -209,6 +217,7 @@ def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monke
     path = cluster.plot_clusters(points, labels, assignments, metrics, tmp_path / "new" / "folder" / "clusters.png")
     assert path == tmp_path / "new" / "folder" / "clusters.png" and path.read_bytes().startswith(b"\x89PNG")
     panels = figures[0].axes
+    assert tuple(figures[0].get_size_inches()) == pytest.approx((3 * 4.6, 4.2))  # one 4.6-inch panel each
     assert [axes.get_title() for axes in panels] == [
         "classes (labels)",
         "k-means on the features: NMI 0.12, ARI 0.46, acc 0.79",

@@ -9,6 +9,10 @@ from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear
 from repo_paths import REPO
 
 CONFIGS = REPO / "configs" / "eval"
+DESCRIPTIONS = {  # the supervised stages' help text (the others' comes from their docstring)
+    "linear": "Train a linear classifier on the features of a frozen backbone.",
+    "finetune": "Fine-tune a pretrained backbone with a new classifier.",
+}
 STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "fewshot": fewshot.main, "linear": linear.main,
           "finetune": finetune.main}
 
@@ -46,4 +50,7 @@ def test_help_names_the_bam_command(stage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         STAGES[stage](["--help"])
     assert exit_info.value.code in (None, 0)
-    assert capsys.readouterr().out.startswith(f"usage: bam {stage} ")
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: bam {stage} ")
+    if stage in DESCRIPTIONS:
+        assert f"\n\n{DESCRIPTIONS[stage]}\n\n" in out

@@ -121,6 +121,30 @@ def test_training_batches_are_shuffled_and_full_validation_batches_in_order():
     assert torch.cat([batch[0][:, 0] for batch in val]).tolist() == list(range(10))
 
 
+def test_a_batch_of_one_is_allowed_and_zero_is_explained():
+    assert synthetic_data(batch_size=1).train_dataloader().batch_size == 1
+    with pytest.raises(ValueError) as error:
+        synthetic_data(batch_size=0)
+    assert str(error.value) == "batch_size must be at least 1, got 0"
+
+
+def test_loaders_pin_memory_when_there_is_a_gpu(monkeypatch):
+    data = synthetic_data()
+    assert not data.val_dataloader().pin_memory  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # not iterated: nothing is pinned here
+    assert data.train_dataloader().pin_memory and data.val_dataloader().pin_memory
+
+
+def test_posterize_keeps_the_top_bits_and_zero_bits_is_black():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([pixels] * 3, axis=-1))
+    for bits in (1, 2, 4, 8):
+        kept = np.asarray(data_module._posterize(image, bits))
+        assert np.array_equal(kept[..., 0], pixels & (0xFF << (8 - bits) & 0xFF)), bits
+    black = data_module._posterize(image, 0)
+    assert (black.mode, black.size, np.asarray(black).max()) == ("RGB", (16, 16), 0)
+
+
 def test_training_workers_persist_across_epochs_and_cached_features_need_none():
     data = synthetic_data(num_workers=1)
     train, val = data.train_dataloader(), data.val_dataloader()  # not iterated: no worker is started

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bam.evaluation import frozen, knn_class_scores
+from bam.evaluation import frozen, knn_class_scores, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
@@ -183,3 +183,31 @@ def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
     features, labels = _pooled(data, "train", checkpoint)
     torch.testing.assert_close(embedded.features, features)
     assert torch.equal(embedded.labels, labels) and embedded.extractor.recipe == "pooled"
+
+
+def test_frozen_extractor_takes_the_chosen_encoder(checkpoint):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    images = torch.stack([data.eval_dataset("val")[i][0] for i in range(4)])
+    for which in ("student", "teacher"):
+        extractor = frozen.frozen_extractor(str(checkpoint), which, None, "auto", data)
+        expected = build_from_spec(resolve_backbone(str(checkpoint), which=which))
+        with torch.no_grad():
+            torch.testing.assert_close(extractor(images), expected(images))
+    student = resolve_backbone(str(checkpoint), which="student").state
+    teacher = resolve_backbone(str(checkpoint)).state
+    assert any(not torch.equal(student[name], teacher[name]) for name in teacher)  # the test tells them apart
+
+
+def test_accelerator_defaults_to_auto(checkpoint, tmp_path, monkeypatch):
+    asked = []
+
+    def cpu_whatever_asked(accelerator):
+        asked.append(accelerator)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(frozen, "select_device", cpu_whatever_asked)
+    monkeypatch.setattr(knn_stage, "select_device", cpu_whatever_asked)
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    frozen.embed_split(str(checkpoint), data, "testing")
+    run_knn(str(checkpoint), data, output_dir=str(tmp_path))
+    assert asked == ["auto", "auto"]  # CUDA when available

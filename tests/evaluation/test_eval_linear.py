@@ -138,3 +138,36 @@ def test_command_line_defaults_seed_and_shipped_config_names(capsys):
         main(["--config", "demo", "--print_config"])  # configs/eval/linear_demo.yaml by name
     assert exit_info.value.code in (None, 0)
     assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"] == "runs/demo/backbone"
+
+
+class ImagesOnly(pl.LightningDataModule):
+    """Labelled images from a plain Lightning data module: no data recipe to take, no files to account for."""
+
+    def __init__(self, data: BuiltinClassificationData) -> None:
+        super().__init__()
+        self.data = data
+
+    def train_dataloader(self):
+        return self.data.train_dataloader()
+
+    def val_dataloader(self):
+        return self.data.val_dataloader()
+
+
+def test_validation_accuracy_to_four_decimals_with_a_plain_data_module(checkpoints, tmp_path):
+    torch.manual_seed(0)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4)
+    data = synthetic_data(batch_size=16, val_size=31, augment="none")  # 31 images: accuracies are not round numbers
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(probe, datamodule=ImagesOnly(data))
+    dataset = data.eval_dataset("val")
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        correct = int((probe.eval()(images).argmax(dim=1) == labels).sum())
+    assert 0 < correct < 31
+    assert probe.history == [{"epoch": 1, "val/top1": pytest.approx(round(100 * correct / 31, 4), abs=1e-3), "val/top5": 100.0}]
+    assert json.loads((tmp_path / "results.json").read_text())["files"] is None

@@ -80,6 +80,7 @@ def test_confidence_interval_is_the_normal_one_over_episodes():
     assert summary["mean"] == pytest.approx(100 * mean)
     assert summary["ci95"] == pytest.approx(100 * 1.96 * std / math.sqrt(len(values)))
     assert 0 < summary["ci95"] < 20
+    assert fewshot.summarise(torch.tensor([0.6], dtype=torch.float64)) == {"mean": 60.0, "ci95": 0.0}  # one episode: no spread
 
 
 def test_bpa_transforms_support_and_queries_together():
@@ -185,6 +186,11 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
     bars = [container for container in axes.containers if isinstance(container, BarContainer)]
     assert [[bar.get_height() for bar in container] for container in bars] == [
         [result["results"][shot][name]["mean"] for shot in ("1-shot", "2-shot")] for name in ("raw", "bpa")
+    ]
+    # side by side around each tick: raw at -0.2, BPA at +0.2, each 0.4 wide
+    assert [[(bar.get_x() + bar.get_width() / 2, bar.get_width()) for bar in container] for container in bars] == [
+        [(pytest.approx(-0.2), pytest.approx(0.4)), (pytest.approx(0.8), pytest.approx(0.4))],
+        [(pytest.approx(0.2), pytest.approx(0.4)), (pytest.approx(1.2), pytest.approx(0.4))],
     ]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["raw", "BPA"]
     assert [label.get_text() for label in axes.get_xticklabels()] == ["1-shot", "2-shot"]
