@@ -9,8 +9,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from torchvision.io import write_png
 
-from bam.evaluation.data import BuiltinClassificationData
+from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
@@ -171,3 +172,25 @@ def test_validation_accuracy_to_four_decimals_with_a_plain_data_module(checkpoin
     assert 0 < correct < 31
     assert probe.history == [{"epoch": 1, "val/top1": pytest.approx(round(100 * correct / 31, 4), abs=1e-3), "val/top5": 100.0}]
     assert json.loads((tmp_path / "results.json").read_text())["files"] is None
+
+
+def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, capsys):
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / "train" / name).mkdir(parents=True)
+        for index in range(4):
+            image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+            write_png(image, str(tmp_path / "images" / "train" / name / f"{index}.png"))
+    data = FolderClassificationData(str(tmp_path / "images"), val_fraction=0.25, image_size=32, resize_size=32,
+                                    batch_size=2, num_workers=0, augment="none")
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run",
+    )
+    trainer.fit(probe, data)
+    files = json.loads((tmp_path / "run" / "results.json").read_text())["files"]
+    assert files == {
+        "found": 8, "read": 8, "skipped": 0, "not_read": 0, "skipped_log": None,
+        "skipped_by_reason": {"empty": 0, "undecodable": 0, "too_many_pixels": 0, "unsupported": 0},
+    }  # 6 training images in 3 full batches of 2, 2 held out
+    assert "files: 8 found, 8 read, 0 skipped\n" in capsys.readouterr().out
