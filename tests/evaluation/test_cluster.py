@@ -53,6 +53,16 @@ def test_kmeans_with_duplicates_and_bad_arguments():
         kmeans(torch.zeros(4), 2)
 
 
+def test_one_cluster_is_the_mean_and_centroids_keep_the_points_dtype():
+    points = torch.randn(20, 3, generator=torch.Generator().manual_seed(2))
+    assignment, centroids, inertia = kmeans(points, 1, restarts=1)
+    assert assignment.tolist() == [0] * 20
+    torch.testing.assert_close(centroids, points.mean(dim=0, keepdim=True))
+    assert inertia == pytest.approx(float(((points - points.mean(dim=0)) ** 2).sum()), rel=1e-5)
+    assert kmeans(points, 2, restarts=1)[1].dtype == torch.float32
+    assert kmeans(points.double(), 2, restarts=1)[1].dtype == torch.float64
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 
@@ -78,6 +88,14 @@ def test_metrics_on_a_hand_computed_case():
     mutual = 0.5 * math.log(0.5 / (0.75 * 0.5)) + 0.25 * math.log(0.25 / (0.75 * 0.5)) + 0.25 * math.log(2)
     assert metrics["nmi"] == pytest.approx(mutual / ((entropy_classes + entropy_clusters) / 2))
     assert clustering_metrics([0, 1, 2], [0, 1, 2]) == pytest.approx({"nmi": 1.0, "ari": 1.0, "accuracy": 1.0})
+
+
+def test_metrics_take_any_tensor_and_explain_a_shape_mismatch():
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0], requires_grad=True)  # e.g. straight from a model's output
+    assert clustering_metrics(labels, torch.tensor([1, 1, 0, 0])) == pytest.approx({"nmi": 1.0, "ari": 1.0, "accuracy": 1.0})
+    with pytest.raises(ValueError) as error:
+        clustering_metrics([0, 1], [0, 1, 2])
+    assert str(error.value) == "labels and clusters differ in shape: (2,) vs (3,)"
 
 
 def test_more_clusters_than_classes_count_unmatched_as_wrong():
@@ -110,6 +128,22 @@ def test_stage_writes_the_json_and_prints_a_table(checkpoint, tmp_path, capsys):
     assert (tmp_path / "clusters.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_table_has_one_row_per_feature_space():
+    result = {
+        "num_images": 24, "split": "val", "num_clusters": 4, "feature": "pooled", "restarts": 2,
+        "raw": {"nmi": 0.12345, "ari": -0.01, "accuracy": 0.375, "inertia": 3.0},
+        "bpa": {"nmi": 0.5, "ari": 0.25, "accuracy": 0.54166, "inertia": 1.0},
+    }
+    assert cluster.format_table(result).splitlines() == [
+        "k-means of 24 val images into 4 clusters (pooled features, best of 2 k-means++ runs)",
+        "features       NMI     ARI     acc",
+        "raw         0.1235 -0.0100  0.3750",
+        "BPA         0.5000  0.2500  0.5417",
+    ]
+    del result["bpa"]
+    assert cluster.format_table(result).splitlines()[2:] == ["raw         0.1235 -0.0100  0.3750"]
+
+
 def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
     clustered = []
     real = cluster.kmeans
@@ -117,14 +151,19 @@ def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
                         lambda points, *args, **kwargs: clustered.append(points) or real(points, *args, **kwargs))
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     common = dict(accelerator="cpu", restarts=1, split="train", fraction=0.5)
-    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "raw"), **common)
-    assert "bpa" not in without and without["bpa_settings"] is None and len(clustered) == 1
+    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "runs" / "raw"), **common)
+    assert {key: value for key, value in without.items() if key != "raw"} == {
+        "num_images": 16, "num_clusters": 4, "split": "train", "files": None, "backbone": str(checkpoint),
+        "feature": "pooled", "restarts": 1, "seed": 0, "bpa_settings": None,
+    }  # no "bpa" entry; files: images held in memory
+    assert len(clustered) == 1 and set(without["raw"]) == {"nmi", "ari", "accuracy", "inertia"}
+    assert json.loads((tmp_path / "runs" / "raw" / "cluster_results.json").read_text()) == without
     assert without["num_images"] == 16  # class-balanced half of the 32 training images
-    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "bpa"), **common)
+    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "runs" / "bpa"), **common)
     assert with_bpa["raw"] == without["raw"]
     raw, transformed = clustered[1:]
     assert raw.shape == (16, 32) and transformed.shape == (16, 16)  # BPA: one affinity per set member
-    assert "bpa" in json.loads((tmp_path / "bpa" / "cluster_results.json").read_text())
+    assert "bpa" in json.loads((tmp_path / "runs" / "bpa" / "cluster_results.json").read_text())
 
 
 def test_unknown_split_is_rejected(checkpoint):
@@ -159,3 +198,33 @@ def test_knn_bpa_set_too_large_is_explained(monkeypatch):
     monkeypatch.setattr(knn_stage, "BPA_MAX_SET", 10)
     with pytest.raises(ValueError, match="lower bank_fraction or the batch size"):
         knn_stage.bpa_with_bank(torch.randn(4, 3), torch.randn(8, 3))
+
+
+def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+
+    class RecordedFigure(matplotlib.figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+    points, labels = _blobs(per_cluster=5, num_clusters=3)
+    assignments = {"raw": labels.flip(0), "bpa": labels}
+    metrics = {"raw": {"nmi": 0.123, "ari": 0.456, "accuracy": 0.789}, "bpa": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
+    path = cluster.plot_clusters(points, labels, assignments, metrics, tmp_path / "new" / "folder" / "clusters.png")
+    assert path == tmp_path / "new" / "folder" / "clusters.png" and path.read_bytes().startswith(b"\x89PNG")
+    panels = figures[0].axes
+    assert tuple(figures[0].get_size_inches()) == pytest.approx((3 * 4.6, 4.2))  # one 4.6-inch panel each
+    assert [axes.get_title() for axes in panels] == [
+        "classes (labels)",
+        "k-means on the features: NMI 0.12, ARI 0.46, acc 0.79",
+        "k-means on their BPA transform: NMI 1.00, ARI 1.00, acc 1.00",
+    ]
+    for axes, colours in zip(panels, (labels, labels.flip(0), labels)):
+        (scatter,) = axes.collections
+        assert scatter.get_offsets().shape == (15, 2)
+        assert scatter.get_array().tolist() == colours.tolist()
+        assert (axes.get_xlabel(), axes.get_ylabel()) == ("first principal component", "second principal component")

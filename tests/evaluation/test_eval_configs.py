@@ -9,6 +9,10 @@ from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear
 from repo_paths import REPO
 
 CONFIGS = REPO / "configs" / "eval"
+DESCRIPTIONS = {  # the supervised stages' help text (the others' comes from their docstring)
+    "linear": "Train a linear classifier on the features of a frozen backbone.",
+    "finetune": "Fine-tune a pretrained backbone with a new classifier.",
+}
 STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "fewshot": fewshot.main, "linear": linear.main,
           "finetune": finetune.main}
 
@@ -27,3 +31,26 @@ def test_every_stage_has_an_imagenet_and_a_demo_config():
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == {
         f"{stage}_{data}" for stage in STAGES for data in ("imagenet", "demo")
     }
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_shipped_config_by_name_is_the_file(stage, capsys):
+    printed = []
+    for config in ("demo", str(CONFIGS / f"{stage}_demo.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            STAGES[stage](["--config", config, "--print_config"])
+        assert exit_info.value.code in (None, 0), capsys.readouterr().err
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    by_name, by_path = printed
+    assert by_name == by_path and by_name["backbone" if stage in ("knn", "cluster", "fewshot") else "model"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help_names_the_bam_command(stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        STAGES[stage](["--help"])
+    assert exit_info.value.code in (None, 0)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: bam {stage} ")
+    if stage in DESCRIPTIONS:
+        assert f"\n\n{DESCRIPTIONS[stage]}\n\n" in out

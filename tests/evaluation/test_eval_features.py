@@ -78,8 +78,14 @@ def test_backbone_from_checkpoint_and_random_init(tmp_path):
     loaded = build_from_spec(spec)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, spec.state[name]), name
+    overridden = resolve_backbone(str(path), arch="resnet18")  # arch replaces the recorded architecture
+    assert (overridden.model_name, overridden.model_kwargs, overridden.encoder) == ("resnet18", {"width": 8}, "teacher")
+    student = resolve_backbone(str(path), which="student")
+    assert student.encoder == "student" and student.model_name == "bam_cnn4"
     random = resolve_backbone("bam_cnn4")
-    assert random.encoder == "random init" and not random.state
+    assert (random.model_name, random.model_kwargs, random.encoder, random.source_format) == (
+        "bam_cnn4", {}, "random init", "timm")
+    assert not random.state and random.recipe is None
     with pytest.raises(FileNotFoundError):
         resolve_backbone(str(tmp_path / "missing.ckpt"))
 

@@ -9,7 +9,10 @@ import pytorch_lightning as pl
 import torch
 
 from bam.evaluation.backbone import resolve_backbone
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 from bam.evaluation.finetune import FineTune, main
+from bam.io.finetune_checkpoint import ARCHITECTURE_KEY
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
 
@@ -59,6 +62,11 @@ def test_vit_fine_tuning_with_layer_decay_drop_path_and_ema(checkpoints, tmp_pat
     assert not torch.equal(ema["head.weight"], trained["head.weight"])
     assert not torch.equal(ema["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
     assert {"val/top1", "val_ema/top1"} <= set(model.history[-1])
+    assert sorted(trainer.callback_metrics) == [
+        "train/loss", "train/lr", "val/top1", "val/top5", "val_ema/top1", "val_ema/top5"]
+    # the logged learning rate is the last group's (the head's) at the last step
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(record.steps[-1][-1][0])
+    assert set(trainer.progress_bar_metrics) == {"train/loss"}  # the loss is shown as it trains
 
 
 def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoints, tmp_path):
@@ -72,5 +80,44 @@ def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoin
     assert set(results) == {"val", "val_ema", "files", "history"}
     assert results["files"] is None  # images held in memory: no files to account for
     assert [entry["epoch"] for entry in results["history"]] == [1, 2]
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    # what `bam export` rebuilds the classifier from: the architecture and the preprocessing it was tuned with
+    assert saved[ARCHITECTURE_KEY] == {
+        "model": "bam_cnn4", "model_kwargs": {"width": 8},
+        "data_recipe": {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD), "input_size": 32,
+                        "crop_pct": 1.0, "interpolation": "bicubic"},
+    }
 
+
+def test_optimiser_settings_reach_the_stage(checkpoints):
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, optimizer="sgd", lr=0.3, min_lr=0.01,
+                     warmup_epochs=2.0, weight_decay=0.04, momentum=0.8, layer_decay=0.7)
+    assert (model.optimizer_name, model.lr, model.min_lr, model.warmup_epochs, model.weight_decay, model.momentum) == (
+        "sgd", 0.3, 0.01, 2.0, 0.04, 0.8)
+    assert model.optimizer_options() == {"layer_decay": 0.7}
+
+
+def test_mixed_targets_take_the_soft_target_loss_and_plain_labels_the_smoothed_one(checkpoints):
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    log_probabilities = logits.log_softmax(dim=1)
+    mixed = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    soft = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), dim=1)  # already smoothed
+    torch.testing.assert_close(mixed.loss_fn(logits, soft), -(soft * log_probabilities).sum(dim=1).mean())
+    plain = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, mixup=0, cutmix=0, label_smoothing=0.1)
+    assert plain.mixup is None
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    smoothed = 0.9 * torch.nn.functional.one_hot(labels, 4) + 0.1 / 4
+    torch.testing.assert_close(plain.loss_fn(logits, labels), -(smoothed * log_probabilities).sum(dim=1).mean())
+
+
+
+def test_defaults_are_the_beit_mae_recipe_without_ema(checkpoints):
+    model = FineTune(str(checkpoints["vit"]), num_classes=4)
+    assert model.ema is None and list(model.val_metrics) == ["val"]
+    assert model.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert (model.optimizer_name, model.lr, model.min_lr, model.warmup_epochs, model.weight_decay, model.momentum) == (
+        "adamw", 5e-4, 1e-6, 5.0, 0.05, 0.9)
+    assert model.optimizer_options() == {"layer_decay": 0.65}
+    mixup = model.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
+            mixup.num_classes) == (0.8, 1.0, 1.0, 0.5, 0.1, 4)

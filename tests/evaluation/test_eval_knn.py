@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bam.evaluation import frozen, knn_class_scores, knn_stage
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
@@ -80,3 +83,131 @@ def test_unknown_option_is_rejected_by_name(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(["--backbone", str(checkpoint), "--temprature", "0.1", *synthetic_args()])
     assert "temprature" in capsys.readouterr().err
+
+
+def _pooled(data, split: str, checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image of `split`, from the checkpoint's teacher built here."""
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset(split)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(images), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, tmp_path, capsys):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    out = tmp_path / "runs" / "knn"  # made with its parents
+    result = run_knn(str(checkpoint), data, accelerator="cpu", output_dir=str(out))  # feature: auto
+    bank, bank_labels = _pooled(data, "train", checkpoint)
+    queries, labels = _pooled(data, "val", checkpoint)
+    scores = knn_class_scores(queries, bank, bank_labels, num_classes=4, k=20, temperature=0.07)
+    correct = int((scores.argmax(dim=1) == labels).sum())
+    assert result.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3)
+    assert result == {
+        "top5": 100.0, "k": 20, "temperature": 0.07, "bank_size": TRAIN, "num_queries": VAL, "files": None,
+        "backbone": str(checkpoint), "feature": "pooled", "bpa": None,
+    }  # top-5 of 4 classes: always right
+    text = (out / "knn_results.json").read_text()
+    written = json.loads(text)
+    assert text == json.dumps(written, indent=2)  # for people to read
+    assert written.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3) and written == result
+    top1 = 100 * correct / VAL
+    assert capsys.readouterr().out == (
+        f"k-NN (k=20, T=0.07, pooled features): top-1 {top1:.2f}%  top-5 100.00%  ({VAL} queries, bank of {TRAIN})\n"
+    )
+
+
+def test_under_torchrun_the_stage_joins_a_gloo_process_group_on_the_cpu(checkpoint, tmp_path, monkeypatch):
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the group itself is not created here
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **kwargs: joined.append(backend))
+    result = run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL),
+                     accelerator="cpu", output_dir=str(tmp_path))
+    assert joined == ["gloo"] and result["num_queries"] == VAL
+
+
+# --- the set-up of the frozen-feature stages (bam.evaluation.frozen) ------------------------------
+
+
+def test_select_device_takes_this_process_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)  # no GPU needed: record the choice
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("cpu") == select_device("auto") == torch.device("cpu")
+    assert select_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert select_device("cuda") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("cuda", 3)
+    assert select_device("cpu") == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 0), torch.device("cuda", 3), torch.device("cuda", 3)]
+
+
+def test_init_distributed_joins_once_with_the_backend_of_the_device(monkeypatch):
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", joined.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    init_distributed(torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    init_distributed(torch.device("cpu"))
+    assert joined == []  # not under torchrun, or a single process: no group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    init_distributed(torch.device("cpu"))
+    init_distributed(torch.device("cuda", 1))
+    assert joined == ["gloo", "nccl"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    init_distributed(torch.device("cpu"))
+    assert joined == ["gloo", "nccl"]  # already joined
+
+
+def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
+    devices = []
+    real, real_extractor = frozen.embed_dataset, frozen.frozen_extractor
+
+    def recording(dataset, fn, device, *args, **kwargs):
+        devices.append(device)
+        return real(dataset, fn, device, *args, **kwargs)
+
+    def extractor_recording_moves(*args):
+        extractor = real_extractor(*args)
+        move = extractor.to
+        extractor.to = lambda *where: devices.append(("extractor moved to", *where)) or move(*where)
+        return extractor
+
+    monkeypatch.setattr(frozen, "embed_dataset", recording)
+    monkeypatch.setattr(frozen, "frozen_extractor", extractor_recording_moves)
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    embedded = frozen.embed_split(str(checkpoint), data, "testing", split="train", accelerator="cpu")
+    assert devices == [("extractor moved to", torch.device("cpu")), torch.device("cpu")] and embedded.device == torch.device("cpu") and embedded.split == "train"
+    features, labels = _pooled(data, "train", checkpoint)
+    torch.testing.assert_close(embedded.features, features)
+    assert torch.equal(embedded.labels, labels) and embedded.extractor.recipe == "pooled"
+
+
+def test_frozen_extractor_takes_the_chosen_encoder(checkpoint):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    images = torch.stack([data.eval_dataset("val")[i][0] for i in range(4)])
+    for which in ("student", "teacher"):
+        extractor = frozen.frozen_extractor(str(checkpoint), which, None, "auto", data)
+        expected = build_from_spec(resolve_backbone(str(checkpoint), which=which))
+        with torch.no_grad():
+            torch.testing.assert_close(extractor(images), expected(images))
+    student = resolve_backbone(str(checkpoint), which="student").state
+    teacher = resolve_backbone(str(checkpoint)).state
+    assert any(not torch.equal(student[name], teacher[name]) for name in teacher)  # the test tells them apart
+
+
+def test_accelerator_defaults_to_auto(checkpoint, tmp_path, monkeypatch):
+    asked = []
+
+    def cpu_whatever_asked(accelerator):
+        asked.append(accelerator)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(frozen, "select_device", cpu_whatever_asked)
+    monkeypatch.setattr(knn_stage, "select_device", cpu_whatever_asked)
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    frozen.embed_split(str(checkpoint), data, "testing")
+    run_knn(str(checkpoint), data, output_dir=str(tmp_path))
+    assert asked == ["auto", "auto"]  # CUDA when available

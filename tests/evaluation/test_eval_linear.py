@@ -3,12 +3,15 @@ training the head exactly as on-the-fly features of un-augmented images do."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
+from torchvision.io import write_png
 
-from bam.evaluation.data import BuiltinClassificationData
+from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
@@ -42,6 +45,47 @@ def test_misspelt_config_key_is_rejected_by_name(checkpoints, tmp_path, capsys):
     assert "n_last_block" in capsys.readouterr().err
 
 
+def test_head_starts_from_small_gaussian_weights_after_a_plain_batch_norm(checkpoints):
+    torch.manual_seed(0)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=100)
+    norm, linear = probe.head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine
+    assert linear.weight.shape == (100, probe.extractor.out_dim) == (100, 32)
+    weights = linear.weight.detach().flatten()  # 3,200 draws of N(0, 0.01^2)
+    assert weights.std().item() == pytest.approx(0.01, rel=0.05) and abs(weights.mean().item()) < 0.001
+    assert torch.equal(linear.bias.detach(), torch.zeros(100))
+
+
+def test_defaults_are_the_authors_protocol(checkpoints):
+    probe = LinearProbe(str(checkpoints["vit"]))
+    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+        "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
+    assert not probe.cache_features and list(probe.val_metrics) == ["val"]
+    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
+    assert probe.head[1].weight.shape == (1000, 2 * 48)
+
+
+def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path):
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, cache_features=True)
+    moves, move = [], probe.extractor.to
+    probe.extractor.to = lambda *args, **kwargs: moves.append(args) or move(*args, **kwargs)  # a GPU run moves it there
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    data = synthetic_data(batch_size=16, augment="none")
+    trainer.fit(probe, data)
+    assert moves == [(torch.device("cpu"),)] and len(data.cache["train"]) == 64
+
+
+def test_optimiser_settings_reach_the_stage(checkpoints):
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer="adamw", lr=0.3, min_lr=0.01,
+                        warmup_epochs=2.0, weight_decay=0.05, momentum=0.8)
+    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+        "adamw", 0.3, 0.01, 2.0, 0.05, 0.8)
+
+
 def train_head(backbone: str, cache_features: bool, run_dir) -> tuple[LinearProbe, BuiltinClassificationData]:
     pl.seed_everything(0)
     model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, lr=0.5)
@@ -59,7 +103,94 @@ def test_cached_features_train_the_head_as_on_the_fly_features(checkpoints, tmp_
     cached, data = train_head(str(checkpoints["cnn"]), cache_features=True, run_dir=tmp_path / "features")
     assert len(data.cache["train"]) == 64 and len(data.cache["val"]) == 32
     assert on_the_fly.history == cached.history
+    assert set(on_the_fly.trainer.progress_bar_metrics) == {"train/loss"}  # the loss is shown as it trains
     moved = on_the_fly.head[1].weight.abs().max() > 0.05  # far from its N(0, 0.01) start: it trained
     assert moved
     for name, value in on_the_fly.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_report_is_printed_and_written_indented(checkpoints, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    model, _ = train_head(str(checkpoints["cnn"]), cache_features=True, run_dir=tmp_path)
+    text = (tmp_path / "results.json").read_text()
+    results = json.loads(text)
+    assert text == json.dumps(results, indent=2)  # for people to read
+    assert results["history"] == model.history and [entry["epoch"] for entry in model.history] == [1, 2]
+    best, last = results["val"], results["history"][-1]
+    assert (best["last_top1"], best["last_top5"], best["last_epoch"]) == (last["val/top1"], last["val/top5"], 2)
+    report = f"{'':<14} {'top-1':>7} {'top-5':>7}  epoch"
+    printed = [record.getMessage() for record in caplog.records if record.getMessage().startswith(report)]
+    assert printed == ["\n".join([
+        "                 top-1   top-5  epoch",
+        f"best val       {best['best_top1']:>6.2f}% {best['best_top5']:>6.2f}%  {best['best_epoch']}",
+        f"last val       {best['last_top1']:>6.2f}% {best['last_top5']:>6.2f}%  2",
+        f"(written to {tmp_path / 'results.json'})",
+    ])]
+
+
+def test_command_line_defaults_seed_and_shipped_config_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model.backbone", "bam_cnn4", "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed_everything"] == 0  # a run is reproducible without being told a seed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "demo", "--print_config"])  # configs/eval/linear_demo.yaml by name
+    assert exit_info.value.code in (None, 0)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["backbone"] == "runs/demo/backbone"
+
+
+class ImagesOnly(pl.LightningDataModule):
+    """Labelled images from a plain Lightning data module: no data recipe to take, no files to account for."""
+
+    def __init__(self, data: BuiltinClassificationData) -> None:
+        super().__init__()
+        self.data = data
+
+    def train_dataloader(self):
+        return self.data.train_dataloader()
+
+    def val_dataloader(self):
+        return self.data.val_dataloader()
+
+
+def test_validation_accuracy_to_four_decimals_with_a_plain_data_module(checkpoints, tmp_path):
+    torch.manual_seed(0)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4)
+    data = synthetic_data(batch_size=16, val_size=31, augment="none")  # 31 images: accuracies are not round numbers
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(probe, datamodule=ImagesOnly(data))
+    dataset = data.eval_dataset("val")
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        correct = int((probe.eval()(images).argmax(dim=1) == labels).sum())
+    assert 0 < correct < 31
+    assert probe.history == [{"epoch": 1, "val/top1": pytest.approx(round(100 * correct / 31, 4), abs=1e-3), "val/top5": 100.0}]
+    assert json.loads((tmp_path / "results.json").read_text())["files"] is None
+
+
+def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, capsys):
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / "train" / name).mkdir(parents=True)
+        for index in range(4):
+            image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+            write_png(image, str(tmp_path / "images" / "train" / name / f"{index}.png"))
+    data = FolderClassificationData(str(tmp_path / "images"), val_fraction=0.25, image_size=32, resize_size=32,
+                                    batch_size=2, num_workers=0, augment="none")
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run",
+    )
+    trainer.fit(probe, data)
+    files = json.loads((tmp_path / "run" / "results.json").read_text())["files"]
+    assert files == {
+        "found": 8, "read": 8, "skipped": 0, "not_read": 0, "skipped_log": None,
+        "skipped_by_reason": {"empty": 0, "undecodable": 0, "too_many_pixels": 0, "unsupported": 0},
+    }  # 6 training images in 3 full batches of 2, 2 held out
+    assert "files: 8 found, 8 read, 0 skipped\n" in capsys.readouterr().out

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from matplotlib.container import BarContainer
+
 from bam.cli import STAGES
 from bam.evaluation import fewshot
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
 from bam.transforms import bpa
 from cli_runs import run_bam
@@ -75,6 +80,7 @@ def test_confidence_interval_is_the_normal_one_over_episodes():
     assert summary["mean"] == pytest.approx(100 * mean)
     assert summary["ci95"] == pytest.approx(100 * 1.96 * std / math.sqrt(len(values)))
     assert 0 < summary["ci95"] < 20
+    assert fewshot.summarise(torch.tensor([0.6], dtype=torch.float64)) == {"mean": 60.0, "ci95": 0.0}  # one episode: no spread
 
 
 def test_bpa_transforms_support_and_queries_together():
@@ -97,6 +103,12 @@ def test_bad_settings_are_explained():
     features, labels = _blobs()
     with pytest.raises(ValueError, match="ways >= 2"):
         episode_accuracies(features, labels, ways=1)
+    for ways, shots, queries, episodes in ((5, 0, 15, 600), (5, 1, 0, 600), (5, 1, 15, 0)):
+        with pytest.raises(ValueError) as error:
+            episode_accuracies(features, labels, ways=ways, shots=shots, queries=queries, episodes=episodes)
+        assert str(error.value) == (
+            f"need ways >= 2 and shots, queries, episodes >= 1; got {ways}, {shots}, {queries}, {episodes}"
+        )
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         run_fewshot("bam_cnn4", synthetic_data(), split="test", accelerator="cpu")
 
@@ -118,3 +130,104 @@ def test_stage_through_the_bam_command(tmp_path):
     assert (result["ways"], result["episodes"], result["num_images"]) == (3, 20, 32)
     assert (tmp_path / "out" / "fewshot.png").stat().st_size > 1000
     assert "1-shot" in done.stdout and "BPA" in done.stdout
+
+
+def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
+    figures = []
+
+    class RecordedFigure(fewshot.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(fewshot, "Figure", RecordedFigure)
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    data = synthetic_data(batch_size=16, train_size=32, val_size=32)
+    out = tmp_path / "runs" / "fewshot"  # made with its parents
+    result = run_fewshot(str(checkpoint), data, ways=3, shots=[1, 2], queries=4, episodes=20, accelerator="cpu",
+                         output_dir=str(out))
+    # the same episodes on features computed here
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset("val")
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    scores = {}
+    for shots in (1, 2):
+        accuracies = episode_accuracies(features, labels, ways=3, shots=shots, queries=4, episodes=20)
+        scores[f"{shots}-shot"] = {
+            name: {"mean": 100 * values.mean().item(), "ci95": 100 * 1.96 * values.std().item() / math.sqrt(20)}
+            for name, values in accuracies.items()
+        }
+    assert {shot: set(row) for shot, row in result["results"].items()} == {shot: {"raw", "bpa"} for shot in scores}
+    for shot, row in scores.items():
+        for name, values in row.items():
+            assert result["results"][shot][name] == pytest.approx(values), (shot, name)
+    assert {key: value for key, value in result.items() if key != "results"} == {
+        "ways": 3, "queries": 4, "episodes": 20, "split": "val", "num_images": 32,
+        "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
+    }
+    text = (out / "fewshot_results.json").read_text()
+    assert json.loads(text) == result and text == json.dumps(result, indent=2)  # indented for people to read
+    rows = [
+        f"{shot:<8}" + "".join(f"{result['results'][shot][name]['mean']:>9.2f} +-{result['results'][shot][name]['ci95']:>5.2f}"
+                               for name in ("raw", "bpa"))
+        for shot in ("1-shot", "2-shot")
+    ]
+    assert capsys.readouterr().out.splitlines() == [
+        "3-way few-shot, 4 queries per class, 20 episodes (32 val images, pooled features; mean accuracy % +- 95% CI)",
+        " " * 8 + " " * 13 + "raw" + " " * 13 + "BPA",
+        *rows,
+    ]
+    # the plot: one bar per shot count and space, CI as error bars, labelled
+    png = (out / "fewshot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png[16:24] == struct.pack(">II", 600, 420)  # 5 x 3.5 inches at 120 dpi
+    (axes,) = figures[0].axes
+    bars = [container for container in axes.containers if isinstance(container, BarContainer)]
+    assert [[bar.get_height() for bar in container] for container in bars] == [
+        [result["results"][shot][name]["mean"] for shot in ("1-shot", "2-shot")] for name in ("raw", "bpa")
+    ]
+    # side by side around each tick: raw at -0.2, BPA at +0.2, each 0.4 wide
+    assert [[(bar.get_x() + bar.get_width() / 2, bar.get_width()) for bar in container] for container in bars] == [
+        [(pytest.approx(-0.2), pytest.approx(0.4)), (pytest.approx(0.8), pytest.approx(0.4))],
+        [(pytest.approx(0.2), pytest.approx(0.4)), (pytest.approx(1.2), pytest.approx(0.4))],
+    ]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["raw", "BPA"]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["1-shot", "2-shot"]
+    assert (axes.get_ylabel(), axes.get_title()) == ("accuracy (%)", "3-way few-shot, 20 episodes (95% CI)")
+
+
+def test_table_and_plot_without_bpa(tmp_path):
+    result = {
+        "results": {"5-shot": {"raw": {"mean": 61.234, "ci95": 0.876}}}, "ways": 5, "queries": 15, "episodes": 600,
+        "split": "train", "num_images": 100, "feature": "cls",
+    }
+    assert fewshot.format_table(result).splitlines() == [
+        "5-way few-shot, 15 queries per class, 600 episodes (100 train images, cls features; mean accuracy % +- 95% CI)",
+        " " * 8 + " " * 13 + "raw",
+        "5-shot      61.23 +- 0.88",
+    ]
+    fewshot.plot_results(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_stage_defaults_are_the_usual_protocol(tmp_path):
+    """5-way, 15 queries per class, BPA (reg 0.1, 10 iterations) next to raw, seed 0: only the shots
+    and the number of episodes are given."""
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    data = BuiltinClassificationData(
+        "synthetic", {"train_size": 10, "val_size": 80, "image_size": 32, "num_classes": 5},
+        image_size=32, resize_size=32, num_workers=0, batch_size=40,
+    )
+    result = run_fewshot(str(checkpoint), data, shots=[1], episodes=2, accelerator="cpu", output_dir=str(tmp_path))
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset("val")
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    expected = evaluate_fewshot(features, labels, [1], ways=5, queries=15, episodes=2, bpa=True, bpa_reg=0.1,
+                                bpa_iterations=10, seed=0)
+    assert result == {
+        "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
+        "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
+    }
