@@ -157,6 +157,8 @@ def test_input_channels_and_recipe_given_to_the_export_are_recorded(cnn_pair, tm
     path = tmp_path / "grey.ckpt"
     torch.save(bam_checkpoint(grey, None, {"backbone": "bam_cnn4", "backbone_kwargs": {"in_chans": 1, **CNN_KWARGS}}),
                path)
+    config = json.loads((export_backbone(path, tmp_path / "default") / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [1, 224, 224]  # the model's channels, ImageNet's size
     recipe = DataRecipe((0.5,), (0.25,), 20, crop_pct=1.0, interpolation="bilinear")
     config = json.loads((export_backbone(path, tmp_path / "export", recipe=recipe) / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [1, 20, 20]
