@@ -111,10 +111,10 @@ names = [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in 
 if not names:
     sys.exit(f"tests/mutation.sh: no mutants to sample from (see {path} and sample-probe.log)")
 print(" ".join(random.Random(seed).sample(names, min(size, len(names)))))
+print(f"sampled {min(size, len(names))} of {len(names)} mutants (sample.txt)", file=sys.stderr)
 EOF2
 )
     tr ' ' '\n' <<< "$MUTANTS" > sample.txt
-    echo "sampled $(wc -l < sample.txt) of $(grep -c '^    ' all-mutants.txt) mutants (sample.txt)"
 fi
 mutmut_run || status=$?
 if [[ $status -ne 0 && $status -ne 124 ]]; then
