@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swav_codes, swav_loss
+from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swapped_prediction, swav_codes, swav_loss
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -21,6 +21,15 @@ from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_
 def test_bam_objective_names_the_setting_out_of_range(settings, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         BAMObjective(**settings)
+
+
+@pytest.mark.parametrize("num_crops, num_global_crops, message", [
+    (4, 5, "num_global_crops=5 must be between 1 and num_crops=4"),
+    (4, 0, "num_global_crops=0 must be between 1 and num_crops=4"),
+])
+def test_crop_counts_out_of_range_are_named(num_crops, num_global_crops, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        BAMLoss(num_crops=num_crops, num_global_crops=num_global_crops)
 
 
 def test_bam_objective_limits_that_are_allowed():
@@ -85,3 +94,22 @@ def test_swav_loss_defaults_to_two_global_crops():
     default = swav_loss(embeddings, prototypes, num_crops=4)
     assert torch.equal(default, swav_loss(embeddings, prototypes, num_crops=4, num_global_crops=2))
     assert not torch.equal(default, swav_loss(embeddings, prototypes, num_crops=4, num_global_crops=3))
+
+
+def test_swav_loss_of_half_precision_embeddings_is_computed_in_float32():
+    embeddings = torch.randn(12, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    loss = swav_loss(embeddings, prototypes, num_crops=3)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, swav_loss(embeddings.float(), prototypes, num_crops=3))
+
+
+def test_swav_loss_uses_the_temperature_it_is_given():
+    # against the three steps put together here: normalise, a Sinkhorn per global crop, swapped prediction
+    embeddings = torch.randn(12, 8, generator=torch.Generator().manual_seed(5))
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(6)), dim=1)
+    scores = torch.nn.functional.normalize(embeddings, dim=1) @ prototypes.T
+    codes = torch.stack([swav_codes(scores[crop * 4 : (crop + 1) * 4]) for crop in range(2)])
+    expected = swapped_prediction(scores, codes, temperature=0.5)
+    torch.testing.assert_close(swav_loss(embeddings, prototypes, num_crops=3, temperature=0.5), expected)
+    assert not torch.allclose(swav_loss(embeddings, prototypes, num_crops=3), expected)

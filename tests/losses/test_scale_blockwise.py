@@ -60,6 +60,17 @@ def test_equals_unblocked_in_float32_and_under_autocast():
     torch.testing.assert_close(blocked_grad, grad, rtol=1e-4, atol=1e-6)
 
 
+def test_half_precision_student_and_teacher_are_computed_in_float32():
+    # mixed-precision training hands both encoders' embeddings over in bfloat16
+    config = CONFIGS["teacher_topk"]
+    student, teacher = (x.to(torch.bfloat16) for x in _inputs(config, config[0] * BATCH, seed=2, dtype=torch.float32))
+    loss, grad = _loss_and_grad(bam_loss, student.float(), teacher.float(), config)
+    blocked_loss, blocked_grad = _loss_and_grad(bam_loss, student, teacher, config, column_block_size=5)
+    assert blocked_loss.dtype == torch.float32 and blocked_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(blocked_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocked_grad.float(), grad, rtol=1e-2, atol=1e-4)
+
+
 def test_block_size_must_not_be_negative():
     with pytest.raises(ValueError, match="column_block_size"):
         bam_loss(torch.randn(8, 4), num_crops=2, column_block_size=-1)
