@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bam.cli import STAGES
 from bam.evaluation import cluster, knn_stage
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.cluster import cluster_accuracy, clustering_metrics, kmeans, run_clustering
+from bam.transforms import bpa
 from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
 
 
@@ -228,3 +231,55 @@ def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monke
         assert scatter.get_offsets().shape == (15, 2)
         assert scatter.get_array().tolist() == colours.tolist()
         assert (axes.get_xlabel(), axes.get_ylabel()) == ("first principal component", "second principal component")
+
+
+def test_run_clustering_settings_reach_k_means_and_bpa(checkpoint, tmp_path, capsys, monkeypatch):
+    """Every setting changed from its default, against k-means recomputed here on the student's
+    features of a class-balanced half of the training split and on their BPA transform."""
+    calls = []
+    real = cluster.kmeans
+    monkeypatch.setattr(cluster, "kmeans", lambda points, *args, **kwargs: calls.append((args, kwargs)) or real(points, *args, **kwargs))
+    data = synthetic_data(batch_size=16, train_size=32, val_size=20)
+    out = tmp_path / "out"
+    result = run_clustering(str(checkpoint), data, num_clusters=3, restarts=2, kmeans_iterations=7, seed=5, bpa=True,
+                            bpa_reg=0.3, bpa_iterations=4, output_dir=str(out), which="student", split="train",
+                            fraction=0.5, accelerator="cpu")
+    assert calls == [((3,), {"restarts": 2, "iterations": 7, "seed": 5})] * 2
+    model = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    dataset = data.eval_dataset("train", 0.5)
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    raw = F.normalize(features, dim=1)
+    expected = {}
+    for name, points in (("raw", raw), ("bpa", F.normalize(bpa(raw, 0.3, 4), dim=1))):
+        assignment, _, inertia = real(points, 3, restarts=2, iterations=7, seed=5)
+        expected[name] = {**clustering_metrics(labels, assignment), "inertia": pytest.approx(inertia, rel=1e-4)}
+    assert result == {
+        **expected, "num_images": 16, "num_clusters": 3, "split": "train", "files": None, "backbone": str(checkpoint),
+        "feature": "pooled", "restarts": 2, "seed": 5, "bpa_settings": {"reg": 0.3, "iterations": 4},
+    }
+    text = (out / "cluster_results.json").read_text()
+    assert json.loads(text) == result and text == json.dumps(result, indent=2)
+    assert capsys.readouterr().out == cluster.format_table(result) + "\n"
+    assert (out / "clusters.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_clusters_default_to_the_number_of_classes_and_the_features_of_the_teacher(checkpoint, tmp_path):
+    data = synthetic_data(batch_size=16, train_size=32, val_size=20)
+    result = run_clustering(str(checkpoint), data, restarts=1, bpa=False, output_dir=str(tmp_path), accelerator="cpu")
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset("val")
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    assignment, _, inertia = kmeans(F.normalize(features, dim=1), 4, restarts=1, iterations=100, seed=0)
+    assert result["raw"] == {**clustering_metrics(labels, assignment), "inertia": pytest.approx(inertia, rel=1e-4)}
+    assert (result["num_clusters"], result["num_images"], result["split"]) == (4, 20, "val")
+
+
+def test_results_go_to_runs_cluster_by_default(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_clustering(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), restarts=1, bpa=False,
+                   accelerator="cpu")
+    assert sorted(path.name for path in (tmp_path / "runs" / "cluster").iterdir()) == ["cluster_results.json", "clusters.png"]

@@ -9,13 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from bam.evaluation import frozen, knn_class_scores, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.classifier import accuracy_metrics
+from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
+from bam.transforms import bpa
 from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
 
 HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
@@ -211,3 +215,48 @@ def test_accelerator_defaults_to_auto(checkpoint, tmp_path, monkeypatch):
     frozen.embed_split(str(checkpoint), data, "testing")
     run_knn(str(checkpoint), data, output_dir=str(tmp_path))
     assert asked == ["auto", "auto"]  # CUDA when available
+
+
+def _embedded(model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(images), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, capsys):
+    """Every setting changed from its default, against the vote recomputed here: the student's
+    features, a class-balanced half of the training split as bank, each query batch transformed by
+    BPA (reg 0.2, 3 iterations) together with the bank, then k=3 neighbours at T=0.5 over 8 classes
+    (top-5 is not trivially right)."""
+    options = {"train_size": 48, "val_size": 22, "image_size": 32, "num_classes": 8}
+    data = BuiltinClassificationData("synthetic", options, image_size=32, resize_size=32, num_workers=0, batch_size=8)
+    out = tmp_path / "out"
+    result = run_knn(str(checkpoint), data, which="student", k=3, temperature=0.5, bank_fraction=0.5,
+                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=True, bpa_reg=0.2, bpa_iterations=3)
+    student = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    bank, bank_labels = _embedded(student, data.eval_dataset("train", 0.5))
+    queries, labels = _embedded(student, data.eval_dataset("val"))
+    assert len(bank) == 24 and torch.equal(bank_labels.bincount(), torch.full((8,), 3))
+    bank = F.normalize(bank, dim=1)
+    metrics = accuracy_metrics(8)
+    for start in range(0, len(queries), 8):  # one BPA set per query batch of 8: bank + batch
+        moved = bpa(torch.cat([bank, queries[start : start + 8]]), 0.2, 3)
+        scores = knn_class_scores(moved[24:], moved[:24], bank_labels, 8, k=3, temperature=0.5)
+        metrics.update(scores, labels[start : start + 8])
+    expected = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    assert 0 < expected["top1"] < expected["top5"] < 100  # the test can tell top-1 from top-5 and from chance
+    assert result == {
+        **expected, "k": 3, "temperature": 0.5, "bank_size": 24, "num_queries": 22, "files": None,
+        "backbone": str(checkpoint), "feature": "pooled", "bpa": {"reg": 0.2, "iterations": 3},
+    }
+    assert json.loads((out / "knn_results.json").read_text()) == result
+    assert capsys.readouterr().out == (
+        f"k-NN (k=3, T=0.5, pooled features + BPA): top-1 {expected['top1']:.2f}%  top-5 {expected['top5']:.2f}%  "
+        "(22 queries, bank of 24)\n"
+    )
+
+
+def test_results_go_to_runs_knn_by_default(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu")
+    assert [path.name for path in (tmp_path / "runs" / "knn").iterdir()] == ["knn_results.json"]

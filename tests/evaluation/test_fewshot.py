@@ -231,3 +231,11 @@ def test_stage_defaults_are_the_usual_protocol(tmp_path):
         "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
     }
+
+
+def test_results_go_to_runs_fewshot_by_default(tmp_path, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    monkeypatch.chdir(tmp_path)
+    run_fewshot(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=16), ways=2, shots=[1], queries=1,
+                episodes=1, bpa=False, accelerator="cpu")
+    assert sorted(path.name for path in (tmp_path / "runs" / "fewshot").iterdir()) == ["fewshot.png", "fewshot_results.json"]
