@@ -283,3 +283,53 @@ def test_results_go_to_runs_cluster_by_default(checkpoint, tmp_path, monkeypatch
     run_clustering(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), restarts=1, bpa=False,
                    accelerator="cpu")
     assert sorted(path.name for path in (tmp_path / "runs" / "cluster").iterdir()) == ["cluster_results.json", "clusters.png"]
+
+
+def test_kmeans_into_as_many_clusters_as_points_gives_integer_assignments():
+    points = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    assignment, centroids, inertia = kmeans(points, 6, restarts=1)
+    assert assignment.dtype == torch.int64 and sorted(assignment.tolist()) == list(range(6))  # one point each
+    assert inertia == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(centroids[assignment], points)
+
+
+def test_cluster_features_adds_the_bpa_space_by_default_and_up_to_the_set_limit(monkeypatch):
+    points, labels = _blobs(per_cluster=5, num_clusters=3)
+    metrics, assignments = cluster.cluster_features(points, labels, 3, restarts=1)
+    assert list(metrics) == list(assignments) == ["raw", "bpa"]
+    monkeypatch.setattr(cluster, "BPA_MAX_SET", 15)
+    assert list(cluster.cluster_features(points, labels, 3, restarts=1)[0]) == ["raw", "bpa"]  # 15 images: allowed
+    monkeypatch.setattr(cluster, "BPA_MAX_SET", 14)
+    with pytest.raises(ValueError) as error:
+        cluster.cluster_features(points, labels, 3, restarts=1)
+    assert str(error.value) == (
+        "BPA transforms all 15 images as one set, more than BPA_MAX_SET=14 (its affinities would not fit); "
+        "cluster a class-balanced `fraction` of the split"
+    )
+
+
+def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+
+    class RecordedFigure(matplotlib.figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+    points, labels = _blobs(per_cluster=6, num_clusters=3, dim=5)
+    points = points + 3.0  # far from the origin: centring matters
+    metrics = {"raw": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
+    cluster.plot_clusters(points, labels, {"raw": labels}, metrics, tmp_path / "clusters.png")
+    unit = F.normalize(points, dim=1)
+    centred = unit - unit.mean(0)
+    _, _, right = torch.linalg.svd(centred, full_matrices=False)
+    expected = centred @ right[:2].T
+    for axes in figures[0].axes:
+        (scatter,) = axes.collections
+        offsets = torch.tensor(scatter.get_offsets().data, dtype=torch.float32)
+        signs = torch.sign((offsets * expected).sum(0))  # a principal direction's sign is arbitrary
+        torch.testing.assert_close(offsets * signs, expected, atol=1e-4, rtol=1e-3)
+        assert scatter.get_cmap().name == "tab20" and scatter.get_alpha() == 0.8

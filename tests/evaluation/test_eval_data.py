@@ -204,3 +204,14 @@ def test_timm_recipe_steps_follow_the_settings():
     assert {op.magnitude for op in augment.ops} == {9}
     posterize = [op for op in augment.ops if op.name.startswith("Posterize")]
     assert posterize and all(op.aug_fn is data_module._posterize for op in posterize)
+
+
+def test_the_warning_names_the_backbone_by_default():
+    data = synthetic_data(image_size=32, resize_size=32)
+    recipe = DataRecipe(input_size=48, crop_pct=1.0)
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        data.apply_recipe(recipe)
+    assert [str(warning.message) for warning in caught] == [
+        "data.image_size=32 differs from the image_size 48 that the backbone was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]  # resize_size: 32 / crop_pct 1.0 = 32, as set

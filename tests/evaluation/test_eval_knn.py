@@ -260,3 +260,25 @@ def test_results_go_to_runs_knn_by_default(checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu")
     assert [path.name for path in (tmp_path / "runs" / "knn").iterdir()] == ["knn_results.json"]
+
+
+def test_embed_split_takes_the_chosen_encoder_split_fraction_and_names_its_purpose(checkpoint, capsys):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=24)
+    embedded = frozen.embed_split(str(checkpoint), data, "testing", which="student", feature="pooled", split="val",
+                                  fraction=0.5, accelerator="cpu")
+    features, labels = _embedded(build_from_spec(resolve_backbone(str(checkpoint), which="student")),
+                                 data.eval_dataset("val", 0.5))
+    assert len(labels) == 12
+    torch.testing.assert_close(embedded.features, features)
+    assert torch.equal(embedded.labels, labels) and embedded.split == "val"
+    assert "testing: embedding the val split: 100%" in capsys.readouterr().err
+
+
+def test_run_knn_embeds_the_bank_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+    devices = []
+    real = knn_stage.embed_dataset
+    monkeypatch.setattr(knn_stage, "embed_dataset",
+                        lambda dataset, fn, device, *args, **kwargs: devices.append(device) or real(dataset, fn, device, *args, **kwargs))
+    run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu",
+            output_dir=str(tmp_path))
+    assert devices == [torch.device("cpu")]

@@ -11,6 +11,8 @@ import torch
 import yaml
 from torchvision.io import write_png
 
+from bam.evaluation import classifier
+from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
@@ -170,11 +172,13 @@ def test_validation_accuracy_to_four_decimals_with_a_plain_data_module(checkpoin
     with torch.no_grad():
         correct = int((probe.eval()(images).argmax(dim=1) == labels).sum())
     assert 0 < correct < 31
-    assert probe.history == [{"epoch": 1, "val/top1": pytest.approx(round(100 * correct / 31, 4), abs=1e-3), "val/top5": 100.0}]
+    top1 = round(100.0 * (torch.tensor(correct, dtype=torch.float32) / 31).item(), 4)  # as torchmetrics divides
+    assert top1 != round(100.0 * correct / 31, 5)  # the test tells 4 decimals from more
+    assert probe.history == [{"epoch": 1, "val/top1": top1, "val/top5": 100.0}]
     assert json.loads((tmp_path / "results.json").read_text())["files"] is None
 
 
-def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, capsys):
+def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, capsys, monkeypatch):
     for name in ("cat", "dog"):
         (tmp_path / "images" / "train" / name).mkdir(parents=True)
         for index in range(4):
@@ -187,10 +191,25 @@ def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, 
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run",
     )
+    settled = []
+    real = classifier.settle_accounts
+    monkeypatch.setattr(classifier, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
     trainer.fit(probe, data)
+    assert settled == [(tmp_path / "run" / "skipped_files.tsv", torch.device("cpu"))]  # summed on the trainer's device
     files = json.loads((tmp_path / "run" / "results.json").read_text())["files"]
     assert files == {
         "found": 8, "read": 8, "skipped": 0, "not_read": 0, "skipped_log": None,
         "skipped_by_reason": {"empty": 0, "undecodable": 0, "too_many_pixels": 0, "unsupported": 0},
     }  # 6 training images in 3 full batches of 2, 2 held out
     assert "files: 8 found, 8 read, 0 skipped\n" in capsys.readouterr().out
+
+
+class Bare(ClassificationStage):
+    """Only the base class's settings."""
+
+
+def test_the_base_stage_defaults_are_the_linear_protocol():
+    stage = Bare(7)
+    assert (stage.optimizer_name, stage.lr, stage.min_lr, stage.warmup_epochs, stage.weight_decay, stage.momentum) == (
+        "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
+    assert list(stage.val_metrics) == ["val"] and stage.history == [] and stage.recipe is None
