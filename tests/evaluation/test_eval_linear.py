@@ -27,6 +27,7 @@ def checkpoints(tmp_path_factory) -> dict:
 def test_vit_probe_runs_reports_and_resumes(checkpoints, tmp_path):
     args = ["--model.backbone", str(checkpoints["vit"]), "--model.n_last_blocks", "2", *synthetic_args()]
     main([*args, *trainer_args(tmp_path, max_epochs=1)])
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]  # the last only, no top-k
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(key.startswith("extractor.") for key in saved["state_dict"])  # the frozen backbone is not stored
     assert saved["state_dict"]["head.1.weight"].shape == (4, 3 * 48)  # 2 class tokens + mean patch token
@@ -213,3 +214,38 @@ def test_the_base_stage_defaults_are_the_linear_protocol():
     assert (stage.optimizer_name, stage.lr, stage.min_lr, stage.warmup_epochs, stage.weight_decay, stage.momentum) == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert list(stage.val_metrics) == ["val"] and stage.history == [] and stage.recipe is None
+
+
+def test_summary_takes_the_best_top1_epoch_and_the_last_epoch_of_each_model():
+    stage = Bare(4, evaluated=("val", "val_ema"))
+    stage.history = [
+        {"epoch": 1, "val/top1": 40.0, "val/top5": 90.0, "val_ema/top1": 10.0, "val_ema/top5": 50.0},
+        {"epoch": 2, "val/top1": 60.0, "val/top5": 95.0, "val_ema/top1": 30.0, "val_ema/top5": 70.0},
+        {"epoch": 3, "val/top1": 50.0, "val/top5": 99.0, "val_ema/top1": 20.0, "val_ema/top5": 80.0},
+    ]
+    assert stage.summary() == {
+        "val": {"best_top1": 60.0, "best_top5": 95.0, "best_epoch": 2, "last_top1": 50.0, "last_top5": 99.0, "last_epoch": 3},
+        "val_ema": {"best_top1": 30.0, "best_top5": 70.0, "best_epoch": 2, "last_top1": 20.0, "last_top5": 80.0,
+                    "last_epoch": 3},
+    }
+
+
+def test_results_are_written_into_a_new_run_folder(checkpoints, tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    train_head(str(checkpoints["cnn"]), cache_features=True, run_dir=run_dir)
+    assert json.loads((run_dir / "results.json").read_text())["val"]["last_epoch"] == 2
+
+
+def test_probe_takes_the_chosen_encoder_and_the_backbone_recipe(checkpoints, tmp_path):
+    from bam.evaluation.backbone import resolve_backbone
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, which="student")
+    for name, value in student.items():
+        assert torch.equal(probe.extractor.backbone.state_dict()[name], value), name
+    assert probe.recipe is None  # a pretraining checkpoint records none
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
+    export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)
+    assert LinearProbe(str(export), num_classes=4).recipe == recipe
