@@ -152,3 +152,20 @@ def test_ema_copies_the_model_at_the_first_step_then_averages(checkpoints, tmp_p
     assert torch.equal(record.ema[0][weight], first[weight])  # timm's convention: the first update copies
     assert not torch.equal(first[weight], second[weight])
     torch.testing.assert_close(record.ema[1][weight], 0.5 * first[weight] + 0.5 * second[weight])
+
+
+def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freezes_the_average(checkpoints, tmp_path):
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, which="student", drop_path_rate=0, ema=True)
+    for name, value in student.items():
+        assert torch.equal(model.model.state_dict()[name], value), name
+    assert model.recipe is None and model.architecture == {"model": "bam_cnn4", "model_kwargs": {"width": 8}}
+    assert not any(parameter.requires_grad for parameter in model.ema.parameters())  # the average is not trained
+    assert all(parameter.requires_grad for parameter in model.model.parameters())
+    assert model.ema.decay == 0.9999 and list(model.val_metrics) == ["val", "val_ema"]
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
+    export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)
+    assert FineTune(str(export), num_classes=4, drop_path_rate=0).recipe == recipe
