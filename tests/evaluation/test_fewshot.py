@@ -192,6 +192,13 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
         [(pytest.approx(-0.2), pytest.approx(0.4)), (pytest.approx(0.8), pytest.approx(0.4))],
         [(pytest.approx(0.2), pytest.approx(0.4)), (pytest.approx(1.2), pytest.approx(0.4))],
     ]
+    # each bar's error bar spans the mean +- the 95% half-width
+    for container, name in zip(bars, ("raw", "bpa")):
+        (segments,) = [lines.get_segments() for lines in container.errorbar.lines[2]]
+        assert [(pytest.approx(low[1]), pytest.approx(high[1])) for low, high in segments] == [
+            (result["results"][shot][name]["mean"] - result["results"][shot][name]["ci95"],
+             result["results"][shot][name]["mean"] + result["results"][shot][name]["ci95"]) for shot in ("1-shot", "2-shot")
+        ]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["raw", "BPA"]
     assert [label.get_text() for label in axes.get_xticklabels()] == ["1-shot", "2-shot"]
     assert (axes.get_ylabel(), axes.get_title()) == ("accuracy (%)", "3-way few-shot, 20 episodes (95% CI)")
