@@ -242,3 +242,17 @@ def test_explicit_mean_and_std_are_kept_as_tuples_and_the_resize_follows_the_cro
     assert (data.mean, data.std) == ((0.1, 0.2, 0.3), (0.3, 0.2, 0.1))
     data.apply_recipe(DataRecipe(input_size=40, crop_pct=0.8, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)))
     assert (data.image_size, data.resize_size) == (40, 50)  # 40 / 0.8
+
+
+def test_evaluation_images_are_resized_with_the_configured_interpolation():
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+
+    def expected(mode: v2.InterpolationMode) -> torch.Tensor:
+        resized = v2.CenterCrop(16)(v2.Resize(20, interpolation=mode, antialias=True)(image))
+        return v2.Normalize([0.5] * 3, [0.25] * 3)(v2.ToDtype(torch.float32, scale=True)(resized))
+
+    bicubic, bilinear = expected(v2.InterpolationMode.BICUBIC), expected(v2.InterpolationMode.BILINEAR)
+    assert not torch.allclose(bicubic, bilinear)  # the test tells them apart
+    common = dict(image_size=16, resize_size=20, mean=(0.5,) * 3, std=(0.25,) * 3)
+    torch.testing.assert_close(synthetic_data(**common).eval_transform()(image), bicubic)  # the default
+    torch.testing.assert_close(synthetic_data(interpolation="bilinear", **common).eval_transform()(image), bilinear)

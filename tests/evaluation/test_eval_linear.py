@@ -249,3 +249,34 @@ def test_probe_takes_the_chosen_encoder_and_the_backbone_recipe(checkpoints, tmp
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
     export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)
     assert LinearProbe(str(export), num_classes=4).recipe == recipe
+
+
+def _attach(stage, datamodule) -> None:
+    """A stand-in trainer: what `setup` reads (the data module, the strategy's checkpoint I/O)."""
+    from types import SimpleNamespace
+
+    stage._trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(checkpoint_io=None))
+
+
+def test_cached_features_need_a_classification_data_module(checkpoints):
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, cache_features=True)
+    _attach(probe, ImagesOnly(synthetic_data()))
+    with pytest.raises(TypeError) as error:
+        probe.setup("fit")
+    assert str(error.value) == "cache_features needs a ClassificationDataModule (it serves the cached features)"
+
+
+def test_setup_names_the_backbone_in_recipe_warnings():
+    from bam.evaluation.data import RecipeMismatchWarning
+    from bam.recipe import DataRecipe
+
+    stage = Bare(4)  # no backbone among its settings: "the backbone"
+    stage.recipe = DataRecipe(input_size=48, crop_pct=1.0)
+    data = synthetic_data()  # 32 px, set explicitly
+    _attach(stage, data)
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        stage.setup("fit")
+    assert [str(warning.message) for warning in caught] == [
+        "data.image_size=32 differs from the image_size 48 that the backbone was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]
