@@ -280,3 +280,39 @@ def test_setup_names_the_backbone_in_recipe_warnings():
         "data.image_size=32 differs from the image_size 48 that the backbone was trained with (its data recipe); "
         "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
     ]
+
+
+class RecordGroups(pl.Callback):
+    """(lr, weight decay, momentum) of every parameter group as the optimiser is about to step."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[float, float, float]]] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.steps.append([(group["lr"], group["weight_decay"], group["momentum"]) for group in optimizer.param_groups])
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.0])
+def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, tmp_path, warmup_epochs):
+    """SGD at lr * 16 / 256, warmed up linearly from 0 over `warmup_epochs` (4 steps an epoch), then
+    cosine to min_lr over the remaining steps of 2 epochs; weight decay on the weight only, momentum
+    on both groups: against the schedule computed here."""
+    import math
+
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, lr=0.4, min_lr=0.001, warmup_epochs=warmup_epochs,
+                        weight_decay=0.01, momentum=0.8)
+    record = RecordGroups()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[record],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(probe, synthetic_data(batch_size=16, augment="none"))
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    peak, warmup, total = 0.4 * 16 / 256, int(4 * warmup_epochs), 8
+    expected = [peak * step / warmup for step in range(warmup)] + [
+        0.001 + 0.5 * (peak - 0.001) * (1 + math.cos(math.pi * step / (total - warmup))) for step in range(total - warmup)
+    ]
+    assert [[pytest.approx(lr) for lr, _, _ in groups] for groups in record.steps] == [[rate, rate] for rate in expected]
+    assert {(decay, momentum) for groups in record.steps for _, decay, momentum in groups} == {(0.0, 0.8), (0.01, 0.8)}
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(expected[-1])
