@@ -20,7 +20,7 @@ from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
 from bam.transforms import bpa
-from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, write_checkpoint
 
 HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
 # odd sizes: the shards of 2 processes differ in length and the last batches are partial
@@ -282,3 +282,64 @@ def test_run_knn_embeds_the_bank_on_the_selected_device(checkpoint, tmp_path, mo
     run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu",
             output_dir=str(tmp_path))
     assert devices == [torch.device("cpu")]
+
+
+@pytest.fixture(scope="module")
+def unnamed_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint that records its architecture's settings but not its name: loadable with arch= only."""
+    from io_layouts import bam_checkpoint
+
+    torch.manual_seed(1)
+    teacher, student = (build_backbone(CNN[0], **CNN[1]) for _ in range(2))
+    path = tmp_path_factory.mktemp("unnamed") / "unnamed.ckpt"
+    torch.save(bam_checkpoint(student, teacher, {"backbone_kwargs": CNN[1]}), path)
+    return path
+
+
+def test_arch_reaches_every_stage_that_reads_a_checkpoint(unnamed_checkpoint, tmp_path):
+    from bam.evaluation.finetune import FineTune
+    from bam.evaluation.linear import LinearProbe
+
+    path = str(unnamed_checkpoint)
+    with pytest.raises(Exception, match="pass arch= / --arch"):
+        resolve_backbone(path)  # without arch= the architecture is unknown
+    spec = resolve_backbone(path, arch="bam_cnn4")
+    assert (spec.model_name, spec.model_kwargs) == ("bam_cnn4", CNN[1])
+    data = synthetic_data(batch_size=BATCH, train_size=8, val_size=8)
+    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).recipe == "pooled"
+    assert frozen.embed_split(path, data, "testing", arch="bam_cnn4", accelerator="cpu").features.shape == (8, 32)
+    assert run_knn(path, data, arch="bam_cnn4", accelerator="cpu", output_dir=str(tmp_path))["bank_size"] == 8
+    assert LinearProbe(path, num_classes=4, arch="bam_cnn4").extractor.out_dim == 32
+    assert FineTune(path, num_classes=4, arch="bam_cnn4", drop_path_rate=0).architecture["model"] == "bam_cnn4"
+
+
+def test_a_random_init_baseline_by_timm_name():
+    spec = resolve_backbone("bam_cnn4")
+    assert (spec.model_name, spec.model_kwargs, spec.state, spec.recipe, spec.encoder, spec.source_format) == (
+        "bam_cnn4", {}, {}, None, "random init", "timm")
+
+
+def test_a_mismatching_architecture_is_named_in_the_error(checkpoint):
+    spec = resolve_backbone(str(checkpoint))
+    spec.model_kwargs = {"width": 16}  # the weights are width 8
+    with pytest.raises(Exception, match="do not fit architecture 'bam_cnn4'"):
+        build_from_spec(spec)
+
+
+def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_class_token(checkpoint, tmp_path):
+    from bam.evaluation.data import RecipeMismatchWarning
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), input_size=48, crop_pct=1.0)
+    export = export_backbone(checkpoint, tmp_path / "export", recipe=recipe)
+    data = synthetic_data()  # 32 px set explicitly, mean and std left to the backbone
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        frozen.frozen_extractor(str(export), None, None, "auto", data)
+    assert [str(warning.message) for warning in caught] == [
+        f"data.image_size=32 differs from the image_size 48 that {export} was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]
+    assert (data.mean, data.std, data.image_size) == ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), 32)
+    vit = write_checkpoint(tmp_path, *VIT)
+    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).recipe == "cls"
