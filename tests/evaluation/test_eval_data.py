@@ -256,3 +256,9 @@ def test_evaluation_images_are_resized_with_the_configured_interpolation():
     common = dict(image_size=16, resize_size=20, mean=(0.5,) * 3, std=(0.25,) * 3)
     torch.testing.assert_close(synthetic_data(**common).eval_transform()(image), bicubic)  # the default
     torch.testing.assert_close(synthetic_data(interpolation="bilinear", **common).eval_transform()(image), bilinear)
+
+
+def test_the_data_recipe_describes_the_preprocessing_in_use():
+    data = synthetic_data(image_size=32, resize_size=40, interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    assert data.data_recipe() == DataRecipe(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), input_size=32, crop_pct=0.8,
+                                            interpolation="bilinear")

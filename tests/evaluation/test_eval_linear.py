@@ -12,6 +12,7 @@ import yaml
 from torchvision.io import write_png
 
 from bam.evaluation import classifier
+from bam.evaluation import linear as linear_module
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
@@ -68,7 +69,7 @@ def test_defaults_are_the_authors_protocol(checkpoints):
     assert probe.head[1].weight.shape == (1000, 2 * 48)
 
 
-def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path):
+def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path, monkeypatch):
     probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, cache_features=True)
     moves, move = [], probe.extractor.to
     probe.extractor.to = lambda *args, **kwargs: moves.append(args) or move(*args, **kwargs)  # a GPU run moves it there
@@ -78,8 +79,14 @@ def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path):
         default_root_dir=tmp_path,
     )
     data = synthetic_data(batch_size=16, augment="none")
+    embedded = []
+    real = linear_module.embed_dataset
+    monkeypatch.setattr(linear_module, "embed_dataset",
+                        lambda dataset, fn, *args: embedded.append((len(dataset), fn, *args)) or real(dataset, fn, *args))
     trainer.fit(probe, data)
     assert moves == [(torch.device("cpu"),)] and len(data.cache["train"]) == 64
+    # both splits, each with the trainer's device and the data module's batch size and workers
+    assert embedded == [(64, probe.extractor, torch.device("cpu"), 16, 0), (32, probe.extractor, torch.device("cpu"), 16, 0)]
 
 
 def test_optimiser_settings_reach_the_stage(checkpoints):
