@@ -169,3 +169,20 @@ def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freeze
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
     export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)
     assert FineTune(str(export), num_classes=4, drop_path_rate=0).recipe == recipe
+
+
+def test_a_checkpoint_saved_without_a_trainer_records_the_backbone_recipe(checkpoints, tmp_path):
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
+    model = FineTune(str(export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)), num_classes=4,
+                     drop_path_rate=0)
+    checkpoint = {"state_dict": {}}
+    model.on_save_checkpoint(checkpoint)  # no trainer, no data module: the backbone's own recipe
+    assert checkpoint[ARCHITECTURE_KEY] == {
+        "model": "bam_cnn4", "model_kwargs": {"width": 8}, "data_recipe": recipe.to_dict(),
+    }
+    plain = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0)
+    plain.on_save_checkpoint(checkpoint)
+    assert checkpoint[ARCHITECTURE_KEY]["data_recipe"] is None  # none recorded, none made up
