@@ -333,3 +333,13 @@ def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, mon
         signs = torch.sign((offsets * expected).sum(0))  # a principal direction's sign is arbitrary
         torch.testing.assert_close(offsets * signs, expected, atol=1e-4, rtol=1e-3)
         assert scatter.get_cmap().name == "tab20" and scatter.get_alpha() == 0.8
+
+
+def test_bpa_defaults_and_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+    settled = []
+    real = cluster.settle_accounts
+    monkeypatch.setattr(cluster, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    data = synthetic_data(batch_size=16, train_size=8, val_size=12)
+    result = run_clustering(str(checkpoint), data, restarts=1, output_dir=str(tmp_path), accelerator="cpu")
+    assert settled == [(tmp_path / "skipped_files.tsv", torch.device("cpu"))]
+    assert result["bpa_settings"] == {"reg": 0.1, "iterations": 10} and set(result) >= {"raw", "bpa"}

@@ -145,6 +145,9 @@ def test_command_line_defaults_seed_and_shipped_config_names(capsys):
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["seed_everything"] == 0  # a run is reproducible without being told a seed
+    # the last checkpoint only, and the curves, as options of their own
+    assert (printed["checkpoint"]["save_last"], printed["checkpoint"]["save_top_k"]) == (True, 0)
+    assert "plots" in printed and "dirpath" in printed["checkpoint"]
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", "demo", "--print_config"])  # configs/eval/linear_demo.yaml by name
     assert exit_info.value.code in (None, 0)
@@ -323,3 +326,33 @@ def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, t
     assert [[pytest.approx(lr) for lr, _, _ in groups] for groups in record.steps] == [[rate, rate] for rate in expected]
     assert {(decay, momentum) for groups in record.steps for _, decay, momentum in groups} == {(0.0, 0.8), (0.01, 0.8)}
     assert trainer.callback_metrics["train/lr"].item() == pytest.approx(expected[-1])
+
+
+def test_setup_names_the_probed_backbone_in_recipe_warnings(checkpoints, tmp_path):
+    from bam.evaluation.data import RecipeMismatchWarning
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=DataRecipe(input_size=48, crop_pct=1.0))
+    probe = LinearProbe(str(export), num_classes=4)
+    _attach(probe, synthetic_data())  # 32 px, set explicitly
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        probe.setup("fit")
+    assert [str(warning.message) for warning in caught] == [
+        f"data.image_size=32 differs from the image_size 48 that {export} was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]
+
+
+def test_runs_go_to_runs_linear_by_default_and_user_errors_end_in_one_line(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.backbone", str(checkpoints["cnn"]), "--model.cache_features", "true", *synthetic_args(),
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"]
+    main(args)
+    assert json.loads((tmp_path / "runs" / "linear" / "results.json").read_text())["val"]["last_epoch"] == 1
+    assert (tmp_path / "runs" / "linear" / "checkpoints" / "last.ckpt").is_file()
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--ckpt_path", str(missing)])
+    assert exit_info.value.code == f"bam linear: checkpoint file not found: {str(missing)!r} (--ckpt_path)"
