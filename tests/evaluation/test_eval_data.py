@@ -215,6 +215,10 @@ def test_the_warning_names_the_backbone_by_default():
         "data.image_size=32 differs from the image_size 48 that the backbone was trained with (its data recipe); "
         "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
     ]  # resize_size: 32 / crop_pct 1.0 = 32, as set
+    # attributed to the code that called apply_recipe (stacklevel), not to bam's own warn call
+    import linecache
+
+    assert "warnings.warn(" not in linecache.getline(caught[0].filename, caught[0].lineno)
 
 
 def test_data_module_defaults_are_the_documented_ones():
