@@ -221,6 +221,9 @@ def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monke
     assert path == tmp_path / "new" / "folder" / "clusters.png" and path.read_bytes().startswith(b"\x89PNG")
     panels = figures[0].axes
     assert tuple(figures[0].get_size_inches()) == pytest.approx((3 * 4.6, 4.2))  # one 4.6-inch panel each
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    assert isinstance(figures[0].get_layout_engine(), ConstrainedLayoutEngine)  # titles and labels kept apart
     assert [axes.get_title() for axes in panels] == [
         "classes (labels)",
         "k-means on the features: NMI 0.12, ARI 0.46, acc 0.79",
