@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bam.cli import STAGES
 from bam.evaluation import cluster, knn_stage
+from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.cluster import cluster_accuracy, clustering_metrics, kmeans, run_clustering
+from bam.transforms import bpa
 from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
 
 
@@ -218,6 +221,9 @@ def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monke
     assert path == tmp_path / "new" / "folder" / "clusters.png" and path.read_bytes().startswith(b"\x89PNG")
     panels = figures[0].axes
     assert tuple(figures[0].get_size_inches()) == pytest.approx((3 * 4.6, 4.2))  # one 4.6-inch panel each
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    assert isinstance(figures[0].get_layout_engine(), ConstrainedLayoutEngine)  # titles and labels kept apart
     assert [axes.get_title() for axes in panels] == [
         "classes (labels)",
         "k-means on the features: NMI 0.12, ARI 0.46, acc 0.79",
@@ -228,3 +234,115 @@ def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monke
         assert scatter.get_offsets().shape == (15, 2)
         assert scatter.get_array().tolist() == colours.tolist()
         assert (axes.get_xlabel(), axes.get_ylabel()) == ("first principal component", "second principal component")
+
+
+def test_run_clustering_settings_reach_k_means_and_bpa(checkpoint, tmp_path, capsys, monkeypatch):
+    """Every setting changed from its default, against k-means recomputed here on the student's
+    features of a class-balanced half of the training split and on their BPA transform."""
+    calls = []
+    real = cluster.kmeans
+    monkeypatch.setattr(cluster, "kmeans", lambda points, *args, **kwargs: calls.append((args, kwargs)) or real(points, *args, **kwargs))
+    data = synthetic_data(batch_size=16, train_size=32, val_size=20)
+    out = tmp_path / "out"
+    result = run_clustering(str(checkpoint), data, num_clusters=3, restarts=2, kmeans_iterations=7, seed=5, bpa=True,
+                            bpa_reg=0.3, bpa_iterations=4, output_dir=str(out), which="student", split="train",
+                            fraction=0.5, accelerator="cpu")
+    assert calls == [((3,), {"restarts": 2, "iterations": 7, "seed": 5})] * 2
+    model = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    dataset = data.eval_dataset("train", 0.5)
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    raw = F.normalize(features, dim=1)
+    expected = {}
+    for name, points in (("raw", raw), ("bpa", F.normalize(bpa(raw, 0.3, 4), dim=1))):
+        assignment, _, inertia = real(points, 3, restarts=2, iterations=7, seed=5)
+        expected[name] = {**clustering_metrics(labels, assignment), "inertia": pytest.approx(inertia, rel=1e-4)}
+    assert result == {
+        **expected, "num_images": 16, "num_clusters": 3, "split": "train", "files": None, "backbone": str(checkpoint),
+        "feature": "pooled", "restarts": 2, "seed": 5, "bpa_settings": {"reg": 0.3, "iterations": 4},
+    }
+    text = (out / "cluster_results.json").read_text()
+    assert json.loads(text) == result and text == json.dumps(result, indent=2)
+    assert capsys.readouterr().out == cluster.format_table(result) + "\n"
+    assert (out / "clusters.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_clusters_default_to_the_number_of_classes_and_the_features_of_the_teacher(checkpoint, tmp_path):
+    data = synthetic_data(batch_size=16, train_size=32, val_size=20)
+    result = run_clustering(str(checkpoint), data, restarts=1, bpa=False, output_dir=str(tmp_path), accelerator="cpu")
+    model = build_from_spec(resolve_backbone(str(checkpoint)))
+    dataset = data.eval_dataset("val")
+    with torch.no_grad():
+        features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    assignment, _, inertia = kmeans(F.normalize(features, dim=1), 4, restarts=1, iterations=100, seed=0)
+    assert result["raw"] == {**clustering_metrics(labels, assignment), "inertia": pytest.approx(inertia, rel=1e-4)}
+    assert (result["num_clusters"], result["num_images"], result["split"]) == (4, 20, "val")
+
+
+def test_results_go_to_runs_cluster_by_default(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_clustering(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), restarts=1, bpa=False,
+                   accelerator="cpu")
+    assert sorted(path.name for path in (tmp_path / "runs" / "cluster").iterdir()) == ["cluster_results.json", "clusters.png"]
+
+
+def test_kmeans_into_as_many_clusters_as_points_gives_integer_assignments():
+    points = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    assignment, centroids, inertia = kmeans(points, 6, restarts=1)
+    assert assignment.dtype == torch.int64 and sorted(assignment.tolist()) == list(range(6))  # one point each
+    assert inertia == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(centroids[assignment], points)
+
+
+def test_cluster_features_adds_the_bpa_space_by_default_and_up_to_the_set_limit(monkeypatch):
+    points, labels = _blobs(per_cluster=5, num_clusters=3)
+    metrics, assignments = cluster.cluster_features(points, labels, 3, restarts=1)
+    assert list(metrics) == list(assignments) == ["raw", "bpa"]
+    monkeypatch.setattr(cluster, "BPA_MAX_SET", 15)
+    assert list(cluster.cluster_features(points, labels, 3, restarts=1)[0]) == ["raw", "bpa"]  # 15 images: allowed
+    monkeypatch.setattr(cluster, "BPA_MAX_SET", 14)
+    with pytest.raises(ValueError) as error:
+        cluster.cluster_features(points, labels, 3, restarts=1)
+    assert str(error.value) == (
+        "BPA transforms all 15 images as one set, more than BPA_MAX_SET=14 (its affinities would not fit); "
+        "cluster a class-balanced `fraction` of the split"
+    )
+
+
+def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+
+    class RecordedFigure(matplotlib.figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+    points, labels = _blobs(per_cluster=6, num_clusters=3, dim=5)
+    points = points + 3.0  # far from the origin: centring matters
+    metrics = {"raw": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
+    cluster.plot_clusters(points, labels, {"raw": labels}, metrics, tmp_path / "clusters.png")
+    unit = F.normalize(points, dim=1)
+    centred = unit - unit.mean(0)
+    _, _, right = torch.linalg.svd(centred, full_matrices=False)
+    expected = centred @ right[:2].T
+    for axes in figures[0].axes:
+        (scatter,) = axes.collections
+        offsets = torch.tensor(scatter.get_offsets().data, dtype=torch.float32)
+        signs = torch.sign((offsets * expected).sum(0))  # a principal direction's sign is arbitrary
+        torch.testing.assert_close(offsets * signs, expected, atol=1e-4, rtol=1e-3)
+        assert scatter.get_cmap().name == "tab20" and scatter.get_alpha() == 0.8
+
+
+def test_bpa_defaults_and_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+    settled = []
+    real = cluster.settle_accounts
+    monkeypatch.setattr(cluster, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    data = synthetic_data(batch_size=16, train_size=8, val_size=12)
+    result = run_clustering(str(checkpoint), data, restarts=1, output_dir=str(tmp_path), accelerator="cpu")
+    assert settled == [(tmp_path / "skipped_files.tsv", torch.device("cpu"))]
+    assert result["bpa_settings"] == {"reg": 0.1, "iterations": 10} and set(result) >= {"raw", "bpa"}

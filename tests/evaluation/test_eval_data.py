@@ -14,7 +14,7 @@ from torchvision.io import write_png
 from torchvision.transforms import v2
 
 from bam.evaluation import data as data_module
-from bam.evaluation.data import FolderClassificationData, RecipeMismatchWarning
+from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData, RecipeMismatchWarning
 from bam.recipe import DataRecipe
 from eval_fixtures import synthetic_data
 
@@ -204,3 +204,65 @@ def test_timm_recipe_steps_follow_the_settings():
     assert {op.magnitude for op in augment.ops} == {9}
     posterize = [op for op in augment.ops if op.name.startswith("Posterize")]
     assert posterize and all(op.aug_fn is data_module._posterize for op in posterize)
+
+
+def test_the_warning_names_the_backbone_by_default():
+    data = synthetic_data(image_size=32, resize_size=32)
+    recipe = DataRecipe(input_size=48, crop_pct=1.0)
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        data.apply_recipe(recipe)
+    assert [str(warning.message) for warning in caught] == [
+        "data.image_size=32 differs from the image_size 48 that the backbone was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]  # resize_size: 32 / crop_pct 1.0 = 32, as set
+    # attributed to the code that called apply_recipe (stacklevel), not to bam's own warn call
+    import linecache
+
+    assert "warnings.warn(" not in linecache.getline(caught[0].filename, caught[0].lineno)
+
+
+def test_data_module_defaults_are_the_documented_ones():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    data = BuiltinClassificationData("synthetic")
+    assert (data.batch_size, data.num_workers, data.augment, data.crop_scale, data.hflip_prob, data.auto_augment,
+            data.color_jitter, data.re_prob, data.fraction, data.seed) == (
+        256, 8, "crop_flip", (0.08, 1.0), 0.5, None, 0.4, 0.0, 1.0, 0)
+    # ImageNet's recipe for what is left unset: 224 px from 256, bicubic, ImageNet mean and std
+    assert (data.image_size, data.resize_size, data.interpolation, data.mean, data.std) == (
+        224, 256, "bicubic", tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert data.cache == {} and data.train_source is None and data.val_source is None
+    assert BuiltinClassificationData().name == "mnist" and BuiltinClassificationData().options == {}
+
+
+def test_unknown_augmentation_message_in_full():
+    with pytest.raises(ValueError) as error:
+        synthetic_data(augment="randaug")
+    assert str(error.value) == "unknown augmentation 'randaug'; choose one of ['crop_flip', 'none', 'timm']"
+
+
+def test_explicit_mean_and_std_are_kept_as_tuples_and_the_resize_follows_the_crop_fraction():
+    data = synthetic_data(mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1], image_size=None, resize_size=None)
+    assert (data.mean, data.std) == ((0.1, 0.2, 0.3), (0.3, 0.2, 0.1))
+    data.apply_recipe(DataRecipe(input_size=40, crop_pct=0.8, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)))
+    assert (data.image_size, data.resize_size) == (40, 50)  # 40 / 0.8
+
+
+def test_evaluation_images_are_resized_with_the_configured_interpolation():
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+
+    def expected(mode: v2.InterpolationMode) -> torch.Tensor:
+        resized = v2.CenterCrop(16)(v2.Resize(20, interpolation=mode, antialias=True)(image))
+        return v2.Normalize([0.5] * 3, [0.25] * 3)(v2.ToDtype(torch.float32, scale=True)(resized))
+
+    bicubic, bilinear = expected(v2.InterpolationMode.BICUBIC), expected(v2.InterpolationMode.BILINEAR)
+    assert not torch.allclose(bicubic, bilinear)  # the test tells them apart
+    common = dict(image_size=16, resize_size=20, mean=(0.5,) * 3, std=(0.25,) * 3)
+    torch.testing.assert_close(synthetic_data(**common).eval_transform()(image), bicubic)  # the default
+    torch.testing.assert_close(synthetic_data(interpolation="bilinear", **common).eval_transform()(image), bilinear)
+
+
+def test_the_data_recipe_describes_the_preprocessing_in_use():
+    data = synthetic_data(image_size=32, resize_size=40, interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    assert data.data_recipe() == DataRecipe(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), input_size=32, crop_pct=0.8,
+                                            interpolation="bilinear")

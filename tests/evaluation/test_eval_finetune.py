@@ -121,3 +121,68 @@ def test_defaults_are_the_beit_mae_recipe_without_ema(checkpoints):
     mixup = model.mixup
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
             mixup.num_classes) == (0.8, 1.0, 1.0, 0.5, 0.1, 4)
+
+
+class RecordWeights(pl.Callback):
+    """The model's and the EMA's weights after every optimiser step (the EMA updates right after it)."""
+
+    def __init__(self) -> None:
+        self.model: list[dict] = []
+        self.ema: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.model.append({name: value.clone() for name, value in module.model.state_dict().items()})
+        self.ema.append({name: value.clone() for name, value in module.ema.module.state_dict().items()})
+
+
+def test_ema_copies_the_model_at_the_first_step_then_averages(checkpoints, tmp_path):
+    pl.seed_everything(0)
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, mixup=0, cutmix=0, ema=True,
+                     ema_decay=0.5, warmup_epochs=0, lr=0.5)
+    record = RecordWeights()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, synthetic_data(batch_size=16))
+    assert len(record.model) == 2
+    first, second = record.model
+    weight = "head.weight"
+    assert torch.equal(record.ema[0][weight], first[weight])  # timm's convention: the first update copies
+    assert not torch.equal(first[weight], second[weight])
+    torch.testing.assert_close(record.ema[1][weight], 0.5 * first[weight] + 0.5 * second[weight])
+
+
+def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freezes_the_average(checkpoints, tmp_path):
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, which="student", drop_path_rate=0, ema=True)
+    for name, value in student.items():
+        assert torch.equal(model.model.state_dict()[name], value), name
+    assert model.recipe is None and model.architecture == {"model": "bam_cnn4", "model_kwargs": {"width": 8}}
+    assert not any(parameter.requires_grad for parameter in model.ema.parameters())  # the average is not trained
+    assert all(parameter.requires_grad for parameter in model.model.parameters())
+    assert model.ema.decay == 0.9999 and list(model.val_metrics) == ["val", "val_ema"]
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
+    export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)
+    assert FineTune(str(export), num_classes=4, drop_path_rate=0).recipe == recipe
+
+
+def test_a_checkpoint_saved_without_a_trainer_records_the_backbone_recipe(checkpoints, tmp_path):
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)
+    model = FineTune(str(export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=recipe)), num_classes=4,
+                     drop_path_rate=0)
+    checkpoint = {"state_dict": {}}
+    model.on_save_checkpoint(checkpoint)  # no trainer, no data module: the backbone's own recipe
+    assert checkpoint[ARCHITECTURE_KEY] == {
+        "model": "bam_cnn4", "model_kwargs": {"width": 8}, "data_recipe": recipe.to_dict(),
+    }
+    plain = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0)
+    plain.on_save_checkpoint(checkpoint)
+    assert checkpoint[ARCHITECTURE_KEY]["data_recipe"] is None  # none recorded, none made up

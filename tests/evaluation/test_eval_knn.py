@@ -9,14 +9,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from bam.evaluation import frozen, knn_class_scores, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.classifier import accuracy_metrics
+from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
-from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+from bam.transforms import bpa
+from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, write_checkpoint
 
 HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
 # odd sizes: the shards of 2 processes differ in length and the last batches are partial
@@ -211,3 +215,140 @@ def test_accelerator_defaults_to_auto(checkpoint, tmp_path, monkeypatch):
     frozen.embed_split(str(checkpoint), data, "testing")
     run_knn(str(checkpoint), data, output_dir=str(tmp_path))
     assert asked == ["auto", "auto"]  # CUDA when available
+
+
+def _embedded(model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(images), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, capsys):
+    """Every setting changed from its default, against the vote recomputed here: the student's
+    features, a class-balanced half of the training split as bank, each query batch transformed by
+    BPA (reg 0.2, 3 iterations) together with the bank, then k=3 neighbours at T=0.5 over 8 classes
+    (top-5 is not trivially right)."""
+    options = {"train_size": 48, "val_size": 22, "image_size": 32, "num_classes": 8}
+    data = BuiltinClassificationData("synthetic", options, image_size=32, resize_size=32, num_workers=0, batch_size=8)
+    out = tmp_path / "out"
+    result = run_knn(str(checkpoint), data, which="student", k=3, temperature=0.5, bank_fraction=0.5,
+                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=True, bpa_reg=0.2, bpa_iterations=3)
+    student = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    bank, bank_labels = _embedded(student, data.eval_dataset("train", 0.5))
+    queries, labels = _embedded(student, data.eval_dataset("val"))
+    assert len(bank) == 24 and torch.equal(bank_labels.bincount(), torch.full((8,), 3))
+    bank = F.normalize(bank, dim=1)
+    metrics = accuracy_metrics(8)
+    for start in range(0, len(queries), 8):  # one BPA set per query batch of 8: bank + batch
+        moved = bpa(torch.cat([bank, queries[start : start + 8]]), 0.2, 3)
+        scores = knn_class_scores(moved[24:], moved[:24], bank_labels, 8, k=3, temperature=0.5)
+        metrics.update(scores, labels[start : start + 8])
+    expected = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    assert 0 < expected["top1"] < expected["top5"] < 100  # the test can tell top-1 from top-5 and from chance
+    assert result == {
+        **expected, "k": 3, "temperature": 0.5, "bank_size": 24, "num_queries": 22, "files": None,
+        "backbone": str(checkpoint), "feature": "pooled", "bpa": {"reg": 0.2, "iterations": 3},
+    }
+    assert json.loads((out / "knn_results.json").read_text()) == result
+    assert capsys.readouterr().out == (
+        f"k-NN (k=3, T=0.5, pooled features + BPA): top-1 {expected['top1']:.2f}%  top-5 {expected['top5']:.2f}%  "
+        "(22 queries, bank of 24)\n"
+    )
+
+
+def test_results_go_to_runs_knn_by_default(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu")
+    assert [path.name for path in (tmp_path / "runs" / "knn").iterdir()] == ["knn_results.json"]
+
+
+def test_embed_split_takes_the_chosen_encoder_split_fraction_and_names_its_purpose(checkpoint, capsys):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=24)
+    embedded = frozen.embed_split(str(checkpoint), data, "testing", which="student", feature="pooled", split="val",
+                                  fraction=0.5, accelerator="cpu")
+    features, labels = _embedded(build_from_spec(resolve_backbone(str(checkpoint), which="student")),
+                                 data.eval_dataset("val", 0.5))
+    assert len(labels) == 12
+    torch.testing.assert_close(embedded.features, features)
+    assert torch.equal(embedded.labels, labels) and embedded.split == "val"
+    assert "testing: embedding the val split: 100%" in capsys.readouterr().err
+
+
+def test_run_knn_embeds_the_bank_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+    devices = []
+    real = knn_stage.embed_dataset
+    monkeypatch.setattr(knn_stage, "embed_dataset",
+                        lambda dataset, fn, device, *args, **kwargs: devices.append(device) or real(dataset, fn, device, *args, **kwargs))
+    run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu",
+            output_dir=str(tmp_path))
+    assert devices == [torch.device("cpu")]
+
+
+@pytest.fixture(scope="module")
+def unnamed_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint that records its architecture's settings but not its name: loadable with arch= only."""
+    from io_layouts import bam_checkpoint
+
+    torch.manual_seed(1)
+    teacher, student = (build_backbone(CNN[0], **CNN[1]) for _ in range(2))
+    path = tmp_path_factory.mktemp("unnamed") / "unnamed.ckpt"
+    torch.save(bam_checkpoint(student, teacher, {"backbone_kwargs": CNN[1]}), path)
+    return path
+
+
+def test_arch_reaches_every_stage_that_reads_a_checkpoint(unnamed_checkpoint, tmp_path):
+    from bam.evaluation.finetune import FineTune
+    from bam.evaluation.linear import LinearProbe
+
+    path = str(unnamed_checkpoint)
+    with pytest.raises(Exception, match="pass arch= / --arch"):
+        resolve_backbone(path)  # without arch= the architecture is unknown
+    spec = resolve_backbone(path, arch="bam_cnn4")
+    assert (spec.model_name, spec.model_kwargs) == ("bam_cnn4", CNN[1])
+    data = synthetic_data(batch_size=BATCH, train_size=8, val_size=8)
+    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).recipe == "pooled"
+    assert frozen.embed_split(path, data, "testing", arch="bam_cnn4", accelerator="cpu").features.shape == (8, 32)
+    assert run_knn(path, data, arch="bam_cnn4", accelerator="cpu", output_dir=str(tmp_path))["bank_size"] == 8
+    assert LinearProbe(path, num_classes=4, arch="bam_cnn4").extractor.out_dim == 32
+    assert FineTune(path, num_classes=4, arch="bam_cnn4", drop_path_rate=0).architecture["model"] == "bam_cnn4"
+
+
+def test_a_random_init_baseline_by_timm_name():
+    spec = resolve_backbone("bam_cnn4")
+    assert (spec.model_name, spec.model_kwargs, spec.state, spec.recipe, spec.encoder, spec.source_format) == (
+        "bam_cnn4", {}, {}, None, "random init", "timm")
+
+
+def test_a_mismatching_architecture_is_named_in_the_error(checkpoint):
+    spec = resolve_backbone(str(checkpoint))
+    spec.model_kwargs = {"width": 16}  # the weights are width 8
+    with pytest.raises(Exception, match="do not fit architecture 'bam_cnn4'"):
+        build_from_spec(spec)
+
+
+def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_class_token(checkpoint, tmp_path):
+    from bam.evaluation.data import RecipeMismatchWarning
+    from bam.io.export import export_backbone
+    from bam.recipe import DataRecipe
+
+    recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), input_size=48, crop_pct=1.0)
+    export = export_backbone(checkpoint, tmp_path / "export", recipe=recipe)
+    data = synthetic_data()  # 32 px set explicitly, mean and std left to the backbone
+    with pytest.warns(RecipeMismatchWarning) as caught:
+        frozen.frozen_extractor(str(export), None, None, "auto", data)
+    assert [str(warning.message) for warning in caught] == [
+        f"data.image_size=32 differs from the image_size 48 that {export} was trained with (its data recipe); "
+        "using data.image_size=32 as set. Leave data.image_size unset to use the recipe's."
+    ]
+    assert (data.mean, data.std, data.image_size) == ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), 32)
+    vit = write_checkpoint(tmp_path, *VIT)
+    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).recipe == "cls"
+
+
+def test_run_knn_settles_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+    settled = []
+    real = knn_stage.settle_accounts
+    monkeypatch.setattr(knn_stage, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu",
+            output_dir=str(tmp_path))
+    assert settled == [(tmp_path / "skipped_files.tsv", torch.device("cpu"))]

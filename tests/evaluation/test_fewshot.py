@@ -192,6 +192,13 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
         [(pytest.approx(-0.2), pytest.approx(0.4)), (pytest.approx(0.8), pytest.approx(0.4))],
         [(pytest.approx(0.2), pytest.approx(0.4)), (pytest.approx(1.2), pytest.approx(0.4))],
     ]
+    # each bar's error bar spans the mean +- the 95% half-width
+    for container, name in zip(bars, ("raw", "bpa")):
+        (segments,) = [lines.get_segments() for lines in container.errorbar.lines[2]]
+        assert [(pytest.approx(low[1]), pytest.approx(high[1])) for low, high in segments] == [
+            (result["results"][shot][name]["mean"] - result["results"][shot][name]["ci95"],
+             result["results"][shot][name]["mean"] + result["results"][shot][name]["ci95"]) for shot in ("1-shot", "2-shot")
+        ]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["raw", "BPA"]
     assert [label.get_text() for label in axes.get_xticklabels()] == ["1-shot", "2-shot"]
     assert (axes.get_ylabel(), axes.get_title()) == ("accuracy (%)", "3-way few-shot, 20 episodes (95% CI)")
@@ -231,3 +238,75 @@ def test_stage_defaults_are_the_usual_protocol(tmp_path):
         "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
     }
+
+
+def test_results_go_to_runs_fewshot_by_default(tmp_path, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    monkeypatch.chdir(tmp_path)
+    run_fewshot(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=16), ways=2, shots=[1], queries=1,
+                episodes=1, bpa=False, accelerator="cpu")
+    assert sorted(path.name for path in (tmp_path / "runs" / "fewshot").iterdir()) == ["fewshot.png", "fewshot_results.json"]
+
+
+def test_episode_defaults_are_the_usual_protocol():
+    """5-way 1-shot, 15 queries per class, 600 seeded episodes (seed 0), BPA (reg 0.1, 10 iterations)
+    next to raw; per-episode accuracies in float64."""
+    features, labels = _blobs(per_class=16, classes=6, noise=1.0, seed=8)  # 16 = 1 shot + 15 queries
+    defaults = episode_accuracies(features, labels)
+    explicit = episode_accuracies(features, labels, ways=5, shots=1, queries=15, episodes=600, bpa=True, bpa_reg=0.1,
+                                  bpa_iterations=10, seed=0)
+    assert set(defaults) == {"raw", "bpa"}
+    for name, values in explicit.items():
+        assert values.dtype == defaults[name].dtype == torch.float64 and values.shape == (600,)
+        assert torch.equal(defaults[name], values), name
+    # the test tells the documented values from others: another seed, other BPA settings give other accuracies
+    assert not torch.equal(episode_accuracies(features, labels, episodes=20, seed=1)["raw"], explicit["raw"][:20])
+    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa_reg=1.1)["bpa"], explicit["bpa"][:20])
+    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa_iterations=1)["bpa"], explicit["bpa"][:20])
+    with pytest.raises(ValueError, match="needs 5 classes with at least 17 images"):
+        episode_accuracies(features, labels, shots=2)  # 2 shots + 15 queries: 17 images a class
+
+
+def test_two_way_episodes_are_allowed():
+    features, labels = _blobs(per_class=4, classes=2)
+    result = episode_accuracies(features, labels, ways=2, shots=1, queries=3, episodes=3, bpa=False)
+    assert torch.equal(result["raw"], torch.ones(3, dtype=torch.float64))  # well separated: always right
+
+
+def test_shot_counts_default_to_one_and_five():
+    features, labels = _blobs(per_class=20, classes=5, noise=1.0, seed=9)
+    result = evaluate_fewshot(features, labels, episodes=3, bpa=False)
+    for shots in (1, 5):
+        expected = episode_accuracies(features, labels, shots=shots, episodes=3, bpa=False)["raw"]
+        assert result[f"{shots}-shot"] == {"raw": fewshot.summarise(expected)}
+    assert list(result) == ["1-shot", "5-shot"]
+
+
+def test_interval_of_two_episodes():
+    # mean 75%, sample standard deviation 0.5 / sqrt(2): half-width 1.96 * 0.5 / sqrt(2) / sqrt(2) = 49%
+    assert fewshot.summarise(torch.tensor([0.5, 1.0], dtype=torch.float64)) == {"mean": 75.0, "ci95": pytest.approx(49.0)}
+
+
+def test_stage_passes_the_documented_defaults_on(tmp_path, monkeypatch):
+    asked = []
+
+    def recording(features, labels, shots, **settings):
+        asked.append((shots, settings))
+        return {f"{k}-shot": {"raw": {"mean": 50.0, "ci95": 1.0}} for k in shots}
+
+    monkeypatch.setattr(fewshot, "evaluate_fewshot", recording)
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    result = run_fewshot(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), accelerator="cpu",
+                         output_dir=str(tmp_path / "out"))
+    assert asked == [([1, 5], {"ways": 5, "queries": 15, "episodes": 600, "bpa": True, "bpa_reg": 0.1,
+                               "bpa_iterations": 10, "seed": 0})]
+    assert {key: value for key, value in result.items() if key not in ("results", "backbone")} == {
+        "ways": 5, "queries": 15, "episodes": 600, "split": "val", "num_images": 8, "feature": "pooled", "seed": 0,
+        "bpa_settings": {"reg": 0.1, "iterations": 10},
+    }
+
+
+def test_empty_shot_list_is_explained(tmp_path):
+    with pytest.raises(ValueError) as error:
+        run_fewshot("bam_cnn4", synthetic_data(), shots=[], accelerator="cpu", output_dir=str(tmp_path))
+    assert str(error.value) == "shots must list at least one shot count, e.g. [1, 5]"
