@@ -203,17 +203,23 @@ def test_knn_bpa_set_too_large_is_explained(monkeypatch):
         knn_stage.bpa_with_bank(torch.randn(4, 3), torch.randn(8, 3))
 
 
-def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, monkeypatch):
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every matplotlib Figure created during the test, in order."""
     import matplotlib.figure
 
-    figures = []
+    created = []
 
     class RecordedFigure(matplotlib.figure.Figure):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            figures.append(self)
+            created.append(self)
 
     monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+    return created
+
+
+def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, figures):
     points, labels = _blobs(per_cluster=5, num_clusters=3)
     assignments = {"raw": labels.flip(0), "bpa": labels}
     metrics = {"raw": {"nmi": 0.123, "ari": 0.456, "accuracy": 0.789}, "bpa": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
@@ -311,17 +317,7 @@ def test_cluster_features_adds_the_bpa_space_by_default_and_up_to_the_set_limit(
     )
 
 
-def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    figures = []
-
-    class RecordedFigure(matplotlib.figure.Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            figures.append(self)
-
-    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
+def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, figures):
     points, labels = _blobs(per_cluster=6, num_clusters=3, dim=5)
     points = points + 3.0  # far from the origin: centring matters
     metrics = {"raw": {"nmi": 1.0, "ari": 1.0, "accuracy": 1.0}}
