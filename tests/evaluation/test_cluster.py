@@ -13,7 +13,7 @@ from bam.evaluation import cluster, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.cluster import cluster_accuracy, clustering_metrics, kmeans, run_clustering
 from bam.transforms import bpa
-from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+from eval_fixtures import CNN, record_figures, synthetic_args, synthetic_data, write_checkpoint
 
 
 def _blobs(per_cluster: int = 30, num_clusters: int = 4, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,15 +208,7 @@ def figures(monkeypatch) -> list:
     """Every matplotlib Figure created during the test, in order."""
     import matplotlib.figure
 
-    created = []
-
-    class RecordedFigure(matplotlib.figure.Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(matplotlib.figure, "Figure", RecordedFigure)
-    return created
+    return record_figures(monkeypatch, matplotlib.figure)
 
 
 def test_plot_shows_classes_then_each_clustering_with_its_scores(tmp_path, figures):

@@ -89,13 +89,16 @@ def test_unknown_option_is_rejected_by_name(checkpoint, capsys):
     assert "temprature" in capsys.readouterr().err
 
 
-def _pooled(data, split: str, checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image of `split`, from the checkpoint's teacher built here."""
-    model = build_from_spec(resolve_backbone(str(checkpoint)))
-    dataset = data.eval_dataset(split)
+def _embedded(model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every image of `dataset`, embedded here in one batch."""
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     with torch.no_grad():
         return model(images), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+def _pooled(data, split: str, checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image of `split`, from the checkpoint's teacher built here."""
+    return _embedded(build_from_spec(resolve_backbone(str(checkpoint))), data.eval_dataset(split))
 
 
 def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, tmp_path, capsys):
@@ -215,12 +218,6 @@ def test_accelerator_defaults_to_auto(checkpoint, tmp_path, monkeypatch):
     frozen.embed_split(str(checkpoint), data, "testing")
     run_knn(str(checkpoint), data, output_dir=str(tmp_path))
     assert asked == ["auto", "auto"]  # CUDA when available
-
-
-def _embedded(model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    with torch.no_grad():
-        return model(images), torch.tensor([dataset[i][1] for i in range(len(dataset))])
 
 
 def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, capsys):

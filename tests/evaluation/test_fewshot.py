@@ -19,7 +19,7 @@ from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
 from bam.transforms import bpa
 from cli_runs import run_bam
-from eval_fixtures import CNN, synthetic_args, synthetic_data, write_checkpoint
+from eval_fixtures import CNN, record_figures, synthetic_args, synthetic_data, write_checkpoint
 
 
 
@@ -133,14 +133,7 @@ def test_stage_through_the_bam_command(tmp_path):
 
 
 def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
-    figures = []
-
-    class RecordedFigure(fewshot.Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            figures.append(self)
-
-    monkeypatch.setattr(fewshot, "Figure", RecordedFigure)
+    figures = record_figures(monkeypatch, fewshot)
     checkpoint = write_checkpoint(tmp_path, *CNN)
     data = synthetic_data(batch_size=16, train_size=32, val_size=32)
     out = tmp_path / "runs" / "fewshot"  # made with its parents

@@ -49,3 +49,17 @@ def trainer_args(run_dir: Path, max_epochs: int = 1) -> list[str]:
         "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
         "--trainer.logger", "false",
     ]
+
+
+def record_figures(monkeypatch, module: Any) -> list:
+    """Every `module.Figure` (matplotlib's Figure class, as `module` names it) created from now on
+    in the test, in order: plots are checked on the figure objects, not on the PNG's pixels."""
+    created = []
+
+    class RecordedFigure(module.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(module, "Figure", RecordedFigure)
+    return created
