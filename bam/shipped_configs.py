@@ -1,7 +1,8 @@
 """The configs shipped with bam, by name: `bam pretrain --config demo` instead of a path.
 
 A checkout keeps them in `configs/` beside the package; a built wheel carries a copy inside it as
-`bam/configs/` (see setup.py). Pretraining names are the files of `configs/pretrain/`; an
+`bam/configs/` (see setup.py). Pretraining names are the files of `configs/pretrain/`, study names
+those of `configs/study/`; an
 evaluation stage's are the files of `configs/eval/`, with or without the stage's prefix
 (`bam knn --config demo` is `configs/eval/knn_demo.yaml`).
 """
@@ -18,10 +19,14 @@ def configs_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
+# stages whose configs are every file of a folder of their own (the others share configs/eval/)
+OWN_FOLDER_STAGES = ("pretrain", "study")
+
+
 def shipped_configs(stage: str) -> dict[str, Path]:
     """Name -> file of the configs shipped for `stage`."""
-    if stage == "pretrain":
-        return {path.stem: path for path in sorted((configs_dir() / "pretrain").glob("*.yaml"))}
+    if stage in OWN_FOLDER_STAGES:
+        return {path.stem: path for path in sorted((configs_dir() / stage).glob("*.yaml"))}
     configs = {}
     for path in sorted((configs_dir() / "eval").glob(f"{stage}_*.yaml")):
         configs[path.stem] = path

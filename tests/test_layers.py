@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("training", "features"),
     ("methods",),
     ("callbacks", "evaluation"),
-    ("pretrain", "cli", "__main__", "__init__"),
+    ("pretrain", "study", "cli", "__main__", "__init__"),
 )
 # pairs (importer, imported) kept apart although the floors would allow it: evaluating a backbone
 # must not depend on how it was pretrained

@@ -1,0 +1,120 @@
+"""`bam study`: the bookkeeping in process (matched epochs, summaries, errors), and a whole toy
+study through the console script, resumed by running the same command again."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+import yaml
+
+from bam import study
+from bam.shipped_configs import shipped_configs
+from cli_runs import run_bam
+
+
+def test_cpu_budget_scales_each_arms_epochs_by_the_cost_ratio():
+    assert study.cpu_matched_epochs(15, arm_cost=600.0, reference_cost=400.0) == 10
+    assert study.cpu_matched_epochs(15, arm_cost=300.0, reference_cost=400.0) == 20
+    assert study.cpu_matched_epochs(2, arm_cost=1000.0, reference_cost=10.0) == 1  # never zero epochs
+
+
+def test_summary_is_the_mean_and_sample_std_per_budget_and_arm():
+    runs = [
+        {"budget": "epochs", "arm": "a", "seed": 0, "epochs": 3, "cpu_seconds": 10.0, "acc": 50.0},
+        {"budget": "epochs", "arm": "a", "seed": 1, "epochs": 3, "cpu_seconds": 14.0, "acc": 56.0},
+        {"budget": "epochs", "arm": "b", "seed": 0, "epochs": 3, "cpu_seconds": 20.0, "acc": 61.0},
+    ]
+    rows = study.summarise(runs, ["acc"])
+    assert [(row["budget"], row["arm"], row["seeds"]) for row in rows] == [("epochs", "a", 2), ("epochs", "b", 1)]
+    assert rows[0]["acc"] == 53.0 and rows[0]["acc_std"] == pytest.approx(statistics.stdev([50.0, 56.0]))
+    assert rows[0]["cpu_seconds"] == 12.0 and rows[1]["acc_std"] == 0.0
+    table = study.format_table(rows, ["acc"]).splitlines()
+    assert table[0] == "| budget | arm | seeds | epochs | CPU-s | acc |"
+    assert table[2] == "| epochs | a | 2 | 3 | 12 | 53.00 ± 4.24 |"
+
+
+def test_metrics_are_read_by_dotted_path_and_a_missing_one_is_named():
+    document = {"val": {"last_top1": 81.5}, "results": {"1": {"raw": {"mean": 40.0}}}}
+    assert study.json_value(document, "val.last_top1") == 81.5
+    assert study.json_value(document, "results.1.raw.mean") == 40.0
+    with pytest.raises(study.StudyError, match=r"results have no 'val\.best' \(no key 'best'\)"):
+        study.json_value(document, "val.best")
+
+
+@pytest.mark.parametrize(("arms", "budgets", "reference", "message"), [
+    (["a", "a"], ["epochs"], None, r"arms need unique names, got \['a', 'a'\]"),
+    (["a"], ["wall"], None, r"budgets must be among epochs, cpu, got \['wall'\]"),
+    (["a"], ["epochs"], "b", r"reference 'b' is not an arm; arms: a"),
+])
+def test_an_impossible_study_is_refused_before_any_run(arms, budgets, reference, message):
+    with pytest.raises(ValueError, match=message):
+        study.check_study([study.Arm(name, "demo") for name in arms], budgets, reference)
+
+
+def test_an_unknown_stage_is_named():
+    with pytest.raises(ValueError, match="evaluation stage 'knnn' is not one of knn, linear, fewshot, cluster"):
+        study.Evaluation("knnn", "knn_demo")
+
+
+def test_the_shipped_demo_study_names_configs_and_overrides_that_exist():
+    config = yaml.safe_load(shipped_configs("study")["demo"].read_text())
+    assert len(config["seeds"]) >= 3 and config["reference"] == "bam"
+    pretrain = shipped_configs("pretrain")
+    assert all(arm["config"] in pretrain for arm in config["arms"])
+    for evaluation in config["evaluations"]:
+        assert evaluation["config"] in shipped_configs(evaluation["stage"])
+
+
+# a toy study: 200 digits, 2 epochs of a small head; k-NN and clustering on the held-out digits
+TOY_PRETRAIN = ["--data.init_args.fraction=0.05", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1",
+                "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--trainer.max_epochs=2",
+                "--knn.every_n_epochs=1000", "--knn.compare_baselines=false", "--plots.enabled=false",
+                "--precise_bn.enabled=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_toy_study_through_the_console_script_and_resumed(tmp_path):
+    config = {
+        "output_dir": str(tmp_path / "study"), "seeds": [0, 1], "budgets": ["epochs", "cpu"], "reference": "bam",
+        "pretrain_args": TOY_PRETRAIN,
+        "arms": [{"name": "bam", "config": "demo"},
+                 {"name": "no_local_crops", "config": "demo", "overrides": ["--data.init_args.crops.num_local_crops=0"]}],
+        "evaluations": [{"stage": "knn", "config": "knn_demo", "args": ["--bank_fraction=0.05"]},
+                        {"stage": "cluster", "config": "cluster_demo", "args": ["--fraction=0.2", "--restarts=1"]}],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    first = run_bam(["study", "--config", str(tmp_path / "study.yaml")])
+    assert first.returncode == 0, first.stdout[-3000:]
+
+    runs = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
+    assert sorted((run["budget"], run["arm"], run["seed"]) for run in runs) == sorted(
+        (budget, arm, seed) for budget in ("epochs", "cpu") for arm in ("bam", "no_local_crops") for seed in "01")
+    for run in runs:  # every run's figures are its own stages' results
+        run_dir = tmp_path / "study" / run["budget"] / run["arm"] / f"seed_{run['seed']}"
+        knn = json.loads((run_dir / "knn" / "knn_results.json").read_text())
+        cluster = json.loads((run_dir / "cluster" / "cluster_results.json").read_text())
+        assert (float(run["knn_top1"]), float(run["nmi"])) == (knn["top1"], cluster["raw"]["nmi"])
+    cost = {arm: statistics.fmean(float(run["cpu_seconds"]) for run in runs
+                                  if run["arm"] == arm and run["budget"] == "epochs") for arm in ("bam", "no_local_crops")}
+    matched = {run["arm"]: int(run["epochs"]) for run in runs if run["budget"] == "cpu"}
+    assert matched == {"bam": 2, "no_local_crops": study.cpu_matched_epochs(2, cost["no_local_crops"], cost["bam"])}
+    # the reference's CPU budget is its own epochs: the same runs, not run twice
+    assert not (tmp_path / "study" / "cpu" / "bam").exists()
+
+    summary = list(csv.DictReader((tmp_path / "study" / "summary.csv").open()))
+    bam_epochs = next(row for row in summary if (row["budget"], row["arm"]) == ("epochs", "bam"))
+    top1 = [float(run["knn_top1"]) for run in runs if (run["budget"], run["arm"]) == ("epochs", "bam")]
+    assert float(bam_epochs["knn_top1"]) == pytest.approx(statistics.fmean(top1))
+    assert float(bam_epochs["knn_top1_std"]) == pytest.approx(statistics.stdev(top1))
+    assert (tmp_path / "study" / "study.png").stat().st_size > 0
+    assert (tmp_path / "study" / "summary.md").read_text().splitlines()[0].startswith("| budget | arm |")
+
+    # finished runs are read back: the second call starts no pretraining (no new log) and prints the same table
+    logs = {path: path.stat().st_mtime_ns for path in (tmp_path / "study").rglob("pretrain.log")}
+    second = run_bam(["study", "--config", str(tmp_path / "study.yaml")])
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in logs} == logs
+    assert (tmp_path / "study" / "summary.md").read_text() in second.stdout
