@@ -230,7 +230,7 @@ def run_study(
     budgets: list[str] = ["epochs", "cpu"],  # noqa: B006
     reference: str | None = None,
     pretrain_args: list[str] = [],  # noqa: B006
-    output_dir: Path = Path("runs/study"),
+    output_dir: str | Path = "runs/study",
 ) -> list[dict[str, Any]]:
     """Pretrain every arm with every seed, under each budget, evaluate each run, and write the table.
 
@@ -247,7 +247,7 @@ def run_study(
     Returns the summary rows (mean and standard deviation per budget and arm).
     """
     check_study(arms, budgets, reference)
-    reference = reference or arms[0].name
+    reference, output_dir = reference or arms[0].name, Path(output_dir)
     base_epochs = {arm.name: configured_epochs(arm, pretrain_args) for arm in arms}
     columns = [column for evaluation in evaluations for column in evaluation.columns]
     runs = [train_and_evaluate(output_dir / "epochs" / arm.name / f"seed_{seed}", arm, seed, base_epochs[arm.name],
