@@ -102,12 +102,13 @@ def bam_loss(
         z_target = F.normalize(teacher.detach().to(dtype), dim=1) if teacher is not None else None
         keys = target_columns(z if z_target is None else z_target, layout)  # step 2
         similarity = z @ keys.T  # step 3
-        with torch.no_grad():  # step 5
+        with torch.no_grad():  # step 5, over every row or the global crops' rows only
+            balanced = layout.balanced(objective.balance_local_rows)
             if z_target is None:
-                logits = _target_logits(similarity, objective.reg)
+                logits = _target_logits(similarity[: balanced.rows], objective.reg)
             else:  # a teacher's similarities are needed for nothing else: overwrite them
                 logits = (z_target @ keys.T).div_(objective.reg)
-            logits = fill_positives_(logits, -math.inf, layout)  # step 4
+            logits = fill_positives_(logits, -math.inf, balanced)  # step 4
             target = sinkhorn_distributed_(logits, objective.sinkhorn_iterations, rows=layout.target_rows)
             target = keep_top_k_(target.view(layout.num_global, layout.batch, -1), objective.top_k)
         return _SourceCrossEntropy.apply(similarity, target, objective.temperature, layout)  # steps 6 and 7

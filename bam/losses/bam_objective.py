@@ -7,7 +7,7 @@ blocks) both build on this module; neither imports the other's internals.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,10 @@ class BAMObjective:
         column_block_size: if > 0, compute in blocks of this many target columns (same result;
             memory O(V*B*block) instead of O(V*B*N) per process, about 4x the matmul time; see
             `bam.losses.blockwise`).
+        balance_local_rows: the local crops' rows take part in the Sinkhorn balancing (step 5, the
+            paper's form). False balances over the global crops' rows only, the rows that give
+            targets: a momentum teacher then embeds only the global crops (DINO's cost, a cheaper
+            step) and the loss takes teacher embeddings of `G * B` rows.
 
     Frozen: a schedule that changes `reg` between steps makes a new one (`dataclasses.replace`).
     """
@@ -41,9 +45,12 @@ class BAMObjective:
     top_k: int = 0
     positive_masking: bool = True
     column_block_size: int = 0
+    balance_local_rows: bool = True
 
     def __post_init__(self) -> None:
         require_positive(reg=self.reg, temperature=self.temperature)
+        if self.column_block_size > 0 and not self.balance_local_rows:
+            raise ValueError("balance_local_rows=False is computed on the whole matrix only: set column_block_size=0")
         if self.sinkhorn_iterations < 0:
             raise ValueError(f"sinkhorn_iterations must be >= 0, got {self.sinkhorn_iterations}")
         if self.column_block_size < 0:
@@ -94,6 +101,10 @@ class Layout:
         """Rows of the global crops, the ones that provide targets: `G * B`."""
         return self.num_global * self.batch
 
+    def balanced(self, local_rows: bool) -> Layout:
+        """The layout of the rows the Sinkhorn balances: all `V` crops, or the `G` global ones."""
+        return self if local_rows else replace(self, num_crops=self.num_global)
+
 
 def layout_of(
     student: torch.Tensor, teacher: torch.Tensor | None, num_crops: int, num_global_crops: int, objective: BAMObjective
@@ -108,12 +119,14 @@ def layout_of(
             f"{student.shape[0]} embedding rows are not divisible by num_crops={num_crops}; "
             "rows must be crop-major, num_crops blocks of B images each"
         )
-    if teacher is not None and teacher.shape != student.shape:
-        raise ValueError(
-            f"teacher embeddings have shape {tuple(teacher.shape)} but student embeddings have "
-            f"{tuple(student.shape)}; the teacher must embed the same crops"
-        )
     batch = student.shape[0] // num_crops
+    teacher_rows = student.shape[0] if objective.balance_local_rows else num_global_crops * batch
+    if teacher is not None and tuple(teacher.shape) != (teacher_rows, student.shape[1]):
+        crops = "same crops" if objective.balance_local_rows else "global crops only (balance_local_rows=False)"
+        raise ValueError(
+            f"teacher embeddings have shape {tuple(teacher.shape)} but must be {(teacher_rows, student.shape[1])} "
+            f"for student embeddings of {tuple(student.shape)}; the teacher must embed the {crops}"
+        )
     if objective.positive_masking and batch * world < 2:
         raise ValueError(
             f"positive masking needs at least 2 images in the global batch, got {batch} per process "

@@ -22,7 +22,8 @@ class BAMModule(SSLMethod):
         num_local_crops: local crops per image.
         objective: the objective's settings (`BAMObjective`: `num_target_crops`, `reg` at the start
             of training, `temperature`, `sinkhorn_iterations`, `top_k`, `positive_masking`,
-            `column_block_size`); in a config or on the command line `objective.reg` etc.
+            `column_block_size`, `balance_local_rows`); in a config or on the command line
+            `objective.reg` etc.
         reg_final: value `objective.reg` reaches linearly after `reg_warmup_epochs` (default: no
             schedule, `reg` stays).
         reg_warmup_epochs: length of the linear `reg` schedule, in epochs.
@@ -49,7 +50,12 @@ class BAMModule(SSLMethod):
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         self.check_crop_count(crops, self.loss_fn.num_crops)
-        return self.loss_fn(self.student(crops), self.teacher_embeddings(crops))
+        return self.loss_fn(self.student(crops), self.teacher_embeddings(self.teacher_inputs(crops)))
+
+    def teacher_inputs(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The crops the teacher embeds: all of them, or the global ones when the local crops'
+        rows take no part in the balancing (their teacher embeddings would go unused)."""
+        return crops if self.loss_fn.objective.balance_local_rows else crops[: self.loss_fn.num_global_crops]
 
     def chance_level(self, batch_size: int) -> float:
         return self.loss_fn.chance_level(batch_size * world_size())

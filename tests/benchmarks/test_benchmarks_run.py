@@ -65,12 +65,14 @@ def test_step_benchmark_runs_at_toy_size(capsys):
     for shape in ("demo", "vit_small"):
         assert set(results[shape]["bam"]) == {*bench.PHASES, "step"}
         assert set(results[shape]["backbone only"]) == {*bench.BACKBONE_ONLY_PHASES, "step"}
+        assert set(results[shape][bench.GLOBAL_ONLY]) == {*bench.PHASES, "step"}
         assert results[shape]["bam"]["teacher forward"] > 0  # both recipes have a momentum teacher
     ledger = results["run"]
     for part in ("training", "k-NN evaluations", "baselines", "BN re-estimation", "checkpointing"):
         assert ledger.cpu[part] > 0, part
     out = capsys.readouterr().out
     assert out.count("BAM step / backbone-only step:") == 2
+    assert out.count("BAM with a global-crops-only teacher (objective.balance_local_rows: false) / backbone-only step:") == 2
     assert "bam_vit_small_patch16_224, batch 4, 2x32 + 6x16 px" in out
     assert "Whole demo run (1 epochs" in out
 

@@ -54,21 +54,24 @@ def reference_loss(
     sinkhorn_iterations: int,
     top_k: int,
     positive_masking: bool,
+    balance_local_rows: bool = True,
 ) -> torch.Tensor:
-    """The whole objective on one process, in float64, from the spec's steps 1-7."""
+    """The whole objective on one process, in float64, from the spec's steps 1-7 (without
+    `balance_local_rows`, step 5 balances the global crops' rows alone)."""
     batch = student.shape[0] // num_crops
     z = torch.nn.functional.normalize(student.double(), dim=1)
     z_t = z if teacher is None else torch.nn.functional.normalize(teacher.double(), dim=1).detach()
     keys = z_t[: num_target_crops * batch]  # W = 1: crop-major target columns
     source_sim = z @ keys.T
-    target_sim = (z_t @ keys.T).detach()
+    target_sim = (z_t @ keys.T).detach()  # a teacher of the global crops alone gives their rows only
     rows, cols = source_sim.shape
     image_of_row = torch.arange(rows) % batch
     image_of_col = torch.arange(cols) % batch
     keep = torch.ones(rows, cols, dtype=torch.bool)
     if positive_masking:
         keep = image_of_row[:, None] != image_of_col[None, :]
-    plan = reference_target(target_sim, keep, reg, sinkhorn_iterations)
+    balanced = rows if balance_local_rows else num_global_crops * batch
+    plan = reference_target(target_sim[:balanced], keep[:balanced], reg, sinkhorn_iterations)
     targets = [plan[t * batch : (t + 1) * batch] for t in range(num_global_crops)]
     targets = reference_top_k(targets, top_k)
 
@@ -191,3 +194,38 @@ def test_teacher_receives_no_gradient(crops):
     loss.backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("crops", [(2, 6, 2), (2, 4, 1), (2, 0, 2)], ids=lambda c: f"G{c[0]}L{c[1]}T{c[2]}")
+@pytest.mark.parametrize("with_teacher", [False, True], ids=["no_teacher", "teacher"])
+@pytest.mark.parametrize("top_k", [0, 3], ids=["topk_off", "topk3"])
+def test_balancing_the_global_rows_alone_matches_the_reference(crops, with_teacher, top_k):
+    """`balance_local_rows=False`: the teacher embeds the global crops only and step 5 balances
+    their rows alone; the sources of every crop are unchanged."""
+    global_crops, local_crops, target_crops = crops
+    num_crops, batch = global_crops + local_crops, 5
+    student = _embeddings(num_crops * batch, 16, 0, torch.float64).requires_grad_()
+    teacher = None
+    if with_teacher:  # the global crops' rows of a perturbed student
+        teacher = student.detach()[: global_crops * batch] + 0.5 * _embeddings(global_crops * batch, 16, 1, torch.float64)
+    kwargs = dict(num_crops=num_crops, num_global_crops=global_crops, num_target_crops=target_crops, reg=0.05,
+                  temperature=0.1, sinkhorn_iterations=3, top_k=top_k, positive_masking=True)
+    loss = BAMLoss(**kwargs, balance_local_rows=False)(student, teacher)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_student = student.detach().requires_grad_()
+    ref_loss = reference_loss(ref_student, teacher, **kwargs, balance_local_rows=False)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_student)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+    if local_crops:  # the local rows' balancing mattered: the paper's form is another loss
+        full_teacher = None if teacher is None else torch.cat([teacher, student.detach()[global_crops * batch:]])
+        assert abs(BAMLoss(**kwargs)(student, full_teacher).item() - loss.item()) > 1e-6
+
+
+def test_a_teacher_of_every_crop_is_refused_when_only_global_rows_are_balanced():
+    student = _embeddings(8 * 4, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"teacher embeddings have shape \(32, 8\) but must be \(8, 8\) .*"
+                                         r"the teacher must embed the global crops only \(balance_local_rows=False\)"):
+        BAMLoss(8, 2, balance_local_rows=False)(student, student)
+    with pytest.raises(ValueError, match="balance_local_rows=False is computed on the whole matrix only"):
+        BAMLoss(8, 2, balance_local_rows=False, column_block_size=4)

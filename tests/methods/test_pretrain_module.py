@@ -211,3 +211,18 @@ def test_channels_last_computes_the_same_features_with_the_same_keys():
     torch.testing.assert_close(fast.student(crops), plain.student(crops), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.extract_features(crops[0]), plain.extract_features(crops[0]), atol=1e-5, rtol=1e-5)
     assert list(fast.state_dict()) == list(plain.state_dict())
+
+
+def test_teacher_embeds_only_the_global_crops_when_local_rows_are_not_balanced():
+    """`objective.balance_local_rows: false` is the cheaper step: the teacher's forward sees the
+    global crops alone, and the loss is the objective's on those embeddings."""
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, momentum_teacher=True,
+                      objective={"balance_local_rows": False}, **SMALL_HEAD)
+    crops = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    seen = []
+    model.teacher.register_forward_pre_hook(lambda module, args: seen.append([tuple(c.shape) for c in args[0]]))
+    loss = model.compute_loss(crops)
+    assert seen == [[(4, 3, 32, 32), (4, 3, 32, 32)]]
+    with torch.no_grad():
+        expected = model.loss_fn(model.student(crops), model.teacher(crops[:2]))
+    torch.testing.assert_close(loss, expected)
