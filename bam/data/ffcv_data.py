@@ -28,7 +28,7 @@ from bam.data.config import MultiCropConfig
 from bam.data.datasets import EVAL_CROP_FRACTION
 from bam.data.modules import SSLDataModule
 from bam.data.file_account import file_accounts_of, settle_accounts
-from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, stratified_split
+from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, class_count, stratified_split
 from bam.data.splits import listed_image_splits
 
 INSTALL_HINT = "FFCV is not installed: run `pip install 'bam-ssl[ffcv]'` (or scripts/install.sh), then retry"
@@ -318,6 +318,10 @@ class FFCVDataModule(SSLDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing to load up front: FFCV reads the files lazily."""
+
+    def class_count(self) -> int:
+        """Number of classes among the training file's labels (0: images written without classes)."""
+        return class_count(beton_labels(self.path))
 
     def training_set_size(self) -> int:
         """Images in the training file: FFCV's sample ids (the box store's rows) index the whole
