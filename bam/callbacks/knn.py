@@ -25,10 +25,11 @@ SPREAD_REPORT = "embedding_report.json"
 class OnlineKNN(pl.Callback):
     """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one.
 
-    The datamodule provides `class_count()` and `knn_dataloaders() -> (bank, query)` loaders of
-    labelled, normalised images (the bank is already bounded by the datamodule's `knn_bank_fraction`). Under DDP each
-    process embeds its own shard and the shards are gathered onto the CPU, so every row of the bank
-    is real and the device never holds the whole bank.
+    The datamodule provides `knn_dataloaders() -> (bank, query)` loaders of labelled, normalised
+    images (the bank is already bounded by the datamodule's `knn_bank_fraction`) and, as bam's
+    data modules do, `class_count()` (without it, k-NN is always on). Under DDP each process
+    embeds its own shard and the shards are gathered onto the CPU, so every row of the bank is
+    real and the device never holds the whole bank.
 
     At the end of training the last accuracies are printed and written to `knn_report.json` in
     the run's log directory (by rank 0, after every rank has finished its collectives). With
@@ -57,8 +58,9 @@ class OnlineKNN(pl.Callback):
         self.labelled = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        classes = trainer.datamodule.class_count()
-        self.labelled = classes >= 2
+        count_classes = getattr(trainer.datamodule, "class_count", None)  # a data module of your own may lack it
+        classes = None if count_classes is None else count_classes()
+        self.labelled = classes is None or classes >= 2
         if not self.labelled:
             found = "no class labels" if classes == 0 else "a single class"
             rank_zero_info(f"online k-NN is off: the training images have {found}, so any accuracy would read 100%; "
