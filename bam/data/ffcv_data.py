@@ -260,6 +260,7 @@ def _dead_workers_raise(ffcv_writer: ModuleType, partial: Path) -> Iterator[None
                 _thread.interrupt_main()
                 return
 
+    # FFCV's writer keeps no handle on its processes; the class it starts them with records them
     original, ffcv_writer.Process = ffcv_writer.Process, WatchedProcess
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
