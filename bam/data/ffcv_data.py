@@ -9,10 +9,14 @@ square at ``base_size``, and the crops are made batch-wise on the training devic
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import json
-from contextlib import contextmanager
+import multiprocessing
+import os
+import threading
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,9 +32,10 @@ from bam.data.config import MultiCropConfig
 from bam.data.datasets import EVAL_CROP_FRACTION
 from bam.data.modules import SSLDataModule
 from bam.data.file_account import file_accounts_of, settle_accounts
-from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, stratified_split
+from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, class_count, stratified_split
 from bam.data.splits import listed_image_splits
 
+PARTIAL_SUFFIX = ".partial"  # a .beton being written; renamed to its name once complete
 INSTALL_HINT = "FFCV is not installed: run `pip install 'bam-ssl[ffcv]'` (or scripts/install.sh), then retry"
 WriteMode = Literal["raw", "jpg", "proportion"]
 
@@ -173,7 +178,6 @@ def write_beton(
     """
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     if (val_fraction is None) != (val_output is None):
         raise ValueError("--val-fraction and --val-output go together: the held-out images need their own file")
@@ -186,8 +190,7 @@ def write_beton(
                                    compress_probability=compress_probability),
             "label": IntField(),
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(_NumpyImages(images))
+        write_complete(images, Path(path), fields, num_workers)
         print(f"wrote {len(images)} images to {path}: {selection.description}", flush=True)
         outputs.append({"path": str(path), "images": len(images), "selection": selection.description})
     accounts = file_accounts_of(*(selection.images for selection in selections))
@@ -196,6 +199,87 @@ def write_beton(
               "max_pixels": max_pixels}
     Path(f"{output}.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+class ConverterWorkerDied(RuntimeError):
+    """A process of FFCV's writer ended before its share of the images was written."""
+
+
+def write_complete(images: ImageSource, path: Path, fields: dict[str, Any], num_workers: int) -> None:
+    """Write ``images`` with FFCV's writer to ``path``, which appears only once complete.
+
+    The file is written as ``<path>.partial`` and renamed at the end, so an interrupted or failed
+    conversion never leaves a ``.beton`` that looks usable. FFCV's writer waits for its sample
+    count forever if one of its processes dies (a crash, the OOM killer): a watcher ends the wait
+    with ``ConverterWorkerDied`` instead (``write_complete`` must run in the main thread, where
+    the watcher's interrupt lands).
+    """
+    from ffcv import writer as ffcv_writer
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    writer = ffcv_writer.DatasetWriter(str(partial), fields, num_workers=num_workers)
+    try:
+        with _dead_workers_raise(ffcv_writer, partial):
+            writer.from_indexed_dataset(_NumpyImages(images))
+        os.replace(partial, path)
+    except BaseException:
+        _free_metadata(writer)
+        raise
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _free_metadata(writer: Any) -> None:
+    """Release the shared memory of a writer that failed (FFCV frees it only on success)."""
+    metadata = getattr(writer, "metadata_sm", None)  # absent if it failed before allocating it
+    if metadata is not None:
+        metadata.close()
+        with suppress(FileNotFoundError):
+            metadata.unlink()
+
+
+@contextmanager
+def _dead_workers_raise(ffcv_writer: ModuleType, partial: Path) -> Iterator[None]:
+    """Inside, the processes FFCV's writer starts are watched; the first that exits with an
+    error interrupts the main thread, the others are stopped and ``ConverterWorkerDied`` is raised."""
+    started: list[multiprocessing.Process] = []
+
+    class WatchedProcess(multiprocessing.Process):
+        def start(self) -> None:
+            super().start()
+            started.append(self)
+
+    dead: list[multiprocessing.Process] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.2):
+            dead.extend(process for process in list(started) if process.exitcode not in (None, 0))
+            if dead:
+                _thread.interrupt_main()
+                return
+
+    # FFCV's writer keeps no handle on its processes; the class it starts them with records them
+    original, ffcv_writer.Process = ffcv_writer.Process, WatchedProcess
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not dead:  # the user's Ctrl-C
+            raise
+        for process in started:
+            process.kill()
+        raise ConverterWorkerDied(
+            f"a writer process of FFCV (pid {dead[0].pid}) died with exit code {dead[0].exitcode} while writing "
+            f"{partial}; nothing was written (its error is printed above). Fix its cause and run again, or try "
+            "--num-workers 1"
+        ) from None
+    finally:
+        finished.set()
+        watcher.join()
+        ffcv_writer.Process = original
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.compress_probability, args.num_workers)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except ConverterWorkerDied as error:
+        raise SystemExit(f"bam data ffcv: {error}") from None
     return 0
 
 
@@ -318,6 +404,10 @@ class FFCVDataModule(SSLDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing to load up front: FFCV reads the files lazily."""
+
+    def class_count(self) -> int:
+        """Number of classes among the training file's labels (0: images written without classes)."""
+        return class_count(beton_labels(self.path))
 
     def training_set_size(self) -> int:
         """Images in the training file: FFCV's sample ids (the box store's rows) index the whole

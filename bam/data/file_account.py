@@ -17,7 +17,8 @@ import torch
 from bam.ops.distributed import all_reduce_, rank
 
 # why a file was skipped; its status code is 2 + its position here (0: not read yet, 1: read)
-SKIP_REASONS = ("empty", "undecodable", "too_many_pixels", "unsupported")
+# (``already_listed``: a link to a folder or file the listing met before, e.g. a loop to a parent)
+SKIP_REASONS = ("empty", "undecodable", "too_many_pixels", "unsupported", "already_listed")
 NOT_READ, READ = 0, 1
 SKIPPED_LOG = "skipped_files.tsv"
 
@@ -34,13 +35,16 @@ class FileAccount:
         paths: Every file the listing found, also those it will not try to read.
         unsupported: Positions in ``paths`` of files that are not images bam reads (wrong or no
             extension): counted as skipped from the start.
+        already_listed: Positions in ``paths`` of links to a folder or file listed before, left
+            out: counted as skipped from the start.
     """
 
-    def __init__(self, paths: Sequence[str], unsupported: Iterable[int] = ()) -> None:
+    def __init__(self, paths: Sequence[str], unsupported: Iterable[int] = (), already_listed: Iterable[int] = ()) -> None:
         self.paths = list(paths)
         # shared memory: workers (forked or spawned) write into the parent's buffer
         self.status = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
         self.status[list(unsupported)] = skip_code("unsupported")
+        self.status[list(already_listed)] = skip_code("already_listed")
 
     def __len__(self) -> int:
         return len(self.paths)

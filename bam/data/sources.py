@@ -1,9 +1,20 @@
-"""Labelled image collections ("sources") that yield ``(uint8 image (3, H, W), label)``.
+"""Image collections ("sources") that yield ``(uint8 image (3, H, W), label)``.
 
-Two kinds: image files on disk (an ImageFolder tree or a file list) and images held in memory as
-one uint8 tensor (the built-in datasets). Both offer ``labels``, ``subset(indices)`` and
-``dropping_unreadable()`` so the data modules can split, subsample and evaluate them without
-knowing which kind they hold.
+Two kinds: image files on disk (an ImageFolder tree, a folder of images without classes or a file
+list) and images held in memory as one uint8 tensor (the built-in datasets). Both offer ``labels``,
+``subset(indices)`` and ``dropping_unreadable()`` so the data modules can split, subsample and
+evaluate them without knowing which kind they hold. Images without a class carry the label
+``UNLABELLED`` (-1); ``class_count`` says how many classes a source's labels hold.
+
+Whether a folder's sub-folders are classes is ``labels``' choice (``LABEL_MODES``):
+``classes``: each sub-folder of the folder is a class; ``none``: every image at any depth, no
+classes; ``auto`` (default): classes when the folder holds two or more sub-folders and no image of
+its own, else no classes. A list file is labelled when its lines end in an integer label (``auto``:
+all of them or none).
+
+Folders are walked following symbolic links, but each real folder is entered once and each real
+file is listed once (by device and inode): a link back to a parent (a loop) or to a file already
+listed is left out and counted in the account as ``already_listed``.
 
 Unreadable files (empty, corrupt or truncated, more pixels than ``max_pixels``) never stop a run
 and are never read twice. Every file's fate goes into the listing's ``FileAccount`` (shared with
@@ -17,14 +28,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Literal, Optional, Protocol, Sequence, get_args
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from bam.data.file_account import READ, FileAccount, skip_code
@@ -32,6 +43,9 @@ from bam.data.file_account import READ, FileAccount, skip_code
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 # Pillow's own warning threshold: a 9459 x 9459 image, 268 MB once decoded to RGB
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+UNLABELLED = -1  # the label of an image without a class
+LabelMode = Literal["auto", "classes", "none"]
+LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 
 
 class UnreadableImageError(ValueError):
@@ -43,7 +57,7 @@ class UnreadableImageError(ValueError):
 
 
 class ImageSource(Protocol):
-    """What the data modules need from a labelled image collection."""
+    """What the data modules need from an image collection (labels ``UNLABELLED`` without classes)."""
 
     labels: Tensor
 
@@ -57,31 +71,41 @@ class ImageSource(Protocol):
 
 
 def decode_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Read an image file as uint8 RGB ``(3, H, W)``.
+    """Read an image file as uint8 RGB ``(3, H, W)``, turned upright by its EXIF orientation; of an
+    animated image (GIF, APNG, WebP, TIFF pages) the first frame.
 
     The size in the file's header is checked before anything is decoded, so a small file that
     claims a huge image (a decompression bomb) costs no memory. torchvision's decoder
     (libjpeg/libpng, no PIL round trip) handles JPEG, PNG, WebP and GIF; other formats (BMP,
-    TIFF, PPM) fall back to PIL.
+    TIFF, PPM) fall back to PIL. The bytes are read by Python, so any file name the file system
+    holds works (torchvision's own reader wants names in UTF-8).
 
     Raises:
         UnreadableImageError: the file is empty, is not an image, is corrupt or truncated, or has
             more than ``max_pixels`` pixels (``reason`` says which).
     """
     try:
-        if os.path.getsize(path) == 0:  # torchvision's reader refuses it with a vaguer message
+        if os.path.getsize(path) == 0:  # torchvision's decoder refuses it with a vaguer message
             raise UnreadableImageError(path, "empty", "empty file")
-        data = read_file(path)
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         with _opened_header(path, max_pixels) as header:
             try:
-                image = decode_image(data, mode=ImageReadMode.RGB)
+                image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
             except RuntimeError:
-                image = torch.from_numpy(np.asarray(header.convert("RGB")).copy()).permute(2, 0, 1)
+                image = _pil_rgb(header)
     except UnreadableImageError:
         raise
     except (OSError, RuntimeError, ValueError, SyntaxError) as error:  # what the decoders raise on bad data
         raise UnreadableImageError(path, "undecodable", f"{type(error).__name__}: {error}") from error
+    if image.dim() == 4:  # every frame of an animated image, (frames, 3, H, W)
+        image = image[0]
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
+
+
+def _pil_rgb(opened: Image.Image) -> Tensor:
+    """The first frame of an image PIL has opened, upright (EXIF orientation), as uint8 ``(3, H, W)``."""
+    upright = ImageOps.exif_transpose(opened).convert("RGB")
+    return torch.from_numpy(np.asarray(upright).copy()).permute(2, 0, 1)
 
 
 def _opened_header(path: str, max_pixels: int) -> Image.Image:
@@ -210,79 +234,179 @@ class TensorImages(Dataset):
 
 
 def scan_image_folder(
-    root: str | Path, classes: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[ImageFiles, list[str]]:
-    """Images under ``root/<class>/...`` (any depth), labelled by the sorted class folder names.
+    root: str | Path,
+    classes: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    labels: LabelMode = "auto",
+) -> tuple[ImageFiles, list[str] | None]:
+    """Images under ``root``, any depth, labelled by their class folder ``root/<class>/...`` or
+    ``UNLABELLED`` (see ``labels``), and the class names (None: no classes).
 
     Files without an image extension (``IMAGE_EXTENSIONS``, or none at all) are not read; they
-    are counted in the account as skipped, ``unsupported``.
+    are counted in the account as skipped, ``unsupported``; links to a folder or file already
+    listed, as ``already_listed``.
 
     Args:
-        root: Folder with one sub-folder per class.
+        root: Folder with one sub-folder per class, or of images without classes.
         classes: Class names fixing the label order (e.g. those of the training split); by
             default the sorted sub-folder names of ``root``. A sub-folder outside this list is an error.
         max_pixels: Larger images are skipped without decoding (see ``ImageFiles``).
+        labels: ``classes``, ``none`` or ``auto``: whether ``root``'s sub-folders are classes (see
+            the module's docstring); ignored when ``classes`` is given.
 
     Raises:
-        FileNotFoundError: ``root`` is missing, has no class folders or holds no image files.
+        FileNotFoundError: ``root`` is missing, has no class folders (``labels="classes"``) or
+            holds no image files.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not found:
-        raise FileNotFoundError(f"no class sub-folders in image folder {root}")
-    classes = list(classes) if classes is not None else found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise ValueError(f"class folders {unknown} in {root} are not among the training classes")
-    listed, labels = [], []
-    for label, name in enumerate(classes):
-        files = _files_below(root / name)
-        listed.extend(files)
-        labels.extend([label] * len(files))
+    classes = list(classes) if classes is not None else _class_folders(root, labels)
+    walk = _OnceWalk(root)
+    listed = walk.files()
+    if classes is None:
+        labelled = [UNLABELLED] * len(listed)
+    else:
+        unknown = sorted(set(_subfolders(root)) - set(classes))
+        if unknown:
+            raise ValueError(f"class folders {unknown} in {root} are not among the training classes")
+        label_of = {name: label for label, name in enumerate(classes)}
+        in_class = [(path, label_of.get(Path(path).relative_to(root).parts[0])) for path in listed]
+        # files of the folder itself are in no class: left out, as the rule for labels says
+        listed = [path for path, label in in_class if label is not None]
+        labelled = [label for _, label in in_class if label is not None]
     images = [i for i, path in enumerate(listed) if path.lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    account = FileAccount(listed, unsupported=sorted(set(range(len(listed))) - set(images)))
-    return ImageFiles([listed[i] for i in images], [labels[i] for i in images], max_pixels, account, images), classes
+    unsupported = sorted(set(range(len(listed))) - set(images))
+    repeated = range(len(listed), len(listed) + len(walk.repeated))
+    account = FileAccount(listed + walk.repeated, unsupported=unsupported, already_listed=repeated)
+    return ImageFiles([listed[i] for i in images], [labelled[i] for i in images], max_pixels, account, images), classes
 
 
-def _files_below(folder: Path) -> list[str]:
-    """Every file below ``folder`` in a reproducible (sorted) order."""
-    files = []
-    for directory, subdirs, names in os.walk(folder, followlinks=True):
-        subdirs.sort()
-        files.extend(os.path.join(directory, n) for n in sorted(names))
-    return files
+def _subfolders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
 
 
-def read_file_list(list_file: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFiles:
-    """Images listed in a text file, one ``path label`` per line (``#`` comments, blank lines ok).
+def _class_folders(root: Path, labels: LabelMode) -> list[str] | None:
+    """The class folders of ``root`` under the rule ``labels`` (module docstring); None: no classes."""
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    if labels == "none":
+        return None
+    subfolders = _subfolders(root)
+    if labels == "classes":
+        if not subfolders:
+            raise FileNotFoundError(f"no class sub-folders in image folder {root} (labels: classes); for images "
+                                    "without classes set labels: none (or auto)")
+        return subfolders
+    own_images = any(entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in os.scandir(root))
+    return subfolders if len(subfolders) >= 2 and not own_images else None
+
+
+class _OnceWalk:
+    """Walks a folder following symbolic links, entering each real folder once and listing each
+    real file once (identified by ``(st_dev, st_ino)``), whatever links lead to them.
+
+    ``repeated`` collects the paths left out: links (or hard links) to a folder or file met
+    before, such as a link back to a parent folder, which would otherwise be walked in a loop.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.seen = {_identity(self.root)}
+        self.repeated: list[str] = []
+
+    def files(self) -> list[str]:
+        """Every file below the root, in a reproducible (sorted) order: a folder's files, then its
+        sub-folders' in name order."""
+        files: list[str] = []
+        self._walk(self.root, files)
+        return files
+
+    def _walk(self, folder: str, files: list[str]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:  # unreadable folder: as os.walk, list nothing below it
+            return
+        subfolders = []
+        for entry in entries:
+            if self._first_visit(entry.path):
+                (subfolders if entry.is_dir() else files).append(entry.path)
+        for subfolder in subfolders:
+            self._walk(subfolder, files)
+
+    def _first_visit(self, path: str) -> bool:
+        identity = _identity(path)
+        if identity is None:  # a dangling link: listed, and skipped as undecodable when read
+            return True
+        if identity in self.seen:
+            self.repeated.append(path)
+            return False
+        self.seen.add(identity)
+        return True
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``path`` leads to (following links); None if it leads nowhere."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def read_file_list(list_file: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, labels: LabelMode = "auto") -> ImageFiles:
+    """Images listed in a text file, one ``path label`` or ``path`` per line (``#`` comments, blank
+    lines ok).
 
     Relative paths are relative to the list file's folder; a path may contain spaces (the label
     is the last field). Every listed file is tried, whatever its extension.
 
+    Args:
+        list_file: The text file.
+        max_pixels: Larger images are skipped without decoding (see ``ImageFiles``).
+        labels: ``classes``: every line ends in an integer label; ``none``: every line is a path
+            (``UNLABELLED``); ``auto``: labelled if every line ends in an integer label, unlabelled
+            if none does.
+
     Raises:
         FileNotFoundError: the list is missing or lists no images.
-        ValueError: a line does not end in an integer label (the message names the line).
+        ValueError: a line lacks the label that ``labels`` (or the other lines) call for (the
+            message names the line).
     """
     list_file = Path(list_file)
     if not list_file.is_file():
         raise FileNotFoundError(f"image list not found: {list_file}")
-    paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.rsplit(maxsplit=1)
-        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-            raise ValueError(f"{list_file}:{number}: expected 'path label', got {line!r}")
-        paths.append(str(list_file.parent / fields[0]))
-        labels.append(int(fields[1]))
-    if not paths:
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    lines = [(number, line.strip()) for number, line in enumerate(list_file.read_text().splitlines(), start=1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
         raise FileNotFoundError(f"image list {list_file} lists no images")
-    return ImageFiles(paths, labels, max_pixels)
+    split = [(number, line, _path_and_label(line)) for number, line in lines]
+    if labels == "none" or (labels == "auto" and all(label is None for _, _, (_, label) in split)):
+        return ImageFiles([str(list_file.parent / line) for _, line in lines], [UNLABELLED] * len(lines), max_pixels)
+    for number, line, (_, label) in split:
+        if label is None:
+            rule = "labels: classes" if labels == "classes" else "other lines have labels"
+            raise ValueError(f"{list_file}:{number}: expected 'path label' ({rule}), got {line!r}; give every line "
+                             "an integer label, or none (with labels: none every line is a path)")
+    return ImageFiles([str(list_file.parent / path) for _, _, (path, _) in split],
+                      [label for _, _, (_, label) in split], max_pixels)
+
+
+def _path_and_label(line: str) -> tuple[str, int | None]:
+    """``(path, label)`` of a ``path label`` line; ``(line, None)`` if it does not end in an integer."""
+    fields = line.rsplit(maxsplit=1)
+    if len(fields) == 2 and fields[1].lstrip("-").isdigit():
+        return fields[0], int(fields[1])
+    return line, None
+
+
+def class_count(labels: Tensor) -> int:
+    """How many classes ``labels`` hold (``UNLABELLED`` is none)."""
+    return len(torch.unique(labels[labels != UNLABELLED]))
 
 
 def balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.ops.distributed import rank
 from bam.shipped_configs import with_config_names
+from bam.training.run_cli import one_line_errors
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split
 from bam.evaluation.knn_stage import BPA_MAX_SET
@@ -222,4 +223,5 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam cluster --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_clustering, args=with_config_names("cluster", argv), as_positional=False, prog="bam cluster")
+    with one_line_errors("bam cluster"):
+        CLI(run_clustering, args=with_config_names("cluster", argv), as_positional=False, prog="bam cluster")

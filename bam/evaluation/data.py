@@ -137,8 +137,9 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     # -- data (splits: ``load_splits`` / ``setup`` of ``LabelledSplits``) ------------------------
     @property
     def num_classes(self) -> int:
-        """Number of classes (largest label in either split + 1); loads the splits if needed."""
-        self.setup()
+        """Number of classes (largest label in either split + 1); loads the splits if needed.
+        ``MissingLabelsError`` if the training split has fewer than two classes."""
+        self.require_classes("a classifier (linear probe, fine-tuning)")
         return int(max(self.train_source.labels.max(), self.val_source.labels.max())) + 1
 
     def eval_transform(self) -> v2.Compose:

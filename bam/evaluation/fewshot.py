@@ -29,6 +29,7 @@ from bam.ops.distributed import rank
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split
 from bam.shipped_configs import with_config_names
+from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "fewshot_results.json"
@@ -216,4 +217,5 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam fewshot --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")
+    with one_line_errors("bam fewshot"):
+        CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")

@@ -81,7 +81,7 @@ def embed_split(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     device = select_device(accelerator)
     init_distributed(device)
-    data.setup()
+    data.require_classes(purpose)
     extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     features, labels = embed_dataset(
         data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,

@@ -30,6 +30,7 @@ from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from bam.data.splits import MissingLabelsError
 from bam.io.safe_load import (
     NotACheckpointError,
     SafeCheckpointIO,
@@ -60,6 +61,7 @@ USER_ERRORS = (
     UnsafeCheckpointError,
     NotACheckpointError,
     DiskFullError,
+    MissingLabelsError,
 )
 
 

@@ -81,7 +81,7 @@ def test_data_account_writes_the_summed_account_and_the_skipped_paths(tmp_path, 
     files = json.loads(text)["files"]
     assert text == json.dumps({"files": files}, indent=2)  # indented for people to read
     assert files == {"found": 8, "read": 3, "skipped": 3, "not_read": 2,
-                     "skipped_by_reason": {"empty": 1, "undecodable": 1, "too_many_pixels": 0, "unsupported": 1},
+                     "skipped_by_reason": {"empty": 1, "undecodable": 1, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0},
                      "skipped_log": str(tmp_path / "skipped_files.tsv")}
     assert sorted((tmp_path / "skipped_files.tsv").read_text().splitlines()) == [
         "empty\ta/2.jpg", "undecodable\tb/1.jpg", "unsupported\ta/4.jpg"]

@@ -103,7 +103,7 @@ def test_converter_writes_every_readable_file_once_and_accounts_for_the_rest(roo
         f"undecodable\t{root / 'train' / 'class0' / 'broken.jpg'}", f"empty\t{root / 'train' / 'class1' / 'empty.jpg'}"]
     report = json.loads(Path(f"{output}.json").read_text())
     assert report["files"]["found"] == 62 and report["files"]["read"] == 60
-    assert report["files"]["skipped_by_reason"] == {"empty": 1, "undecodable": 1, "too_many_pixels": 0, "unsupported": 0}
+    assert report["files"]["skipped_by_reason"] == {"empty": 1, "undecodable": 1, "too_many_pixels": 0, "unsupported": 0, "already_listed": 0}
     assert report["outputs"][0]["images"] == 60
     written = _beton_digests(output)
     assert written == _readable_digests(root / "train")  # every readable image, none twice, no hold-out
@@ -244,4 +244,4 @@ def test_account_is_summed_over_processes_once_per_file(tmp_path):
     assert summaries[0] == summaries[1]  # every rank gets the total
     summary = summaries[0]
     assert (summary["found"], summary["read"], summary["skipped"], summary["not_read"]) == (5, 2, 2, 1)
-    assert summary["skipped_by_reason"] == {"empty": 0, "undecodable": 1, "too_many_pixels": 0, "unsupported": 1}
+    assert summary["skipped_by_reason"] == {"empty": 0, "undecodable": 1, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0}

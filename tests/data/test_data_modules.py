@@ -228,7 +228,7 @@ def test_unreadable_images_are_replaced_in_training_counted_and_keep_the_batch_s
     batches = list(module.train_dataloader())
     assert [len(labels) for _, labels in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
     summary = summarise_accounts(module.file_accounts())  # the workers' reads reached this process
-    assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1}
+    assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0}
     assert (summary["found"], summary["read"], summary["not_read"]) == (15, 9, 2)  # val not read yet
     assert sorted(Path(path).name for _, path in summary["skipped_files"]) == [
         "README", "empty.jpg", "text.png", "truncated.jpg"]

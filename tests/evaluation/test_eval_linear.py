@@ -210,7 +210,7 @@ def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, 
     files = json.loads((tmp_path / "run" / "results.json").read_text())["files"]
     assert files == {
         "found": 8, "read": 8, "skipped": 0, "not_read": 0, "skipped_log": None,
-        "skipped_by_reason": {"empty": 0, "undecodable": 0, "too_many_pixels": 0, "unsupported": 0},
+        "skipped_by_reason": {"empty": 0, "undecodable": 0, "too_many_pixels": 0, "unsupported": 0, "already_listed": 0},
     }  # 6 training images in 3 full batches of 2, 2 held out
     assert "files: 8 found, 8 read, 0 skipped\n" in capsys.readouterr().out
 
