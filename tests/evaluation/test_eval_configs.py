@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear, retrieval
+from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear, retrieval, vos
 from repo_paths import REPO
 
 CONFIGS = REPO / "configs" / "eval"
@@ -14,10 +14,10 @@ DESCRIPTIONS = {  # the supervised stages' help text (the others' comes from the
     "finetune": "Fine-tune a pretrained backbone with a new classifier.",
 }
 STAGES = {"knn": knn_stage.main, "cluster": cluster.main, "fewshot": fewshot.main, "linear": linear.main,
-          "finetune": finetune.main, "retrieval": retrieval.main}
+          "finetune": finetune.main, "retrieval": retrieval.main, "vos": vos.main}
 # full-size configs of the stages whose data is not ImageNet
-FULL_SIZE = {"retrieval": ("cub", "market1501")}
-FROZEN_STAGES = ("knn", "cluster", "fewshot", "retrieval")  # their configs name `backbone`, not `model`
+FULL_SIZE = {"retrieval": ("cub", "market1501"), "vos": ("davis2017",)}
+FROZEN_STAGES = ("knn", "cluster", "fewshot", "retrieval", "vos")  # their configs name `backbone`, not `model`
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
