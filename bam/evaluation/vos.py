@@ -343,6 +343,7 @@ def run_vos(
     temperature: float = 0.1,
     overlay_frames: int = 4,
     write_synthetic: bool = False,
+    seed: int = 0,
     accelerator: str = "auto",
     output_dir: str = "runs/vos",
 ) -> dict[str, Any]:
@@ -366,6 +367,7 @@ def run_vos(
         overlay_frames: Frames of the first sequence drawn in the overlay (0: no overlay).
         write_synthetic: Write the synthetic videos of `bam.data.synthetic_video` into `davis_root`
             first if it does not exist (the demo).
+        seed: Seed of a random-init backbone (a timm name): the same baseline on every run and process.
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the PNGs (`<sequence>/<frame>.png`), the JSON and the overlay go.
 
@@ -384,6 +386,7 @@ def run_vos(
     if write_synthetic and dist.is_initialized():
         dist.barrier()  # the others read what process 0 wrote
     sequences = read_sequences(davis_root, sequences_file, resolution)
+    torch.manual_seed(seed)
     model, recipe = load_vos_backbone(backbone, which, arch)
     model = model.to(device)
     out = Path(output_dir)
@@ -401,7 +404,7 @@ def run_vos(
         **_named_scores(scores, sequences, "propagated"),
         "first_mask_baseline": _named_scores(scores, sequences, "first_mask"),
         "num_sequences": len(sequences), "backbone": backbone, "davis_root": str(davis_root),
-        "settings": settings.__dict__,
+        "seed": seed, "settings": settings.__dict__,
     }
     _report(result, out)
     return result
