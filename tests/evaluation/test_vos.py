@@ -248,3 +248,20 @@ def test_bam_vos_demo_config_writes_and_scores_the_synthetic_videos(tmp_path):
     assert result["num_objects"] == 4 and result["J&F"] > result["first_mask_baseline"]["J&F"] + 25
     assert "VOS: synthetic1: 100%" in run.stdout and "propagated" in run.stdout
     assert (tmp_path / "out" / "vos_overlay.png").exists()
+
+
+def test_a_vit_propagates_its_last_patch_tokens_after_the_final_norm_at_any_frame_size(videos, tmp_path):
+    from eval_fixtures import VIT
+
+    from bam.features.extract import patch_feature_map
+
+    checkpoint = write_checkpoint(tmp_path, *VIT)  # trained for 32-px images, patch 8
+    model, _ = vos.load_vos_backbone(str(checkpoint), None, None)
+    frames = torch.randn(2, 3, HEIGHT, WIDTH)
+    grid = patch_feature_map(model, frames)
+    assert grid.shape == (2, 48, HEIGHT // 8, WIDTH // 8)
+    with torch.no_grad():
+        tokens = model.forward_features(frames)  # class token, then the patch tokens, after the final norm
+    torch.testing.assert_close(grid.flatten(2).transpose(1, 2), tokens[:, 1:])
+    result = run_vos(str(checkpoint), str(videos), output_dir=str(tmp_path / "out"), overlay_frames=0, **SMALL)
+    assert result["J&F"] > result["first_mask_baseline"]["J&F"] + 25
