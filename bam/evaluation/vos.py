@@ -194,6 +194,18 @@ def read_labels(path: Path) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def read_annotations(sequence: VideoSequence) -> np.ndarray:
+    """`(T, H, W)` labels of every frame of `sequence`; all annotations must have one size."""
+    labels = [read_labels(path) for path in sequence.annotations]
+    for path, frame in zip(sequence.annotations, labels):
+        if frame.shape != labels[0].shape:
+            raise ValueError(
+                f"sequence {sequence.name}: annotation {path} is {frame.shape[1]}x{frame.shape[0]} px but "
+                f"{sequence.annotations[0].name} is {labels[0].shape[1]}x{labels[0].shape[0]}: a sequence has one size"
+            )
+    return np.stack(labels)
+
+
 def resized_size(height: int, width: int, short_side: int, long_side_multiple: int) -> tuple[int, int]:
     """`(height, width)` with the short side `short_side` and the long one proportional, rounded
     down to a multiple of `long_side_multiple` (as DINO resizes DAVIS frames)."""
@@ -379,10 +391,10 @@ def run_vos(
     if min(short_side, long_side_multiple, top_k) < 1 or context_frames < 0 or radius < 0 or temperature <= 0:
         raise ValueError(f"short_side, long_side_multiple and top_k must be positive, context_frames and radius "
                          f"non-negative, temperature positive; got {settings}")
-    if write_synthetic and not Path(davis_root).exists() and rank() == 0:
-        write_synthetic_davis(davis_root)
     device = select_device(accelerator)
     init_distributed(device)
+    if write_synthetic and not Path(davis_root).exists() and rank() == 0:
+        write_synthetic_davis(davis_root)
     if write_synthetic and dist.is_initialized():
         dist.barrier()  # the others read what process 0 wrote
     sequences = read_sequences(davis_root, sequences_file, resolution)
@@ -393,7 +405,7 @@ def run_vos(
     mine: dict[str, Any] = {}
     for sequence in sequences[rank() :: world_size()]:
         predictions, frames = segment_sequence(model, sequence, recipe, settings, device, out)
-        annotations = np.stack([read_labels(path) for path in sequence.annotations])
+        annotations = read_annotations(sequence)
         copied = np.repeat(annotations[:1], len(annotations), axis=0)
         mine[sequence.name] = {"propagated": score_sequence(annotations, predictions),
                                "first_mask": score_sequence(annotations, copied)}

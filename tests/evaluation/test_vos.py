@@ -190,12 +190,17 @@ def _bad_root(videos: Path, fault: str) -> tuple[Path, str]:
         Image.new("RGB", (120, 96)).save(frame)
         return videos, (f"bam vos: sequence synthetic1: frame {frame} is 120x96 px but its first annotation is 128x96: "
                         "frames and annotations must have one size")
+    if fault == "annotation size":
+        annotation = videos / "Annotations/480p/synthetic1/00004.png"
+        Image.new("P", (64, 48)).save(annotation)
+        return videos, (f"bam vos: sequence synthetic1: annotation {annotation} is 64x48 px but 00000.png is 128x96: "
+                        "a sequence has one size")
     listing = videos / "ImageSets/2017/val.txt"
     listing.write_text("synthetic0\nbear\nsynthetic1\ncows\n")
     return videos, f"bam vos: {listing} names 2 sequence(s) with no folder in {videos / 'JPEGImages/480p'}: bear, cows"
 
 
-@pytest.mark.parametrize("fault", ["missing annotation", "frame size", "absent sequences"])
+@pytest.mark.parametrize("fault", ["missing annotation", "frame size", "annotation size", "absent sequences"])
 def test_a_bad_davis_root_is_one_line(checkpoint, videos, tmp_path, fault):
     root, message = _bad_root(videos, fault)
     arguments = [f"--{name}={value}" for name, value in SMALL.items()]
