@@ -175,8 +175,10 @@ def run_retrieval(
     output_dir: str = "runs/retrieval",
     **frozen: Any,
 ) -> dict[str, Any]:
-    """Retrieval metrics of a frozen backbone's features, raw and after BPA; printed, written to
-    `output_dir/retrieval_results.json` and plotted (Recall@K curves) to `output_dir/recall_at_k.png`.
+    """Retrieval metrics (Recall@K, R-precision, MAP@R, mAP) of a frozen backbone's features, raw and after BPA.
+
+    Printed, written to `output_dir/retrieval_results.json` and plotted (Recall@K curves) to
+    `output_dir/recall_at_k.png`.
 
     Args:
         backbone: The evaluated backbone: an export, a checkpoint, a released file or a timm name.

@@ -359,8 +359,9 @@ def run_vos(
     accelerator: str = "auto",
     output_dir: str = "runs/vos",
 ) -> dict[str, Any]:
-    """Segment the listed DAVIS sequences by label propagation from their first annotation; write
-    the PNGs, print J&F, write `output_dir/vos_results.json` and `output_dir/vos_overlay.png`.
+    """Segment DAVIS sequences by label propagation from their first annotation and score them by J&F.
+
+    Writes the PNGs, prints J&F, writes `output_dir/vos_results.json` and `output_dir/vos_overlay.png`.
 
     Args:
         backbone: Export directory or file, bam pretraining checkpoint, the authors' released
