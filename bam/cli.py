@@ -16,6 +16,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "knn": ("bam.evaluation.knn_stage", "weighted k-NN accuracy of a frozen backbone (k=20, T=0.07; torchrun-ready)"),
     "cluster": ("bam.evaluation.cluster", "k-means clustering of a frozen backbone's features, raw and BPA (NMI, ARI, acc)"),
     "fewshot": ("bam.evaluation.fewshot", "N-way K-shot episodes on a frozen backbone's features, raw and BPA (mean acc, 95% CI)"),
+    "retrieval": ("bam.evaluation.retrieval", "image retrieval on frozen features, raw and BPA (Recall@K, MAP@R, R-precision, mAP)"),
+    "vos": ("bam.evaluation.vos", "DAVIS-2017 video object segmentation by label propagation over patch features (J&F)"),
     "linear": ("bam.evaluation.linear", "linear probe of a frozen backbone (LightningCLI: --config, --print_config, --ckpt_path)"),
     "finetune": ("bam.evaluation.finetune", "fine-tune a backbone with a new classifier (LightningCLI: --config, --ckpt_path)"),
     "data": ("bam.data.cli", "prepare datasets: `bam data ffcv` writes an FFCV .beton file"),

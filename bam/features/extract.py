@@ -65,6 +65,21 @@ FEATURE_RECIPES: dict[str, Recipe] = {
 }
 
 
+def patch_feature_map(model: nn.Module, images: Tensor) -> Tensor:
+    """`(B, D, h, w)` spatial features: a ViT's last-block patch tokens after the final norm (built
+    with `dynamic_img_size=True` for images of any size), any other backbone's last feature map
+    (`forward_features`)."""
+    if is_vit(model):
+        return model.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+    features = model.forward_features(images)
+    if features.dim() != 4:
+        raise ValueError(
+            f"{type(model).__name__}.forward_features returned shape {tuple(features.shape)}, not a (B, C, h, w) "
+            "feature map: label propagation needs spatial features"
+        )
+    return features
+
+
 def resolve_recipe(name: str, backbone: nn.Module, vit_default: str) -> str:
     """`name`, with `auto` replaced by `vit_default` for ViTs and `pooled` otherwise."""
     if name == "auto":
