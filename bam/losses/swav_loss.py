@@ -22,8 +22,13 @@ images against the prototype masses summed over all processes, and the per-proce
 over its own images: after DDP's gradient averaging, training equals single-process training on
 the global batch. No embedding is gathered: codes carry no gradient.
 
-Not implemented: SwAV's optional queue of past embeddings (for batches much smaller than the
-number of prototypes); the prototypes then only see the current global batch.
+The queue (optional, `SwAVLoss(queue_length=L)`; SwAV's remedy for batches much smaller than the
+number of prototypes): the last `L` normalised global-crop embeddings of the *global* batch (gathered
+from every process, newest first, the same on every process and in every checkpoint). Once full and
+enabled, each global crop's Sinkhorn balances its images together with the queue's, scored by the
+current prototypes, and keeps the images' codes only. Each process takes its own `L / W` rows of
+the queue into the distributed Sinkhorn, so the balancing is over the global batch plus the queue,
+once, exactly as on one process.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from torch import nn
 
 from bam.losses.settings import require_positive, settings_of
 from bam.ops import compute_dtype, sinkhorn_distributed_
+from bam.ops.distributed import gather_rows, rank, world_size
 
 
 @dataclass(frozen=True)
@@ -63,17 +69,21 @@ class SwAVObjective:
 
 
 def swav_codes(
-    scores: torch.Tensor, reg: float = SwAVObjective.reg, sinkhorn_iterations: int = SwAVObjective.sinkhorn_iterations
+    scores: torch.Tensor, reg: float = SwAVObjective.reg, sinkhorn_iterations: int = SwAVObjective.sinkhorn_iterations,
+    queue_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 2 for one crop: the `(B, K)` codes of `(B, K)` image-prototype scores, no gradient.
 
     Each row sums to 1; with enough iterations every column sums to `B_global / K` (over every
     process's rows). Computed in float32 (float64 stays float64) and stabilised line by line, so
-    `reg` down to 0.01 and half-precision scores are safe.
+    `reg` down to 0.01 and half-precision scores are safe. `queue_scores` (`(L_p, K)`, this
+    process's queue rows) take part in the balancing; only the images' codes are returned.
     """
     with torch.no_grad():
         logits = scores.detach().to(compute_dtype(scores)) / reg  # a fresh tensor, ours to overwrite
-        return sinkhorn_distributed_(logits, sinkhorn_iterations)
+        if queue_scores is not None:
+            logits = torch.cat([logits, queue_scores.detach().to(logits.dtype) / reg])
+        return sinkhorn_distributed_(logits, sinkhorn_iterations, rows=scores.shape[0])
 
 
 def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, temperature: float = SwAVObjective.temperature) -> torch.Tensor:
@@ -119,12 +129,14 @@ def swav_loss(
     num_crops: int,
     num_global_crops: int = 2,
     objective: SwAVObjective | None = None,
+    queue: torch.Tensor | None = None,
     **settings: Any,
 ) -> torch.Tensor:
     """Functional SwAV loss of `(V*B, D)` un-normalised embeddings and `(K, D)` prototypes (used
     as given: normalise them once per step, see :meth:`SwAVLoss.normalize_prototypes_`). The
     settings are `objective` with any of its fields given by name replacing its value
-    (`num_prototypes` is the prototypes' count here)."""
+    (`num_prototypes` is the prototypes' count here). `queue`: `(G, L_p, D)` normalised past
+    embeddings of each global crop, this process's share, balanced with the images' codes."""
     objective = settings_of(SwAVObjective, objective, settings)
     batch = _check_inputs(embeddings, prototypes, num_crops, num_global_crops)
     dtype = compute_dtype(embeddings)
@@ -134,7 +146,9 @@ def swav_loss(
         scores = z @ prototypes.to(dtype).T
         # One Sinkhorn per global crop, as in SwAV: each crop's images are spread over the prototypes.
         crops = [scores[i * batch : (i + 1) * batch] for i in range(num_global_crops)]
-        codes = torch.stack([swav_codes(crop, objective.reg, objective.sinkhorn_iterations) for crop in crops])  # step 2
+        queued = [None] * num_global_crops if queue is None else [past.to(dtype) @ prototypes.to(dtype).T for past in queue]
+        codes = torch.stack([swav_codes(crop, objective.reg, objective.sinkhorn_iterations, past)
+                             for crop, past in zip(crops, queued)])  # step 2
         return swapped_prediction(scores, codes, objective.temperature)  # step 3
 
 
@@ -154,20 +168,34 @@ class SwAVLoss(nn.Module):
     of weight decay (the re-normalisation undoes any uniform shrinking anyway).
 
     `forward(embeddings)` takes `(V * B, D)` un-normalised embeddings and returns the scalar loss.
-    No queue of past embeddings is kept (see the module docstring).
+
+    With `queue_length > 0` the loss keeps a queue of past embeddings (buffers `queue`, `(G, L, D)`,
+    and `queue_rows`, how many are filled: both in checkpoints); while `queue_enabled` (set by the
+    training method from its schedule) each training forward pushes the global batch's normalised
+    global-crop embeddings, and a full queue takes part in the codes' balancing.
     """
+
+    queue: torch.Tensor
+    queue_rows: torch.Tensor
 
     def __init__(
         self, num_crops: int, num_global_crops: int = 2, dim: int = 128, objective: SwAVObjective | None = None,
-        **settings: Any,
+        queue_length: int = 0, **settings: Any,
     ) -> None:
         super().__init__()
         self.objective = settings_of(SwAVObjective, objective, settings)
         _validate_crop_counts(num_crops, num_global_crops)
+        if queue_length < 0:
+            raise ValueError(f"queue_length={queue_length} must be >= 0 (0: no queue)")
         self.num_crops = num_crops
         self.num_global_crops = num_global_crops
         self.prototypes = nn.Linear(dim, self.objective.num_prototypes, bias=False)
         self.normalize_prototypes_()
+        self.queue_length = queue_length
+        self.queue_enabled = False
+        if queue_length:  # no buffers without a queue: checkpoints of queue-less runs keep their keys
+            self.register_buffer("queue", torch.zeros(num_global_crops, queue_length, dim))
+            self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def normalize_prototypes_(self) -> None:
@@ -176,8 +204,33 @@ class SwAVLoss(nn.Module):
         weight.copy_(F.normalize(weight, dim=1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return swav_loss(embeddings, self.prototypes.weight, num_crops=self.num_crops,
-                         num_global_crops=self.num_global_crops, objective=self.objective)
+        use_queue = self.queue_enabled and self.queue_length > 0 and int(self.queue_rows) >= self.queue_length
+        loss = swav_loss(embeddings, self.prototypes.weight, num_crops=self.num_crops,
+                         num_global_crops=self.num_global_crops, objective=self.objective,
+                         queue=self.queue_share() if use_queue else None)
+        if self.training and self.queue_enabled and self.queue_length:
+            self.push_to_queue(embeddings)
+        return loss
+
+    def queue_share(self) -> torch.Tensor:
+        """This process's `(G, L / W, D)` rows of the queue (each row in one process's Sinkhorn)."""
+        processes = world_size()
+        if self.queue_length % processes:
+            raise ValueError(f"queue_length={self.queue_length} must be a multiple of the {processes} processes "
+                             "(each balances an equal share of the queue)")
+        share = self.queue_length // processes
+        return self.queue[:, rank() * share : (rank() + 1) * share]
+
+    @torch.no_grad()
+    def push_to_queue(self, embeddings: torch.Tensor) -> None:
+        """Put the normalised global-crop embeddings of every process (in process order) at the
+        front of the queue; the oldest fall off its end."""
+        batch = embeddings.shape[0] // self.num_crops
+        newest = [gather_rows(F.normalize(embeddings[crop * batch : (crop + 1) * batch].detach().float(), dim=1))
+                  for crop in range(self.num_global_crops)]
+        for crop, rows in enumerate(newest):
+            self.queue[crop] = torch.cat([rows.to(self.queue.dtype), self.queue[crop]])[: self.queue_length]
+        self.queue_rows.fill_(min(self.queue_length, int(self.queue_rows) + newest[0].shape[0]))
 
     def chance_level(self) -> float:
         """The loss of uniform predictions, log(K): a loss that stays here means every image is

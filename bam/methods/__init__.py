@@ -1,7 +1,8 @@
 """Training methods (LightningModules); the math lives in `bam.losses`."""
 from bam.methods.bam import BAMModule
 from bam.methods.base import SSLMethod
+from bam.methods.dino import DINOModule
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError, StuckLossWarning
 from bam.methods.swav import SwAVModule
 
-__all__ = ["BAMModule", "SwAVModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]
+__all__ = ["BAMModule", "SwAVModule", "DINOModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]

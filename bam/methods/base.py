@@ -98,18 +98,7 @@ class SSLMethod(pl.LightningModule):
         net = build_backbone(backbone, **(backbone_kwargs or {}))
         if gradient_checkpointing:
             _enable_gradient_checkpointing(net, backbone)
-        head = Projector(
-            feature_dim(net),
-            proj_hidden_dim,
-            proj_out_dim,
-            proj_layers,
-            proj_activation,
-            proj_batch_norm,
-            proj_last_batch_norm,
-            proj_bias,
-            proj_init,
-        )
-        self.student = MultiCropEncoder(net, head, channels_last, bn_stats_from_global_crops)
+        self.student = MultiCropEncoder(net, self.make_head(feature_dim(net)), channels_last, bn_stats_from_global_crops)
         # Created here (never later) so every checkpoint has the teacher's keys and resumes fit.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False) if momentum_teacher else None
         if compile_backbone:
@@ -118,6 +107,13 @@ class SSLMethod(pl.LightningModule):
         self.data_recipe: DataRecipe | None = None  # for data without a `data_recipe()` method
 
     # ----------------------------------------------------------------- method interface
+    def make_head(self, in_dim: int) -> nn.Module:
+        """The head on the backbone's `in_dim` features: the `proj_*` settings' `Projector` (a
+        method with another head, e.g. DINO's, overrides this and reads its settings from `self.hparams`)."""
+        hp = self.hparams
+        return Projector(in_dim, hp.proj_hidden_dim, hp.proj_out_dim, hp.proj_layers, hp.proj_activation,
+                         hp.proj_batch_norm, hp.proj_last_batch_norm, hp.proj_bias, hp.proj_init)
+
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

@@ -18,7 +18,8 @@ class SwAVModule(SSLMethod):
 
     Every global crop's embedding is assigned a code over `num_prototypes` learnable prototypes by
     bam's Sinkhorn (equipartition over the global batch, no gradient), and every other crop of the
-    same image is trained to predict that code (see `bam.losses.swav_loss`). No queue.
+    same image is trained to predict that code (see `bam.losses.swav_loss`), optionally with SwAV's
+    queue of past embeddings.
 
     Args:
         num_global_crops: global crops per image (codes come from them).
@@ -28,6 +29,10 @@ class SwAVModule(SSLMethod):
         freeze_prototypes_epochs: the prototypes receive no update for this many (possibly
             fractional) epochs: early on, while the embeddings are still near-random, updating the
             prototypes makes the codes chase them and the paper found training less stable.
+        queue_length: SwAV's queue of past global-crop embeddings of the global batch (0: none;
+            SwAV uses 3840 at a global batch of 256), a multiple of the number of processes. It is
+            filled from `queue_start_epoch` (possibly fractional) on and balanced with the batch's
+            codes once full; it is part of the checkpoint and the same on every process.
         proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the projection
             head, SwAV's by default (2048 -> 128, 2 layers, batch norm, ReLU).
         **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
@@ -45,6 +50,8 @@ class SwAVModule(SSLMethod):
         num_local_crops: int = 6,
         objective: SwAVObjective = SwAVObjective(),
         freeze_prototypes_epochs: float = 1,
+        queue_length: int = 0,
+        queue_start_epoch: float = 15,
         proj_hidden_dim: int = 2048,
         proj_out_dim: int = 128,
         proj_layers: int = 2,
@@ -60,6 +67,8 @@ class SwAVModule(SSLMethod):
         self.check_crop_settings(num_global_crops, num_local_crops)
         if freeze_prototypes_epochs < 0:
             raise ValueError(f"freeze_prototypes_epochs={freeze_prototypes_epochs} must be >= 0")
+        if queue_start_epoch < 0:
+            raise ValueError(f"queue_start_epoch={queue_start_epoch} must be >= 0")
         super().__init__(
             proj_hidden_dim=proj_hidden_dim,
             proj_out_dim=proj_out_dim,
@@ -71,7 +80,8 @@ class SwAVModule(SSLMethod):
         # The checkpoint's settings hold plain values only (loadable without unpickling any class).
         objective = settings_of(SwAVObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
         self.hparams["objective"] = dataclasses.asdict(objective)
-        self.loss_fn = SwAVLoss(num_global_crops + num_local_crops, num_global_crops, proj_out_dim, objective)
+        self.loss_fn = SwAVLoss(num_global_crops + num_local_crops, num_global_crops, proj_out_dim, objective,
+                                queue_length=queue_length)
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -84,7 +94,11 @@ class SwAVModule(SSLMethod):
         return self.loss_fn.chance_level()
 
     def on_schedule(self, step: int) -> dict[str, float]:
-        return {"prototypes_frozen": float(self.prototypes_frozen(step))}
+        values = {"prototypes_frozen": float(self.prototypes_frozen(step))}
+        if self.loss_fn.queue_length:
+            self.loss_fn.queue_enabled = step >= self.step_budget.steps(self.hparams.queue_start_epoch)
+            values["queue_rows"] = float(self.loss_fn.queue_rows)
+        return values
 
     # ----------------------------------------------------------------- prototypes
     def prototypes_frozen(self, step: int) -> bool:

@@ -1,7 +1,10 @@
 """The projection head between backbone features and the objective's embedding space."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 PROJECTOR_INITS = ("pytorch", "trunc_normal")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -53,3 +56,39 @@ class Projector(nn.Sequential):
                 nn.init.trunc_normal_(linear.weight, std=0.02, a=-2.0, b=2.0)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
+
+
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al., ICCV 2021): an MLP to a bottleneck, L2-normalisation, and a
+    weight-normalised, bias-free linear layer to `out_dim` logits.
+
+    The MLP is a `Projector` (`num_layers` linear layers, `hidden_dim` wide, GELU, weights drawn
+    as DINO draws them: normal std 0.02, zero biases) ending in `bottleneck_dim`. The last layer is
+    weight-normalised (`torch.nn.utils.parametrizations.weight_norm`: each output row is a
+    direction times a gain); with `norm_last_layer` the gains are fixed at 1 (not trained), so the
+    logits are cosines of the bottleneck with `out_dim` unit vectors, which the paper found stabler.
+    `self.last_layer` is what a method freezes for the first epoch.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        activation: str = "gelu",
+        batch_norm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = Projector(in_dim, hidden_dim, bottleneck_dim, num_layers, activation, batch_norm, init="trunc_normal")
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
+        self.out_dim = out_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(features), dim=-1))

@@ -20,12 +20,13 @@ from processes import run_process_group
 from repo_paths import REPO
 
 HANG_GUARD_S = 600  # only to turn a hang into a failure
-# the demo, shrunk: 200 digits in batches of 32 (6 steps per epoch), 2 epochs, a small head, one
-# loss row per step, no plots, k-NN only after the last epoch
-DEMO = ["--config", "configs/pretrain/demo.yaml", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
-        "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--knn.every_n_epochs=100",
-        "--knn.compare_baselines=false", "--plots.enabled=false"]
+# a demo config (BAM's by default; any method's demo), shrunk: 200 digits in batches of 32 (6 steps
+# per epoch), 2 epochs, a small head, one loss row per step, no plots, k-NN only after the last epoch
+SHRUNK_DEMO = ["--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+               "--trainer.enable_progress_bar=false", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
+               "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--knn.every_n_epochs=100",
+               "--knn.compare_baselines=false", "--plots.enabled=false"]
+DEMO = ["--config", "configs/pretrain/demo.yaml", *SHRUNK_DEMO]
 DEMO_STEPS = 12
 
 
@@ -37,9 +38,11 @@ def run_bam(args: list[str]) -> subprocess.CompletedProcess:
                              cwd=REPO, env=env)
 
 
-def pretrain(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
-    """`bam pretrain` of the shrunk demo into `run_dir`, with `options` appended."""
-    return run_bam(["pretrain", *DEMO, f"--trainer.default_root_dir={run_dir}", *options])
+def pretrain(run_dir: Path, *options: str, config: str = "demo") -> subprocess.CompletedProcess:
+    """`bam pretrain` of the shrunk demo (`configs/pretrain/<config>.yaml`) into `run_dir`, with
+    `options` appended."""
+    demo = ["--config", f"configs/pretrain/{config}.yaml", *SHRUNK_DEMO]
+    return run_bam(["pretrain", *demo, f"--trainer.default_root_dir={run_dir}", *options])
 
 
 def logged_losses(run_dir: Path, version: str = "*") -> dict[int, float]:

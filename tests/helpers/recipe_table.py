@@ -1,4 +1,5 @@
-"""The table of the authors' recipe values (tests/helpers/authors_recipes.yaml): loading, checking a
+"""The table of the authors' recipe values (tests/helpers/authors_recipes.yaml; other methods' authors
+under a recipe's `repo`): loading, checking a
 shipped config against it, and the Markdown README.md shows. `python tests/helpers/recipe_table.py`
 prints that Markdown (paste it into README's 'Recipes' section after editing the table)."""
 from __future__ import annotations
@@ -74,9 +75,23 @@ def markdown() -> str:
         lines.append(f"| `{key}`{scope} | {_format(row['authors'])} | {row['source']} | {bam} | {row.get('reason', '')} |")
     for name, entry in recipes.items():
         if entry["script"] is None and entry["settings"]:
-            lines += ["", f"`{name}`: {entry['why']}:", "", "| setting | bam | why |", "|---|---|---|"]
-            lines += [f"| `{row['key']}` | {_format(row['bam'])} | {row['reason']} |" for row in entry["settings"]]
+            lines += ["", *(_method_authors_table(name, entry) if "repo" in entry else _own_choices_table(name, entry))]
     return "\n".join(lines)
+
+
+def _own_choices_table(name: str, entry: dict[str, Any]) -> list[str]:
+    lines = [f"`{name}`: {entry['why']}:", "", "| setting | bam | why |", "|---|---|---|"]
+    return lines + [f"| `{row['key']}` | {_format(row['bam'])} | {row['reason']} |" for row in entry["settings"]]
+
+
+def _method_authors_table(name: str, entry: dict[str, Any]) -> list[str]:
+    """Another method's recipe: its authors' values with their source files in `entry['repo']`."""
+    lines = [f"`{name}`: {entry['why']} ({entry['repo']}):", "",
+             "| setting | authors | source | bam | why bam differs |", "|---|---|---|---|---|"]
+    for row in entry["settings"]:
+        bam = "same" if row.get("bam", row["authors"]) == row["authors"] and "reason" not in row else _format(row["bam"])
+        lines.append(f"| `{row['key']}` | {_format(row['authors'])} | {row['source']} | {bam} | {row.get('reason', '')} |")
+    return lines
 
 
 if __name__ == "__main__":

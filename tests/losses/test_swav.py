@@ -265,3 +265,122 @@ def test_swav_configs_parse_and_build(name, capsys):
     if name == "swav_demo":  # the ResNet-50 one is too big to build in a unit test
         model = SwAVModule(**init_args)
         assert model.loss_fn.prototypes.out_features == init_args["objective"]["num_prototypes"]
+
+
+# ----------------------------------------------------------------- the queue
+QUEUE = 6  # rows per global crop; a multiple of 2 processes
+
+
+def reference_queue_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, queue: torch.Tensor, num_crops: int,
+                         num_global: int, reg: float = 0.05, temperature: float = 0.1, iterations: int = 3) -> torch.Tensor:
+    """SwAV with its queue: each global crop's Sinkhorn runs on [its images; the queue's rows of that
+    crop], scored by the same prototypes, and only the images' codes are kept."""
+    batch = embeddings.shape[0] // num_crops
+    scores = F.normalize(embeddings, dim=1) @ prototypes.T
+    blocks = scores.split(batch)
+    losses = []
+    for i in range(num_global):
+        q = reference_codes(torch.cat([blocks[i].detach(), queue[i] @ prototypes.detach().T]), reg, iterations)[:batch]
+        for j in range(num_crops):
+            if j != i:
+                losses.append(-(q * F.log_softmax(blocks[j] / temperature, dim=1)).sum(dim=1).mean())
+    return torch.stack(losses).mean()
+
+
+def full_queue(length: int = QUEUE, dtype=torch.float32, seed: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(NUM_GLOBAL, length, DIM, dtype=dtype, generator=generator), dim=2)
+
+
+def queued_loss_fn(queue: torch.Tensor) -> SwAVLoss:
+    loss_fn = SwAVLoss(NUM_CROPS, NUM_GLOBAL, dim=DIM, num_prototypes=NUM_PROTOTYPES, queue_length=queue.shape[1])
+    with torch.no_grad():
+        loss_fn.prototypes.weight.copy_(unit_prototypes())
+    loss_fn.queue.copy_(queue)
+    loss_fn.queue_rows.fill_(queue.shape[1])
+    loss_fn.queue_enabled = True
+    return loss_fn
+
+
+def test_queue_loss_and_gradients_match_the_reference():
+    embeddings = torch.randn(NUM_CROPS * 4, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    queue = full_queue(dtype=torch.float64)
+    ours_e, ref_e = embeddings.clone().requires_grad_(), embeddings.clone().requires_grad_()
+    prototypes = unit_prototypes().double()
+    ours = swav_loss(ours_e, prototypes, num_crops=NUM_CROPS, num_global_crops=NUM_GLOBAL, queue=queue)
+    ref = reference_queue_loss(ref_e, prototypes, queue, NUM_CROPS, NUM_GLOBAL)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_e.grad, ref_e.grad, rtol=1e-9, atol=1e-12)
+    assert not torch.isclose(ours, swav_loss(embeddings, prototypes, num_crops=NUM_CROPS, num_global_crops=NUM_GLOBAL))
+
+
+def test_queue_is_filled_newest_first_and_used_once_full():
+    embeddings = torch.randn(NUM_CROPS * 4, DIM, generator=torch.Generator().manual_seed(1))
+    loss_fn = queued_loss_fn(full_queue())
+    loss_fn.queue_rows.fill_(0)
+    assert loss_fn.queue_length == QUEUE and {"queue", "queue_rows"} <= set(loss_fn.state_dict())
+    no_queue = SwAVLoss(NUM_CROPS, NUM_GLOBAL, dim=DIM, num_prototypes=NUM_PROTOTYPES)
+    assert not {"queue", "queue_rows"} & set(no_queue.state_dict())  # queue-less checkpoints keep their keys
+    with torch.no_grad():
+        no_queue.prototypes.weight.copy_(unit_prototypes())
+    before = loss_fn.queue.clone()
+    torch.testing.assert_close(loss_fn(embeddings), no_queue(embeddings))  # not full yet: not used
+    normalised = F.normalize(embeddings, dim=1).view(NUM_CROPS, 4, DIM)
+    for crop in range(NUM_GLOBAL):
+        torch.testing.assert_close(loss_fn.queue[crop], torch.cat([normalised[crop], before[crop, :2]]))
+    assert int(loss_fn.queue_rows) == 4
+    loss_fn(embeddings)
+    assert int(loss_fn.queue_rows) == QUEUE
+    queue = loss_fn.queue.clone()
+    expected = reference_queue_loss(embeddings.double(), unit_prototypes().double(), queue.double(), NUM_CROPS, NUM_GLOBAL)
+    torch.testing.assert_close(loss_fn(embeddings).double(), expected, rtol=1e-5, atol=1e-5)  # full: used
+    loss_fn.queue_enabled = False  # before the start epoch: neither used nor filled
+    torch.testing.assert_close(loss_fn(embeddings), no_queue(embeddings))
+    torch.testing.assert_close(loss_fn.queue, torch.cat([normalised[:NUM_GLOBAL], queue[:, :2]], dim=1))
+
+
+def _queue_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(queued_loss_and_grads(rows_of(global_batch(world, seed=0), rank)), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def queued_loss_and_grads(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    embeddings = embeddings.clone().requires_grad_()
+    loss_fn = queued_loss_fn(full_queue())
+    loss = loss_fn(embeddings)
+    loss.backward()
+    return loss.detach(), embeddings.grad, loss_fn.queue.clone()
+
+
+@pytest.mark.distributed
+def test_two_processes_with_the_queue_match_one_process(tmp_path):
+    world = 2
+    spawn_gloo_workers(_queue_worker, world, tmp_path)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    batch = global_batch(world, seed=0)
+    loss, grad, queue = queued_loss_and_grads(batch.reshape(-1, DIM))
+    grad = grad.view(NUM_CROPS, world * BATCH, DIM)
+    losses = torch.stack([result[0] for result in results])
+    torch.testing.assert_close(losses.mean(), loss, rtol=1e-6, atol=1e-6)
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result[1] / world, rows_of(grad, rank), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result[2], queue, rtol=0, atol=1e-6)  # the global batch's, on every process
+    assert (losses - loss).abs().max() > 1e-4
+
+
+def test_swav_module_fills_its_queue_from_the_start_epoch_and_checkpoints_it(tmp_path):
+    model = SwAVModule(backbone="bam_cnn4", num_local_crops=2, objective=SwAVObjective(num_prototypes=8),
+                       queue_length=8, queue_start_epoch=1, warmup_epochs=0, **SMALL_HEAD)
+    trainer = tiny_trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, TinyCropsDataModule(num_images=16, batch_size=4))  # 4 steps per epoch, filled in the 2nd
+    assert int(model.loss_fn.queue_rows) == 8 and trainer.logged_metrics["train/queue_rows"] == 8.0
+    assert model.loss_fn.queue.norm(dim=2).allclose(torch.ones(2, 8))  # normalised embeddings only
+    assert {"loss_fn.queue", "loss_fn.queue_rows"} <= set(model.state_dict())
+    with pytest.raises(ValueError, match=r"^queue_start_epoch=-1 must be >= 0$"):
+        SwAVModule(backbone="bam_cnn4", queue_length=8, queue_start_epoch=-1, **SMALL_HEAD)

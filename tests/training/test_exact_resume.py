@@ -13,12 +13,15 @@ from cli_runs import DEMO_STEPS, logged_losses, pretrain
 INTERRUPTED_STEP = 8  # the signal arrives during the 3rd batch of epoch 1
 
 
+DEVICE, CPU_WORKERS = ["--data.init_args.augment_on=device"], ["--data.init_args.augment_on=cpu", "--data.init_args.num_workers=2"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path_options", [["--data.init_args.augment_on=device"],
-                                          ["--data.init_args.augment_on=cpu", "--data.init_args.num_workers=2"]],
-                         ids=["device", "cpu-workers"])
-def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, path_options):
-    full = pretrain(tmp_path / "full", *path_options)
+@pytest.mark.parametrize("config,path_options", [("demo", DEVICE), ("demo", CPU_WORKERS), ("dino_demo", DEVICE)],
+                         ids=["device", "cpu-workers", "dino-device"])
+def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, config, path_options):
+    """Each method's state beyond the networks (DINO's centre) is in the checkpoint."""
+    full = pretrain(tmp_path / "full", *path_options, config=config)
     assert full.returncode == 0, full.stdout[-3000:]
     uninterrupted = logged_losses(tmp_path / "full")
     assert sorted(uninterrupted) == list(range(DEMO_STEPS))
@@ -26,12 +29,12 @@ def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, pat
     split = tmp_path / "split"
     command = [*path_options, "--ckpt_path=last", "--trainer.callbacks+=cli_runs.SignalAtStep",
                f"--trainer.callbacks.init_args.step={INTERRUPTED_STEP}"]
-    first = pretrain(split, *command)
+    first = pretrain(split, *command, config=config)
     assert first.returncode == 0, first.stdout[-3000:]
     assert f"at step {INTERRUPTED_STEP + 1} and stopping" in first.stdout
     assert max(logged_losses(split)) == INTERRUPTED_STEP  # the interrupted step's row is there
 
-    second = pretrain(split, *command)  # the same command again resumes
+    second = pretrain(split, *command, config=config)  # the same command again resumes
     assert second.returncode == 0, second.stdout[-3000:]
     resumed = logged_losses(split)
     assert sorted(resumed) == list(range(DEMO_STEPS))  # every step once, the interrupted one included

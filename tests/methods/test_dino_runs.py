@@ -1,0 +1,48 @@
+"""DINO as users run it: `bam pretrain --config configs/pretrain/dino_demo.yaml` on 2 processes
+(Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote, each through
+the console script. (Every shipped recipe, DINO's included, also runs under torchrun in
+tests/launch/test_launch_pretrain.py; exact resume is tests/training/test_exact_resume.py's.)"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_runs import run_bam
+from product_runs import lightning_launch, run, shrunk_recipe_args, tail
+from repo_paths import REPO
+
+pytestmark = [pytest.mark.process, pytest.mark.distributed]
+
+DEMO = REPO / "configs" / "pretrain" / "dino_demo.yaml"
+SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
+              "--model.init_args.out_dim", "128"]
+
+
+def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path):
+    run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
+    args = shrunk_recipe_args(DEMO, tmp_path, run_dir, max_epochs=2) + SMALL_HEAD + ["--knn.compare_baselines", "false"]
+    assert run(lightning_launch(args), log) == 0, tail(log)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["teacher_temperature_final"] == 0.07
+    center = checkpoint["state_dict"]["loss_fn.center"]
+    assert center.shape == (1, 128) and center.abs().sum() > 0  # trained and saved with the model
+    assert "teacher.projector.last_layer.parametrizations.weight.original1" in checkpoint["state_dict"]
+
+    export = tmp_path / "backbone"
+    exported = run_bam(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--output", str(export)])
+    assert exported.returncode == 0, exported.stdout[-3000:]
+    knn = run_bam(["knn", "--config", "demo", "--backbone", str(export), "--bank_fraction", "0.1",
+                   "--output_dir", str(tmp_path / "knn")])
+    assert knn.returncode == 0, knn.stdout[-3000:]
+    results = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
+    assert (results["bank_size"], results["num_queries"]) == (400, 1000) and 0 <= results["top1"] <= 100
+
+    linear = run_bam(["linear", "--config", "demo", "--model.backbone", str(export), "--trainer.max_epochs", "1",
+                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "linear"),
+                      "--data.init_args.fraction", "0.1"])
+    assert linear.returncode == 0, linear.stdout[-3000:]
+    probe = json.loads((tmp_path / "linear" / "results.json").read_text())
+    assert probe["val"]["best_epoch"] == 1
