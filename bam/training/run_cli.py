@@ -39,6 +39,7 @@ from bam.io.safe_load import (
     local_copy,
 )
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
+from bam.training.launch_plan import LaunchPlanError
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.run_setup import logger_config
 
@@ -60,6 +61,7 @@ USER_ERRORS = (
     UnsafeCheckpointError,
     NotACheckpointError,
     DiskFullError,
+    LaunchPlanError,
 )
 
 
@@ -132,12 +134,12 @@ class SafeRunCLI(LightningCLI):
         if config.ckpt_path and Path(config.ckpt_path).is_file():
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)  # refuses unsafe files up front
             changes = changed_settings(checkpoint.get("hyper_parameters") or {}, config.model)
-            if changes and _launch_rank_is_zero():
+            if changes and launch_rank_is_zero():
                 print(_changes_message(requested, changes), file=sys.stderr, flush=True)
 
     def after_instantiate_classes(self) -> None:
         """Take the run folder before anything is written there (released when the run ends)."""
-        if _launch_rank_is_zero():  # the other processes of this run are not rivals
+        if launch_rank_is_zero():  # the other processes of this run are not rivals
             lock = RunLock(self.trainer.default_root_dir)
             lock.acquire()
             self._resources.callback(lock.release)
@@ -182,7 +184,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _launch_rank_is_zero() -> bool:
+def launch_rank_is_zero() -> bool:
     """Whether this process is the run's first (launchers set these before the process starts;
     Lightning's own launcher sets them for the processes it adds)."""
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
@@ -201,7 +203,7 @@ def find_last_checkpoint(directory: Path) -> str | None:
     if last:
         return str(last[0])
     newest = str(complete[0]) if complete else None
-    if _launch_rank_is_zero():
+    if launch_rank_is_zero():
         found = f"resuming from {newest}, the newest complete checkpoint there" if newest else "starting anew"
         print(f"bam: --ckpt_path last: no complete last.ckpt in {directory}: {found}", file=sys.stderr, flush=True)
     return newest
