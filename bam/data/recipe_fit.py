@@ -19,7 +19,7 @@ SAMPLED_IMAGES = 16
 # a recipe's mean more than this far (images scaled to [0, 1]) from the images' own, or its std
 # more than this factor off, normalises the images far from zero mean and unit variance
 MEAN_TOLERANCE = 0.3
-STD_FACTOR = 2.5
+STD_FACTOR = 3.0
 COLOUR_THRESHOLD = 0.03  # mean |R - G| + |G - B| of colour photos is above it, of grey images 0
 # global crops smaller than this and a quarter of the images' short side throw most of their detail
 # away (the demo's 28 px on photos); crops more than twice the short side only upsample

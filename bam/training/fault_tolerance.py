@@ -125,6 +125,7 @@ class PreemptionCheckpoint(pl.Callback):
         if self._loader_states and len(loaders) == len(self._loader_states):
             for loader, state in zip(loaders, self._loader_states):
                 loader.load_state_dict(state)
+                _continue_in_new_batches(trainer, loader, state)
         self._loader_states = []
         # Lightning installs its handlers just before training starts; these replace them.
         self.received = None
@@ -161,6 +162,29 @@ class PreemptionCheckpoint(pl.Callback):
         # Leave the loops here (as Lightning does on SIGTERM): ending the epoch normally would run
         # the epoch-end hooks and checkpoint an unfinished epoch as finished. Exit status 0.
         raise SIGTERMException
+
+
+def _continue_in_new_batches(trainer: pl.Trainer, loader: ResumableDataLoader, state: dict[str, int]) -> None:
+    """A position saved with another batch size or number of processes: say where the epoch goes on,
+    and set Lightning's count of the epoch's batches to what that position is in this run's batches.
+
+    Lightning ends an epoch when its count reaches the loader's length; the count it restored is
+    in the interrupted run's batches, and would end the epoch early (larger batches: images left
+    unseen) or late."""
+    before = (state.get("world_size"), state.get("batch_size"))
+    now = (loader.sampler.num_replicas, loader.batch_size)
+    if None in before or before == now or state["epoch"] != trainer.current_epoch:
+        return
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    shift = loader.batches_done() - progress.ready
+    progress.ready, progress.started = progress.ready + shift, progress.started + shift
+    progress.processed, progress.completed = progress.processed + shift, progress.completed + shift
+    rank_zero_info(
+        f"bam: resuming epoch {state['epoch']} at image {state['samples']} of {len(loader.dataset)} of its order, "
+        f"saved by {before[0]} process(es) x batch {before[1]} (global {before[0] * before[1]}); this run: "
+        f"{now[0]} x {now[1]} (global {now[0] * now[1]}), {len(loader) - loader.batches_done()} more batches "
+        "this epoch, none of its images repeated or left out"
+    )
 
 
 def _resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:

@@ -21,6 +21,6 @@ def write_photo_folder(root: Path, classes: int = 2, per_class: int = 12, size: 
         folder.mkdir(parents=True, exist_ok=True)
         tint = np.roll(np.array([0.8, 0.45, 0.2]), label)
         for index in range(per_class):
-            pixels = 255 * (0.6 * tint * ramp + 0.25 * rng.random((height, width, 3)))
+            pixels = 255 * (tint * ramp + 0.35 * rng.random((height, width, 3)))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.jpg")
     return root
