@@ -15,6 +15,7 @@ from bam.features.extract import embed_dataset
 from bam.features.knn import knn_accuracy
 from bam.models import build_backbone
 from bam.models.batchnorm_stats import recompute_batchnorm_stats
+from bam.training.fault_tolerance import epoch_end_evaluation
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,7 +50,8 @@ class OnlineKNN(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs and not is_final_epoch_end(trainer):
             return
-        accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
+        with epoch_end_evaluation(trainer, "k-NN"):
+            accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
         # equal on every rank (the bank is gathered); the mean over ranks keeps it and stops
         # Lightning's warning about unsynchronised epoch-level values
         pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=True)

@@ -17,13 +17,14 @@ schedules) makes it build the loader earlier, and the restored position would be
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
 import secrets
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -86,6 +87,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._trainer: pl.Trainer | None = None
         self._loader_states: list[dict[str, int]] = []  # restored from a checkpoint, not yet applied
+        self._saved_before_evaluation: int | None = None  # the step `save_before_evaluation` last saved
 
     # ------------------------------------------------------------------ data position
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -144,11 +146,9 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if not self._signalled(trainer):
             return
-        requeue = in_slurm_job() and trainer.strategy.reduce_boolean_decision(
-            self.received in self.requeue_signals, all=False
-        )
+        requeue = self._requeue_wanted(trainer)
         path = checkpoint_path(trainer)
         rank_zero_info(f"Signal received: saving {path} at step {trainer.global_step} and stopping")
         trainer.save_checkpoint(path)  # every rank; returns after rank 0 wrote it and all met
@@ -157,11 +157,59 @@ class PreemptionCheckpoint(pl.Callback):
         # logged once (the resumed run starts at the next step). The loggers flush on the exit.
         trainer._logger_connector.on_batch_end()
         trainer._logger_connector.update_train_step_metrics()
+        self._stop(trainer, requeue)
+
+    def _signalled(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received a signal (a collective: every rank must ask)."""
+        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+
+    def _requeue_wanted(self, trainer: pl.Trainer) -> bool:
+        return in_slurm_job() and trainer.strategy.reduce_boolean_decision(
+            self.received in self.requeue_signals, all=False
+        )
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, requeue: bool) -> None:
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         # Leave the loops here (as Lightning does on SIGTERM): ending the epoch normally would run
         # the epoch-end hooks and checkpoint an unfinished epoch as finished. Exit status 0.
         raise SIGTERMException
+
+    # ------------------------------------------------------------------ epoch-end evaluations
+    def save_before_evaluation(self, trainer: pl.Trainer) -> None:
+        """Write `last.ckpt` of this epoch's end (once per step) before an evaluation starts: on
+        ImageNet the evaluations can outlast the time SLURM leaves between SIGTERM and SIGKILL,
+        and the epoch's training must not depend on them finishing. The checkpoint callback still
+        writes its own files after the evaluations (with their results and statistics)."""
+        if self._saved_before_evaluation == trainer.global_step:
+            return
+        trainer.save_checkpoint(checkpoint_path(trainer))
+        self._saved_before_evaluation = trainer.global_step
+
+    def stop_if_signalled(self, trainer: pl.Trainer, evaluation: str) -> None:
+        """After an epoch-end evaluation: a signal that arrived during it stops the run now (the
+        epoch's checkpoint is already written), requeueing the SLURM job when the signal asks."""
+        if not self._signalled(trainer):
+            return
+        requeue = self._requeue_wanted(trainer)
+        rank_zero_info(f"Signal received during the epoch-end evaluation ({evaluation}): {checkpoint_path(trainer)} "
+                       f"holds step {trainer.global_step}, saved before it; stopping")
+        self._stop(trainer, requeue)
+
+
+@contextlib.contextmanager
+def epoch_end_evaluation(trainer: pl.Trainer, evaluation: str) -> Iterator[None]:
+    """Run an evaluation at an epoch's end the preemption-safe way: the epoch's checkpoint first,
+    then the evaluation, then stop if a signal came meanwhile (nothing to do without a
+    `PreemptionCheckpoint` among the trainer's callbacks)."""
+    callbacks = getattr(trainer, "callbacks", [])  # stand-in trainers of unit tests may have none
+    guard = next((callback for callback in callbacks if isinstance(callback, PreemptionCheckpoint)), None)
+    if guard is not None:
+        guard.save_before_evaluation(trainer)
+    yield
+    if guard is not None:
+        guard.stop_if_signalled(trainer, evaluation)
 
 
 def _continue_in_new_batches(trainer: pl.Trainer, loader: ResumableDataLoader, state: dict[str, int]) -> None:
