@@ -60,8 +60,8 @@ class PretrainCLI(SafeRunCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         self.set_up_run_folder(config, "pretrain")
         trainer = config.trainer
+        _check_slurm(trainer)  # first: under SLURM, the allocation's numbers say more
         check_launch_plan(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.precision)
-        _check_slurm(trainer)
         self.resolve_resume(config)
 
     def after_instantiate_classes(self) -> None:
