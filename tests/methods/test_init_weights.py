@@ -37,7 +37,7 @@ def test_bam_pretrain_starts_a_new_run_from_an_export(tmp_path):
     assert status == 0, err[-3000:]
     assert f"bam: backbone bam_cnn4 initialised from {export} (" in out + err
     started = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert started["global_step"] == 1 and started["epoch"] == 0  # a new run, not the first one resumed
+    assert started["global_step"] == 1  # a new run from step 0, not the first one (step 3) resumed
     expected = backbone_parameters(exported, "teacher")  # the export holds the teacher
     for encoder in ("student", "teacher"):
         loaded = backbone_parameters(started, encoder)
@@ -51,7 +51,8 @@ def test_weights_of_another_architecture_are_refused_naming_the_keys(tmp_path):
     save_file({"conv1.weight": torch.zeros(8, 3, 7, 7)}, str(other))
     status, _, err = pretrain(tmp_path / "run", f"--model.init_args.init_weights={other}", "--trainer.max_steps=1")
     assert status == 1
-    message = err.strip().splitlines()
+    lines = err.strip().splitlines()
+    message = lines[next(i for i, line in enumerate(lines) if line.startswith("bam pretrain: ")):]
     assert message[0] == (f"bam pretrain: init_weights {str(other)!r}: the checkpoint's backbone weights do not fit "
                           "architecture 'bam_cnn4':")
     assert message[1].startswith("  ") and "missing (in the model, not in the file)" in message[1]
