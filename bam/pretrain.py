@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
 from bam.data import MultiCropConfig, SSLDataModule
+from bam.data.recipe_fit import recipe_misfits, sample_images, too_few_images
 from bam.losses import BAMObjective
 from bam.methods import SSLMethod
 from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
-from bam.training.run_cli import SafeRunCLI, SettingError, one_line_errors
+from bam.training.launch_plan import check_launch_plan
+from bam.training.run_cli import SafeRunCLI, SettingError, launch_rank_is_zero, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
 from bam.warning_filters import expected_warnings_silenced
@@ -56,8 +59,15 @@ class PretrainCLI(SafeRunCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         self.set_up_run_folder(config, "pretrain")
-        _check_slurm(config.trainer)
+        trainer = config.trainer
+        _check_slurm(trainer)  # first: under SLURM, the allocation's numbers say more
+        check_launch_plan(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.precision)
         self.resolve_resume(config)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand:  # a run, not only the objects (`pretrain_cli(..., run=False)`)
+            _check_data_fits(self.datamodule, self.trainer.num_devices * self.trainer.num_nodes)
 
 
 def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> int:
@@ -82,6 +92,23 @@ def _check_slurm(trainer: Namespace) -> None:
     devices = devices_per_node(trainer.devices, torch.cuda.device_count() if uses_gpus else 0)
     if devices is not None:
         check_slurm_allocation(trainer.num_nodes, devices, uses_gpus)
+
+
+def _check_data_fits(datamodule: Any, processes: int) -> None:
+    """Stop when no training step could run (a batch larger than the data); warn, naming both, when
+    the recipe's normalisation, channels or crop sizes do not fit the images."""
+    if not isinstance(datamodule, SSLDataModule):
+        return
+    datamodule.setup()
+    source = datamodule.train_source
+    if source is None:  # data kept elsewhere (FFCV): nothing to look at before the loaders exist
+        return
+    problem = too_few_images(len(source), datamodule.batch_size, processes)
+    if problem:
+        raise SettingError(problem)
+    if launch_rank_is_zero():
+        for misfit in recipe_misfits(sample_images(source), datamodule.crops):
+            print(f"bam pretrain: warning: {misfit}", file=sys.stderr, flush=True)
 
 
 OBJECTIVE_FIELDS = {field.name for field in dataclasses.fields(BAMObjective)}

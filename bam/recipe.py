@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,6 +29,9 @@ class DataRecipe:
         crop_pct: Centre-crop fraction: the short side is resized to `input_size / crop_pct`
             (1.0: resized to `input_size`, no margin).
         interpolation: Resize interpolation, one of `INTERPOLATIONS`.
+        train_crop_sizes: Sides of the crops the backbone was trained on (global, then local;
+            empty when unknown). A record of the training, not part of the evaluation
+            preprocessing: recipes that differ only here are equal.
     """
 
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
@@ -36,9 +39,11 @@ class DataRecipe:
     input_size: int = 224
     crop_pct: float = DEFAULT_CROP_PCT
     interpolation: str = "bicubic"
+    train_crop_sizes: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
+        object.__setattr__(self, "train_crop_sizes", tuple(int(side) for side in self.train_crop_sizes))
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} must have one entry per channel")
@@ -58,7 +63,8 @@ class DataRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists, not tuples): what checkpoints and `config.json` store."""
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std),
+                "train_crop_sizes": list(self.train_crop_sizes)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DataRecipe":

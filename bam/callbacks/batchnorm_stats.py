@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from bam.callbacks.training_end import is_final_epoch_end
 from bam.models.batchnorm_stats import batch_norms, recompute_batchnorm_stats
 from bam.models.encoder import MultiCropEncoder
+from bam.training.fault_tolerance import epoch_end_evaluation
 
 
 class PreciseBatchNorm(pl.Callback):
@@ -41,26 +42,29 @@ class PreciseBatchNorm(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not is_final_epoch_end(trainer):
             return
-        loader = self._clean_images(trainer)
-        if loader is None:
+        encoders = [(name, getattr(pl_module, name, None)) for name in ("student", "teacher")]
+        encoders = [(name, encoder) for name, encoder in encoders
+                    if isinstance(encoder, MultiCropEncoder) and batch_norms(encoder.backbone)]
+        if not encoders or not self._has_clean_images(trainer):
             return
         device = trainer.strategy.root_device
-        for name in ("student", "teacher"):
-            encoder = getattr(pl_module, name, None)
-            if isinstance(encoder, MultiCropEncoder) and batch_norms(encoder.backbone):
+        with epoch_end_evaluation(trainer, "precise batch norm"):
+            loader = trainer.datamodule.knn_dataloaders()[0]
+            for name, encoder in encoders:
                 used = recompute_batchnorm_stats(encoder.backbone, _images(loader, encoder, device), self.max_images)
                 rank_zero_info(f"PreciseBatchNorm: {name} backbone's batch norm statistics re-estimated on {used} clean images")
 
     @staticmethod
-    def _clean_images(trainer: pl.Trainer) -> DataLoader | None:
+    def _has_clean_images(trainer: pl.Trainer) -> bool:
+        """Whether the data module can give un-augmented training images (its k-NN bank loader)."""
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "knn_dataloaders"):
             rank_zero_warn(
                 f"PreciseBatchNorm: {type(datamodule).__name__} has no knn_dataloaders() to read clean "
                 "training images from; batch norm statistics are left as tracked during training"
             )
-            return None
-        return datamodule.knn_dataloaders()[0]
+            return False
+        return True
 
 
 def _images(loader: DataLoader, encoder: MultiCropEncoder, device: torch.device) -> Iterator[Tensor]:

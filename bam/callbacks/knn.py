@@ -17,6 +17,7 @@ from bam.features.knn import knn_accuracy
 from bam.features.spread import embedding_spread
 from bam.models import build_backbone
 from bam.models.batchnorm_stats import recompute_batchnorm_stats
+from bam.training.fault_tolerance import epoch_end_evaluation
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 SPREAD_REPORT = "embedding_report.json"
@@ -69,7 +70,8 @@ class OnlineKNN(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs and not is_final_epoch_end(trainer):
             return
-        result = self.evaluate(trainer, pl_module.extract_features, pl_module)
+        with epoch_end_evaluation(trainer, "k-NN"):
+            result = self.evaluate(trainer, pl_module.extract_features, pl_module)
         # equal on every rank (the bank is gathered); the mean over ranks keeps it and stops
         # Lightning's warning about unsynchronised epoch-level values
         logged = ({"knn/top1": result[1], "knn/top5": result[5]} if self.labelled else

@@ -180,10 +180,13 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
     def data_recipe(self) -> DataRecipe:
         """How a backbone trained on this data must see images at evaluation: the recipe's mean and
         std at ``eval_size`` (bicubic resize + centre crop), or at the global crop size when images
-        are used as stored (``eval_size`` None). Stored in pretraining checkpoints and exports."""
+        are used as stored (``eval_size`` None), with the crop sizes it was trained on. Stored in
+        pretraining checkpoints and exports."""
         cropped = self.eval_size is not None
         size = self.eval_size if cropped else self.crops.global_size
-        return DataRecipe(self.crops.mean, self.crops.std, size, EVAL_CROP_FRACTION if cropped else 1.0, "bicubic")
+        trained_on = (self.crops.global_size, self.crops.local_size)[: 1 + (self.crops.num_local_crops > 0)]
+        return DataRecipe(self.crops.mean, self.crops.std, size, EVAL_CROP_FRACTION if cropped else 1.0, "bicubic",
+                          trained_on)
 
     # -- k-NN evaluation ----------------------------------------------------------------------
     def knn_dataloaders(self) -> tuple[DataLoader, DataLoader]:
@@ -228,12 +231,15 @@ class ImageFolderDataModule(ImageFolderSplits, SSLDataModule):
         root: Where the images are, with ``val_root``, ``val_fraction`` and ``max_pixels``: see
             ``ImageFolderSplits``.
         base_size: Side of the square uint8 images the device path crops from.
-        eval_size: Side of k-NN images (resize to ``eval_size / 0.875``, centre crop).
+        eval_size: Side of k-NN images (resize to ``eval_size / 0.875``, centre crop); by default
+            the global crop size, the resolution the backbone is trained at (and which its export
+            records).
         **kwargs: See ``ImageFolderSplits`` and ``SSLDataModule``.
     """
 
-    def __init__(self, root: str, base_size: int = 256, eval_size: int = 224, **kwargs: Any) -> None:
-        super().__init__(root=root, eval_size=eval_size, **kwargs)
+    def __init__(self, root: str, base_size: int = 256, eval_size: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
+        self.eval_size = eval_size if eval_size is not None else self.crops.global_size
         require_locations(self.root, self.val_root)  # fail before any training starts
         self.base_size = base_size
 

@@ -122,6 +122,7 @@ def export_config(spec: BackboneSpec, model: nn.Module, source: Path) -> dict[st
             "bam_architecture": spec.model_name,
             "encoder": spec.encoder,
             "data_recipe_recorded": spec.recipe is not None,
+            "train_crop_sizes": list(recipe.train_crop_sizes),  # what it trained on ([] when unrecorded)
             "source": str(source.resolve()),
             "source_format": spec.source_format,
             "bam_version": __version__,
@@ -261,8 +262,13 @@ def run_export(args: argparse.Namespace, prog: str, source_format: str | None = 
         f"features, {config['model_args']['num_classes']} classes) to {output / WEIGHTS_FILE} and "
         f"{output / CONFIG_FILE}; data recipe: {recipe['input_size'][-1]} px, mean {recipe['mean']}, std {recipe['std']}"
         + ("" if config["bam"]["data_recipe_recorded"] else " (the checkpoint records none: ImageNet's defaults)")
+        + _trained_on(config["bam"]["train_crop_sizes"])
     )
     return output
+
+
+def _trained_on(crop_sizes: list[int]) -> str:
+    return f"; trained on {'/'.join(map(str, crop_sizes))}-px crops" if crop_sizes else ""
 
 
 EXPORT_EPILOG = """\

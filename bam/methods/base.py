@@ -12,9 +12,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from bam.io.initial_weights import load_initial_weights
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.models import Projector, build_backbone, feature_dim
@@ -40,6 +42,10 @@ class SSLMethod(pl.LightningModule):
     Args:
         backbone: timm model name (bam's presets included, see `bam.models.backbones`).
         backbone_kwargs: extra keyword arguments for `timm.create_model`.
+        init_weights: start the backbone from these weights instead of a random initialisation: a
+            bam export, a timm state dict (`.safetensors`, `.pth`), a bam checkpoint or the authors'
+            released file (see `bam.io.initial_weights`), loaded weights-only and strictly. Only
+            the backbone: the projector, optimiser and schedules start anew, unlike `--ckpt_path`.
         proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm,
         proj_last_batch_norm, proj_bias, proj_init: the projector MLP (see `bam.models.Projector`;
             `proj_init="trunc_normal"` is the authors' initialisation).
@@ -66,6 +72,7 @@ class SSLMethod(pl.LightningModule):
         self,
         backbone: str = "bam_vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
+        init_weights: str | None = None,
         proj_hidden_dim: int = 4096,
         proj_out_dim: int = 4096,
         proj_layers: int = 3,
@@ -96,6 +103,9 @@ class SSLMethod(pl.LightningModule):
         # and every default end up in the checkpoint's hyper_parameters.
         self.save_hyperparameters()
         net = build_backbone(backbone, **(backbone_kwargs or {}))
+        if init_weights:  # before the teacher copies the student: both start from these weights
+            loaded = load_initial_weights(net, init_weights, backbone)
+            rank_zero_info(f"bam: backbone {backbone} initialised from {init_weights} ({loaded} tensors)")
         if gradient_checkpointing:
             _enable_gradient_checkpointing(net, backbone)
         self.student = MultiCropEncoder(net, self.make_head(feature_dim(net)), channels_last, bn_stats_from_global_crops)

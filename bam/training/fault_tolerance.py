@@ -17,13 +17,14 @@ schedules) makes it build the loader earlier, and the restored position would be
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
 import secrets
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -86,6 +87,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._trainer: pl.Trainer | None = None
         self._loader_states: list[dict[str, int]] = []  # restored from a checkpoint, not yet applied
+        self._saved_before_evaluation: int | None = None  # the step `save_before_evaluation` last saved
 
     # ------------------------------------------------------------------ data position
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -125,6 +127,7 @@ class PreemptionCheckpoint(pl.Callback):
         if self._loader_states and len(loaders) == len(self._loader_states):
             for loader, state in zip(loaders, self._loader_states):
                 loader.load_state_dict(state)
+                _continue_in_new_batches(trainer, loader, state)
         self._loader_states = []
         # Lightning installs its handlers just before training starts; these replace them.
         self.received = None
@@ -143,11 +146,9 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if not self._signalled(trainer):
             return
-        requeue = in_slurm_job() and trainer.strategy.reduce_boolean_decision(
-            self.received in self.requeue_signals, all=False
-        )
+        requeue = self._requeue_wanted(trainer)
         path = checkpoint_path(trainer)
         rank_zero_info(f"Signal received: saving {path} at step {trainer.global_step} and stopping")
         trainer.save_checkpoint(path)  # every rank; returns after rank 0 wrote it and all met
@@ -156,11 +157,82 @@ class PreemptionCheckpoint(pl.Callback):
         # logged once (the resumed run starts at the next step). The loggers flush on the exit.
         trainer._logger_connector.on_batch_end()
         trainer._logger_connector.update_train_step_metrics()
+        self._stop(trainer, requeue)
+
+    def _signalled(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received a signal (a collective: every rank must ask)."""
+        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+
+    def _requeue_wanted(self, trainer: pl.Trainer) -> bool:
+        return in_slurm_job() and trainer.strategy.reduce_boolean_decision(
+            self.received in self.requeue_signals, all=False
+        )
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, requeue: bool) -> None:
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         # Leave the loops here (as Lightning does on SIGTERM): ending the epoch normally would run
         # the epoch-end hooks and checkpoint an unfinished epoch as finished. Exit status 0.
         raise SIGTERMException
+
+    # ------------------------------------------------------------------ epoch-end evaluations
+    def save_before_evaluation(self, trainer: pl.Trainer) -> None:
+        """Write `last.ckpt` of this epoch's end (once per step) before an evaluation starts: on
+        ImageNet the evaluations can outlast the time SLURM leaves between SIGTERM and SIGKILL,
+        and the epoch's training must not depend on them finishing. The checkpoint callback still
+        writes its own files after the evaluations (with their results and statistics)."""
+        if self._saved_before_evaluation == trainer.global_step:
+            return
+        trainer.save_checkpoint(checkpoint_path(trainer))
+        self._saved_before_evaluation = trainer.global_step
+
+    def stop_if_signalled(self, trainer: pl.Trainer, evaluation: str) -> None:
+        """After an epoch-end evaluation: a signal that arrived during it stops the run now (the
+        epoch's checkpoint is already written), requeueing the SLURM job when the signal asks."""
+        if not self._signalled(trainer):
+            return
+        requeue = self._requeue_wanted(trainer)
+        rank_zero_info(f"Signal received during the epoch-end evaluation ({evaluation}): {checkpoint_path(trainer)} "
+                       f"holds step {trainer.global_step}, saved before it; stopping")
+        self._stop(trainer, requeue)
+
+
+@contextlib.contextmanager
+def epoch_end_evaluation(trainer: pl.Trainer, evaluation: str) -> Iterator[None]:
+    """Run an evaluation at an epoch's end the preemption-safe way: the epoch's checkpoint first,
+    then the evaluation, then stop if a signal came meanwhile (nothing to do without a
+    `PreemptionCheckpoint` among the trainer's callbacks)."""
+    callbacks = getattr(trainer, "callbacks", [])  # stand-in trainers of unit tests may have none
+    guard = next((callback for callback in callbacks if isinstance(callback, PreemptionCheckpoint)), None)
+    if guard is not None:
+        guard.save_before_evaluation(trainer)
+    yield
+    if guard is not None:
+        guard.stop_if_signalled(trainer, evaluation)
+
+
+def _continue_in_new_batches(trainer: pl.Trainer, loader: ResumableDataLoader, state: dict[str, int]) -> None:
+    """A position saved with another batch size or number of processes: say where the epoch goes on,
+    and set Lightning's count of the epoch's batches to what that position is in this run's batches.
+
+    Lightning ends an epoch when its count reaches the loader's length; the count it restored is
+    in the interrupted run's batches, and would end the epoch early (larger batches: images left
+    unseen) or late."""
+    before = (state.get("world_size"), state.get("batch_size"))
+    now = (loader.sampler.num_replicas, loader.batch_size)
+    if None in before or before == now or state["epoch"] != trainer.current_epoch:
+        return
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    shift = loader.batches_done() - progress.ready
+    progress.ready, progress.started = progress.ready + shift, progress.started + shift
+    progress.processed, progress.completed = progress.processed + shift, progress.completed + shift
+    rank_zero_info(
+        f"bam: resuming epoch {state['epoch']} at image {state['samples']} of {len(loader.dataset)} of its order, "
+        f"saved by {before[0]} process(es) x batch {before[1]} (global {before[0] * before[1]}); this run: "
+        f"{now[0]} x {now[1]} (global {now[0] * now[1]}), {len(loader) - loader.batches_done()} more batches "
+        "this epoch, none of its images repeated or left out"
+    )
 
 
 def _resumable_loaders(trainer: pl.Trainer) -> list[ResumableDataLoader]:

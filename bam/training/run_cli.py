@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytorch_lightning as pl
 from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -40,9 +41,16 @@ from bam.io.safe_load import (
     local_copy,
 )
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
+from bam.training.launch_plan import LaunchPlanError
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.run_setup import logger_config
 
+# where checkpoints keep `data_order_settings` (top level, plain values)
+RUN_SETTINGS_KEY = "bam_run_settings"
+# trainer settings that change the data order or the global batch (the others do not)
+DATA_ORDER_TRAINER_KEYS = ("devices", "num_nodes", "accumulate_grad_batches", "limit_train_batches")
+# data settings that change neither: evaluation and loading speed only
+NOT_DATA_ORDER_KEYS = ("num_workers", "knn_bank_fraction", "knn_batch_size", "eval_size")
 # environment variables through which launchers (torchrun, SLURM, Lightning's own) give ranks
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 # `--ckpt_path` values Lightning resolves itself ("last" is resolved here)
@@ -62,6 +70,7 @@ USER_ERRORS = (
     NotACheckpointError,
     DiskFullError,
     MissingLabelsError,
+    LaunchPlanError,
 )
 
 
@@ -134,12 +143,16 @@ class SafeRunCLI(LightningCLI):
         if config.ckpt_path and Path(config.ckpt_path).is_file():
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)  # refuses unsafe files up front
             changes = changed_settings(checkpoint.get("hyper_parameters") or {}, config.model)
-            if changes and _launch_rank_is_zero():
+            changes += changed_data_order(checkpoint.get(RUN_SETTINGS_KEY) or {}, data_order_settings(config))
+            if changes and launch_rank_is_zero():
                 print(_changes_message(requested, changes), file=sys.stderr, flush=True)
 
     def after_instantiate_classes(self) -> None:
-        """Take the run folder before anything is written there (released when the run ends)."""
-        if _launch_rank_is_zero():  # the other processes of this run are not rivals
+        """Take the run folder before anything is written there (released when the run ends), and
+        have every checkpoint record the settings that decide the data order."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.trainer.callbacks.append(RunSettingsRecord(data_order_settings(config)))
+        if launch_rank_is_zero():  # the other processes of this run are not rivals
             lock = RunLock(self.trainer.default_root_dir)
             lock.acquire()
             self._resources.callback(lock.release)
@@ -184,7 +197,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _launch_rank_is_zero() -> bool:
+def launch_rank_is_zero() -> bool:
     """Whether this process is the run's first (launchers set these before the process starts;
     Lightning's own launcher sets them for the processes it adds)."""
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
@@ -203,7 +216,7 @@ def find_last_checkpoint(directory: Path) -> str | None:
     if last:
         return str(last[0])
     newest = str(complete[0]) if complete else None
-    if _launch_rank_is_zero():
+    if launch_rank_is_zero():
         found = f"resuming from {newest}, the newest complete checkpoint there" if newest else "starting anew"
         print(f"bam: --ckpt_path last: no complete last.ckpt in {directory}: {found}", file=sys.stderr, flush=True)
     return newest
@@ -224,6 +237,38 @@ def changed_settings(stored: dict[str, Any], model: Namespace) -> list[tuple[str
         if key in current and _plain(current[key]) != _plain(value):
             changes.append((prefix + key, value, current[key]))
     return changes
+
+
+def data_order_settings(config: Namespace) -> dict[str, Any]:
+    """The run's settings that decide which images come in which batch and step, flat
+    (`data.init_args.crops.global_size`, `trainer.devices`, `seed_everything`, ...)."""
+    settings = {"seed_everything": _plain(config.get("seed_everything"))}
+    settings.update(_flat(_plain(config.get("data")), "data"))
+    trainer = config.get("trainer") or Namespace()
+    settings.update({f"trainer.{key}": _plain(trainer.get(key)) for key in DATA_ORDER_TRAINER_KEYS})
+    return {key: value for key, value in settings.items() if key.rsplit(".", 1)[-1] not in NOT_DATA_ORDER_KEYS}
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {key: item for name, child in value.items() for key, item in _flat(child, f"{prefix}.{name}").items()}
+
+
+def changed_data_order(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint's value, this run's value) for each data-order setting that differs
+    (none for checkpoints written without the record)."""
+    return [(key, stored[key], value) for key, value in current.items() if key in stored and stored[key] != value]
+
+
+class RunSettingsRecord(pl.Callback):
+    """Writes the run's `data_order_settings` into every checkpoint, for the comparison on resume."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_SETTINGS_KEY] = self.settings
 
 
 def _plain(value: Any) -> Any:

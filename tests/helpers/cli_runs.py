@@ -111,3 +111,53 @@ class RecordCheckpointIO(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         plugin = type(trainer.strategy.checkpoint_io)
         self.path.write_text(f"{plugin.__module__}.{plugin.__qualname__}")
+
+
+class RecordTrainedImages(pl.Callback):
+    """Appends the dataset indices of every batch the run trains on to `path` ("epoch: i j k ...",
+    one line per batch): the device path's batches carry them until `on_after_batch_transfer`
+    turns them into views, which happens for the batch about to be trained, never a prefetched one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        augment = datamodule.on_after_batch_transfer
+
+        def recording(batch: Any, dataloader_idx: int) -> Any:
+            if trainer.training and len(batch) == 3:
+                with self.path.open("a") as file:
+                    file.write(f"{trainer.current_epoch}: {' '.join(map(str, batch[2].tolist()))}\n")
+            return augment(batch, dataloader_idx)
+
+        datamodule.on_after_batch_transfer = recording
+
+
+def trained_images(path: Path) -> list[tuple[int, list[int]]]:
+    """(epoch, dataset indices) of each batch `RecordTrainedImages` wrote to `path`, in order."""
+    rows = [line.split(":") for line in path.read_text().splitlines()]
+    return [(int(epoch), [int(index) for index in indices.split()]) for epoch, indices in rows]
+
+
+class SignalDuringEvaluation(pl.Callback):
+    """Sends `signal_name` to this process when the first epoch-end evaluation at or after global
+    step `step` asks for its images (precise batch norm and k-NN both read the k-NN loaders), and
+    writes to `record` the step of the `last.ckpt` on disk at that moment (null: none)."""
+
+    def __init__(self, step: int, record: str, signal_name: str = "SIGTERM") -> None:
+        self.step, self.record, self.signum = step, Path(record), signal.Signals[signal_name]
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        loaders = datamodule.knn_dataloaders
+
+        def signalling() -> Any:
+            if trainer.global_step >= self.step and not self.record.exists():
+                last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+                step = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
+                self.record.write_text(str(step))
+                os.kill(os.getpid(), self.signum)
+            return loaders()
+
+        datamodule.knn_dataloaders = signalling

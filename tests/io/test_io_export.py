@@ -68,7 +68,7 @@ def test_export_config_is_timms_layout_with_the_recipe(lightning_file, tmp_path)
         },
         "bam": {
             "format": "bam-backbone", "format_version": 2, "bam_architecture": "bam_cnn4", "encoder": "teacher",
-            "data_recipe_recorded": True, "source": str(lightning_file.resolve()), "source_format": "bam",
+            "data_recipe_recorded": True, "train_crop_sizes": [], "source": str(lightning_file.resolve()), "source_format": "bam",
             "bam_version": bam.__version__,
         },
     }
