@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "linear": ("bam.evaluation.linear", "linear probe of a frozen backbone (LightningCLI: --config, --print_config, --ckpt_path)"),
     "finetune": ("bam.evaluation.finetune", "fine-tune a backbone with a new classifier (LightningCLI: --config, --ckpt_path)"),
     "data": ("bam.data.cli", "prepare datasets: `bam data ffcv` writes an FFCV .beton file"),
+    "deploy": ("bam.io.deploy", "an export as TorchScript or ONNX, checked against the eager model (max abs difference)"),
     "convert": ("bam.io.convert", "convert an authors' released checkpoint into a bam backbone export"),
 }
 
