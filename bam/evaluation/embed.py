@@ -176,9 +176,8 @@ def run_embed(
     if rank() == 0:
         written = EMBEDDING_FORMATS[format](embeddings, output)
         if pictures.enabled:
-            classes = labels if len(torch.unique(labels)) > 1 else None  # colour and caption only real classes
             written += write_pictures(pictures, features, dataset, indices, preprocessing.mean, preprocessing.std,
-                                      output, classes, class_names, extractor.backbone)
+                                      output, labels, class_names, extractor.backbone)
         print(f"bam embed: {len(features)} images -> {features.shape[1]}-d {extractor.recipe} features; wrote "
               + ", ".join(str(path) for path in written), flush=True)
     return {"num_images": len(features), "dim": int(features.shape[1]), "feature": extractor.recipe,

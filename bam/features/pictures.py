@@ -219,10 +219,12 @@ def write_pictures(
 ) -> list[Path]:
     """Draw the pictures `settings` asks for into `out_dir`; return the files written.
 
-    Row `i` of `features` (and of `labels`, None when there are no classes) is item `indices[i]`
+    Row `i` of `features` (and of `labels`; None, or a single class, for none) is item `indices[i]`
     of `dataset`, whose items are `(normalised image, label)` with the `mean`/`std` given. The
     attention maps need the `backbone` (on the device it runs on) and are drawn for ViTs only.
     """
+    if labels is not None and len(torch.unique(labels)) < 2:
+        labels = None  # one class (or unlabelled images): nothing to colour or caption by
     generator = torch.Generator().manual_seed(settings.seed)
     picked = torch.randperm(len(features), generator=generator)
     written = []
