@@ -134,3 +134,20 @@ def test_bad_input_stops_with_one_line(export, options, message):
     with pytest.raises(SystemExit) as stop:
         main(["--backbone", str(export), "--accelerator", "cpu", *options])
     assert str(stop.value.code) == message
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    first = Embeddings(torch.ones(2, 3), ["a.jpg", "b.jpg"], torch.tensor([0, 0]), None)
+    EMBEDDING_FORMATS["torch"](first, tmp_path)
+
+    def killed_mid_write(content, file):
+        file.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        EMBEDDING_FORMATS["torch"](Embeddings(torch.zeros(5, 3), list("vwxyz"), torch.zeros(5), None), tmp_path)
+    monkeypatch.undo()
+    kept = torch.load(tmp_path / "embeddings.pt", weights_only=True)
+    assert kept["filenames"] == ["a.jpg", "b.jpg"] and torch.equal(kept["embeddings"], torch.ones(2, 3))
+    assert [path.name for path in tmp_path.iterdir()] == ["embeddings.pt"]  # no temporary file left
