@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bam.callbacks.extras import trainer_extras
     from bam.data import MultiCropConfig, SSLDataModule
     from bam.evaluation.cluster import run_clustering
+    from bam.evaluation.embed import run_embed
     from bam.evaluation.finetune import FineTune
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
@@ -77,6 +78,7 @@ _LAZY = {
     "FineTune": "bam.evaluation.finetune",
     "run_knn": "bam.evaluation.knn_stage",
     "run_clustering": "bam.evaluation.cluster",
+    "run_embed": "bam.evaluation.embed",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -14,6 +14,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
     "export": ("bam.io.export", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
     "knn": ("bam.evaluation.knn_stage", "weighted k-NN accuracy of a frozen backbone (k=20, T=0.07; torchrun-ready)"),
+    "embed": ("bam.evaluation.embed", "a folder (or list) of images -> features + file names, neighbour grid, 2-D map, attention maps"),
     "cluster": ("bam.evaluation.cluster", "k-means clustering of a frozen backbone's features, raw and BPA (NMI, ARI, acc)"),
     "fewshot": ("bam.evaluation.fewshot", "N-way K-shot episodes on a frozen backbone's features, raw and BPA (mean acc, 95% CI)"),
     "retrieval": ("bam.evaluation.retrieval", "image retrieval on frozen features, raw and BPA (Recall@K, MAP@R, R-precision, mAP)"),
@@ -22,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "finetune": ("bam.evaluation.finetune", "fine-tune a backbone with a new classifier (LightningCLI: --config, --ckpt_path)"),
     "data": ("bam.data.cli", "prepare datasets: `bam data ffcv` writes an FFCV .beton file"),
     "study": ("bam.study", "compare pretraining configs over seeds at equal epochs and equal CPU-seconds (one table)"),
+    "deploy": ("bam.io.deploy", "an export as TorchScript or ONNX, checked against the eager model (max abs difference)"),
     "convert": ("bam.io.convert", "convert an authors' released checkpoint into a bam backbone export"),
 }
 

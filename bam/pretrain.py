@@ -20,7 +20,7 @@ import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
-from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, OnlineKNN, PreciseBatchNorm
+from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, EmbeddingPictures, OnlineKNN, PreciseBatchNorm
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.data.recipe_fit import recipe_misfits, sample_images, too_few_images
 from bam.losses import BAMObjective
@@ -47,6 +47,7 @@ class PretrainCLI(SafeRunCLI):
         parser.add_lightning_class_args(OnlineKNN, "knn")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(CurvePlots, "plots")
+        parser.add_lightning_class_args(EmbeddingPictures, "pictures")  # off unless enabled: true
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
         parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
         # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method

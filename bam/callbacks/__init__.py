@@ -3,6 +3,7 @@ from bam.callbacks.batchnorm_stats import PreciseBatchNorm
 from bam.callbacks.contrastive_crop import ContrastiveCrop
 from bam.callbacks.data_account import DataAccount
 from bam.callbacks.knn import OnlineKNN
+from bam.callbacks.pictures import EmbeddingPictures
 from bam.training.plots import CurvePlots, plot_metrics
 
-__all__ = ["ContrastiveCrop", "CurvePlots", "DataAccount", "OnlineKNN", "PreciseBatchNorm", "plot_metrics"]
+__all__ = ["ContrastiveCrop", "CurvePlots", "DataAccount", "EmbeddingPictures", "OnlineKNN", "PreciseBatchNorm", "plot_metrics"]

@@ -164,7 +164,18 @@ def embed_dataset(
     dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0,
     progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Features and labels of every item of `dataset`, in dataset order, on the CPU, on every process.
+    """Features and labels of every readable item of `dataset`: `embed_rows` without the indices."""
+    features, labels, _ = embed_rows(dataset, fn, device, batch_size, num_workers, progress)
+    return features, labels
+
+
+@torch.no_grad()
+def embed_rows(
+    dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0,
+    progress: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Features, labels and dataset indices of every item of `dataset`, in dataset order, on the
+    CPU, on every process (the indices say which items an unreadable file left out).
 
     Each process embeds its own shard (`shard_indices`); the shards are gathered batch by batch and
     moved to the CPU, so the device holds at most one batch from each process and every row
@@ -188,4 +199,4 @@ def embed_dataset(
         keys.append(gather_rows(torch.stack([positions, labels], dim=1).to(device)).cpu())
     features, keys = torch.cat(features), torch.cat(keys)
     order = torch.argsort(keys[:, 0])
-    return features[order], keys[order, 1]
+    return features[order], keys[order, 1], keys[order, 0]

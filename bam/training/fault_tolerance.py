@@ -24,10 +24,10 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytorch_lightning as pl
 import torch
@@ -293,11 +293,18 @@ class AtomicCheckpointIO(SafeCheckpointIO):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)` through a same-directory temporary file, fsync and rename.
+    """`torch.save(obj, path)` through a same-directory temporary file, fsync and rename (see
+    `atomic_write`)."""
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(file)` into a same-directory temporary file, then fsync and rename over `path`: a
+    reader sees the old file or the complete new one, never a truncated one.
 
     The file gets the permissions the umask gives any new file (not the 0600 of `mkstemp`). A
     full file system raises `DiskFullError` naming the directory; the temporary file is removed
-    and the previous checkpoint stays.
+    and the previous file stays.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(path)
@@ -305,7 +312,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     recorder = _ErrorRecordingFile(os.fdopen(descriptor, "wb"))
     try:
         with recorder.file as file:
-            torch.save(obj, recorder)
+            write(recorder)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -1,14 +1,17 @@
-"""The README's demo chain at toy size, with the shipped configs: pretrain -> export -> k-NN and
-linear probe on the built-in MNIST digits."""
+"""The README's demo chain at toy size, with the shipped configs: pretrain (and its end-of-run
+pictures) -> export -> k-NN and linear probe on the built-in MNIST digits."""
 from __future__ import annotations
 
 import json
+import re
 
+import matplotlib.figure
 import pytest
 
 from bam.cli import main as bam
 from bam.evaluation import knn_stage, linear
 from bam.evaluation.data import RecipeMismatchWarning
+from eval_fixtures import record_figures
 from repo_paths import REPO
 
 CONFIGS = REPO / "configs"
@@ -18,7 +21,8 @@ QUIET = [
 
 
 @pytest.mark.slow
-def test_pretrain_export_knn_linear(tmp_path):
+def test_pretrain_export_knn_linear(tmp_path, monkeypatch):
+    figures = record_figures(monkeypatch, matplotlib.figure)
     bam([
         "pretrain", "--config", str(CONFIGS / "pretrain" / "demo.yaml"), *QUIET,
         "--trainer.default_root_dir", str(tmp_path / "pretrain"), "--trainer.max_epochs", "1",
@@ -26,6 +30,14 @@ def test_pretrain_export_knn_linear(tmp_path):
         "--data.init_args.knn_bank_fraction", "0.1", "--knn.compare_baselines", "false",
         "--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
     ])
+    # the demo ends with pictures of the 1,000 held-out digits: 6 queries with 5 neighbours each, and
+    # their 2-D map coloured by the 10 classes
+    plots = tmp_path / "pretrain" / "plots"
+    assert (plots / "neighbours.png").stat().st_size > 0 and (plots / "embedding_map.png").stat().st_size > 0
+    grid, layout = figures
+    assert grid.get_suptitle() == "nearest neighbours (cosine similarity of the embeddings)" and len(grid.axes) == 36
+    assert re.fullmatch(r"(t-SNE|UMAP) of 1000 embeddings \(coloured by class\)", layout.axes[0].get_title())
+    assert [text.get_text() for text in layout.axes[0].get_legend().get_texts()] == [str(digit) for digit in range(10)]
     checkpoint = tmp_path / "pretrain" / "checkpoints" / "last.ckpt"
     bam(["export", str(checkpoint), "--output", str(tmp_path / "backbone")])
     backbone = str(tmp_path / "backbone")

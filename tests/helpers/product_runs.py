@@ -95,7 +95,7 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
         "--data.init_args.batch_size", str(BATCH_PER_PROCESS), "--data.init_args.num_workers", "0",
         "--knn.every_n_epochs", "1", "--contrastive_crop.warmup_epochs", "0",
-        "--contrastive_crop.loc_interval", "1",
+        "--contrastive_crop.loc_interval", "1", "--pictures.enabled", "false",
     ]
     if ACCELERATOR == "cpu":  # CPUs have no fp16 and emulate bf16; mixed precision is check.sh's, on GPUs
         args += ["--trainer.precision", "32-true"]
