@@ -34,7 +34,7 @@ def resolve_backbone(backbone: str, which: str | None = None, arch: str | None =
 def build_from_spec(spec: BackboneSpec, **overrides: Any) -> nn.Module:
     """The spec's feature extractor (no classifier) with `overrides` added to its timm kwargs and
     its weights loaded strictly (a random-init spec has none), in eval mode."""
-    model = build_backbone(spec.model_name, **{**spec.model_kwargs, **overrides})
+    model = build_backbone(spec.model_name, pretrained=False, **{**spec.model_kwargs, **overrides})
     if spec.state:
         load_state_strict(model, spec.state, spec.model_name)
     return model.eval()

@@ -39,6 +39,7 @@ from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
 from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
 from bam.shipped_configs import with_config_names
+from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "knn_results.json"
@@ -179,4 +180,5 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")
+    with one_line_errors("bam knn"):
+        CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")

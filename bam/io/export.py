@@ -27,7 +27,14 @@ from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
 from bam.io.finetune_checkpoint import MODELS, finetune_spec, is_finetune_checkpoint
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec
 from bam.io.safe_load import PathLike, UnsafeCheckpointError, load_checkpoint_file
-from bam.io.state import ENCODERS, BackboneSpec, CheckpointFormatError, CheckpointMismatchError, _classifier_name
+from bam.io.state import (
+    ENCODERS,
+    BackboneSpec,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    _classifier_name,
+    network_options,
+)
 from bam.models.backbones import build_backbone, feature_dim, timm_equivalent, timm_kwargs
 from bam.recipe import DataRecipe
 
@@ -176,7 +183,7 @@ def read_backbone(path: PathLike, which: str | None = None, arch: str | None = N
 def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
     config = _read_json(config_file, weights)
     provenance = config.get("bam", {})
-    model_args = dict(config["model_args"])
+    model_args = network_options(config["architecture"], config["model_args"], f"{str(config_file)!r} (model_args)")
     num_classes = int(model_args.pop("num_classes", 0))
     recipe = DataRecipe.from_pretrained_cfg(config.get("pretrained_cfg", {}))
     return _spec_from_weights(
@@ -192,8 +199,9 @@ def _read_legacy_export(weights: Path, metadata_file: Path) -> BackboneSpec:
             f"{str(metadata_file)!r} is not a bam backbone export (its \"format\" is not \"{EXPORT_FORMAT}\")"
         )
     recipe = DataRecipe(metadata["mean"], metadata["std"], int(metadata["input_size"][-1]))
+    model_kwargs = network_options(metadata["model"], metadata["model_kwargs"], f"{str(metadata_file)!r} (model_kwargs)")
     return _spec_from_weights(
-        metadata["model"], dict(metadata["model_kwargs"]), weights, metadata["encoder"], metadata["source_format"], recipe
+        metadata["model"], model_kwargs, weights, metadata["encoder"], metadata["source_format"], recipe
     )
 
 
@@ -209,7 +217,7 @@ def _spec_from_weights(
     recipe: DataRecipe, num_classes: int = 0,
 ) -> BackboneSpec:
     """Load the safetensors file strictly into the architecture, and describe the result."""
-    model = build_backbone(name, num_classes=num_classes, **kwargs)
+    model = build_backbone(name, pretrained=False, num_classes=num_classes, **kwargs)
     load_model(model, str(weights), strict=True)
     return BackboneSpec(name, kwargs, model.state_dict(), encoder, source_format, recipe, num_classes)
 

@@ -38,6 +38,7 @@ from bam.io.safe_load import (
     load_checkpoint_file,
     local_copy,
 )
+from bam.io.state import CheckpointFormatError, CheckpointMismatchError
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.run_setup import logger_config
@@ -59,6 +60,8 @@ USER_ERRORS = (
     RunFolderBusyError,
     UnsafeCheckpointError,
     NotACheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
     DiskFullError,
 )
 
