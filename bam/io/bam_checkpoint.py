@@ -37,7 +37,9 @@ def bam_checkpoint_spec(
     encoder, state = select_encoder(checkpoint["state_dict"], which)
     return BackboneSpec(
         model_name,
-        network_options(model_name, hparams.get("backbone_kwargs") or {}, "the checkpoint's hyper_parameters['backbone_kwargs']"),
+        network_options(
+            model_name, hparams.get("backbone_kwargs") or {}, "the checkpoint's hyper_parameters['backbone_kwargs']"
+        ),
         state,
         encoder,
         source_format="bam",

@@ -247,13 +247,15 @@ def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
 
 
 def _read_legacy_export(weights: Path, metadata_file: Path) -> BackboneSpec:
-    metadata = _read_json(metadata_file, weights, ("model", "model_kwargs", "mean", "std", "input_size", "encoder"))
+    required = ("model", "model_kwargs", "mean", "std", "input_size", "encoder", "source_format")
+    metadata = _read_json(metadata_file, weights, required)
     if metadata.get("format") != EXPORT_FORMAT:
         raise CheckpointFormatError(
             f"{str(metadata_file)!r} is not a bam backbone export (its \"format\" is not \"{EXPORT_FORMAT}\")"
         )
     recipe = DataRecipe(metadata["mean"], metadata["std"], int(metadata["input_size"][-1]))
-    model_kwargs = network_options(metadata["model"], metadata["model_kwargs"], f"{str(metadata_file)!r} (model_kwargs)")
+    where = f"{str(metadata_file)!r} (model_kwargs)"
+    model_kwargs = network_options(metadata["model"], metadata["model_kwargs"], where)
     return _spec_from_weights(
         metadata["model"], model_kwargs, weights, metadata["encoder"], metadata["source_format"], recipe
     )

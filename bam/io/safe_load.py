@@ -146,8 +146,9 @@ def checkpoint_damage(path: PathLike, name: str | None = None) -> str | None:
         entry = archive.testzip()
     if entry is None:
         return None
-    return (f"{name or str(path)!r} is damaged: its entry {entry!r} does not match the checksum written with it (the "
-            "file changed on disk or in a copy after it was saved); use another checkpoint, e.g. an earlier one of the run")
+    return (f"{name or str(path)!r} is damaged: its entry {entry!r} does not match the checksum written with it "
+            "(the file changed on disk or in a copy after it was saved); use another checkpoint, e.g. an earlier "
+            "one of the run")
 
 
 def _is_legacy_pickle(path: pathlib.Path) -> bool:

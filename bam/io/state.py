@@ -197,6 +197,7 @@ class BackboneSpec:
     def build(self) -> nn.Module:
         """The timm model (feature extractor, or classifier with `num_classes`) with these weights
         loaded strictly, in eval mode."""
-        model = build_backbone(self.model_name, pretrained=False, **{"num_classes": self.num_classes, **self.model_kwargs})
+        kwargs = {"num_classes": self.num_classes, **self.model_kwargs}
+        model = build_backbone(self.model_name, pretrained=False, **kwargs)
         load_state_strict(model, self.state, self.model_name)
         return model.eval()

@@ -4,10 +4,11 @@ Two runs writing into one run folder remove each other's half-written checkpoint
 checkpoints of different runs side by side. `RunLock` stops the second one at start-up: the lock
 file `<run dir>/.bam-run.lock` is linked into place complete and exclusively (atomic also on NFS)
 and records the host, process id and start time of its holder; a lock that names no holder (empty
-or damaged, as a full disk left them before) is stale and taken over, said so. A lock whose holder is a dead process on this host is
-taken over, and so is one left by an earlier run of the same SLURM job (a requeued job keeps its id,
-possibly on another node). Any other lock held from another host is never taken over (bam cannot
-tell whether that process lives); the message says which file to delete once that run is gone.
+or damaged, as a full disk left them before) is stale and taken over, said so. A lock whose holder
+is a dead process on this host is taken over, and so is one left by an earlier run of the same SLURM
+job (a requeued job keeps its id, possibly on another node). Any other lock held from another host
+is never taken over (bam cannot tell whether that process lives); the message says which file to
+delete once that run is gone.
 """
 from __future__ import annotations
 

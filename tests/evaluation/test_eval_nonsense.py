@@ -97,7 +97,8 @@ def test_bam_knn_stops_on_non_finite_features_and_on_bad_label_sets(nan_checkpoi
 @pytest.mark.process
 @pytest.mark.parametrize("stage", ["linear", "finetune"])
 def test_linear_and_finetune_stop_on_a_non_finite_loss_and_save_nothing(nan_checkpoint, tmp_path, stage):
-    options = ["--model.mixup", "0", "--model.cutmix", "0", "--model.drop_path_rate", "0"] if stage == "finetune" else []
+    no_mixing = ["--model.mixup", "0", "--model.cutmix", "0", "--model.drop_path_rate", "0"]
+    options = no_mixing if stage == "finetune" else []
     run = run_bam([stage, "--model.backbone", str(nan_checkpoint), *options, *synthetic_args(train_size=16, val_size=8),
                    *trainer_args(tmp_path, max_epochs=1)])
     assert run.returncode == 1

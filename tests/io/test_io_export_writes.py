@@ -133,4 +133,5 @@ def test_bam_knn_on_an_export_with_a_damaged_config_is_one_line(checkpoint, tmp_
                    "--accelerator", "cpu", "--output_dir", str(tmp_path / "knn")])
     assert knn.returncode == 1
     last = knn.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"bam knn: {str(output / 'config.json')!r} is not valid JSON") and "Traceback" not in knn.stdout
+    assert last.startswith(f"bam knn: {str(output / 'config.json')!r} is not valid JSON")
+    assert "Traceback" not in knn.stdout

@@ -118,7 +118,8 @@ def test_a_model_source_as_the_architecture_is_refused(checkpoint, tmp_path, sou
 def test_network_options_still_shape_the_model(checkpoint, tmp_path):
     export = export_with(checkpoint, tmp_path / "export", pool_size=1)
     assert load_backbone(export).pool.output_size == 1
-    assert load_backbone(export_with(checkpoint, tmp_path / "wide", pool_size=2)).num_features == 4 * 32  # 4 x 8 channels, on a 2 x 2 grid
+    wide = load_backbone(export_with(checkpoint, tmp_path / "wide", pool_size=2))
+    assert wide.num_features == 4 * 32  # 4 x 8 channels, on a 2 x 2 grid
 
 
 def test_the_timm_bam_requires_loads_checkpoints_weights_only():
