@@ -8,6 +8,7 @@ rather than a built model, because fine-tuning must rebuild the architecture wit
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from bam.io.export import read_backbone
 from bam.models.backbones import build_backbone
 
 
+class RandomInitWarning(UserWarning):
+    """The backbone named is a timm architecture without weights (no such path exists)."""
+
+
 def resolve_backbone(backbone: str, which: str | None = None, arch: str | None = None) -> BackboneSpec:
     """The architecture, weights and data recipe named by `backbone`.
 
@@ -27,6 +32,13 @@ def resolve_backbone(backbone: str, which: str | None = None, arch: str | None =
     (`state` empty, no recipe), the baseline every trained backbone should beat.
     """
     if not Path(backbone).exists() and timm.is_model(backbone):
+        warnings.warn(
+            f"{backbone!r} is no file or folder here ({Path.cwd()}): evaluating a randomly initialised {backbone} "
+            "(timm's architecture of that name), the baseline a trained backbone should beat. If you meant a path, "
+            "check it",
+            RandomInitWarning,
+            stacklevel=2,
+        )
         return BackboneSpec(backbone, {}, {}, encoder="random init", source_format="timm")
     return read_backbone(backbone, which, arch)
 
@@ -34,7 +46,7 @@ def resolve_backbone(backbone: str, which: str | None = None, arch: str | None =
 def build_from_spec(spec: BackboneSpec, **overrides: Any) -> nn.Module:
     """The spec's feature extractor (no classifier) with `overrides` added to its timm kwargs and
     its weights loaded strictly (a random-init spec has none), in eval mode."""
-    model = build_backbone(spec.model_name, **{**spec.model_kwargs, **overrides})
+    model = build_backbone(spec.model_name, pretrained=False, **{**spec.model_kwargs, **overrides})
     if spec.state:
         load_state_strict(model, spec.state, spec.model_name)
     return model.eval()

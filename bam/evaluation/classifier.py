@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from timm.scheduler import CosineLRScheduler
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -20,9 +21,14 @@ from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.recipe import DataRecipe
 from bam.training.optim import optimizer_with_schedule
+from bam.training.health import TrainingDiverged, check_and_record, checkpoint_directory
 from bam.training.schedules import apply_lr_schedule, global_batch_size, rebuild_lr_schedule_on_resume
 
 RESULTS_FILE = "results.json"
+
+
+class NonFiniteLossError(TrainingDiverged):
+    """The training loss of an evaluation stage is NaN or infinite."""
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -67,6 +73,7 @@ class ClassificationStage(pl.LightningModule):
         self.weight_decay, self.momentum = weight_decay, momentum
         self.val_metrics = nn.ModuleDict({name: accuracy_metrics(num_classes) for name in evaluated})
         self.history: list[dict[str, float]] = []  # one entry per validated epoch
+        self.last_loss: Tensor | None = None  # the latest finite training loss (recorded in checkpoints)
         self.recipe: DataRecipe | None = None  # the evaluated backbone's data recipe, if it records one
 
     # ----------------------------------------------------------------- subclass interface
@@ -150,6 +157,21 @@ class ClassificationStage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch
+        # a head or model with NaN in it is never saved: resuming or exporting it gives nonsense
+        last_loss = None if self.last_loss is None else self.last_loss.item()
+        check_and_record(checkpoint, self.global_step, last_loss, checkpoint_directory(self._trainer))
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop before a non-finite loss reaches the weights (every process decides together, so
+        none waits for the others at the next collective)."""
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.strategy.reduce_boolean_decision(non_finite, all=False):
+            raise NonFiniteLossError(
+                f"the training loss is not finite ({loss.item()}) at step {self.global_step}: from the first step, "
+                "this means a backbone or data giving NaN or infinity (a diverged run's checkpoint); later, lower the "
+                "learning rate. Nothing was saved from this step on"
+            )
+        self.last_loss = loss.detach()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("eval_history", []))

@@ -137,9 +137,11 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     # -- data (splits: ``load_splits`` / ``setup`` of ``LabelledSplits``) ------------------------
     @property
     def num_classes(self) -> int:
-        """Number of classes (largest label in either split + 1); loads the splits if needed.
-        ``MissingLabelsError`` if the training split has fewer than two classes."""
+        """Number of classes (largest label in either split + 1); loads the splits if needed and
+        checks that they can be classified: two classes or more (``MissingLabelsError``) and
+        held-out labels that training has (`check_label_sets`)."""
         self.require_classes("a classifier (linear probe, fine-tuning)")
+        check_label_sets(self.train_source.labels, self.val_source.labels)
         return int(max(self.train_source.labels.max(), self.val_source.labels.max())) + 1
 
     def eval_transform(self) -> v2.Compose:
@@ -195,6 +197,30 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
             collate_fn=None if cached else readable(collate_images),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=shuffle and not cached and self.num_workers > 0,
+        )
+
+
+class LabelSetError(ValueError):
+    """The splits' labels make classification accuracy meaningless."""
+
+
+def check_label_sets(train_labels: Tensor, val_labels: Tensor) -> None:
+    """Raise `LabelSetError` when the training split has a single class, or the held-out split has
+    labels that the training split never has (list files numbering classes differently): a
+    classifier cannot predict those, and top-5 of few classes would still count hits."""
+    train_classes = train_labels.unique()
+    if len(train_classes) < 2:
+        raise LabelSetError(
+            f"the training split has a single class (label {int(train_classes[0])}, {len(train_labels)} images): "
+            "classification accuracy needs at least two classes; check the data's class folders or list files"
+        )
+    unseen = ~torch.isin(val_labels, train_classes)
+    if unseen.any():
+        raise LabelSetError(
+            f"the held-out split has {int(unseen.sum())} images with labels {val_labels[unseen].unique().tolist()} "
+            "that the training split never has: no classifier or k-NN bank can predict them, and accuracy would count "
+            "them as errors (or as top-5 hits among unused classes); check that both splits number their classes "
+            "the same way"
         )
 
 

@@ -35,9 +35,16 @@ from torch import Tensor
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.ops.distributed import all_reduce_, rank
 from bam.evaluation.classifier import accuracy_metrics
-from bam.evaluation.data import ClassificationDataModule
+from bam.evaluation.data import ClassificationDataModule, LabelSetError
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
-from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
+from bam.features.extract import (
+    NonFiniteFeaturesError,
+    embed_dataset,
+    progress_bar,
+    require_finite,
+    shard_batches,
+    shard_indices,
+)
 from bam.shipped_configs import with_config_names
 from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
@@ -120,22 +127,24 @@ def run_knn(
     device = select_device(accelerator)
     init_distributed(device)
     data.require_classes("k-NN accuracy")
+    num_classes = data.num_classes  # the label sets are checked before anything is embedded
     extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
     bank, bank_labels = embed_dataset(
         data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers,
         progress="k-NN: embedding the bank",
     )
-    bank = F.normalize(bank, dim=1)
-    metrics = accuracy_metrics(data.num_classes).to(device)  # torchmetrics sums over processes on compute
+    bank = F.normalize(require_finite(bank, "train"), dim=1)
+    metrics = accuracy_metrics(num_classes).to(device)  # torchmetrics sums over processes on compute
     queries = data.eval_dataset("val")
     num_queries = torch.zeros((), dtype=torch.long, device=device)
     batches = shard_batches(queries, extractor, device, data.batch_size, data.num_workers)
     total = math.ceil(len(shard_indices(len(queries))) / data.batch_size)
     for features, labels, _ in progress_bar(batches, "k-NN: classifying the queries", total):
+        require_finite(features, "val")
         voters = bank
         if bpa:
             features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
-        scores = knn_scores_streamed(features, voters, bank_labels, data.num_classes, k, temperature, bank_chunk_rows)
+        scores = knn_scores_streamed(features, voters, bank_labels, num_classes, k, temperature, bank_chunk_rows)
         metrics.update(scores, labels.to(device))
         num_queries += len(labels)
     accuracy = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
@@ -180,5 +189,5 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    with one_line_errors("bam knn"):
+    with one_line_errors("bam knn", also=(NonFiniteFeaturesError, LabelSetError)):
         CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")

@@ -23,7 +23,7 @@ from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.stage_cli import run_stage
-from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_recipe
 
 BACKBONE_PREFIX = "extractor."
 
@@ -108,10 +108,12 @@ class LinearProbe(ClassificationStage):
             return
         device = self.trainer.strategy.root_device
         self.extractor.to(device)
-        splits = [
-            embed_dataset(data.eval_dataset(split), self.extractor, device, data.batch_size, data.num_workers)
-            for split in ("train", "val")
-        ]
+        splits = []
+        for split in ("train", "val"):
+            features, labels = embed_dataset(
+                data.eval_dataset(split), self.extractor, device, data.batch_size, data.num_workers
+            )
+            splits.append((require_finite(features, split), labels))
         data.use_features(*splits)
 
     # The frozen backbone is not stored in checkpoints (it is read again from `backbone`): a probe's

@@ -12,7 +12,8 @@ from typing import Any
 from pytorch_lightning.cli import LightningArgumentParser
 
 from bam.evaluation.classifier import ClassificationStage
-from bam.evaluation.data import ClassificationDataModule
+from bam.evaluation.data import ClassificationDataModule, LabelSetError
+from bam.features.extract import NonFiniteFeaturesError
 from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import RunCheckpoint
 from bam.training.plots import CurvePlots
@@ -42,7 +43,7 @@ class EvalCLI(SafeRunCLI):
 
 def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
     """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
-    with one_line_errors(f"bam {stage}"), expected_warnings_silenced():
+    with one_line_errors(f"bam {stage}", also=(NonFiniteFeaturesError, LabelSetError)), expected_warnings_silenced():
         return EvalCLI(
             model_class,
             ClassificationDataModule,

@@ -159,6 +159,23 @@ def progress_bar(steps: Iterable[Any], description: str | None, total: int | Non
     return tqdm(steps, desc=description, total=total, unit="batch", dynamic_ncols=True)
 
 
+class NonFiniteFeaturesError(ValueError):
+    """A backbone gave NaN or infinite features: any number computed from them is meaningless."""
+
+
+def require_finite(features: Tensor, split: str) -> Tensor:
+    """`features` (rows of images of `split`), if every value is finite; else `NonFiniteFeaturesError`
+    saying how many rows are not (a backbone with NaN weights gives NaN for every image, and k-NN
+    or a probe would still print accuracies)."""
+    bad = int((~torch.isfinite(features)).flatten(1).any(dim=1).sum())
+    if bad:
+        raise NonFiniteFeaturesError(
+            f"the backbone gives non-finite features (NaN or infinity) for {bad} of {len(features)} images of the "
+            f"{split} split: its weights are broken (e.g. a diverged run's checkpoint); evaluate another checkpoint"
+        )
+    return features
+
+
 @torch.no_grad()
 def embed_dataset(
     dataset: Dataset, fn: FeatureFn, device: torch.device, batch_size: int = 256, num_workers: int = 0,

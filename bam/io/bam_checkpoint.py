@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bam.io.state import BackboneSpec, CheckpointFormatError, select_encoder
+from bam.io.state import BackboneSpec, CheckpointFormatError, network_options, select_encoder
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 
 
@@ -37,7 +37,9 @@ def bam_checkpoint_spec(
     encoder, state = select_encoder(checkpoint["state_dict"], which)
     return BackboneSpec(
         model_name,
-        dict(hparams.get("backbone_kwargs") or {}),
+        network_options(
+            model_name, hparams.get("backbone_kwargs") or {}, "the checkpoint's hyper_parameters['backbone_kwargs']"
+        ),
         state,
         encoder,
         source_format="bam",

@@ -14,11 +14,17 @@ as it is. It is read without unpickling anything. Exports of bam 0.1 (`backbone.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -26,8 +32,16 @@ from bam._version import __version__
 from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
 from bam.io.finetune_checkpoint import MODELS, finetune_spec, is_finetune_checkpoint
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec
-from bam.io.safe_load import PathLike, UnsafeCheckpointError, load_checkpoint_file
-from bam.io.state import ENCODERS, BackboneSpec, CheckpointFormatError, CheckpointMismatchError, _classifier_name
+from bam.io.safe_load import NotACheckpointError, PathLike, UnsafeCheckpointError, load_checkpoint_file
+from bam.io.state import (
+    ENCODERS,
+    BackboneSpec,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    _classifier_name,
+    _mismatch_message,
+    network_options,
+)
 from bam.models.backbones import build_backbone, feature_dim, timm_equivalent, timm_kwargs
 from bam.recipe import DataRecipe
 
@@ -92,10 +106,57 @@ def export_backbone(
     model = spec.build()
     text = _to_json(export_config(spec, model, Path(checkpoint_path)))  # before writing: kwargs must be JSON values
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(output / WEIGHTS_FILE))  # handles tied weights, unlike save_file
-    (output / CONFIG_FILE).write_text(text)
+    write_export(model, text, output)
     return output
+
+
+class ExportWriteError(RuntimeError):
+    """The export could not be written (full disk, read-only folder); nothing of it was."""
+
+
+def write_export(model: nn.Module, config_text: str, output: Path) -> None:
+    """Write `model`'s weights and `config_text` to `output` as a pair: both go to a temporary
+    folder beside it, which is renamed to `output` (when it exists, its two files are replaced
+    by the new ones). A failure leaves `output` as it was and removes the temporary folder. The
+    files get the permissions the umask gives (safetensors and `mkdtemp` would give 0600/0700)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as error:
+        raise _write_error(error, output) from None
+    try:
+        save_model(model, str(staging / WEIGHTS_FILE))  # handles tied weights, unlike save_file
+        _write_config(staging / CONFIG_FILE, config_text)
+        _follow_umask(staging)
+        if output.exists():
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(staging / name, output / name)
+        else:
+            staging.rename(output)
+    except (OSError, SafetensorError) as error:
+        raise _write_error(error, output) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_config(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _follow_umask(directory: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _write_error(error: Exception, output: Path) -> ExportWriteError:
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return ExportWriteError(f"no space left on {output.parent}: nothing was written to {output} (its previous "
+                                "contents are unchanged); free some space and export again")
+    return ExportWriteError(f"cannot write into {output.parent} ({error}); choose an --output folder you can write to")
 
 
 def export_config(spec: BackboneSpec, model: nn.Module, source: Path) -> dict[str, Any]:
@@ -175,9 +236,9 @@ def read_backbone(path: PathLike, which: str | None = None, arch: str | None = N
 
 
 def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
-    config = _read_json(config_file, weights)
+    config = _read_json(config_file, weights, ("architecture", "model_args"))
     provenance = config.get("bam", {})
-    model_args = dict(config["model_args"])
+    model_args = network_options(config["architecture"], config["model_args"], f"{str(config_file)!r} (model_args)")
     num_classes = int(model_args.pop("num_classes", 0))
     recipe = DataRecipe.from_pretrained_cfg(config.get("pretrained_cfg", {}))
     return _spec_from_weights(
@@ -187,39 +248,88 @@ def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
 
 
 def _read_legacy_export(weights: Path, metadata_file: Path) -> BackboneSpec:
-    metadata = _read_json(metadata_file, weights)
+    required = ("model", "model_kwargs", "mean", "std", "input_size", "encoder", "source_format")
+    metadata = _read_json(metadata_file, weights, required)
     if metadata.get("format") != EXPORT_FORMAT:
         raise CheckpointFormatError(
             f"{str(metadata_file)!r} is not a bam backbone export (its \"format\" is not \"{EXPORT_FORMAT}\")"
         )
     recipe = DataRecipe(metadata["mean"], metadata["std"], int(metadata["input_size"][-1]))
+    where = f"{str(metadata_file)!r} (model_kwargs)"
+    model_kwargs = network_options(metadata["model"], metadata["model_kwargs"], where)
     return _spec_from_weights(
-        metadata["model"], dict(metadata["model_kwargs"]), weights, metadata["encoder"], metadata["source_format"], recipe
+        metadata["model"], model_kwargs, weights, metadata["encoder"], metadata["source_format"], recipe
     )
 
 
-def _read_json(config_file: Path, weights: Path) -> dict[str, Any]:
+def _read_json(config_file: Path, weights: Path, required_keys: tuple[str, ...]) -> dict[str, Any]:
+    """The export's JSON file, with its `required_keys`; any other content is a one-line error."""
     for required in (weights, config_file):
         if not required.is_file():
             raise FileNotFoundError(f"backbone export file not found: {str(required)!r}")
-    return json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise _damaged(config_file, f"is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _damaged(config_file, f"is not a JSON object (it holds a {type(config).__name__})")
+    missing = [key for key in required_keys if key not in config]
+    if missing:
+        raise _damaged(config_file, f"lacks {', '.join(map(repr, missing))}")
+    return config
+
+
+def _damaged(config_file: Path, problem: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{str(config_file)!r} {problem}: the export is damaged; export the checkpoint again")
 
 
 def _spec_from_weights(
     name: str, kwargs: dict[str, Any], weights: Path, encoder: str, source_format: str,
     recipe: DataRecipe, num_classes: int = 0,
 ) -> BackboneSpec:
-    """Load the safetensors file strictly into the architecture, and describe the result."""
-    model = build_backbone(name, num_classes=num_classes, **kwargs)
+    """Load the safetensors file strictly into the architecture, and describe the result. The file's
+    header is checked against the architecture described on the meta device first: a config.json
+    asking for another (or a far larger) network costs no memory and no time."""
+    with torch.device("meta"):
+        described = build_backbone(name, pretrained=False, num_classes=num_classes, **kwargs)
+    _check_header(weights, described.state_dict(), name)
+    model = build_backbone(name, pretrained=False, num_classes=num_classes, **kwargs)
     load_model(model, str(weights), strict=True)
     return BackboneSpec(name, kwargs, model.state_dict(), encoder, source_format, recipe, num_classes)
+
+
+def _check_header(weights: Path, expected: Mapping[str, torch.Tensor], arch: str) -> None:
+    """Compare the tensors the safetensors header lists with the model's (keys, shapes, and no
+    integers where the model has floating-point weights) without reading any weights."""
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            header = {key: file.get_slice(key) for key in file.keys()}
+            found = {key: (tuple(part.get_shape()), part.get_dtype()) for key, part in header.items()}
+    except SafetensorError as error:
+        raise CheckpointFormatError(f"{str(weights)!r} is not a readable safetensors file ({error}); export the "
+                                    "checkpoint again") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = [f"{key} (file {found[key][0]}, model {tuple(expected[key].shape)})"
+                for key in sorted(set(expected) & set(found)) if found[key][0] != tuple(expected[key].shape)]
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatchError(_mismatch_message(arch, missing, unexpected, reshaped))
+    integers = [f"{key}: {found[key][1]}" for key in sorted(found)
+                if expected[key].is_floating_point() and not found[key][1].startswith(("F", "BF"))]
+    if integers:
+        raise CheckpointFormatError(
+            f"{str(weights)!r} stores {len(integers)} floating-point weight{'s' if len(integers) > 1 else ''} of the "
+            f"model as integers ({', '.join(integers)}): they would be cast silently; the export is damaged or was "
+            "written by other code, export it again"
+        )
 
 
 # what an export holds, in words, by the `encoder` it records
 EXPORTED_NAMES = {"model": "fine-tuned model", "ema": "fine-tuned model's weight average (EMA)"}
 
 # errors that the command line reports as a message instead of a traceback
-CLI_ERRORS = (FileNotFoundError, UnsafeCheckpointError, CheckpointFormatError, CheckpointMismatchError)
+CLI_ERRORS = (FileNotFoundError, UnsafeCheckpointError, NotACheckpointError, CheckpointFormatError,
+              CheckpointMismatchError, ExportWriteError)
 
 
 def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from typing import Any
 
 import timm
 
-from bam.io.state import BackboneSpec, CheckpointFormatError, submodule_state
+from bam.io.state import BackboneSpec, CheckpointFormatError, network_options, submodule_state
 from bam.recipe import DataRecipe
 
 ARCHITECTURE_KEY = "bam_architecture"
@@ -58,7 +58,9 @@ def _architecture(
     recorded = checkpoint.get(ARCHITECTURE_KEY)
     if recorded is not None:
         recipe = DataRecipe.from_dict(recorded["data_recipe"]) if recorded.get("data_recipe") else None
-        return arch or recorded["model"], dict(recorded["model_kwargs"]), recipe
+        model_name = arch or recorded["model"]
+        where = f"the checkpoint's {ARCHITECTURE_KEY}['model_kwargs']"
+        return model_name, network_options(model_name, recorded["model_kwargs"], where), recipe
     start = checkpoint["hyper_parameters"]["backbone"]
     if arch is not None or timm.is_model(start):
         return arch or start, {}, None

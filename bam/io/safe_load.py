@@ -117,6 +117,9 @@ def _load_weights_only(local: pathlib.Path, name: str, mmap: bool) -> Any:
     if local.stat().st_size == 0 or (not zipfile.is_zipfile(local) and not _is_legacy_pickle(local)):
         raise NotACheckpointError(f"{name!r} is not a checkpoint: it is not a complete file written by torch.save "
                                   "(another format, an error page, or a truncated or empty file)") from None
+    damage = checkpoint_damage(local, name)
+    if damage is not None:
+        raise NotACheckpointError(damage)
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         try:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(local))
@@ -127,6 +130,25 @@ def _load_weights_only(local: pathlib.Path, name: str, mmap: bool) -> Any:
         except (EOFError, IndexError):  # how the unpickler stops in a pre-1.6 (plain pickle) file cut short
             raise NotACheckpointError(f"{name!r} is not a readable checkpoint: the file ends early or is "
                                       "damaged") from None
+
+
+def checkpoint_damage(path: PathLike, name: str | None = None) -> str | None:
+    """Why the complete checkpoint at `path` (called `name` in the message) is damaged, or None.
+
+    torch.save writes a zip archive with the CRC-32 of every entry; bytes changed later (a failing
+    disk, a bad copy) still leave a complete archive that torch loads without a word, NaN weights
+    included. Every entry is read and checked against its CRC (a few seconds per GB). Files from
+    before torch 1.6 (plain pickles) carry no checksum and pass.
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        entry = archive.testzip()
+    if entry is None:
+        return None
+    return (f"{name or str(path)!r} is damaged: its entry {entry!r} does not match the checksum written with it "
+            "(the file changed on disk or in a copy after it was saved); use another checkpoint, e.g. an earlier "
+            "one of the run")
 
 
 def _is_legacy_pickle(path: pathlib.Path) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bam.models.backbones import build_backbone
+from bam.models.backbones import build_backbone, loader_options
 from bam.recipe import DataRecipe
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -29,6 +29,35 @@ class CheckpointFormatError(ValueError):
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint's weights do not fit the architecture they were loaded into."""
+
+
+class UntrustedOptionError(CheckpointFormatError):
+    """A file's metadata asks timm for more than the network's shape: a download, a file to load."""
+
+
+def network_options(name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`options` (the timm arguments that a checkpoint or an export records for architecture
+    `name`, read from `where`) as a new dict, when they only shape the network.
+
+    Metadata is as untrusted as the file: timm honours `pretrained`, `pretrained_cfg_overlay`
+    (a `url`, `file` or `hf_hub_id`), `checkpoint_path`, `cache_dir` and a `hf-hub:` or
+    `local-dir:` source in the name, which download files or read other ones, and older timm
+    releases unpickled them without restriction. The weights come from the file itself, so such
+    options are refused (`UntrustedOptionError`), never dropped silently.
+    """
+    if ":" in name:
+        raise UntrustedOptionError(
+            f"{where} names the architecture {name!r}, a model source that timm would read a configuration from "
+            "(and download from); bam builds models from metadata by timm model name only: write the name alone"
+        )
+    refused = loader_options(options)
+    if refused:
+        raise UntrustedOptionError(
+            f"{where} asks timm for {', '.join(refused)}, which download or load files (and loading one can run "
+            "code): refused. bam builds a model from metadata with network options only and takes its weights from "
+            "the file itself; remove these options from it"
+        )
+    return dict(options)
 
 
 def strip_prefix(key: str, prefix: str) -> str | None:
@@ -168,6 +197,7 @@ class BackboneSpec:
     def build(self) -> nn.Module:
         """The timm model (feature extractor, or classifier with `num_classes`) with these weights
         loaded strictly, in eval mode."""
-        model = build_backbone(self.model_name, **{"num_classes": self.num_classes, **self.model_kwargs})
+        kwargs = {"num_classes": self.num_classes, **self.model_kwargs}
+        model = build_backbone(self.model_name, pretrained=False, **kwargs)
         load_state_strict(model, self.state, self.model_name)
         return model.eval()

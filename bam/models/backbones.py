@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import timm
@@ -135,6 +137,28 @@ class SmallCNN(nn.Module):
 def bam_cnn4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """The CPU demo's 4-layer CNN (weights: an export, through timm's `local-dir:` source)."""
     return build_model_with_cfg(SmallCNN, "bam_cnn4", pretrained, **kwargs)
+
+
+def _factory_options() -> frozenset[str]:
+    """The keyword options of timm's model factory and builder themselves (not the model's): they
+    fetch or load weights, or take the configuration from elsewhere. Read from the signatures, so
+    that an option a later timm adds there is covered too."""
+    functions = (timm.create_model, build_model_with_cfg)
+    names = {name for function in functions for name in inspect.signature(function).parameters}
+    return frozenset(names - {"model_name", "model_cls", "variant", "kwargs"})
+
+
+FACTORY_OPTIONS = _factory_options()  # pretrained, pretrained_cfg(_overlay), checkpoint_path, cache_dir, ...
+# words that make an option a loader's wherever a model forwards it (e.g. `pretrained_backbone`)
+LOADER_WORDS = frozenset({"pretrained", "checkpoint", "ckpt", "cache", "url", "hub", "file", "filename", "path",
+                          "dir", "download"})
+
+
+def loader_options(options: Iterable[str]) -> list[str]:
+    """The names among `options` that are not the network's shape but ask timm to download or load
+    something (or to configure itself from elsewhere), sorted."""
+    return sorted(name for name in options
+                  if name in FACTORY_OPTIONS or LOADER_WORDS & set(name.lower().split("_")))
 
 
 # options of `build_backbone` that fix weights during pretraining without changing the network

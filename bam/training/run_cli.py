@@ -20,7 +20,9 @@ launchable by every multi-process launcher, and failing safely.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -36,12 +38,15 @@ from bam.io.safe_load import (
     NotACheckpointError,
     SafeCheckpointIO,
     UnsafeCheckpointError,
+    checkpoint_damage,
     is_remote,
     load_checkpoint_file,
     local_copy,
 )
+from bam.io.state import CheckpointFormatError, CheckpointMismatchError
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.launch_plan import LaunchPlanError
+from bam.training.health import TrainingDiverged
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.run_setup import logger_config
 
@@ -68,9 +73,12 @@ USER_ERRORS = (
     RunFolderBusyError,
     UnsafeCheckpointError,
     NotACheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
     DiskFullError,
     MissingLabelsError,
     LaunchPlanError,
+    TrainingDiverged,
 )
 
 
@@ -164,23 +172,23 @@ class SafeRunCLI(LightningCLI):
 
 
 @contextlib.contextmanager
-def one_line_errors(program: str) -> Iterator[None]:
-    """Problems the user must fix end the program with `<program>: <what>`; other exceptions (bugs)
-    keep their traceback."""
+def one_line_errors(program: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Problems the user must fix (`USER_ERRORS`, and the stage's own kinds `also`) end the program
+    with `<program>: <what>`; other exceptions (bugs) keep their traceback."""
     try:
         yield
     except Exception as error:
-        cause = _user_error(error)
+        cause = _user_error(error, also)
         if cause is None:
             raise
         sys.exit(f"{program}: {cause}")
 
 
-def _user_error(error: BaseException) -> BaseException | str | None:
+def _user_error(error: BaseException, also: tuple[type[BaseException], ...] = ()) -> BaseException | str | None:
     if is_disk_full(error) and not any(isinstance(e, DiskFullError) for e in _chain(error)):
         where = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
         return f"no space left on {where or 'the device'}"
-    return next((e for e in _chain(error) if isinstance(e, USER_ERRORS)), None)
+    return next((e for e in _chain(error) if isinstance(e, (*USER_ERRORS, *also))), None)
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:
@@ -209,17 +217,37 @@ def _is_complete(path: Path) -> bool:
 
 
 def find_last_checkpoint(directory: Path) -> str | None:
-    """The newest complete `last*.ckpt` in `directory`, else its newest complete checkpoint."""
+    """The newest sound `last*.ckpt` in `directory`, else its newest sound checkpoint.
+
+    Incomplete files (a writer killed without `AtomicCheckpointIO`) are passed over silently, as
+    Lightning would not have finished them; complete ones whose contents no longer match their
+    checksums (`checkpoint_damage`) are passed over with a line each, naming the damage.
+    """
     by_age = sorted(directory.glob("*.ckpt"), key=lambda path: path.stat().st_mtime, reverse=True)
     complete = [path for path in by_age if _is_complete(path)]
-    last = [path for path in complete if path.name.startswith("last")]
-    if last:
-        return str(last[0])
-    newest = str(complete[0]) if complete else None
+    candidates = [path for path in complete if path.name.startswith("last")]
+    candidates += [path for path in complete if not path.name.startswith("last")]
+    chosen, damaged = None, False
+    for path in candidates:
+        damage = checkpoint_damage(path)
+        if damage is None:
+            chosen = path
+            break
+        damaged = True
+        _tell(f"passing over {path}: {damage}")
+    if damaged:
+        _tell(f"resuming from {chosen}, the newest sound checkpoint in {directory}" if chosen
+              else f"no sound checkpoint in {directory}: starting anew")
+    elif chosen is None or not chosen.name.startswith("last"):
+        found = f"resuming from {chosen}, the newest complete checkpoint there" if chosen else "starting anew"
+        _tell(f"no complete last.ckpt in {directory}: {found}")
+    return str(chosen) if chosen else None
+
+
+def _tell(message: str) -> None:
+    """A `--ckpt_path last` message, once per run (from its first process)."""
     if launch_rank_is_zero():
-        found = f"resuming from {newest}, the newest complete checkpoint there" if newest else "starting anew"
-        print(f"bam: --ckpt_path last: no complete last.ckpt in {directory}: {found}", file=sys.stderr, flush=True)
-    return newest
+        print(f"bam: --ckpt_path last: {message}", file=sys.stderr, flush=True)
 
 
 def changed_settings(stored: dict[str, Any], model: Namespace) -> list[tuple[str, Any, Any]]:
@@ -282,10 +310,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _option(name: str, value: Any) -> str:
+    """`--name=value` as a shell takes it and the CLI parses it back (JSON for numbers, lists, dicts)."""
+    value = _plain(value)
+    return shlex.quote(f"--{name}={value if isinstance(value, str) else json.dumps(value)}")
+
+
 def _changes_message(requested: str, changes: list[tuple[str, Any, Any]]) -> str:
     lines = [f"bam: resuming from {requested} with settings that differ from the checkpoint's; "
              "this run's values are used:"]
     lines += [f"  {name}: {_plain(now)!r} (checkpoint: {_plain(before)!r})" for name, before, now in changes]
-    example = " ".join(f"--{name}={_plain(before)!r}" for name, before, _ in changes[:2])
+    example = " ".join(_option(name, before) for name, before, _ in changes[:2])
     lines.append(f"To continue with the checkpoint's values instead, give them on the command line (e.g. {example}).")
     return "\n".join(lines)

@@ -2,11 +2,13 @@
 
 Two runs writing into one run folder remove each other's half-written checkpoints and leave
 checkpoints of different runs side by side. `RunLock` stops the second one at start-up: the lock
-file `<run dir>/.bam-run.lock` is created exclusively (atomic also on NFS) and records the host,
-process id and start time of its holder. A lock whose holder is a dead process on this host is
-taken over, and so is one left by an earlier run of the same SLURM job (a requeued job keeps its id,
-possibly on another node). Any other lock held from another host is never taken over (bam cannot
-tell whether that process lives); the message says which file to delete once that run is gone.
+file `<run dir>/.bam-run.lock` is linked into place complete and exclusively (atomic also on NFS)
+and records the host, process id and start time of its holder; a lock that names no holder (empty
+or damaged, as a full disk left them before) is stale and taken over, said so. A lock whose holder
+is a dead process on this host is taken over, and so is one left by an earlier run of the same SLURM
+job (a requeued job keeps its id, possibly on another node). Any other lock held from another host
+is never taken over (bam cannot tell whether that process lives); the message says which file to
+delete once that run is gone.
 """
 from __future__ import annotations
 
@@ -63,7 +65,11 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _host_guard(self.path):  # check-and-take-over is one step for the processes of a host
             holder = _read_holder(self.path)
-            if holder is not None:
+            if holder is UNREADABLE:
+                print(f"bam: taking over an unreadable lock (left by a run that died while writing it): {self.path}",
+                      flush=True)
+                self.path.unlink(missing_ok=True)
+            elif holder is not None:
                 if not _holder_is_gone(holder):
                     raise RunFolderBusyError(_busy_message(self.path, holder))
                 print(f"bam: taking over the lock of a run that is gone ({_describe(holder)}): {self.path}", flush=True)
@@ -72,20 +78,25 @@ class RunLock:
         self.held = True
 
     def _create(self) -> None:
+        """Write the record to a temporary file, then link it as the lock: the link is atomic and
+        exclusive (on NFS too), so the lock appears complete or not at all, and a write that fails
+        (a full disk) leaves no lock behind."""
         record = {"host": this_host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": _restart_count()}
+        temporary = self.path.with_name(f"{self.path.name}.{this_host()}.{os.getpid()}.tmp")
         try:
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            temporary.write_text(json.dumps(record))
+            os.link(temporary, self.path)
         except FileExistsError:  # created from another host between our read and now
-            raise RunFolderBusyError(_busy_message(self.path, _read_holder(self.path) or {})) from None
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(record, file)
+            raise RunFolderBusyError(_busy_message(self.path, _holder_or_unknown(self.path))) from None
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def release(self) -> None:
         if not self.held:
             return
-        holder = _read_holder(self.path)
-        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == this_host():
+        holder = _holder_or_unknown(self.path)
+        if holder.get("pid") == os.getpid() and holder.get("host") == this_host():
             self.path.unlink(missing_ok=True)
         self.held = False
 
@@ -96,7 +107,7 @@ def _holder_is_gone(holder: dict) -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     if job is not None and holder.get("slurm_job") == job and int(holder.get("slurm_restart") or 0) < _restart_count():
         return True
-    return writer_is_dead(holder.get("host", ""), int(holder.get("pid", -1)))
+    return writer_is_dead(holder["host"], holder["pid"])
 
 
 def _restart_count() -> int:
@@ -115,13 +126,30 @@ def _host_guard(lock_path: Path) -> Iterator[None]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
+UNREADABLE: dict = {}  # what `_read_holder` returns for a lock that names no holder
+
+
 def _read_holder(path: Path) -> dict | None:
+    """The lock's record (None: no lock; `UNREADABLE`: a lock that names no holder, as one left
+    half-written by earlier versions on a full disk, or damaged). Locks are now written whole
+    (`RunLock._create`), so an unreadable one cannot belong to a run in progress."""
     try:
-        return json.loads(path.read_text() or "{}")
+        holder = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:  # written by a process that died mid-write: nobody holds it
-        return {"host": this_host(), "pid": -1}
+    except ValueError:  # not JSON, not UTF-8 (UnicodeDecodeError is a ValueError)
+        return UNREADABLE
+    valid = (isinstance(holder, dict) and isinstance(holder.get("host"), str) and isinstance(holder.get("pid"), int)
+             and 0 < holder["pid"] <= MAX_PID)
+    return holder if valid else UNREADABLE
+
+
+MAX_PID = 2**22  # Linux's largest process id (pid_max's ceiling)
+
+
+def _holder_or_unknown(path: Path) -> dict:
+    holder = _read_holder(path)
+    return {} if holder is None or holder is UNREADABLE else holder
 
 
 def _describe(holder: dict) -> str:
