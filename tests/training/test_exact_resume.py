@@ -13,6 +13,7 @@ from cli_runs import DEMO_STEPS, logged_losses, pretrain
 INTERRUPTED_STEP = 8  # the signal arrives during the 3rd batch of epoch 1
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("path_options", [["--data.init_args.augment_on=device"],
                                           ["--data.init_args.augment_on=cpu", "--data.init_args.num_workers=2"]],
