@@ -36,7 +36,7 @@ class TierGuard:
         item = self.current
         if item is None or any(item.get_closest_marker(name) for name in PROCESS_MARKERS):
             return
-        if isinstance(command, (list, tuple)) and any(str(word) in LIBRARY_HELPERS for word in command):
+        if isinstance(command, (list, tuple)) and any(helper in str(word) for word in command for helper in LIBRARY_HELPERS):
             return
         pytest.fail(f"{item.nodeid} starts a child process ({command!r}) but carries none of the markers "
                     f"{', '.join(PROCESS_MARKERS)}: add @pytest.mark.process (or the one that fits) so that the "
