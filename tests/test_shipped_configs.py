@@ -12,10 +12,20 @@ import pytest
 
 from bam.cli import main as bam
 from bam.shipped_configs import resolve_config, with_config_names
+from cli_runs import DEMO
 from processes import run_process_group
 from repo_paths import REPO
 
 SOURCES = ("bam", "configs", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md")
+
+
+# `bam ARGS` where the ffcv extra is not installed (an import of ffcv fails), as after `pip install .`
+WITHOUT_FFCV = """
+import runpy, sys
+sys.modules["ffcv"] = None
+sys.argv = ["bam", *sys.argv[1:]]
+runpy.run_module("bam", run_name="__main__")
+"""
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -62,3 +72,9 @@ def test_the_wheel_carries_the_configs_and_runs_them_by_name(tmp_path):
     assert Path(where.strip()) == installed / "bam" / "configs"
     printed = run([sys.executable, "-m", "bam", "pretrain", "--config", "demo", "--print_config"], elsewhere, env)
     assert "backbone: bam_cnn4" in printed
+
+    # without the ffcv extra: the command's help, and the shrunk demo trained to its checkpoint
+    assert run([sys.executable, "-c", WITHOUT_FFCV, "--help"], elsewhere, env).startswith("usage: bam ")
+    run([sys.executable, "-c", WITHOUT_FFCV, "pretrain", "--config", "demo", *DEMO[2:], "--trainer.max_epochs=1",
+         f"--trainer.default_root_dir={tmp_path / 'run'}"], elsewhere, env)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
