@@ -58,6 +58,7 @@ TINY_DEMO = ["--trainer.max_epochs=1", "--data.init_args.fraction=0.05", "--data
              "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--plots.enabled=false"]
 
 
+@pytest.mark.slow  # 12 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 def test_step_benchmark_runs_at_toy_size(capsys):
     """Both recipe shapes and the whole-run split run; every phase of both steps is timed and the
     run's CPU time is charged to the parts that ran in it."""
