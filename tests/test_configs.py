@@ -75,6 +75,7 @@ def test_recipes_follow_the_authors_numbers():
     assert vit_s["trainer"]["devices"] * vit_s["trainer"]["num_nodes"] * vit_s["data"]["init_args"]["batch_size"] == 4096
 
 
+@pytest.mark.process
 def test_objective_keys_written_before_they_moved_are_named_with_their_new_home(tmp_path):
     """`bam pretrain` as a user runs it: a flat objective key (command line or an old config file)
     is one line naming the key and `model.init_args.objective`, not jsonargparse's usage page."""

@@ -18,7 +18,6 @@ from nbclient import NotebookClient
 from repo_paths import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-CELL_TIMEOUT_S = 600  # a hang guard, not a speed requirement
 
 # Run after each notebook in its kernel: what the notebook shows the reader, checked.
 RESULT_CHECKS = {
@@ -73,6 +72,7 @@ def _venv_kernelspec(jupyter_dir: Path) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
+@pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     notebook.cells.append(nbformat.v4.new_code_cell(RESULT_CHECKS[path.stem]))
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(
-        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+        notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     )
     client.execute()
     printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs).strip()

@@ -35,12 +35,13 @@ def test_a_schedule_that_is_all_warm_up_is_silent_and_reaches_the_peak(caplog):
     assert optimizer.param_groups[0]["lr"] == 1.0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("stage", ["pretrain", "linear", "finetune"])
 def test_stage_help_names_the_stage_and_warns_of_nothing(stage):
     """Through the console script, as a user types it: no LightningCLI warning about `args` and
     command-line arguments, and help reads `usage: bam <stage>`, not the internal `fit`."""
     bam = str(Path(sys.executable).parent / "bam")
-    done = run_process_group([bam, stage, "--help"], timeout=300)
+    done = run_process_group([bam, stage, "--help"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"usage: bam {stage} ") and " fit " not in done.stdout.splitlines()[0]
     assert "args parameter is intended" not in done.stderr

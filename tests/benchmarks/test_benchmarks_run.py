@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parent / "bench_loss.py"
 
 
@@ -56,6 +58,7 @@ TINY_DEMO = ["--trainer.max_epochs=1", "--data.init_args.fraction=0.05", "--data
              "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--plots.enabled=false"]
 
 
+@pytest.mark.slow  # 12 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 def test_step_benchmark_runs_at_toy_size(capsys):
     """Both recipe shapes and the whole-run split run; every phase of both steps is timed and the
     run's CPU time is charged to the parts that ran in it."""
@@ -77,6 +80,7 @@ def test_step_benchmark_runs_at_toy_size(capsys):
     assert "Whole demo run (1 epochs" in out
 
 
+@pytest.mark.process
 def test_demo_benchmark_compares_recipes_through_bam_pretrain(tmp_path, capsys):
     """Both recipes run as `bam pretrain` children: their CPU time comes from the kernel and their
     k-NN from the reports the runs wrote."""
@@ -91,6 +95,7 @@ def test_demo_benchmark_compares_recipes_through_bam_pretrain(tmp_path, capsys):
     assert "new / old CPU-seconds:" in capsys.readouterr().out
 
 
+@pytest.mark.process
 def test_concurrent_recipes_each_keep_their_own_wall_time(tmp_path):
     """A recipe that ends first is timed to its own end, not to the end of the one listed before it."""
     bench = _load_benchmark("bench_demo")

@@ -10,6 +10,7 @@ import bench_data  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.mark.slow  # 6-7 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finaliser, see test_data_ffcv
 def test_benchmark_runs_every_available_path(capsys):
     rows = bench_data.main(["--images", "6", "--size", "32", "--batch-size", "3", "--global-size", "24", "--local-size", "12",

@@ -94,6 +94,7 @@ def test_defaults_vote_with_20_neighbours_at_temperature_0_07():
     assert (knn.every_n_epochs, knn.k, knn.temperature, knn.compare_baselines) == (1, 20, 0.07, False)
 
 
+@pytest.mark.slow  # 6-7 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 def test_random_init_baseline_is_the_seeded_architecture_with_bank_statistics():
     """The baseline network: seed 0, the module's backbone and kwargs, batch norm statistics from the
     bank's first 4096 images (batches of 64: 4096 exactly, fewer than the 4200 of the bank)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from bam.callbacks import CurvePlots, plot_metrics
 from bam.training.plots import curve_figure, plot_summary, read_curves, summary_figure
 from bam.cli import main as bam
@@ -82,6 +84,7 @@ def test_callback_without_csv_logger_writes_nothing(tmp_path):
     assert callback.written == [] and not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow  # 7 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 def test_pretrain_writes_curve_plots(tmp_path):
     run_dir = tmp_path / "run"
     bam([

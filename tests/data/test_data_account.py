@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from bam.data.sources import ImageFiles, decode_image_file
 from bam.evaluation.data import FolderClassificationData
 from bam.features.extract import embed_dataset
 from ffcv_check import require_ffcv
-from tiny_runs import HANG_GUARD_S, spawn_gloo_workers
+from tiny_runs import spawn_gloo_workers
 from eval_fixtures import CNN, write_checkpoint
-from processes import run_process_group
+from cli_runs import run_bam
 from repo_paths import REPO
 
 # numba fails in a finalizer when FFCV's compiled pipelines are garbage collected; harmless
@@ -83,14 +81,14 @@ def _beton_digests(path: Path) -> Counter:
 
 
 def _run_bam(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m bam ARGS` as a user would start it; the whole process group dies on a hang."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    finished = run_process_group([sys.executable, "-m", "bam", *args], HANG_GUARD_S * 3, cwd=cwd, env=env)
+    """`bam ARGS` run from `cwd`, which must succeed."""
+    finished = run_bam(args, cwd=cwd, separate_stderr=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return finished
 
 
 # -- conversion ---------------------------------------------------------------------------------
+@pytest.mark.process
 def test_converter_writes_every_readable_file_once_and_accounts_for_the_rest(root, tmp_path):
     require_ffcv()
     output = tmp_path / "train.beton"
@@ -202,6 +200,7 @@ def test_a_broken_validation_image_does_not_change_which_others_are_evaluated(ro
 
 
 # -- pretraining ----------------------------------------------------------------------------------
+@pytest.mark.process
 def test_pretraining_run_ends_with_the_account_over_workers(root, tmp_path):
     run_dir = tmp_path / "pretrain"
     run = _run_bam([
@@ -233,6 +232,7 @@ def _account_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_account_is_summed_over_processes_once_per_file(tmp_path):
     folder = tmp_path / "files"
     folder.mkdir()

@@ -45,6 +45,7 @@ def imagenet_layout(tmp_path: Path) -> Path:
 
 
 # -- built-in datasets -------------------------------------------------------------------------
+@pytest.mark.slow  # 6-7 CPU-seconds: longer than a fast-tier test may take (a few seconds)
 def test_mnist_is_a_fixed_stratified_4000_1000_split():
     train, val = load_builtin("mnist")
     again_train, _ = load_builtin("mnist")

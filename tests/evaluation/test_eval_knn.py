@@ -21,8 +21,8 @@ from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
 from bam.transforms import bpa
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, write_checkpoint
+from tiny_runs import join_workers
 
-HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
 # odd sizes: the shards of 2 processes differ in length and the last batches are partial
 TRAIN, VAL, BATCH = 37, 21, 8
 
@@ -56,11 +56,7 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
     context = mp.spawn(
         _worker, args=(2, str(tmp_path / "init"), str(checkpoint), str(tmp_path)), nprocs=2, join=False
     )
-    context.join(timeout=HANG_GUARD_S) or context.join(timeout=HANG_GUARD_S)
-    hung = [process for process in context.processes if process.is_alive()]
-    for process in hung:  # a failed test must not leave its workers running
-        process.kill()
-    assert not hung, "processes hung"
+    join_workers(context)  # a hang: pytest-timeout ends it, and the workers with it
     for rank in range(2):
         shared = torch.load(tmp_path / f"rank{rank}.pt")
         assert shared["result"] == single["result"]

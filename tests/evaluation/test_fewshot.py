@@ -113,6 +113,7 @@ def test_bad_settings_are_explained():
         run_fewshot("bam_cnn4", synthetic_data(), split="test", accelerator="cpu")
 
 
+@pytest.mark.process
 def test_stage_through_the_bam_command(tmp_path):
     assert STAGES["fewshot"][0] == "bam.evaluation.fewshot"
     checkpoint = write_checkpoint(tmp_path, *CNN)

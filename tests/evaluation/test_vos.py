@@ -21,8 +21,8 @@ from bam.evaluation.vos import (
 )
 from cli_runs import run_bam
 from eval_fixtures import CNN, record_figures, write_checkpoint
+from tiny_runs import join_workers
 
-HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
 # a disc moving right 4 px per frame and a square moving up-left, 96 x 128 px, 8 frames
 SHAPES = (MovingShape(32, 28, (0.0, 4.0), 16, ((230, 40, 40), (250, 220, 60))),
           MovingShape(68, 96, (-2.0, -3.0), 14, ((40, 80, 230), (60, 230, 230)), square=True))
@@ -230,11 +230,7 @@ def test_two_processes_equal_one(videos, tmp_path):
     assert single["J&F"] > single["first_mask_baseline"]["J&F"] + 25
     context = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(videos), str(tmp_path)),
                        nprocs=2, join=False)
-    context.join(timeout=HANG_GUARD_S) or context.join(timeout=HANG_GUARD_S)
-    hung = [process for process in context.processes if process.is_alive()]
-    for process in hung:  # a failed test must not leave its workers running
-        process.kill()
-    assert not hung, "processes hung"
+    join_workers(context)  # a hang: pytest-timeout ends it, and the workers with it
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == single
     for name in ("synthetic0", "synthetic1"):  # each sequence written once, by its process, the same

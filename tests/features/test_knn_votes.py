@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,7 @@ def test_online_knn_votes_with_k_neighbours_on_held_out_queries(tmp_path):
     assert math.isclose(logged["knn/top5"].item(), expected[5], abs_tol=1e-3)
 
 
+@pytest.mark.process
 def test_bam_knn_console_script_votes_with_the_k_it_reports(tmp_path):
     """`bam knn` in a subprocess; the expected accuracy comes from the same backbone, loaded from
     the stage's own export of it, embedding the same images here."""

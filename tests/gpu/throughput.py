@@ -7,6 +7,8 @@ over training the bare backbone on the same views.
 
     python tests/gpu/throughput.py --config configs/pretrain/vit_small_patch16.yaml --batch 64
     python tests/gpu/throughput.py --config configs/pretrain/demo.yaml --device cpu --steps 3
+
+tests/gpu/test_gpu.py runs it on the GPU as a test (tests/gpu/check.sh).
 """
 from __future__ import annotations
 
@@ -80,6 +82,13 @@ def measure(config: Path, batch: int, steps: int, device: torch.device, precisio
     return batch / timed(backbone_only, steps, device), batch / timed(full_step, steps, device)
 
 
+TABLE_HEADER = "| recipe | precision | backbone-only img/s | BAM img/s | BAM / backbone-only |\n|---|---|---:|---:|---:|"
+
+
+def table_row(config: Path, precision: str, bare: float, full: float) -> str:
+    return f"| {config.stem} | {precision} | {bare:.1f} | {full:.1f} | {full / bare:.2f}x |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, action="append", required=True)
@@ -89,11 +98,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"| recipe | precision | backbone-only img/s | BAM img/s | BAM / backbone-only |")
-    print("|---|---|---:|---:|---:|")
+    print(TABLE_HEADER)
     for config in args.config:
         bare, full = measure(config, args.batch, args.steps, device, args.precision)
-        print(f"| {config.stem} | {args.precision} | {bare:.1f} | {full:.1f} | {full / bare:.2f}x |")
+        print(table_row(config, args.precision, bare, full))
 
 
 if __name__ == "__main__":

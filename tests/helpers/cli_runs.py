@@ -16,10 +16,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from processes import run_process_group
+from processes import finish_process_group
 from repo_paths import REPO
 
-HANG_GUARD_S = 600  # only to turn a hang into a failure
 # a demo config (BAM's by default; any method's demo), shrunk: 200 digits in batches of 32 (6 steps
 # per epoch), 2 epochs, a small head, one loss row per step, no plots or pictures, k-NN only after the last epoch
 SHRUNK_DEMO = ["--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
@@ -30,12 +29,35 @@ DEMO = ["--config", "configs/pretrain/demo.yaml", *SHRUNK_DEMO]
 DEMO_STEPS = 12
 
 
-def run_bam(args: list[str]) -> subprocess.CompletedProcess:
-    """`bam ARGS` as a user runs it (this checkout, one thread: a fixed summation order), output
-    and errors together in `stdout`; the whole process group is killed if it hangs."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'helpers'}", OMP_NUM_THREADS="1")
-    return run_process_group([sys.executable, "-m", "bam", *args], HANG_GUARD_S, stderr=subprocess.STDOUT,
-                             cwd=REPO, env=env)
+def bam_env(**extra: str) -> dict[str, str]:
+    """The user's environment with this checkout (and the test helpers, for callbacks added on the
+    command line) first on the path, whatever `bam` the virtual environment links to, and one
+    thread per process: a fixed summation order, and 2 processes share 2 cores."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests" / "helpers")])
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+
+
+def start_bam(args: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None,
+              **popen: Any) -> subprocess.Popen:
+    """`bam ARGS` started as a user starts it (`python -m bam`, this checkout), in a session of its
+    own so that its whole process group can be signalled (Ctrl-C) or killed (a hang); for a run
+    the test talks to while it runs (wrap it in `processes.process_group`)."""
+    return subprocess.Popen([sys.executable, "-m", "bam", *args], cwd=cwd, env=env or bam_env(), text=True,
+                            start_new_session=True, **popen)
+
+
+def run_bam(args: list[str], *, separate_stderr: bool = False, cwd: Path = REPO,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`bam ARGS` run to its end: output and errors together in `stdout` (or apart, with
+    `separate_stderr`); a hang is ended by pytest-timeout, and the whole process group with it."""
+    return finish_bam(start_bam(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT))
+
+
+def finish_bam(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """The end of a run that `start_bam` started: its status and piped output."""
+    out, err = finish_process_group(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def pretrain(run_dir: Path, *options: str, config: str = "demo") -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from cli_runs import bam_env as checkout_env
 from processes import finish_process_group
 from repo_paths import REPO
 
@@ -24,7 +25,6 @@ BIN = Path(sys.executable).parent
 BAM = str(BIN / "bam")
 # The launch tests run on CPU; tests/gpu/check.sh sets "gpu" to run them over NCCL on 2+ GPUs.
 ACCELERATOR = os.environ.get("BAM_TEST_ACCELERATOR", "cpu")
-HANG_GUARD_S = 900  # only to turn a deadlock into a failure; not a performance limit
 
 # per process; 2 processes x 4 images = 8 = one step per epoch on the generated folder
 BATCH_PER_PROCESS = 4
@@ -32,9 +32,9 @@ TRAIN_IMAGES_PER_CLASS, VAL_IMAGES_PER_CLASS, CLASSES = 4, 2, 2
 
 
 def bam_env(**extra: str) -> dict[str, str]:
-    """The user's environment with this virtual environment first on PATH (as after `source
-    .venv/bin/activate`), one thread per process (2 processes share 2 cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    """cli_runs' environment (this checkout's code, one thread per process) with this virtual
+    environment first on PATH, as after `source .venv/bin/activate`."""
+    env = checkout_env(**extra)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -52,9 +52,10 @@ def start(command: list[str], log: Path, cwd: Path = REPO, **env: str) -> subpro
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait(process: subprocess.Popen, log: Path, timeout: float = HANG_GUARD_S) -> int:
-    """Exit code of `process`; on a hang, kill its whole process group and fail with the log."""
-    finish_process_group(process, timeout, log)
+def wait(process: subprocess.Popen, log: Path) -> int:
+    """Exit code of `process`; if the wait is ended (a hang), its whole process group is killed
+    and the log's tail goes into the report."""
+    finish_process_group(process, log)
     return process.returncode
 
 

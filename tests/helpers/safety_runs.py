@@ -1,16 +1,9 @@
-"""Tiny `bam` runs for the fail-safe tests: the console entry point in a subprocess of its own
-session, so a hang is ended by killing its whole process group."""
+"""Tiny `bam` runs for the fail-safe tests, started by cli_runs.run_bam (the one way tests start bam)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from processes import finish_process_group
-from repo_paths import REPO
-
-HANG_GUARD_S = 300  # only to turn a hang into a failure, not a performance limit
+from cli_runs import run_bam
 
 # a 4-layer CNN on the built-in digits, batch 8, a checkpoint every 2 steps
 TINY_PRETRAIN = [
@@ -27,31 +20,15 @@ TINY_PRETRAIN = [
 ]
 
 
-def bam_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
-def start_bam(args: list[str], **popen: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bam", *args], cwd=REPO, env=bam_env(), text=True,
-                            start_new_session=True, **popen)
-
-
-def finish(process: subprocess.Popen) -> tuple[int, str, str]:
-    """Wait for `process` (its whole group is killed if it hangs); (status, stdout, stderr)."""
-    out, err = finish_process_group(process, HANG_GUARD_S)
-    return process.returncode, out, err
-
-
-def run_bam(args: list[str]) -> tuple[int, str, str]:
-    return finish(start_bam(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-
-
 def pretrain(run_dir: Path, *extra: str) -> tuple[int, str, str]:
-    return run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={run_dir}", *extra])
+    """(status, stdout, stderr) of a tiny `bam pretrain` into `run_dir`, with `extra` appended."""
+    done = run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={run_dir}", *extra], separate_stderr=True)
+    return done.returncode, done.stdout, done.stderr
 
 
 def dead_pid() -> int:
-    """The id of a process that has exited."""
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True, timeout=HANG_GUARD_S)
-    return int(finished.stdout)
+    """The id of no process on this host (Linux /proc): the highest free one, as the kernel hands
+    ids out upwards and wraps only at its limit, it stays free for a test's seconds. Found without
+    starting a process, so that the lock tests stay in-process."""
+    limit = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(pid for pid in range(limit - 1, 1, -1) if not Path(f"/proc/{pid}").exists())

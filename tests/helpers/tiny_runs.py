@@ -1,29 +1,30 @@
 """Tiny in-memory data and a gloo process spawner that exercise the training stack in seconds."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytorch_lightning as pl
-import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-HANG_GUARD_S = 180  # only to turn a deadlock into a failure; not a performance limit
-
-
 def spawn_gloo_workers(worker: Callable[..., None], world: int, tmp_path: Path) -> None:
-    """Run `worker(rank, world, init_file, out_dir)` on `world` processes and wait for them; a
-    deadlock (mismatched collectives) fails the test instead of hanging the suite."""
-    context = mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} gloo processes did not finish within {HANG_GUARD_S} s (deadlock?)")
+    """Run `worker(rank, world, init_file, out_dir)` on `world` processes and wait for them; if the
+    wait is ended (pytest-timeout on a deadlock of mismatched collectives), the workers are killed."""
+    join_workers(mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False))
+
+
+def join_workers(context: mp.ProcessContext) -> None:
+    """Wait for every process of `context` (a worker's error is raised here); if the wait is ended
+    (pytest-timeout on a deadlock), the workers are killed first."""
+    try:
+        while not context.join():
+            pass
+    except BaseException:
+        for process in context.processes:
+            process.kill()
+        raise
 
 
 class TinyCropsDataModule(pl.LightningDataModule):

@@ -25,7 +25,6 @@ from io_layouts import bam_checkpoint, randomise_buffers
 from processes import run_process_group
 from repo_paths import REPO
 
-SUBPROCESS_TIMEOUT_S = 600  # only to turn a hang into a failure
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 # runs in a fresh interpreter: load each export with timm, save the outputs for the test to compare
@@ -60,7 +59,7 @@ def load_in_subprocess(folders: list[Path], tmp_path: Path, prelude: str) -> lis
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", LOAD_WITH_TIMM.format(prelude=prelude), str(tmp_path / "images.safetensors"),
                str(tmp_path / "outputs.safetensors"), str(torch.get_num_threads()), *map(str, folders)]
-    finished = run_process_group(command, SUBPROCESS_TIMEOUT_S, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    finished = run_process_group(command, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     assert finished.returncode == 0, finished.stdout
     outputs = load_file(tmp_path / "outputs.safetensors")
     return [(outputs[str(index)], outputs[f"{index}_mean"]) for index in range(len(folders))]
@@ -83,6 +82,7 @@ def export_of(tmp_path: Path, name: str, kwargs: dict, recipe: dict | None = Non
 MNIST = {"mean": [0.1307] * 3, "std": [0.3081] * 3, "input_size": 28, "crop_pct": 1.0, "interpolation": "bicubic"}
 
 
+@pytest.mark.process
 def test_timm_alone_loads_the_12_head_vit_small_and_timm_models(tmp_path):
     folders = [
         export_of(tmp_path, "bam_vit_small_patch16_224", {}, MNIST),
@@ -97,6 +97,7 @@ def test_timm_alone_loads_the_12_head_vit_small_and_timm_models(tmp_path):
     assert loaded[1][1].tolist() == pytest.approx([0.485, 0.456, 0.406])  # none recorded: ImageNet's
 
 
+@pytest.mark.process
 def test_import_bam_is_enough_for_bams_own_architectures(tmp_path):
     folders = [export_of(tmp_path, "bam_cnn4", {"width": 8, "pool_size": 2}, MNIST), export_of(tmp_path, "bam_caformer_m36", {})]
     loaded = load_in_subprocess(folders, tmp_path, prelude="import bam")

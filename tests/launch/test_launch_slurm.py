@@ -20,7 +20,7 @@ import pytest
 from product_runs import REPO, logged_losses, shrunk_recipe_args
 from slurm_cluster import SlurmCluster, slurm_available
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 EPOCHS = 15  # 2 steps each on 16 digits: long enough to signal the job in the middle

@@ -102,6 +102,7 @@ def test_resume_command_replaces_ckpt_path_and_lr_in_either_form():
     assert resume_command("bam pretrain", argv, None, lr=0.5) == "bam pretrain --model.init_args.lr=0.05"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_nan_stop_names_a_sound_checkpoint_whose_command_trains_on(tmp_path):
     run = tmp_path / "run"

@@ -16,6 +16,7 @@ INTERRUPTED_STEP = 8  # the signal arrives during the 3rd batch of epoch 1
 DEVICE, CPU_WORKERS = ["--data.init_args.augment_on=device"], ["--data.init_args.augment_on=cpu", "--data.init_args.num_workers=2"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("config,path_options", [("demo", DEVICE), ("demo", CPU_WORKERS), ("dino_demo", DEVICE)],
                          ids=["device", "cpu-workers", "dino-device"])

@@ -16,18 +16,22 @@ import torch
 
 from bam.training import PreemptionCheckpoint, atomic_save
 from bam.training.fault_tolerance import DiskFullError
-from safety_runs import HANG_GUARD_S, TINY_PRETRAIN, bam_env, finish, start_bam
+from cli_runs import bam_env, finish_bam, start_bam
+from processes import process_group
+from safety_runs import TINY_PRETRAIN
 
 
+@pytest.mark.process
 def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     run = start_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2000"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not first.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with process_group(run):
+        while not first.exists() and run.poll() is None:
+            time.sleep(0.2)
     os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    status, _, err = finish(run)
+    done = finish_bam(run)
+    status, err = done.returncode, done.stderr
     assert status == 0, err[-3000:]
     assert "Ctrl-C: saving a checkpoint after this step" in err
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -78,12 +82,14 @@ FULL_DISK = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_full_disk_one_line_last_checkpoint_kept_metrics_written(tmp_path):
     command = [sys.executable, "-c", FULL_DISK, "pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={tmp_path}",
                "--trainer.max_steps=6"]
     run = subprocess.Popen(command, env=bam_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
-    status, _, err = finish(run)
+    done = finish_bam(run)
+    status, err = done.returncode, done.stderr
     checkpoints = tmp_path / "checkpoints"
     assert status != 0
     assert "Traceback" not in err and "unexpected pos" not in err, err[-3000:]

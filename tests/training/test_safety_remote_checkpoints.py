@@ -16,7 +16,8 @@ from bam.io import UnsafeCheckpointError, load_backbone, load_checkpoint_file
 from bam.io.safe_load import NotACheckpointError
 from bam.methods import BAMModule
 from tiny_runs import TinyCropsDataModule
-from safety_runs import REPO, run_bam
+from cli_runs import run_bam
+from repo_paths import REPO
 
 
 class WritesMarker:
@@ -54,19 +55,22 @@ def _assert_refused_in_one_line(status: int, err: str, marker: Path) -> None:
     assert "weights_only=False" not in err
 
 
+@pytest.mark.process
 def test_bam_pretrain_refuses_a_crafted_checkpoint_url(served, tmp_path):
     base, marker, _ = served
-    status, _, err = run_bam(["pretrain", "--config", str(REPO / "configs/pretrain/demo.yaml"),
-                              f"--trainer.default_root_dir={tmp_path / 'run'}", "--ckpt_path", f"{base}/evil.ckpt"])
-    _assert_refused_in_one_line(status, err, marker)
+    done = run_bam(["pretrain", "--config", str(REPO / "configs/pretrain/demo.yaml"),
+                    f"--trainer.default_root_dir={tmp_path / 'run'}", "--ckpt_path", f"{base}/evil.ckpt"],
+                   separate_stderr=True)
+    _assert_refused_in_one_line(done.returncode, done.stderr, marker)
 
 
+@pytest.mark.process
 def test_bam_linear_refuses_a_crafted_checkpoint_url(served, tmp_path):
     base, marker, _ = served
-    status, _, err = run_bam(["linear", "--config", str(REPO / "configs/eval/linear_demo.yaml"),
-                              "--model.backbone=bam_cnn4", f"--trainer.default_root_dir={tmp_path / 'run'}",
-                              "--ckpt_path", f"{base}/evil.ckpt"])
-    _assert_refused_in_one_line(status, err, marker)
+    done = run_bam(["linear", "--config", str(REPO / "configs/eval/linear_demo.yaml"),
+                    "--model.backbone=bam_cnn4", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                    "--ckpt_path", f"{base}/evil.ckpt"], separate_stderr=True)
+    _assert_refused_in_one_line(done.returncode, done.stderr, marker)
 
 
 def test_python_api_fit_refuses_a_crafted_checkpoint_url_and_file(served, tmp_path):

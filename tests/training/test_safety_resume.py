@@ -33,6 +33,7 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.process
 def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(reference / "checkpoints"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -53,6 +54,7 @@ def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_
     assert final["hyper_parameters"]["lr"] == 5e-4
 
 
+@pytest.mark.process
 def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(reference, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", checkpoints)
@@ -71,6 +73,7 @@ def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(reference, 
     assert not partial.exists()  # its writer is dead: cleaned up
 
 
+@pytest.mark.process
 def test_an_incompletefind_last_checkpoint_is_passed_over(reference, tmp_path, capsys):
     for name in ("epoch=0-step=2.ckpt", "last.ckpt"):
         shutil.copy(reference / "checkpoints" / name, tmp_path / name)

@@ -6,16 +6,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from bam.training import atomic_save
 from bam.training.run_folder import LOCK_NAME, RunFolderBusyError, RunLock
-from safety_runs import HANG_GUARD_S, TINY_PRETRAIN, dead_pid, finish, start_bam
+from cli_runs import finish_bam, start_bam
+from safety_runs import TINY_PRETRAIN, dead_pid
 
 
+@pytest.mark.process
 def test_two_runs_racing_for_one_folder_one_is_refused_naming_the_other(tmp_path):
     runs = [
         start_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=60",
@@ -23,7 +24,7 @@ def test_two_runs_racing_for_one_folder_one_is_refused_naming_the_other(tmp_path
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for seed in (1, 2)
     ]
-    results = [finish(run) for run in runs]
+    results = [(done.returncode, done.stdout, done.stderr) for done in map(finish_bam, runs)]
     statuses = sorted(status for status, _, _ in results)
     assert statuses[0] == 0 and statuses[1] != 0, [err[-2000:] for _, _, err in results]
     winner, loser = (0, 1) if results[0][0] == 0 else (1, 0)
@@ -55,33 +56,24 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path, capsys):
 
 
 def test_a_live_run_or_one_on_another_host_keeps_its_lock(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    try:
-        _write_lock(tmp_path, socket.gethostname(), sleeper.pid)
-        with pytest.raises(RunFolderBusyError, match=f"pid {sleeper.pid}, started earlier"):
-            RunLock(tmp_path).acquire()
-    finally:
-        sleeper.kill()
-        sleeper.wait(timeout=HANG_GUARD_S)
+    live_pid = os.getppid()  # a live process of this host that is not this one
+    _write_lock(tmp_path, socket.gethostname(), live_pid)
+    with pytest.raises(RunFolderBusyError, match=f"pid {live_pid}, started earlier"):
+        RunLock(tmp_path).acquire()
     _write_lock(tmp_path, "another-node", dead_pid())  # bam cannot see that host's processes
     with pytest.raises(RunFolderBusyError, match=f"delete '{tmp_path / LOCK_NAME}'"):
         RunLock(tmp_path).acquire()
 
 
 def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     host = socket.gethostname()
-    try:
-        live = tmp_path / f".last.ckpt.{host}.{sleeper.pid}.00000000.tmp"
-        dead = tmp_path / f".last.ckpt.{host}.{dead_pid()}.11111111.tmp"
-        remote = tmp_path / f".last.ckpt.another-node.{dead_pid()}.22222222.tmp"
-        for path in (live, dead, remote):
-            path.write_bytes(b"partial")
-        atomic_save({"step": 1}, tmp_path / "last.ckpt")
-        assert live.exists() and remote.exists() and not dead.exists()
-    finally:
-        sleeper.kill()
-        sleeper.wait(timeout=HANG_GUARD_S)
+    live = tmp_path / f".last.ckpt.{host}.{os.getppid()}.00000000.tmp"  # a live process, not this one
+    dead = tmp_path / f".last.ckpt.{host}.{dead_pid()}.11111111.tmp"
+    remote = tmp_path / f".last.ckpt.another-node.{dead_pid()}.22222222.tmp"
+    for path in (live, dead, remote):
+        path.write_bytes(b"partial")
+    atomic_save({"step": 1}, tmp_path / "last.ckpt")
+    assert live.exists() and remote.exists() and not dead.exists()
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_run(tmp_path, monkeypatch):

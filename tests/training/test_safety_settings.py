@@ -12,7 +12,8 @@ import pytest
 
 from bam.pretrain import main as pretrain_main
 from bam.training import atomic_save
-from safety_runs import TINY_PRETRAIN, pretrain, run_bam
+from cli_runs import run_bam
+from safety_runs import TINY_PRETRAIN, pretrain
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -25,10 +26,12 @@ def test_checkpoints_get_the_permissions_the_umask_gives(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "last.ckpt").stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.process
 def test_a_missing_data_path_is_one_line_naming_it(tmp_path):
     missing = tmp_path / "no-such-folder"
-    status, _, err = run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={tmp_path / 'run'}",
-                              "--data=bam.data.ImageFolderDataModule", f"--data.root={missing}"])
+    done = run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={tmp_path / 'run'}",
+                    "--data=bam.data.ImageFolderDataModule", f"--data.root={missing}"], separate_stderr=True)
+    status, err = done.returncode, done.stderr
     assert status != 0
     assert "Traceback" not in err and "Namespace(" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"bam pretrain: image folder or list not found: {missing}"
@@ -53,6 +56,7 @@ def test_impossible_settings_are_rejected_at_start_up_naming_them(tmp_path, monk
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
 
 
+@pytest.mark.process
 def test_knn_report_of_a_run_ended_by_max_steps_has_the_trained_backbone(tmp_path):
     status, _, err = pretrain(tmp_path, "--trainer.max_steps=3", "--knn.compare_baselines=true",
                               "--data.knn_bank_fraction=0.1")

@@ -3,7 +3,6 @@ writes under SIGKILL; a non-finite loss leaves the last good checkpoint untouche
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -18,22 +17,20 @@ import cli_runs
 import scale_worker
 from bam.methods import BAMModule, NonFiniteLossError
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
-from processes import readline_within, run_process_group
+from cli_runs import bam_env
+from processes import process_group, run_process_group
 from repo_paths import REPO
 from tiny_runs import TinyCropsDataModule
 
-HANG_GUARD_S = 240  # only to turn a hang into a failure
-
-
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return run_process_group(command, HANG_GUARD_S, cwd=REPO, env=env)
+    return run_process_group(command, cwd=REPO, env=bam_env())
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_signal_mid_epoch_exits_cleanly_and_the_same_command_resumes_at_that_step(tmp_path):
     command = [sys.executable, str(REPO / "tests" / "helpers" / "scale_worker.py"), "--out", str(tmp_path),
@@ -98,22 +95,20 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_checkpoint_killed_while_writing_leaves_the_previous_one_intact(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state": torch.zeros(4), "step": 1}, path)
     before = _digest(path)
 
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], env=env, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert readline_within(writer.stdout, HANG_GUARD_S).strip() == "writing"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], env=bam_env(), stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    with process_group(writer):  # a failed assertion or a hang (pytest-timeout) leaves no writer behind
+        assert writer.stdout.readline().strip() == "writing"
         temporary = list(path.parent.glob(".last.ckpt.*.tmp"))
         assert len(temporary) == 1 and temporary[0].stat().st_size > 2**20  # really mid-write
-        writer.send_signal(signal.SIGKILL)
-    finally:
-        writer.kill()
-        writer.wait(timeout=HANG_GUARD_S)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
 
     assert _digest(path) == before
     assert torch.load(path, weights_only=True)["step"] == 1
@@ -191,6 +186,7 @@ def test_slurm_requeue_comes_after_the_complete_checkpoint(tmp_path, monkeypatch
 
 
 
+@pytest.mark.process
 def test_bam_pretrain_writes_checkpoints_atomically_and_handles_signals(tmp_path, monkeypatch, capsys):
     from bam.pretrain import main
 
