@@ -151,7 +151,7 @@ class PreemptionCheckpoint(pl.Callback):
         requeue = self._requeue_wanted(trainer)
         path = checkpoint_path(trainer)
         rank_zero_info(f"Signal received: saving {path} at step {trainer.global_step} and stopping")
-        trainer.save_checkpoint(path)  # every rank; returns after rank 0 wrote it and all met
+        trainer.save_checkpoint(path, weights_only=False)  # every rank; returns after rank 0 wrote it and all met
         # The loop hands this step's metrics to the loggers only after this hook, and the exit
         # below skips that: hand them over here, as the loop would, so that the step's row is
         # logged once (the resumed run starts at the next step). The loggers flush on the exit.
@@ -184,7 +184,7 @@ class PreemptionCheckpoint(pl.Callback):
         writes its own files after the evaluations (with their results and statistics)."""
         if self._saved_before_evaluation == trainer.global_step:
             return
-        trainer.save_checkpoint(checkpoint_path(trainer))
+        trainer.save_checkpoint(checkpoint_path(trainer), weights_only=False)  # the whole state: a resume needs it
         self._saved_before_evaluation = trainer.global_step
 
     def stop_if_signalled(self, trainer: pl.Trainer, evaluation: str) -> None:
