@@ -85,7 +85,7 @@ def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoin
     assert saved[ARCHITECTURE_KEY] == {
         "model": "bam_cnn4", "model_kwargs": {"width": 8},
         "data_recipe": {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD), "input_size": 32,
-                        "crop_pct": 1.0, "interpolation": "bicubic"},
+                        "crop_pct": 1.0, "interpolation": "bicubic", "train_crop_sizes": []},
     }
 
 

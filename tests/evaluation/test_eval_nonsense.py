@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
+from bam.data.splits import MissingLabelsError
 from bam.evaluation.data import FolderClassificationData, LabelSetError
 from cli_runs import run_bam
 from eval_fixtures import CNN, synthetic_args, trainer_args, write_checkpoint
@@ -68,11 +69,12 @@ def test_held_out_labels_training_never_has_are_refused(tmp_path):
 
 def test_a_single_class_is_refused(tmp_path):
     lists = listed_images(tmp_path, {"train": [3, 3, 3], "val": [3]})
-    with pytest.raises(LabelSetError) as error:
+    with pytest.raises(MissingLabelsError) as error:
         FolderClassificationData(str(lists["train"]), str(lists["val"]), num_workers=0).num_classes
     assert str(error.value) == (
-        "the training split has a single class (label 3, 3 images): classification accuracy needs at least two "
-        "classes; check the data's class folders or list files"
+        "a classifier (linear probe, fine-tuning) needs images with class labels (two classes or more), but the "
+        "training images have a single class: give a folder with one sub-folder per class (and labels: classes or "
+        "auto) or a list of 'path label' lines"
     )
 
 

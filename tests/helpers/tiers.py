@@ -22,8 +22,10 @@ PROCESS_MARKERS = ("process", "distributed", "slurm", "notebook", "wheel")
 FULL_SUITE_MARKERS = ("slow", *PROCESS_MARKERS, "gpu")
 # helpers that libraries start behind in-process code, once per process, in milliseconds: not the
 # test's doing (multiprocessing's shared-memory bookkeeper, started by FFCV and DataLoader queues;
-# typeshed_client, which jsonargparse uses to read type stubs, asking the interpreter for sys.path)
-LIBRARY_HELPERS = ("from multiprocessing.resource_tracker import main", "import sys, json; print(json.dumps(sys.path))")
+# typeshed_client, which jsonargparse uses to read type stubs, asking the interpreter for sys.path;
+# joblib's loky counting physical cores with lscpu for scikit-learn's k-means and t-SNE)
+LIBRARY_HELPERS = ("from multiprocessing.resource_tracker import main", "import sys, json; print(json.dumps(sys.path))",
+                   "lscpu")
 
 
 class TierGuard:

@@ -41,6 +41,10 @@ def damage_message(path: Path, entry: str) -> str:
             "changed on disk or in a copy after it was saved); use another checkpoint, e.g. an earlier one of the run")
 
 
+# every test here reads checkpoints of a real `bam pretrain` run (the module's fixture starts it)
+pytestmark = pytest.mark.process
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """4 steps; checkpoints after steps 2 and 4, and last.ckpt."""
@@ -84,7 +88,6 @@ def test_ckpt_path_last_passes_a_rotten_last_over_for_the_newest_sound_one(check
     )
 
 
-@pytest.mark.process
 def test_resume_and_export_meet_rot_through_the_console_script(checkpoints, tmp_path):
     last, step4 = checkpoints / "last.ckpt", checkpoints / "epoch=0-step=4.ckpt"
     last_entry, step4_entry = rot(last), rot(step4)
