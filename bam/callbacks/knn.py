@@ -17,10 +17,15 @@ from bam.models import build_backbone
 from bam.models.batchnorm_stats import recompute_batchnorm_stats
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+TRAINED = "trained backbone"  # the evaluated encoder: the teacher when there is one
+STUDENT = "trained student"
 
 
 class OnlineKNN(pl.Callback):
-    """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one.
+    """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one: of the
+    encoder the method is evaluated with (`extract_features`: the teacher when there is one). With
+    `include_student` and a method with a teacher, the student is evaluated too, on the same bank
+    and queries, and logged as `knn_student/top1` and `knn_student/top5`.
 
     The datamodule provides `knn_dataloaders() -> (bank, query)` loaders of labelled, normalised
     images (the bank is already bounded by the datamodule's `knn_bank_fraction`). Under DDP each
@@ -39,8 +44,10 @@ class OnlineKNN(pl.Callback):
         k: int = 20,
         temperature: float = 0.07,
         compare_baselines: bool = False,
+        include_student: bool = True,
     ) -> None:
         self.every_n_epochs = every_n_epochs
+        self.include_student = include_student
         self.k = k
         self.temperature = temperature
         self.compare_baselines = compare_baselines
@@ -49,11 +56,20 @@ class OnlineKNN(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs and not is_final_epoch_end(trainer):
             return
-        accuracy = self.evaluate(trainer, pl_module.extract_features, pl_module)
+        logged = {}
+        for name, (prefix, features) in self._encoders(pl_module).items():
+            self.report[name] = self.evaluate(trainer, features, pl_module)
+            logged.update({f"{prefix}/top1": self.report[name][1], f"{prefix}/top5": self.report[name][5]})
         # equal on every rank (the bank is gathered); the mean over ranks keeps it and stops
         # Lightning's warning about unsynchronised epoch-level values
-        pl_module.log_dict({"knn/top1": accuracy[1], "knn/top5": accuracy[5]}, sync_dist=True)
-        self.report["trained backbone"] = accuracy
+        pl_module.log_dict(logged, sync_dist=True)
+
+    def _encoders(self, pl_module: pl.LightningModule) -> dict[str, tuple[str, FeatureFn]]:
+        """Report row -> (logged prefix, features) of every encoder evaluated."""
+        encoders = {TRAINED: ("knn", pl_module.extract_features)}
+        if self.include_student and getattr(pl_module, "teacher", None) is not None:
+            encoders[STUDENT] = ("knn_student", pl_module.student_features)
+        return encoders
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compare_baselines:
@@ -88,7 +104,7 @@ class OnlineKNN(pl.Callback):
 
     def baseline_top1(self) -> dict[str, float]:
         """Top-1 accuracies of the baselines (random init, raw pixels), for the curve plots."""
-        return {name: accuracy[1] for name, accuracy in self.report.items() if name != "trained backbone"}
+        return {name: accuracy[1] for name, accuracy in self.report.items() if name not in (TRAINED, STUDENT)}
 
     def _print_and_save(self, trainer: pl.Trainer) -> None:
         lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]

@@ -8,22 +8,24 @@ from bam.data.file_account import FileAccount, file_accounts_of
 from bam.data.sources import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
-    balanced_subset,
+    Subset,
     read_file_list,
     scan_image_folder,
     stratified_split,
+    subset_indices,
 )
 
 
 class LabelledSplits:
     """A labelled ``(train, held-out)`` pair of image sources, loaded once on first ``setup`` with
-    the training split reduced to a class-balanced ``fraction`` (seeded by ``seed``).
+    the training split reduced to ``fraction``: a class-balanced fraction (seeded by ``seed``) or
+    a subset list file (``bam.data.sources.listed_subset``, e.g. SimCLR's ImageNet 1% list).
 
     Shared by the pretraining data modules and the evaluation stages' classification data, so
     both see the same splits of the same data.
     """
 
-    fraction: float
+    fraction: Subset
     seed: int
     train_source: ImageSource | None
     val_source: ImageSource | None
@@ -37,7 +39,7 @@ class LabelledSplits:
         if self.train_source is not None:
             return
         train, val = self.load_splits()
-        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.train_source = train.subset(subset_indices(train, self.fraction, self.seed))
         self.val_source = val
 
     def file_accounts(self) -> list[FileAccount]:
