@@ -42,6 +42,10 @@ class LabelledSplits:
         self.train_source = train.subset(subset_indices(train, self.fraction, self.seed))
         self.val_source = val
 
+    def class_names(self) -> list[str] | None:
+        """The class of each label (index = label), where the data names its classes (None here)."""
+        return None
+
     def file_accounts(self) -> list[FileAccount]:
         """Accounts of the image files behind both splits (none for images held in memory)."""
         self.setup()
@@ -73,6 +77,11 @@ class ImageFolderSplits(LabelledSplits):
     def load_splits(self) -> tuple[ImageSource, ImageSource]:
         return image_splits(self.root, self.val_root, self.val_fraction, self.seed, self.max_pixels)
 
+    def class_names(self) -> list[str] | None:
+        """The class folder names in label order (None for a ``path label`` list file)."""
+        training = training_location(self.root)
+        return sorted(entry.name for entry in training.iterdir() if entry.is_dir()) if training.is_dir() else None
+
 
 def listed_image_splits(
     root: str | Path, val_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -85,10 +94,14 @@ def listed_image_splits(
     """
     root, val_root = Path(root), None if val_root is None else Path(val_root)
     require_locations(root, val_root)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    train, classes = _load(train_root, max_pixels=max_pixels)
+    train, classes = _load(training_location(root), max_pixels=max_pixels)
     val_root = val_root or (root / "val" if (root / "val").is_dir() else None)
     return train, None if val_root is None else _load(val_root, classes, max_pixels)[0]
+
+
+def training_location(root: Path) -> Path:
+    """Where the training images of ``root`` are: ``root/train`` if it exists, else ``root``."""
+    return root / "train" if (root / "train").is_dir() else root
 
 
 def require_locations(*locations: Path | None) -> None:
