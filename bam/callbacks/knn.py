@@ -44,7 +44,7 @@ class OnlineKNN(pl.Callback):
         k: int = 20,
         temperature: float = 0.07,
         compare_baselines: bool = False,
-        include_student: bool = True,
+        include_student: bool = False,
     ) -> None:
         self.every_n_epochs = every_n_epochs
         self.include_student = include_student
