@@ -28,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from bam.data.file_account import READ, FileAccount, skip_code
+from bam.ops.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 # Pillow's own warning threshold: a 9459 x 9459 image, 268 MB once decoded to RGB
@@ -327,15 +328,15 @@ def listed_subset(source: ImageSource, list_file: Path) -> Tensor:
         raise FileNotFoundError(f"subset list not found: {list_file} (fraction takes a number in (0, 1] or a list file)")
     paths = getattr(source, "paths", None)
     if paths is None:
-        raise ValueError(f"subset list {list_file} names image files, but these images are held in memory; give a fraction")
+        raise UserInputError(f"subset list {list_file} names image files, but these images are held in memory; give a fraction")
     names = [line.strip() for line in list_file.read_text().splitlines()]
     names = [name for name in names if name and not name.startswith("#")]
     if not names:
-        raise ValueError(f"subset list {list_file} names no images")
+        raise UserInputError(f"subset list {list_file} names no images")
     positions = {os.path.basename(path): index for index, path in enumerate(paths)}
     missing = [name for name in names if name not in positions]
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"{len(missing)} of the {len(names)} images named in {list_file} are not in the split's {len(paths)} "
             f"images, e.g. {', '.join(missing[:SUBSET_NAMES_SHOWN])}; check that the list belongs to this dataset"
         )

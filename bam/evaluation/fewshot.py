@@ -27,9 +27,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.ops.distributed import rank
+from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split
 from bam.shipped_configs import with_config_names
+from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "fewshot_results.json"
@@ -114,12 +116,12 @@ def read_class_list(list_file: Path, num_classes: int, class_names: list[str] | 
     entries = [line.strip() for line in list_file.read_text().splitlines()]
     entries = [entry for entry in entries if entry and not entry.startswith("#")]
     if not entries:
-        raise ValueError(f"novel class list {list_file} names no classes")
+        raise UserInputError(f"novel class list {list_file} names no classes")
     known = {str(label): label for label in range(num_classes)}
     known.update({name: label for label, name in enumerate(class_names or [])})  # a folder name wins
     unknown = [entry for entry in entries if entry not in known]
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"{len(unknown)} of the {len(entries)} classes in {list_file} are neither class folders of the data nor "
             f"labels 0-{num_classes - 1}, e.g. {', '.join(unknown[:3])}"
         )
@@ -251,4 +253,5 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """`bam fewshot --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")
+    with one_line_errors("bam fewshot"):
+        CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")

@@ -36,12 +36,14 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.data.sources import Subset
+from bam.ops.errors import UserInputError
 from bam.ops.distributed import all_reduce_, rank
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
 from bam.features.extract import embed_dataset, progress_bar, shard_batches, shard_indices
 from bam.shipped_configs import with_config_names
+from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
 
 RESULTS_FILE = "knn_results.json"
@@ -96,7 +98,7 @@ def _neighbour_counts(k: int | list[int]) -> list[int]:
     """`k` as a list of distinct neighbour counts, in the order given; a bad count is named."""
     counts = [k] if isinstance(k, int) else list(k)
     if not counts or any(count < 1 for count in counts) or len(set(counts)) != len(counts):
-        raise ValueError(f"k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; got {k}")
+        raise UserInputError(f"k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; got {k}")
     return counts
 
 
@@ -239,4 +241,5 @@ def gather_values(argv: list[str], option: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--k 10 20 ...] [--config FILE] [--print_config] [overrides]`."""
-    CLI(run_knn, args=gather_values(with_config_names("knn", argv), "--k"), as_positional=False, prog="bam knn")
+    with one_line_errors("bam knn"):
+        CLI(run_knn, args=gather_values(with_config_names("knn", argv), "--k"), as_positional=False, prog="bam knn")

@@ -38,6 +38,7 @@ from bam.io.safe_load import (
     load_checkpoint_file,
     local_copy,
 )
+from bam.ops.errors import UserInputError
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.run_folder import RunFolderBusyError, RunLock
 from bam.training.run_setup import logger_config
@@ -54,6 +55,7 @@ class SettingError(ValueError):
 
 USER_ERRORS = (
     SettingError,
+    UserInputError,
     FileNotFoundError,
     NotADirectoryError,
     RunFolderBusyError,

@@ -27,10 +27,15 @@ def test_config_parses(config, capsys):
     assert printed["backbone" if stage in (knn_stage.main, cluster.main, fewshot.main) else "model"]
 
 
+# configs beyond each stage's demo and ImageNet ones: the published protocols of README's
+# 'Evaluation recipes' table
+PROTOCOL_CONFIGS = {"linear_imagenet_vit_small", "finetune_imagenet_semisup_1pct", "finetune_imagenet_semisup_10pct"}
+
+
 def test_every_stage_has_an_imagenet_and_a_demo_config():
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == {
         f"{stage}_{data}" for stage in STAGES for data in ("imagenet", "demo")
-    }
+    } | PROTOCOL_CONFIGS
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -54,3 +59,18 @@ def test_help_names_the_bam_command(stage, capsys):
     assert out.startswith(f"usage: bam {stage} ")
     if stage in DESCRIPTIONS:
         assert f"\n\n{DESCRIPTIONS[stage]}\n\n" in out
+
+
+@pytest.mark.parametrize("stage, options", [
+    ("knn", ["--k K", "--nb_knn", "--bank_fraction", "subset list file"]),
+    ("fewshot", ["--novel_classes", "novel classes of a few-shot split", "subset list file"]),
+    ("linear", ["--model.feature", "cls_blocks", "--model.bn_head", "--model.bn_eps", "--data.init_args.fraction"]),
+    ("finetune", ["--model.head_lr", "--model.lr_schedule", "--model.lr_decay_epochs", "--model.lr_decay_rate"]),
+])
+def test_help_shows_the_published_protocol_options(stage, options, capsys):
+    help_args = ["--help"] if stage in ("knn", "fewshot") else ["--data", "FolderClassificationData", "--help"]
+    with pytest.raises(SystemExit):
+        STAGES[stage](help_args)
+    out = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
+    for option in options:
+        assert option in out, option
