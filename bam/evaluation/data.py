@@ -56,15 +56,15 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         re_prob: Random-erasing probability (`timm` recipe only).
         mean: Per-channel mean subtracted from images scaled to [0, 1].
         std: Per-channel standard deviation divided by.
+        fraction: The part of the training split used: a class-balanced fraction (e.g. 0.01 for
+            1% labels) or a subset list file, one image file name per line (SimCLR's
+            `imagenet_subsets/1percent.txt`, the semi-supervised papers' fixed 1% / 10% subsets).
+        seed: Seed of the subsampling.
 
     `image_size`, `resize_size`, `interpolation`, `mean` and `std` left unset (None) come from the
     data recipe of the evaluated backbone (`apply_recipe`: the stages call it with the recipe its
     export or checkpoint records), else from ImageNet's (224 px from 256, bicubic, ImageNet mean
     and std). A value set that differs from the backbone's recipe is used, with a warning.
-        fraction: The part of the training split used: a class-balanced fraction (e.g. 0.01 for
-            1% labels) or a subset list file, one image file name per line (SimCLR's
-            `imagenet_subsets/1percent.txt`, the semi-supervised papers' fixed 1% / 10% subsets).
-        seed: Seed of the subsampling.
     """
 
     def __init__(

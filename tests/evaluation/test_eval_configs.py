@@ -64,13 +64,14 @@ def test_help_names_the_bam_command(stage, capsys):
 @pytest.mark.parametrize("stage, options", [
     ("knn", ["--k K", "--nb_knn", "--bank_fraction", "subset list file"]),
     ("fewshot", ["--novel_classes", "novel classes of a few-shot split", "subset list file"]),
-    ("linear", ["--model.feature", "cls_blocks", "--model.bn_head", "--model.bn_eps", "--data.init_args.fraction"]),
+    ("linear", ["--model.feature", "cls_blocks", "--model.bn_head", "--model.bn_eps"]),
     ("finetune", ["--model.head_lr", "--model.lr_schedule", "--model.lr_decay_epochs", "--model.lr_decay_rate"]),
+    ("finetune --data.help FolderClassificationData", ["--data.fraction FRACTION", "type: Union[float, str]"]),
 ])
 def test_help_shows_the_published_protocol_options(stage, options, capsys):
-    help_args = ["--help"] if stage in ("knn", "fewshot") else ["--data", "FolderClassificationData", "--help"]
+    stage, *before = stage.split()
     with pytest.raises(SystemExit):
-        STAGES[stage](help_args)
+        STAGES[stage]([*before] if before else ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
     for option in options:
         assert option in out, option
