@@ -112,7 +112,8 @@ def test_knn_demo_at_several_k_on_one_and_two_processes(demo, tmp_path):
 
 def test_linear_demo(demo, tmp_path):
     bam_ok("linear", "--config", CONFIGS / "linear_demo.yaml", "--model.backbone", demo["backbone"],
-           "--trainer.max_epochs", "1", "--trainer.default_root_dir", tmp_path, "--data.init_args.fraction", "0.05")
+           "--trainer.max_epochs", "1", "--trainer.default_root_dir", tmp_path, "--data.init_args.fraction", "0.05",
+           "--data.init_args.batch_size", "64")  # 200 digits: 3 full batches
     assert json.loads((tmp_path / "results.json").read_text())["val"]["last_epoch"] == 1
 
 
