@@ -21,10 +21,15 @@ from bam.training.fault_tolerance import epoch_end_evaluation
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 SPREAD_REPORT = "embedding_report.json"
+TRAINED = "trained backbone"  # the evaluated encoder: the teacher when there is one
+STUDENT = "trained student"
 
 
 class OnlineKNN(pl.Callback):
-    """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one.
+    """Logs `knn/top1` and `knn/top5` every `every_n_epochs` epochs and after the last one: of the
+    encoder the method is evaluated with (`extract_features`: the teacher when there is one). With
+    `include_student` and a method with a teacher, the student is evaluated too, on the same bank
+    and queries, and logged as `knn_student/top1` and `knn_student/top5`.
 
     The datamodule provides `knn_dataloaders() -> (bank, query)` loaders of labelled, normalised
     images (the bank is already bounded by the datamodule's `knn_bank_fraction`) and, as bam's
@@ -50,8 +55,10 @@ class OnlineKNN(pl.Callback):
         k: int = 20,
         temperature: float = 0.07,
         compare_baselines: bool = False,
+        include_student: bool = False,
     ) -> None:
         self.every_n_epochs = every_n_epochs
+        self.include_student = include_student
         self.k = k
         self.temperature = temperature
         self.compare_baselines = compare_baselines
@@ -71,13 +78,24 @@ class OnlineKNN(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs and not is_final_epoch_end(trainer):
             return
         with epoch_end_evaluation(trainer, "k-NN"):
-            result = self.evaluate(trainer, pl_module.extract_features, pl_module)
+            for name, (_, features) in self._encoders(pl_module).items():
+                self.report[name] = self.evaluate(trainer, features, pl_module)
+        logged = {}
+        for name, (suffix, _) in self._encoders(pl_module).items():
+            result = self.report[name]
+            logged.update({f"knn{suffix}/top1": result[1], f"knn{suffix}/top5": result[5]} if self.labelled else
+                          {f"embedding{suffix}/effective_rank": result["effective_rank"],
+                           f"embedding{suffix}/std": result["std"]})
         # equal on every rank (the bank is gathered); the mean over ranks keeps it and stops
         # Lightning's warning about unsynchronised epoch-level values
-        logged = ({"knn/top1": result[1], "knn/top5": result[5]} if self.labelled else
-                  {"embedding/effective_rank": result["effective_rank"], "embedding/std": result["std"]})
         pl_module.log_dict(logged, sync_dist=True)
-        self.report["trained backbone"] = result
+
+    def _encoders(self, pl_module: pl.LightningModule) -> dict[str, tuple[str, FeatureFn]]:
+        """Report row -> (suffix of its logged names, features) of every encoder evaluated."""
+        encoders = {TRAINED: ("", pl_module.extract_features)}
+        if self.include_student and getattr(pl_module, "teacher", None) is not None:
+            encoders[STUDENT] = ("_student", pl_module.student_features)
+        return encoders
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compare_baselines:
@@ -119,7 +137,7 @@ class OnlineKNN(pl.Callback):
         """Top-1 accuracies of the baselines (random init, raw pixels), for the curve plots."""
         if not self.labelled:
             return {}
-        return {name: accuracy[1] for name, accuracy in self.report.items() if name != "trained backbone"}
+        return {name: accuracy[1] for name, accuracy in self.report.items() if name not in (TRAINED, STUDENT)}
 
     def _print_and_save(self, trainer: pl.Trainer) -> None:
         lines = [f"{'k-NN (k=%d) on the held-out split' % self.k:<40} {'top-1':>7} {'top-5':>7}"]

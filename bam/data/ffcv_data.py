@@ -32,7 +32,7 @@ from bam.data.config import MultiCropConfig
 from bam.data.datasets import EVAL_CROP_FRACTION
 from bam.data.modules import SSLDataModule
 from bam.data.file_account import file_accounts_of, settle_accounts
-from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, balanced_subset, class_count, stratified_split
+from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, Subset, balanced_subset, class_count, stratified_split
 from bam.data.splits import listed_image_splits
 
 PARTIAL_SUFFIX = ".partial"  # a .beton being written; renamed to its name once complete
@@ -472,7 +472,12 @@ class FFCVDataModule(SSLDataModule):
             for file, indices in subsets
         )
 
-    def _indices(self, fraction: float) -> np.ndarray | None:
+    def _indices(self, fraction: Subset) -> np.ndarray | None:
+        if isinstance(fraction, str):
+            raise ValueError(
+                f"fraction {fraction!r}: a subset list names image files, which a .beton file does not record; "
+                "give a fraction, or convert only the listed images"
+            )
         if fraction == 1:
             return None
         return balanced_subset(beton_labels(self.path), fraction, self.seed).numpy()

@@ -38,7 +38,7 @@ from bam.data.datasets import (
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.data.seeding import SeededSamples, batch_seed, seeded_random
-from bam.data.sources import ImageSource, balanced_subset
+from bam.data.sources import ImageSource, Subset, balanced_subset
 from bam.data.splits import ImageFolderSplits, LabelledSplits, require_locations
 from bam.recipe import DataRecipe
 
@@ -56,7 +56,8 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
             images at a base size and the views are made batch-wise on the training device.
         batch_size: Images per batch and process.
         num_workers: DataLoader worker processes (0: load in the main process).
-        fraction: Class-balanced fraction of the training split to use.
+        fraction: The part of the training split used: a class-balanced fraction, or a subset
+            list file naming the images to keep (one file name per line, SimCLR's format).
         knn_bank_fraction: Class-balanced fraction of the training split used as the k-NN bank.
         knn_batch_size: Batch size of the k-NN loaders (default: ``batch_size``).
         eval_size: Side of k-NN images (resize + centre crop); None keeps images as they are.
@@ -70,7 +71,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         augment_on: AugmentOn = "cpu",
         batch_size: int = 256,
         num_workers: int = 4,
-        fraction: float = 1.0,
+        fraction: Subset = 1.0,
         knn_bank_fraction: float = 1.0,
         knn_batch_size: int | None = None,
         eval_size: int | None = None,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Literal, Optional, Protocol, Sequence, get_args
+from typing import Literal, Optional, Protocol, Sequence, Union, get_args
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from bam.data.file_account import READ, FileAccount, skip_code
+from bam.ops.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 # Pillow's own warning threshold: a 9459 x 9459 image, 268 MB once decoded to RGB
@@ -422,6 +423,48 @@ def balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
         keep = max(1, round(fraction * len(members)))
         chosen.append(members[torch.randperm(len(members), generator=generator)[:keep]])
     return torch.sort(torch.cat(chosen)).values
+
+
+# what `fraction` options take: a class-balanced fraction of a split, or a subset list file
+Subset = Union[float, str]
+SUBSET_NAMES_SHOWN = 3  # missing names an error message quotes
+
+
+def subset_indices(source: ImageSource, subset: Subset, seed: int) -> Tensor:
+    """Sorted indices of ``source`` to keep: a seeded class-balanced fraction (a number), or the
+    images named by a subset list file (a path, see ``listed_subset``)."""
+    if isinstance(subset, str):
+        return listed_subset(source, Path(subset))
+    return balanced_subset(source.labels, subset, seed)
+
+
+def listed_subset(source: ImageSource, list_file: Path) -> Tensor:
+    """Sorted indices of the images of ``source`` whose file names ``list_file`` lists, one per line
+    (the format of SimCLR's ImageNet 1% / 10% lists: ``n01440764_10026.JPEG``; blank lines and
+    ``#`` comments are ignored). A file name is matched against the image files' base names.
+
+    Raises:
+        FileNotFoundError: the list does not exist.
+        ValueError: the list names no image, names images the split lacks (how many, and the first
+            few), or the images are held in memory (no file names).
+    """
+    if not list_file.is_file():
+        raise FileNotFoundError(f"subset list not found: {list_file} (fraction takes a number in (0, 1] or a list file)")
+    paths = getattr(source, "paths", None)
+    if paths is None:
+        raise UserInputError(f"subset list {list_file} names image files, but these images are held in memory; give a fraction")
+    names = [line.strip() for line in list_file.read_text().splitlines()]
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise UserInputError(f"subset list {list_file} names no images")
+    positions = {os.path.basename(path): index for index, path in enumerate(paths)}
+    missing = [name for name in names if name not in positions]
+    if missing:
+        raise UserInputError(
+            f"{len(missing)} of the {len(names)} images named in {list_file} are not in the split's {len(paths)} "
+            f"images, e.g. {', '.join(missing[:SUBSET_NAMES_SHOWN])}; check that the list belongs to this dataset"
+        )
+    return torch.tensor(sorted({positions[name] for name in names}), dtype=torch.long)
 
 
 def stratified_split(labels: Tensor, held_out_fraction: float, seed: int) -> tuple[Tensor, Tensor]:

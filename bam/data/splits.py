@@ -9,11 +9,12 @@ from bam.data.sources import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
     LabelMode,
-    balanced_subset,
+    Subset,
     class_count,
     read_file_list,
     scan_image_folder,
     stratified_split,
+    subset_indices,
 )
 
 
@@ -23,14 +24,15 @@ class MissingLabelsError(ValueError):
 
 class LabelledSplits:
     """A ``(train, held-out)`` pair of image sources, loaded once on first ``setup`` with the
-    training split reduced to a class-balanced ``fraction`` (seeded by ``seed``); images without
-    classes are labelled ``UNLABELLED`` (the fraction is then drawn from all of them).
+    training split reduced to ``fraction``: a class-balanced fraction (seeded by ``seed``) or a
+    subset list file (``bam.data.sources.listed_subset``, e.g. SimCLR's ImageNet 1% list); images
+    without classes are labelled ``UNLABELLED`` (the fraction is then drawn from all of them).
 
     Shared by the pretraining data modules and the evaluation stages' classification data, so
     both see the same splits of the same data.
     """
 
-    fraction: float
+    fraction: Subset
     seed: int
     train_source: ImageSource | None
     val_source: ImageSource | None
@@ -44,7 +46,7 @@ class LabelledSplits:
         if self.train_source is not None:
             return
         train, val = self.load_splits()
-        self.train_source = train.subset(balanced_subset(train.labels, self.fraction, self.seed))
+        self.train_source = train.subset(subset_indices(train, self.fraction, self.seed))
         self.val_source = val
 
     def class_count(self) -> int:
@@ -64,6 +66,10 @@ class LabelledSplits:
                 "'path label' lines"
             )
         return count
+
+    def class_names(self) -> list[str] | None:
+        """The class of each label (index = label), where the data names its classes (None here)."""
+        return None
 
     def file_accounts(self) -> list[FileAccount]:
         """Accounts of the image files behind both splits (none for images held in memory)."""
@@ -102,6 +108,11 @@ class ImageFolderSplits(LabelledSplits):
     def load_splits(self) -> tuple[ImageSource, ImageSource]:
         return image_splits(self.root, self.val_root, self.val_fraction, self.seed, self.max_pixels, self.labels)
 
+    def class_names(self) -> list[str] | None:
+        """The class folder names in label order (None for a ``path label`` list file)."""
+        training = training_location(self.root)
+        return sorted(entry.name for entry in training.iterdir() if entry.is_dir()) if training.is_dir() else None
+
 
 def listed_image_splits(
     root: str | Path, val_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -115,12 +126,16 @@ def listed_image_splits(
     """
     root, val_root = Path(root), None if val_root is None else Path(val_root)
     require_locations(root, val_root)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    train, classes = _load(train_root, None, max_pixels, labels)
+    train, classes = _load(training_location(root), None, max_pixels, labels)
     val_root = val_root or (root / "val" if (root / "val").is_dir() else None)
     # held-out images have the training split's classes, or none when it has none
     val_labels = "none" if class_count(train.labels) == 0 else labels
     return train, None if val_root is None else _load(val_root, classes, max_pixels, val_labels)[0]
+
+
+def training_location(root: Path) -> Path:
+    """Where the training images of ``root`` are: ``root/train`` if it exists, else ``root``."""
+    return root / "train" if (root / "train").is_dir() else root
 
 
 def require_locations(*locations: Path | None) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.recipe import DataRecipe
-from bam.training.optim import optimizer_with_schedule
+from bam.training.optim import LrSchedule, optimizer_with_schedule
 from bam.training.health import TrainingDiverged, check_and_record, checkpoint_directory
 from bam.training.schedules import apply_lr_schedule, global_batch_size, rebuild_lr_schedule_on_resume
 
@@ -54,6 +54,10 @@ class ClassificationStage(pl.LightningModule):
         warmup_epochs: Linear warm-up from 0, in epochs (applied per step).
         weight_decay: Weight decay (never on biases and 1-D parameters).
         momentum: Momentum of SGD-like optimisers.
+        lr_schedule: After the warm-up, "cosine" (to `min_lr`) or "step" (the lr times
+            `lr_decay_rate` at the start of each of `lr_decay_epochs`: SwAV's semi-supervised recipe).
+        lr_decay_epochs: Epochs at which the "step" schedule decays the lr, e.g. [12, 16].
+        lr_decay_rate: Factor of each "step" decay.
     """
 
     def __init__(
@@ -66,10 +70,14 @@ class ClassificationStage(pl.LightningModule):
         warmup_epochs: float = 0.0,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
+        lr_schedule: str = "cosine",
+        lr_decay_epochs: Optional[list[float]] = None,
+        lr_decay_rate: float = 0.1,
     ) -> None:
         super().__init__()
         self.optimizer_name = optimizer
         self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
+        self.schedule = LrSchedule(lr_schedule, warmup_epochs, min_lr, tuple(lr_decay_epochs or ()), lr_decay_rate)
         self.weight_decay, self.momentum = weight_decay, momentum
         self.val_metrics = nn.ModuleDict({name: accuracy_metrics(num_classes) for name in evaluated})
         self.history: list[dict[str, float]] = []  # one entry per validated epoch
@@ -88,6 +96,10 @@ class ClassificationStage(pl.LightningModule):
     def optimizer_options(self) -> dict[str, Any]:
         """Extra keyword arguments of `timm.optim.create_optimizer_v2` (e.g. `layer_decay`)."""
         return {}
+
+    def own_lr(self) -> tuple[list[nn.Parameter], float] | None:
+        """Parameters trained at a peak lr of their own (per 256 images), e.g. a new head's; None: none."""
+        return None
 
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
@@ -191,7 +203,8 @@ class ClassificationStage(pl.LightningModule):
         effect from the first step."""
         config = optimizer_with_schedule(
             self.trainer, self.trainable(), self.global_batch_size(), self.optimizer_name, self.lr, self.min_lr,
-            self.warmup_epochs, self.weight_decay, self.momentum, **self.optimizer_options(),
+            self.warmup_epochs, self.weight_decay, self.momentum, schedule=self.schedule, own_lr=self.own_lr(),
+            **self.optimizer_options(),
         )
         return config
 

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from bam.data.builtin import load_builtin
 from bam.data.datasets import ReadableLoader, TransformedSource, collate_images, readable
-from bam.data.sources import ImageSource, balanced_subset
+from bam.data.sources import ImageSource, Subset, subset_indices
 from bam.data.splits import ImageFolderSplits, LabelledSplits
 from bam.recipe import DataRecipe
 
@@ -56,13 +56,15 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         re_prob: Random-erasing probability (`timm` recipe only).
         mean: Per-channel mean subtracted from images scaled to [0, 1].
         std: Per-channel standard deviation divided by.
+        fraction: The part of the training split used: a class-balanced fraction (e.g. 0.01 for
+            1% labels) or a subset list file, one image file name per line (SimCLR's
+            `imagenet_subsets/1percent.txt`, the semi-supervised papers' fixed 1% / 10% subsets).
+        seed: Seed of the subsampling.
 
     `image_size`, `resize_size`, `interpolation`, `mean` and `std` left unset (None) come from the
     data recipe of the evaluated backbone (`apply_recipe`: the stages call it with the recipe its
     export or checkpoint records), else from ImageNet's (224 px from 256, bicubic, ImageNet mean
     and std). A value set that differs from the backbone's recipe is used, with a warning.
-        fraction: Class-balanced fraction of the training split to use (e.g. 0.01 for 1% labels).
-        seed: Seed of the subsampling.
     """
 
     def __init__(
@@ -80,7 +82,7 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         re_prob: float = 0.0,
         mean: Optional[tuple[float, ...]] = None,
         std: Optional[tuple[float, ...]] = None,
-        fraction: float = 1.0,
+        fraction: Subset = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -155,16 +157,17 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
     def train_transform(self) -> Transform:
         return TRAIN_AUGMENTATIONS[self.augment](self)
 
-    def eval_dataset(self, split: str, fraction: float = 1.0) -> Dataset:
-        """A class-balanced `fraction` of the `"train"` or `"val"` split with the evaluation
+    def eval_dataset(self, split: str, fraction: Subset = 1.0) -> Dataset:
+        """A class-balanced `fraction` (or the images a subset list file names, see
+        `bam.data.sources.listed_subset`) of the `"train"` or `"val"` split with the evaluation
         transform (k-NN banks and queries, cached features). An unreadable file's item is None
         (see `bam.data.datasets.readable`): evaluation leaves it out instead of replacing it,
         and the subsample is drawn before any file is read, so it does not change which other
         images are evaluated."""
         self.setup()
         source = {"train": self.train_source, "val": self.val_source}[split]
-        if fraction < 1:
-            source = source.subset(balanced_subset(source.labels, fraction, self.seed))
+        if fraction != 1:
+            source = source.subset(subset_indices(source, fraction, self.seed))
         return TransformedSource(source.dropping_unreadable(), self.eval_transform())
 
     def use_features(self, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> None:

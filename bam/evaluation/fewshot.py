@@ -6,7 +6,8 @@ draws `ways` classes among those with at least `shots + queries` images, then `s
 `queries` query images of each, without replacement; the seeded generator makes the episodes the
 same for every backbone and for both feature spaces. Features are L2-normalised; a query is
 assigned the class of its nearest prototype (Euclidean distance to the mean of each class's
-support features). With BPA the transform is transductive, as in the paper: support and queries
+support features). With `novel_classes`, episodes draw only from the classes a file lists (the
+few-shot protocol of judging an encoder on classes it was not pretrained on). With BPA the transform is transductive, as in the paper: support and queries
 of an episode form one set, transformed together (`bam.transforms.bpa`, official defaults), and the
 prototypes and distances are computed on the transformed rows. Reported per shot count: mean
 accuracy over the episodes and its 95% confidence interval (1.96 standard errors), raw and BPA,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.ops.distributed import rank
+from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.frozen import embed_split
 from bam.shipped_configs import with_config_names
@@ -101,6 +103,31 @@ def episode_accuracies(
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in results.items()}
 
 
+def read_class_list(list_file: Path, num_classes: int, class_names: list[str] | None = None) -> list[int]:
+    """The labels of the classes `list_file` names, one per line: a class folder name (image
+    folders, `class_names`) or an integer label; blank lines and `#` comments are ignored.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it lists no class, or classes the data does not have (how many, the first few).
+    """
+    if not list_file.is_file():
+        raise FileNotFoundError(f"novel class list not found: {list_file}")
+    entries = [line.strip() for line in list_file.read_text().splitlines()]
+    entries = [entry for entry in entries if entry and not entry.startswith("#")]
+    if not entries:
+        raise UserInputError(f"novel class list {list_file} names no classes")
+    known = {str(label): label for label in range(num_classes)}
+    known.update({name: label for label, name in enumerate(class_names or [])})  # a folder name wins
+    unknown = [entry for entry in entries if entry not in known]
+    if unknown:
+        raise UserInputError(
+            f"{len(unknown)} of the {len(entries)} classes in {list_file} are neither class folders of the data nor "
+            f"labels 0-{num_classes - 1}, e.g. {', '.join(unknown[:3])}"
+        )
+    return sorted({known[entry] for entry in entries})
+
+
 def summarise(accuracies: Tensor) -> dict[str, float]:
     """Mean accuracy and the half-width of its 95% confidence interval, in percent."""
     spread = float(accuracies.std(unbiased=True)) if len(accuracies) > 1 else 0.0
@@ -133,6 +160,7 @@ def run_fewshot(
     bpa_reg: float = 0.1,
     bpa_iterations: int = 10,
     seed: int = 0,
+    novel_classes: Optional[str] = None,
     output_dir: str = "runs/fewshot",
     **frozen: Any,
 ) -> dict[str, Any]:
@@ -150,6 +178,9 @@ def run_fewshot(
         bpa_reg: BPA's entropic regularisation (the paper: 0.1).
         bpa_iterations: BPA's Sinkhorn iterations.
         seed: Seed of the episodes (the same episodes for raw and BPA).
+        novel_classes: File listing the only classes episodes draw from, one per line: class folder
+            names (e.g. `n01440764`) or integer labels; the novel classes of a few-shot split, not
+            seen in pretraining. None: every class of the split.
         output_dir: Where the JSON result and the plot are written (by process 0).
         **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
 
@@ -159,7 +190,11 @@ def run_fewshot(
     """
     if not shots:
         raise ValueError("shots must list at least one shot count, e.g. [1, 5]")
+    novel = None if novel_classes is None else read_class_list(Path(novel_classes), data.num_classes, data.class_names())
     features, labels, extractor, device, split = embed_split(backbone, data, "few-shot", **frozen)
+    if novel is not None:
+        kept = torch.isin(labels, torch.tensor(novel))
+        features, labels = features[kept], labels[kept]
     scores = evaluate_fewshot(
         features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, bpa_reg=bpa_reg,
         bpa_iterations=bpa_iterations, seed=seed,
@@ -167,6 +202,7 @@ def run_fewshot(
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
         "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,
+        "novel_classes": None if novel is None else {"file": novel_classes, "labels": novel},
         "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
     }
     _report(result, Path(output_dir))

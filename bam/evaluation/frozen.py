@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from bam.data.sources import Subset
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
 from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
@@ -57,7 +58,7 @@ def embed_split(
     arch: Optional[str] = None,
     feature: str = "auto",
     split: str = "val",
-    fraction: float = 1.0,
+    fraction: Subset = 1.0,
     accelerator: str = "auto",
 ) -> EmbeddedSplit:
     """What the frozen-feature stages (`bam cluster`, `bam fewshot`) start with: the process group
@@ -74,7 +75,8 @@ def embed_split(
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
         split: The split evaluated: "val" (held out) or "train".
-        fraction: Class-balanced fraction of the split embedded.
+        fraction: Class-balanced fraction of the split embedded, or a subset list file naming the
+            images to embed (one file name per line, SimCLR's format).
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
     """
     if split not in ("train", "val"):

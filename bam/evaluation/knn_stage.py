@@ -3,7 +3,9 @@
 The bank is a class-balanced `bank_fraction` of the training split, the queries are the held-out
 split, both with the evaluation transform; features are L2-normalised (ViTs: class token after the
 final norm), each of the `k = 20` nearest bank images votes for its class with weight
-`exp(similarity / 0.07)`; top-1 and top-5 accuracy are reported.
+`exp(similarity / 0.07)`; top-1 and top-5 accuracy are reported. Several `k` (DINO reports 10, 20,
+100 and 200) cost one neighbour search: the nearest `max(k)` are found once and each `k` votes
+with its first `k` of them.
 
 Under `torchrun` every process embeds its own shard of the bank (no padding, no duplicates) and
 the shards are gathered batch by batch onto the CPU, so the device holds at most one batch per
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,8 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
+from bam.data.sources import Subset
+from bam.ops.errors import UserInputError
 from bam.ops.distributed import all_reduce_, rank
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule, LabelSetError
@@ -54,20 +58,12 @@ BPA_MAX_SET = 32768  # bank + query batch: a (N + B)^2 float32 matrix of 4 GiB, 
 
 
 @torch.no_grad()
-def knn_scores_streamed(
-    query: Tensor,
-    bank: Tensor,
-    bank_labels: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_rows: int = 65536,
-) -> Tensor:
-    """`(Q, num_classes)` weighted votes of the `k` nearest rows of an L2-normalised `bank`.
-
-    Same votes as `bam.evaluation.knn_class_scores`, but the bank may stay on the CPU: it goes to
-    the query's device `chunk_rows` rows at a time and a running top-k is merged across chunks.
-    """
+def nearest_neighbours_streamed(
+    query: Tensor, bank: Tensor, bank_labels: Tensor, k: int, chunk_rows: int = 65536
+) -> tuple[Tensor, Tensor]:
+    """Cosine similarities and labels `(Q, min(k, len(bank)))` of the `k` nearest rows of an
+    L2-normalised `bank`, nearest first. The bank may stay on the CPU: it goes to the query's device
+    `chunk_rows` rows at a time and a running top-k is merged across chunks."""
     query = F.normalize(query.float(), dim=1)
     best_similarity = query.new_empty(len(query), 0)
     best_labels = bank_labels.new_empty(len(query), 0, device=query.device)
@@ -79,8 +75,38 @@ def knn_scores_streamed(
         merged_labels = torch.cat([best_labels, labels], dim=1)
         best_similarity, keep = merged_similarity.topk(min(k, merged_similarity.shape[1]), dim=1)
         best_labels = merged_labels.gather(1, keep)
-    votes = query.new_zeros(len(query), num_classes)
-    return votes.scatter_add_(1, best_labels, (best_similarity / temperature).exp())
+    return best_similarity, best_labels
+
+
+def neighbour_votes(similarity: Tensor, labels: Tensor, num_classes: int, k: int, temperature: float) -> Tensor:
+    """`(Q, num_classes)` votes of the first `k` of the nearest-first neighbours, each weighted by
+    `exp(similarity / temperature)`: the votes of k-NN at any `k` up to the number found."""
+    votes = similarity.new_zeros(len(similarity), num_classes)
+    return votes.scatter_add_(1, labels[:, :k], (similarity[:, :k] / temperature).exp())
+
+
+@torch.no_grad()
+def knn_scores_streamed(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_rows: int = 65536,
+) -> Tensor:
+    """`(Q, num_classes)` weighted votes of the `k` nearest rows of an L2-normalised `bank`: the
+    same votes as `bam.evaluation.knn_class_scores`, with the bank streamed (`nearest_neighbours_streamed`)."""
+    similarity, labels = nearest_neighbours_streamed(query, bank, bank_labels, k, chunk_rows)
+    return neighbour_votes(similarity, labels, num_classes, k, temperature)
+
+
+def _neighbour_counts(k: int | list[int]) -> list[int]:
+    """`k` as a list of distinct neighbour counts, in the order given; a bad count is named."""
+    counts = [k] if isinstance(k, int) else list(k)
+    if not counts or any(count < 1 for count in counts) or len(set(counts)) != len(counts):
+        raise UserInputError(f"k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; got {k}")
+    return counts
 
 
 def run_knn(
@@ -89,9 +115,9 @@ def run_knn(
     which: Optional[str] = None,
     arch: Optional[str] = None,
     feature: str = "auto",
-    k: int = 20,
+    k: Union[int, list[int]] = 20,
     temperature: float = 0.07,
-    bank_fraction: float = 1.0,
+    bank_fraction: Subset = 1.0,
     bank_chunk_rows: int = 65536,
     accelerator: str = "auto",
     output_dir: str = "runs/knn",
@@ -108,9 +134,12 @@ def run_knn(
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
-        k: Number of neighbours that vote.
+        k: Number of neighbours that vote, or several (`--k 10 20 100 200`, as DINO's `--nb_knn`):
+            the neighbours are found once, for the largest, and every count is reported; the
+            first listed is the headline (`top1`, `top5` of the result).
         temperature: Votes are weighted by `exp(similarity / temperature)`.
-        bank_fraction: Class-balanced fraction of the training split used as the bank.
+        bank_fraction: Class-balanced fraction of the training split used as the bank, or a
+            subset list file naming its images (one file name per line, SimCLR's format).
         bank_chunk_rows: Bank rows on the device at a time when scoring.
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
@@ -122,8 +151,10 @@ def run_knn(
     result counts what was found, read and skipped (the paths in `output_dir/skipped_files.tsv`).
 
     Returns:
-        `top1` and `top5` (percent), the bank and query sizes, the file account and the settings used.
+        `top1` and `top5` (percent) of the first `k`, `by_k` (every `k`: its `top1` and `top5`),
+        the bank and query sizes, the file account and the settings used.
     """
+    counts = _neighbour_counts(k)
     device = select_device(accelerator)
     init_distributed(device)
     data.require_classes("k-NN accuracy")
@@ -134,7 +165,8 @@ def run_knn(
         progress="k-NN: embedding the bank",
     )
     bank = F.normalize(require_finite(bank, "train"), dim=1)
-    metrics = accuracy_metrics(num_classes).to(device)  # torchmetrics sums over processes on compute
+    # torchmetrics sums over processes on compute
+    metrics = {count: accuracy_metrics(num_classes).to(device) for count in counts}
     queries = data.eval_dataset("val")
     num_queries = torch.zeros((), dtype=torch.long, device=device)
     batches = shard_batches(queries, extractor, device, data.batch_size, data.num_workers)
@@ -144,13 +176,18 @@ def run_knn(
         voters = bank
         if bpa:
             features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
-        scores = knn_scores_streamed(features, voters, bank_labels, num_classes, k, temperature, bank_chunk_rows)
-        metrics.update(scores, labels.to(device))
+        similarity, neighbour_labels = nearest_neighbours_streamed(features, voters, bank_labels, max(counts), bank_chunk_rows)
+        for count in counts:
+            votes = neighbour_votes(similarity, neighbour_labels, num_classes, count, temperature)
+            metrics[count].update(votes, labels.to(device))
         num_queries += len(labels)
-    accuracy = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    by_k = {
+        str(count): {name: round(100.0 * value.item(), 4) for name, value in metrics[count].compute().items()}
+        for count in counts
+    }
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     result = {
-        **accuracy, "k": k, "temperature": temperature, "bank_size": len(bank),
+        **by_k[str(counts[0])], "k": counts[0], "by_k": by_k, "temperature": temperature, "bank_size": len(bank),
         "num_queries": int(all_reduce_(num_queries)), "files": files,
         "backbone": backbone, "feature": extractor.recipe,
         "bpa": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
@@ -174,20 +211,44 @@ def bpa_with_bank(query: Tensor, bank: Tensor, reg: float = 0.1, iterations: int
     return features[len(bank) :], F.normalize(features[: len(bank)], dim=1)
 
 
+def format_table(result: dict[str, Any]) -> str:
+    """Top-1 and top-5 accuracy, one row per neighbour count."""
+    transform = " + BPA" if result["bpa"] else ""
+    lines = [
+        f"k-NN (T={result['temperature']}, {result['feature']} features{transform}; "
+        f"{result['num_queries']} queries, bank of {result['bank_size']})",
+        f"{'k':>6} {'top-1':>8} {'top-5':>8}",
+    ]
+    lines += [f"{k:>6} {row['top1']:>7.2f}% {row['top5']:>7.2f}%" for k, row in result["by_k"].items()]
+    return "\n".join(lines)
+
+
 def _report(result: dict[str, Any], output_dir: Path) -> None:
     if rank() != 0:
         return
-    transform = " + BPA" if result["bpa"] else ""
-    print(
-        f"k-NN (k={result['k']}, T={result['temperature']}, {result['feature']} features{transform}): "
-        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"({result['num_queries']} queries, bank of {result['bank_size']})"
-    )
+    print(format_table(result))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
 
 
+def gather_values(argv: list[str], option: str) -> list[str]:
+    """`argv` with `OPTION A B C` (several values, as argparse's nargs) written `OPTION [A, B, C]`,
+    the list syntax jsonargparse reads; a single value is left as it is."""
+    gathered, position = [], 0
+    while position < len(argv):
+        gathered.append(argv[position])
+        position += 1
+        if gathered[-1] != option:
+            continue
+        values = []
+        while position < len(argv) and not argv[position].startswith("--"):
+            values.append(argv[position])
+            position += 1
+        gathered.append(f"[{', '.join(values)}]" if len(values) > 1 else " ".join(values))
+    return gathered
+
+
 def main(argv: list[str]) -> None:
-    """`bam knn --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
+    """`bam knn --backbone PATH --data CLASS [--k 10 20 ...] [--config FILE] [--print_config] [overrides]`."""
     with one_line_errors("bam knn", also=(NonFiniteFeaturesError, LabelSetError)):
-        CLI(run_knn, args=with_config_names("knn", argv), as_positional=False, prog="bam knn")
+        CLI(run_knn, args=gather_values(with_config_names("knn", argv), "--k"), as_positional=False, prog="bam knn")

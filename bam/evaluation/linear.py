@@ -1,11 +1,13 @@
 """`bam linear`: a linear classifier on the features of a frozen backbone (the authors' protocol).
 
-Features: ViTs give the class tokens of the last `n_last_blocks` blocks and the mean patch token
-of the last block, each after the final norm (`n_last_blocks=1`: the authors' [CLS, mean patch]);
-other architectures their pooled features. Head: BatchNorm1d without affine parameters, then a
-linear layer. SGD (momentum 0.9, no weight decay) at `0.002 * batch / 256`, cosine to 0; training
-images get RandomResizedCrop + flip, validation images a bicubic resize and centre crop (the data
-module's defaults). The best and last top-1/top-5 are reported.
+Features (`feature: auto`): ViTs give the class tokens of the last `n_last_blocks` blocks and the
+mean patch token of the last block, each after the final norm (`n_last_blocks=1`: the authors'
+ViT-B [CLS, mean patch]); `feature: cls_blocks` leaves the patch token out (the authors' ViT-S
+protocol, `n_last_blocks=4`); other architectures give their pooled features. Head: BatchNorm1d
+without affine parameters (`bn_head`, eps `bn_eps`, the authors' 1e-6), then a linear layer.
+SGD (momentum 0.9, no weight decay) at `0.002 * batch / 256`, cosine to 0; training images get
+RandomResizedCrop + flip, validation images a bicubic resize and centre crop (the data module's
+defaults). The best and last top-1/top-5 are reported.
 
 With `cache_features`, the backbone embeds the training and validation images once, without
 augmentation, and the head trains on those features: the same head training as on-the-fly
@@ -37,9 +39,13 @@ class LinearProbe(ClassificationStage):
         num_classes: Number of classes (the CLI takes it from the data).
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: [CLS tokens, mean patch
-            token] for ViTs, pooled features otherwise.
+        feature: Feature recipe (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
+            for ViTs, pooled features otherwise), `cls_blocks` (CLS tokens only: the authors'
+            ViT-S protocol with `n_last_blocks` 4), `cls_patch_mean`, `cls` or `pooled`.
         n_last_blocks: Blocks whose class tokens a ViT's features include.
+        bn_head: Normalise the features with a BatchNorm1d without affine parameters before the
+            linear layer (the authors' `--bn_head`; their ViT-B script sets it, their default is off).
+        bn_eps: Epsilon of that BatchNorm1d (the authors': 1e-6).
         cache_features: Embed every image once (no augmentation) and train on those features.
         optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
     """
@@ -52,6 +58,8 @@ class LinearProbe(ClassificationStage):
         arch: Optional[str] = None,
         feature: str = "auto",
         n_last_blocks: int = 1,
+        bn_head: bool = True,
+        bn_eps: float = 1e-6,
         cache_features: bool = False,
         optimizer: str = "sgd",
         lr: float = 0.002,
@@ -71,7 +79,10 @@ class LinearProbe(ClassificationStage):
         linear = nn.Linear(self.extractor.out_dim, num_classes)
         nn.init.normal_(linear.weight, std=0.01)
         nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(self.extractor.out_dim, affine=False), linear)
+        if bn_eps <= 0:
+            raise ValueError(f"bn_eps must be positive, got {bn_eps}")
+        norm = nn.BatchNorm1d(self.extractor.out_dim, eps=bn_eps, affine=False) if bn_head else nn.Identity()
+        self.head = nn.Sequential(norm, linear)
 
     def trainable(self) -> nn.Module:
         return self.head

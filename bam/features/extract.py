@@ -7,7 +7,10 @@ Recipes (`FEATURE_RECIPES`), chosen by name:
 - `cls`: a ViT's class token of the last block after the final norm (k-NN protocol).
 - `cls_patch_mean`: a ViT's class tokens of the last `n_last_blocks` blocks, each after the final
   norm, then the mean patch token of the last block after the final norm: `(n + 1) * dim`
-  features (linear protocol; `n_last_blocks=1` is the authors' `[CLS, mean patch]`).
+  features (linear protocol; `n_last_blocks=1` is the authors' ViT-B `[CLS, mean patch]`).
+- `cls_blocks`: a ViT's class tokens of the last `n_last_blocks` blocks, each after the final norm,
+  and no patch token: `n * dim` features (the authors' and DINO's ViT-S linear protocol,
+  `n_last_blocks=4`: 4 x 384 = 1536 features for ViT-S/16).
 
 `auto` picks the protocol's recipe for ViTs and `pooled` for every other architecture.
 """
@@ -35,13 +38,15 @@ def _pooled(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
 
 def _vit_tokens(model: nn.Module, images: Tensor, n_last_blocks: int) -> list[tuple[Tensor, Tensor]]:
     """(patch tokens, prefix tokens) of the last `n_last_blocks` blocks, each after the final norm."""
-    if not is_vit(model):
-        raise ValueError(f"this feature recipe needs a ViT (class token + patch tokens), got {type(model).__name__}")
     return model.get_intermediate_layers(images, n=n_last_blocks, return_prefix_tokens=True, norm=True)
 
 
 def _cls(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
     return _vit_tokens(model, images, 1)[-1][1][:, 0]
+
+
+def _cls_blocks(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
+    return torch.cat([prefix[:, 0] for _, prefix in _vit_tokens(model, images, n_last_blocks)], dim=1)
 
 
 def _cls_patch_mean(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
@@ -56,12 +61,14 @@ class Recipe:
 
     compute: Callable[[nn.Module, Tensor, int], Tensor]
     tokens: Callable[[int], int]  # n_last_blocks -> number of `num_features`-wide pieces
+    needs_vit: bool = True
 
 
 FEATURE_RECIPES: dict[str, Recipe] = {
-    "pooled": Recipe(_pooled, lambda n: 1),
+    "pooled": Recipe(_pooled, lambda n: 1, needs_vit=False),
     "cls": Recipe(_cls, lambda n: 1),
     "cls_patch_mean": Recipe(_cls_patch_mean, lambda n: n + 1),
+    "cls_blocks": Recipe(_cls_blocks, lambda n: n),
 }
 
 
@@ -95,13 +102,18 @@ class FeatureExtractor(nn.Module):
     Args:
         backbone: timm feature extractor (`num_classes=0`).
         recipe: a key of `FEATURE_RECIPES`.
-        n_last_blocks: blocks whose class tokens `cls_patch_mean` concatenates.
+        n_last_blocks: blocks whose class tokens `cls_patch_mean` and `cls_blocks` concatenate.
     """
 
     def __init__(self, backbone: nn.Module, recipe: str = "pooled", n_last_blocks: int = 1) -> None:
         super().__init__()
         if n_last_blocks < 1:
             raise ValueError(f"n_last_blocks must be at least 1, got {n_last_blocks}")
+        if FEATURE_RECIPES[recipe].needs_vit and not is_vit(backbone):
+            raise ValueError(
+                f"feature recipe {recipe!r} reads a ViT's class token, but the backbone is a {type(backbone).__name__}; "
+                "use feature 'auto' or 'pooled'"
+            )
         self.backbone = backbone.eval().requires_grad_(False)
         self.recipe = recipe
         self.n_last_blocks = n_last_blocks

@@ -193,6 +193,11 @@ class SSLMethod(pl.LightningModule):
         encoder = self.teacher if self.teacher is not None else self.student
         return encoder.embed_images(images)
 
+    @torch.no_grad()
+    def student_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's backbone features (online k-NN compares them with the teacher's)."""
+        return self.student.embed_images(images)
+
     # ----------------------------------------------------------------- schedules
     def teacher_momentum_at(self, step: int) -> float:
         hp = self.hparams

@@ -3,7 +3,8 @@
 - `bam.ops.sinkhorn`: the one entropic balancing, in its in-place distributed, out-of-place
   distributed, blocked and differentiable forms;
 - `bam.ops.distributed`: gathers and all-reduces that are the identity without a process group;
-- `bam.ops.dtypes`: the compute-dtype rule; `bam.ops.architecture`: `is_vit`.
+- `bam.ops.dtypes`: the compute-dtype rule; `bam.ops.architecture`: `is_vit`;
+- `bam.ops.errors`: `UserInputError`, the input a user must fix (stages print it on one line).
 """
 from bam.ops.architecture import is_vit
 from bam.ops.dtypes import compute_dtype

@@ -37,6 +37,8 @@ METRIC_NAMES = {
     "train/temperature": "temperature",
     "knn/top1": "k-NN top-1 accuracy (%)",
     "knn/top5": "k-NN top-5 accuracy (%)",
+    "knn_student/top1": "k-NN top-1 accuracy of the student (%)",
+    "knn_student/top5": "k-NN top-5 accuracy of the student (%)",
     "val/top1": "validation top-1 accuracy (%)",
     "val/top5": "validation top-5 accuracy (%)",
     "val_ema/top1": "validation top-1 of the EMA (%)",

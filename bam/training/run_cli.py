@@ -44,6 +44,7 @@ from bam.io.safe_load import (
     local_copy,
 )
 from bam.io.state import CheckpointFormatError, CheckpointMismatchError
+from bam.ops.errors import UserInputError
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.launch_plan import LaunchPlanError
 from bam.training.health import TrainingDiverged
@@ -68,6 +69,7 @@ class SettingError(ValueError):
 
 USER_ERRORS = (
     SettingError,
+    UserInputError,
     FileNotFoundError,
     NotADirectoryError,
     RunFolderBusyError,

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 
 def cosine(start: float, end: float, step: int, total_steps: int) -> float:
@@ -40,6 +40,24 @@ def warmup_cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup_
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def warmup_step_decay_lr(
+    optimizer: torch.optim.Optimizer, decay_steps: list[int], decay_rate: float, warmup_steps: int
+) -> MultiStepLRScheduler:
+    """timm's per-step schedule: linear warm-up from 0 over `warmup_steps`, then the peak lr times
+    `decay_rate` once for every step of `decay_steps` (counted from the start of the run) already
+    reached: SwAV's semi-supervised schedule (`MultiStepLR` at epochs 12 and 16) at step resolution.
+    It honours each parameter group's own peak lr and `lr_scale`."""
+    return MultiStepLRScheduler(
+        optimizer,
+        # timm applies a milestone m from index m - 1 on: shift by one so that the decay starts at step m
+        decay_t=[step + 1 for step in sorted(decay_steps)],
+        decay_rate=decay_rate,
+        warmup_t=warmup_steps,
+        warmup_prefix=False,
         t_in_epochs=False,
     )
 

@@ -145,3 +145,36 @@ def test_fit_end_reports_only_after_an_evaluation(tmp_path, monkeypatch):
     knn = OnlineKNN()
     knn.on_fit_end(stand_in_trainer(None, log_dir=str(tmp_path)), None)
     assert printed == [] and list(tmp_path.iterdir()) == []
+
+
+# -- online k-NN of the student ---------------------------------------------------------------------
+class _TwoEncoders(nn.Module):
+    """A method with a teacher: the teacher's and the student's features differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.teacher, self.student = nn.Linear(3 * 16 * 16, 8), nn.Linear(3 * 16 * 16, 8)
+        self.logged: list[dict[str, float]] = []
+
+    def extract_features(self, images):
+        return self.teacher(images.flatten(1))
+
+    def student_features(self, images):
+        return self.student(images.flatten(1))
+
+    def log_dict(self, values, sync_dist=False):
+        self.logged.append(dict(values))
+
+
+def test_online_knn_evaluates_the_student_beside_the_teacher():
+    data, module = KNNData(), _TwoEncoders()
+    OnlineKNN(k=5, include_student=True).on_train_epoch_end(stand_in_trainer(data, current_epoch=9), module)
+    teacher = expected_accuracy(module.extract_features, data, 5, 0.07)
+    student = expected_accuracy(module.student_features, data, 5, 0.07)
+    assert teacher != student
+    assert module.logged == [pytest.approx({"knn/top1": teacher[1], "knn/top5": teacher[5],
+                                            "knn_student/top1": student[1], "knn_student/top5": student[5]})]
+    knn = OnlineKNN(k=5)  # the student is opt-in: its k-NN doubles the evaluation's cost
+    knn.on_train_epoch_end(stand_in_trainer(data, current_epoch=9), module)
+    assert set(module.logged[-1]) == {"knn/top1", "knn/top5"} and list(knn.report) == ["trained backbone"]

@@ -30,10 +30,15 @@ def test_config_parses(config, capsys):
     assert printed["backbone" if config.stem.split("_")[0] in FROZEN_STAGES else "model"]
 
 
+# configs beyond each stage's demo and full-size ones: the published protocols of README's
+# 'Evaluation recipes' table
+PROTOCOL_CONFIGS = {"linear_imagenet_vit_small", "finetune_imagenet_semisup_1pct", "finetune_imagenet_semisup_10pct"}
+
+
 def test_every_stage_has_a_full_size_and_a_demo_config():
     assert {path.stem for path in CONFIGS.glob("*.yaml")} == {
         f"{stage}_{data}" for stage in STAGES for data in (*FULL_SIZE.get(stage, ("imagenet",)), "demo")
-    }
+    } | PROTOCOL_CONFIGS
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -57,3 +62,19 @@ def test_help_names_the_bam_command(stage, capsys):
     assert out.startswith(f"usage: bam {stage} ")
     if stage in DESCRIPTIONS:
         assert f"\n\n{DESCRIPTIONS[stage]}\n\n" in out
+
+
+@pytest.mark.parametrize("stage, options", [
+    ("knn", ["--k K", "--nb_knn", "--bank_fraction", "subset list file"]),
+    ("fewshot", ["--novel_classes", "novel classes of a few-shot split", "subset list file"]),
+    ("linear", ["--model.feature", "cls_blocks", "--model.bn_head", "--model.bn_eps"]),
+    ("finetune", ["--model.head_lr", "--model.lr_schedule", "--model.lr_decay_epochs", "--model.lr_decay_rate"]),
+    ("finetune --data.help FolderClassificationData", ["--data.fraction FRACTION", "type: Union[float, str]"]),
+])
+def test_help_shows_the_published_protocol_options(stage, options, capsys):
+    stage, *before = stage.split()
+    with pytest.raises(SystemExit):
+        STAGES[stage]([*before] if before else ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
+    for option in options:
+        assert option in out, option

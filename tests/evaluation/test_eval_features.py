@@ -44,6 +44,22 @@ def test_vit_linear_features_are_class_tokens_and_mean_patch_token(vit, n_last_b
     torch.testing.assert_close(features, manual_vit_features(vit, IMAGES, n_last_blocks))
 
 
+@pytest.mark.parametrize("n_last_blocks", [1, 3])
+def test_vit_small_protocol_features_are_the_class_tokens_alone(vit, n_last_blocks):
+    extractor = FeatureExtractor(vit, "cls_blocks", n_last_blocks)
+    features = extractor(IMAGES)
+    assert features.shape == (3, n_last_blocks * 48) == (3, extractor.out_dim)
+    with_patch_mean = manual_vit_features(vit, IMAGES, n_last_blocks)
+    torch.testing.assert_close(features, with_patch_mean[:, : n_last_blocks * 48])
+
+
+def test_vit_small_readout_has_the_authors_1536_features():
+    vit_small = build_backbone("vit_small_patch16_224").eval()
+    extractor = FeatureExtractor(vit_small, "cls_blocks", n_last_blocks=4)
+    assert extractor.out_dim == 4 * 384 == 1536
+    assert extractor(torch.zeros(1, 3, 224, 224)).shape == (1, 1536)
+
+
 def test_single_block_recipe_is_cls_and_mean_patch_of_forward_features(vit):
     with torch.no_grad():
         tokens = vit.forward_features(IMAGES)  # ends with the final norm
@@ -58,8 +74,13 @@ def test_auto_recipe_per_architecture(vit):
     assert resolve_recipe("auto", cnn, "cls_patch_mean") == "pooled"
     with torch.no_grad():
         torch.testing.assert_close(FeatureExtractor(cnn.eval())(IMAGES), cnn(IMAGES))
-    with pytest.raises(ValueError, match="needs a ViT"):
-        FeatureExtractor(cnn, "cls")(IMAGES)
+    for recipe in ("cls", "cls_patch_mean", "cls_blocks"):
+        with pytest.raises(ValueError) as error:
+            FeatureExtractor(cnn, recipe)
+        assert str(error.value) == (
+            f"feature recipe {recipe!r} reads a ViT's class token, but the backbone is a SmallCNN; "
+            "use feature 'auto' or 'pooled'"
+        )
     with pytest.raises(ValueError, match="unknown feature recipe 'clss'"):
         resolve_recipe("clss", vit, "cls")
 

@@ -106,6 +106,7 @@ def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, t
     scores = knn_class_scores(queries, bank, bank_labels, num_classes=4, k=20, temperature=0.07)
     correct = int((scores.argmax(dim=1) == labels).sum())
     assert result.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3)
+    assert result.pop("by_k") == {"20": {"top1": pytest.approx(100 * correct / VAL, abs=1e-3), "top5": 100.0}}
     assert result == {
         "top5": 100.0, "k": 20, "temperature": 0.07, "bank_size": TRAIN, "num_queries": VAL, "files": None,
         "backbone": str(checkpoint), "feature": "pooled", "bpa": None,
@@ -113,10 +114,13 @@ def test_run_knn_defaults_are_the_weighted_vote_of_pooled_features(checkpoint, t
     text = (out / "knn_results.json").read_text()
     written = json.loads(text)
     assert text == json.dumps(written, indent=2)  # for people to read
+    written.pop("by_k")
     assert written.pop("top1") == pytest.approx(100 * correct / VAL, abs=1e-3) and written == result
     top1 = 100 * correct / VAL
     assert capsys.readouterr().out == (
-        f"k-NN (k=20, T=0.07, pooled features): top-1 {top1:.2f}%  top-5 100.00%  ({VAL} queries, bank of {TRAIN})\n"
+        f"k-NN (T=0.07, pooled features; {VAL} queries, bank of {TRAIN})\n"
+        "     k    top-1    top-5\n"
+        f"    20 {top1:>7.2f}%  100.00%\n"
     )
 
 
@@ -240,14 +244,52 @@ def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, c
     expected = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
     assert 0 < expected["top1"] < expected["top5"] < 100  # the test can tell top-1 from top-5 and from chance
     assert result == {
-        **expected, "k": 17, "temperature": 0.5, "bank_size": 24, "num_queries": 22, "files": None,
-        "backbone": str(checkpoint), "feature": "pooled", "bpa": {"reg": 0.2, "iterations": 3},
+        **expected, "k": 17, "by_k": {"17": expected}, "temperature": 0.5, "bank_size": 24, "num_queries": 22,
+        "files": None, "backbone": str(checkpoint), "feature": "pooled", "bpa": {"reg": 0.2, "iterations": 3},
     }
     assert json.loads((out / "knn_results.json").read_text()) == result
     assert capsys.readouterr().out == (
-        f"k-NN (k=17, T=0.5, pooled features + BPA): top-1 {expected['top1']:.2f}%  top-5 {expected['top5']:.2f}%  "
-        "(22 queries, bank of 24)\n"
+        "k-NN (T=0.5, pooled features + BPA; 22 queries, bank of 24)\n"
+        "     k    top-1    top-5\n"
+        f"    17 {expected['top1']:>7.2f}% {expected['top5']:>7.2f}%\n"
     )
+
+
+def test_several_k_are_one_pass_and_each_is_the_single_k_result(checkpoint, tmp_path, capsys):
+    data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
+    counts = [10, 1, 37, 5]  # any order; 37 is the whole bank
+    several = run_knn(str(checkpoint), data, k=counts, temperature=0.3, accelerator="cpu", output_dir=str(tmp_path))
+    printed = capsys.readouterr().out
+    bank, bank_labels = _pooled(data, "train", checkpoint)
+    queries, labels = _pooled(data, "val", checkpoint)
+    expected = {}
+    for count in counts:
+        metrics = accuracy_metrics(4)
+        metrics.update(knn_class_scores(queries, bank, bank_labels, num_classes=4, k=count, temperature=0.3), labels)
+        expected[str(count)] = {name: round(100.0 * value.item(), 4) for name, value in metrics.compute().items()}
+    assert len({row["top1"] for row in expected.values()}) > 1, "the counts would not show on this data"
+    assert list(several["by_k"]) == ["10", "1", "37", "5"]
+    for count, row in expected.items():
+        assert several["by_k"][count] == pytest.approx(row), count
+    assert (several["k"], several["top1"], several["top5"]) == (10, *expected["10"].values())  # the first is the headline
+    assert json.loads((tmp_path / "knn_results.json").read_text()) == several
+    rows = "".join(f"{k:>6} {row['top1']:>7.2f}% {row['top5']:>7.2f}%\n" for k, row in several["by_k"].items())
+    assert printed == f"k-NN (T=0.3, pooled features; {VAL} queries, bank of {TRAIN})\n     k    top-1    top-5\n{rows}"
+
+
+@pytest.mark.parametrize("k", [0, [], [10, 10], [20, -1]])
+def test_bad_neighbour_counts_are_named(checkpoint, tmp_path, k):
+    with pytest.raises(ValueError) as error:
+        run_knn(str(checkpoint), synthetic_data(), k=k, accelerator="cpu", output_dir=str(tmp_path))
+    assert str(error.value) == (
+        f"k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; got {k}"
+    )
+
+
+def test_gather_values_writes_several_values_as_a_list():
+    argv = ["--k", "10", "20", "100", "--temperature", "0.1", "--k", "7", "--bpa", "true"]
+    assert knn_stage.gather_values(argv, "--k") == [
+        "--k", "[10, 20, 100]", "--temperature", "0.1", "--k", "7", "--bpa", "true"]
 
 
 def test_results_go_to_runs_knn_by_default(checkpoint, tmp_path, monkeypatch):

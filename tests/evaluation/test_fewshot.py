@@ -160,6 +160,7 @@ def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
     assert {key: value for key, value in result.items() if key != "results"} == {
         "ways": 3, "queries": 4, "episodes": 20, "split": "val", "num_images": 32,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
+        "novel_classes": None,
     }
     text = (out / "fewshot_results.json").read_text()
     assert json.loads(text) == result and text == json.dumps(result, indent=2)  # indented for people to read
@@ -231,6 +232,7 @@ def test_stage_defaults_are_the_usual_protocol(tmp_path):
     assert result == {
         "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
+        "novel_classes": None,
     }
 
 
@@ -296,7 +298,7 @@ def test_stage_passes_the_documented_defaults_on(tmp_path, monkeypatch):
                                "bpa_iterations": 10, "seed": 0})]
     assert {key: value for key, value in result.items() if key not in ("results", "backbone")} == {
         "ways": 5, "queries": 15, "episodes": 600, "split": "val", "num_images": 8, "feature": "pooled", "seed": 0,
-        "bpa_settings": {"reg": 0.1, "iterations": 10},
+        "bpa_settings": {"reg": 0.1, "iterations": 10}, "novel_classes": None,
     }
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.io import write_jpeg
 
 from bam.evaluation.data import BuiltinClassificationData
 from bam.models.backbones import build_backbone
@@ -63,3 +64,20 @@ def record_figures(monkeypatch, module: Any) -> list:
 
     monkeypatch.setattr(module, "Figure", RecordedFigure)
     return created
+
+
+def write_imagenet_like_folder(root: Path, classes: int = 5, train_per_class: int = 4, val_per_class: int = 20,
+                               size: int = 24) -> Path:
+    """`root/train` and `root/val` of JPEGs named as ImageNet's (`n0000000C/n0000000C_I.JPEG`), each
+    class a colour, so that SimCLR-style subset lists and class lists can name them."""
+    generator = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            wnid = f"n{label:08d}"
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                pixels = (torch.rand(3, size, size, generator=generator) * 96).to(torch.uint8)
+                pixels[label % 3] += 100 + 30 * (label // 3)
+                write_jpeg(pixels, str(folder / f"{wnid}_{index}.JPEG"))
+    return root

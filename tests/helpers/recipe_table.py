@@ -1,9 +1,12 @@
 """The table of the authors' recipe values (tests/helpers/authors_recipes.yaml; other methods' authors
 under a recipe's `repo`): loading, checking a
 shipped config against it, and the Markdown README.md shows. `python tests/helpers/recipe_table.py`
-prints that Markdown (paste it into README's 'Recipes' section after editing the table)."""
+prints that Markdown (paste it into README's 'Recipes' section after editing the table);
+`python tests/helpers/recipe_table.py eval` prints the evaluation configs' table (README's
+'Evaluation recipes' section)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +15,15 @@ from repo_paths import REPO
 
 TABLE_FILE = Path(__file__).parent / "authors_recipes.yaml"
 RECIPES_DIR = REPO / "configs" / "pretrain"
+EVAL_DIR = REPO / "configs" / "eval"
 AUTHORS_REPO = "github.com/DanielShalam/BAM"
 SCRIPT_PLACEHOLDER = "{script}"
 
 
-def load_table() -> dict[str, dict[str, Any]]:
-    """Recipe file name -> {script, why, settings (flat list of rows)}."""
-    recipes = yaml.safe_load(TABLE_FILE.read_text())["recipes"]
+def load_table(section: str = "recipes") -> dict[str, dict[str, Any]]:
+    """Recipe file name -> {script, why, settings (flat list of rows)}; `section="eval_recipes"`:
+    evaluation config -> {repo, settings}."""
+    recipes = yaml.safe_load(TABLE_FILE.read_text())[section]
     for entry in recipes.values():
         entry["settings"] = [row for rows in entry["settings"] for row in (rows if isinstance(rows, list) else [rows])]
     return recipes
@@ -43,7 +48,7 @@ def _format(value: Any) -> str:
         return "[" + ", ".join(_format(item) for item in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value)
+    return "null" if value is None else str(value)
 
 
 def _authors_rows(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -94,5 +99,18 @@ def _method_authors_table(name: str, entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def eval_markdown() -> str:
+    """README's table of the evaluation configs that reproduce a published protocol."""
+    lines = ["| config | setting | published | source | bam | why bam differs |", "|---|---|---|---|---|---|"]
+    for name, entry in load_table("eval_recipes").items():
+        for row in entry["settings"]:
+            bam = _format(row["bam"]) if "bam" in row else "same"
+            lines.append(
+                f"| `{name}` | `{row['key']}` | {_format(row['authors'])} | {entry['repo']}: {row['source']} | {bam} | "
+                f"{row.get('reason', '')} |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(markdown())
+    print(eval_markdown() if sys.argv[1:] == ["eval"] else markdown())

@@ -1,0 +1,244 @@
+"""Every shipped evaluation config RUNS through the `bam` command (`python -m bam STAGE --config
+FILE`), not only parses: the demo configs on an export of a shrunk demo pretraining, the ImageNet
+ones on a tiny generated ImageNet-like folder with the architecture each names: ResNet-50 as timm's
+`resnet50` (random init), ViT-S/16 as a checkpoint of a 4-block ViT-S/16 (384 wide, 16 px patches,
+224 px; 12 blocks are 3x the CPU time, and 4 are what the ViT-S readout reads). Only sizes shrink
+on the command line (epochs, batches, episodes, CPU and float32 instead of the GPUs' settings);
+each config's stage logic is kept. Also through the command: the published-protocol options (several k,
+a subset list, novel classes, the student's online k-NN), on 2 processes where the stage runs so,
+and a bad subset list or k named in one line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_runs import DEMO, run_bam
+from eval_fixtures import write_checkpoint, write_imagenet_like_folder
+from processes import run_process_group
+from repo_paths import REPO
+
+pytestmark = pytest.mark.process
+
+CONFIGS = REPO / "configs" / "eval"
+HANG_GUARD_S = 600  # only to turn a hang into a failure
+VIT_S16_4_BLOCKS = ("vit_small_patch16_224", {"depth": 4})
+# what shrinks a trained stage's run: one CPU process, one step of 4 images, float32
+TINY_TRAINING = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+]
+TINY_FOLDER = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+
+
+def bam_ok(*args: str) -> str:
+    """`bam ARGS`, which must succeed; its output."""
+    done = run_bam(list(map(str, args)))
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+def torchrun_ok(*args: str) -> str:
+    """`bam ARGS` on 2 CPU processes under torchrun, which must succeed; its output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bam",
+               *map(str, args)]
+    done = run_process_group(command, HANG_GUARD_S, stderr=-2, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def architectures(tmp_path_factory) -> dict[str, str]:
+    """What stands for each ImageNet config's placeholder backbone: the architecture it names."""
+    vit_s16 = write_checkpoint(tmp_path_factory.mktemp("vit_s16"), *VIT_S16_4_BLOCKS)
+    return {"exported/vit_s16": str(vit_s16), "exported/resnet50": "resnet50"}
+
+
+def named_architecture(config: Path, architectures: dict[str, str]) -> str:
+    text = config.read_text()
+    return next(backbone for placeholder, backbone in architectures.items() if placeholder in text)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The shrunk demo pretrained (online k-NN of teacher and student) and exported, as README's chain."""
+    folder = tmp_path_factory.mktemp("demo")
+    bam_ok("pretrain", *DEMO, f"--trainer.default_root_dir={folder / 'run'}", "--knn.include_student=true")
+    bam_ok("export", folder / "run" / "checkpoints" / "last.ckpt", "--output", folder / "backbone")
+    return {"run": folder / "run", "backbone": folder / "backbone"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("imagenet")
+    return {
+        # 5 classes of 4 training and 2 held-out images
+        "small": write_imagenet_like_folder(root / "small", classes=5, train_per_class=4, val_per_class=2),
+        # a 5-shot episode with 15 queries needs 20 images of each of 5 classes
+        "episodes": write_imagenet_like_folder(root / "episodes", classes=5, train_per_class=1, val_per_class=20),
+    }
+
+
+# -- the demo configs, on the demo's export -----------------------------------------------------------
+def test_pretraining_logs_the_online_knn_of_teacher_and_student(demo):
+    report = json.loads(next(demo["run"].glob("csv/version_*/knn_report.json")).read_text())
+    assert list(report) == ["trained backbone", "trained student"]
+    assert all(0 <= row["top1"] <= row["top5"] <= 100 for row in report.values())
+    rows = [row for path in demo["run"].glob("csv/version_*/metrics.csv") for row in csv.DictReader(path.open())]
+    logged = next(row for row in rows if row.get("knn_student/top1"))
+    assert float(logged["knn_student/top1"]) == pytest.approx(report["trained student"]["top1"], abs=1e-3)
+    assert float(logged["knn/top1"]) == pytest.approx(report["trained backbone"]["top1"], abs=1e-3)
+
+
+def test_knn_demo_at_several_k_on_one_and_two_processes(demo, tmp_path):
+    args = ["knn", "--config", CONFIGS / "knn_demo.yaml", "--backbone", demo["backbone"], "--k", "10", "20", "100", "200"]
+    printed = bam_ok(*args, "--output_dir", tmp_path / "one")
+    single = json.loads((tmp_path / "one" / "knn_results.json").read_text())
+    assert list(single["by_k"]) == ["10", "20", "100", "200"] and single["k"] == 10
+    assert (single["bank_size"], single["num_queries"]) == (4000, 1000)
+    rows = [f"{k:>6} {row['top1']:>7.2f}% {row['top5']:>7.2f}%" for k, row in single["by_k"].items()]
+    assert "\n".join(rows) in printed
+    torchrun_ok(*args, "--output_dir", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "knn_results.json").read_text())["by_k"] == single["by_k"]
+
+
+def test_linear_demo(demo, tmp_path):
+    bam_ok("linear", "--config", CONFIGS / "linear_demo.yaml", "--model.backbone", demo["backbone"],
+           "--trainer.max_epochs", "1", "--trainer.default_root_dir", tmp_path, "--data.init_args.fraction", "0.05",
+           "--data.init_args.batch_size", "64")  # 200 digits: 3 full batches
+    assert json.loads((tmp_path / "results.json").read_text())["val"]["last_epoch"] == 1
+
+
+def test_finetune_demo(demo, tmp_path):
+    bam_ok("finetune", "--config", CONFIGS / "finetune_demo.yaml", "--model.backbone", demo["backbone"],
+           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+           "--trainer.default_root_dir", tmp_path, "--data.init_args.batch_size", "16")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= {"val", "val_ema"}  # the config's EMA is evaluated
+
+
+def test_cluster_demo(demo, tmp_path):
+    bam_ok("cluster", "--config", CONFIGS / "cluster_demo.yaml", "--backbone", demo["backbone"], "--output_dir", tmp_path)
+    assert json.loads((tmp_path / "cluster_results.json").read_text())["num_images"] == 1000
+
+
+def test_fewshot_demo_on_novel_classes_on_one_and_two_processes(demo, tmp_path):
+    (tmp_path / "novel.txt").write_text("5\n6\n7\n8\n9\n")
+    args = ["fewshot", "--config", CONFIGS / "fewshot_demo.yaml", "--backbone", demo["backbone"], "--episodes", "5",
+            "--novel_classes", tmp_path / "novel.txt"]
+    bam_ok(*args, "--output_dir", tmp_path / "one")
+    single = json.loads((tmp_path / "one" / "fewshot_results.json").read_text())
+    assert single["novel_classes"]["labels"] == [5, 6, 7, 8, 9] and list(single["results"]) == ["1-shot", "5-shot"]
+    torchrun_ok(*args, "--output_dir", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "fewshot_results.json").read_text())["results"] == single["results"]
+
+
+# -- the ImageNet configs, on a tiny ImageNet-like folder with the architecture each names -------------
+def test_knn_imagenet(folders, architectures, tmp_path):
+    config = CONFIGS / "knn_imagenet.yaml"
+    bam_ok("knn", "--config", config, "--backbone", named_architecture(config, architectures), "--accelerator", "cpu",
+           "--output_dir", tmp_path, "--data.init_args.root", folders["small"], *TINY_FOLDER)
+    result = json.loads((tmp_path / "knn_results.json").read_text())
+    assert (result["k"], result["feature"], result["bank_size"], result["num_queries"]) == (20, "cls", 20, 10)
+
+
+def test_cluster_imagenet(folders, architectures, tmp_path):
+    config = CONFIGS / "cluster_imagenet.yaml"
+    bam_ok("cluster", "--config", config, "--backbone", named_architecture(config, architectures), "--accelerator", "cpu",
+           "--output_dir", tmp_path, "--data.init_args.root", folders["small"], *TINY_FOLDER)
+    assert json.loads((tmp_path / "cluster_results.json").read_text())["num_images"] == 5  # 10% of val, 1 per class
+
+
+def test_fewshot_imagenet_has_the_images_its_episodes_need(folders, architectures, tmp_path):
+    config = CONFIGS / "fewshot_imagenet.yaml"
+    (tmp_path / "novel.txt").write_text("n00000000\nn00000001\nn00000002\nn00000003\nn00000004\n")
+    bam_ok("fewshot", "--config", config, "--backbone", named_architecture(config, architectures), "--accelerator", "cpu",
+           "--output_dir", tmp_path, "--data.init_args.root", folders["episodes"], *TINY_FOLDER, "--episodes", "3",
+           "--novel_classes", tmp_path / "novel.txt")
+    result = json.loads((tmp_path / "fewshot_results.json").read_text())
+    assert (result["num_images"], list(result["results"])) == (100, ["1-shot", "5-shot"])
+
+
+@pytest.mark.parametrize("name, head_features", [("linear_imagenet", 2 * 384), ("linear_imagenet_vit_small", 4 * 384)])
+def test_linear_imagenet_configs(folders, architectures, tmp_path, name, head_features):
+    config = CONFIGS / f"{name}.yaml"
+    bam_ok("linear", "--config", config, "--model.backbone", named_architecture(config, architectures),
+           "--data.init_args.root", folders["small"], "--trainer.default_root_dir", tmp_path, *TINY_TRAINING, *TINY_FOLDER)
+    head = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert head["head.1.weight"].shape == (5, head_features)  # ViT-S: [CLS, mean patch]; 4 CLS tokens = 1536
+
+
+def test_finetune_imagenet(folders, architectures, tmp_path):
+    config = CONFIGS / "finetune_imagenet.yaml"
+    bam_ok("finetune", "--config", config, "--model.backbone", named_architecture(config, architectures),
+           "--data.init_args.root", folders["small"], "--trainer.default_root_dir", tmp_path, *TINY_TRAINING, *TINY_FOLDER)
+    assert json.loads((tmp_path / "results.json").read_text())["val"]["last_epoch"] == 1
+
+
+@pytest.mark.parametrize("percent", [1, 10])
+def test_semisupervised_configs_train_on_the_listed_images(folders, architectures, tmp_path, percent):
+    config = CONFIGS / f"finetune_imagenet_semisup_{percent}pct.yaml"
+    listed = tmp_path / f"{percent}percent.txt"
+    listed.write_text("".join(f"n{label:08d}_{index}.JPEG\n" for label in range(5) for index in (0, 3)))
+    position = TINY_TRAINING.index("--trainer.limit_train_batches")
+    every_batch = TINY_TRAINING[:position] + TINY_TRAINING[position + 2 :]  # every batch of the listed images
+    bam_ok("finetune", "--config", config, "--model.backbone", named_architecture(config, architectures),
+           "--data.init_args.root", folders["small"], "--data.init_args.fraction", listed,
+           "--trainer.default_root_dir", tmp_path, *every_batch, *TINY_FOLDER)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2  # 10 listed images in full batches of 4 (all 20 would make 5 steps)
+
+
+def test_a_subset_list_naming_absent_images_is_one_line(folders, tmp_path):
+    listed = tmp_path / "1percent.txt"
+    listed.write_text("n00000000_0.JPEG\nn01440764_10026.JPEG\nn01440764_10027.JPEG\n")
+    done = run_bam(["finetune", "--config", "finetune_imagenet_semisup_1pct", "--model.backbone", "resnet50",
+                    "--data.init_args.root", str(folders["small"]), "--data.init_args.fraction", str(listed),
+                    "--trainer.default_root_dir", str(tmp_path), *TINY_TRAINING, *TINY_FOLDER])
+    assert done.returncode != 0
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"bam finetune: 2 of the 3 images named in {listed} are not in the split's 20 images, e.g. "
+        "n01440764_10026.JPEG, n01440764_10027.JPEG; check that the list belongs to this dataset"
+    )
+    assert "Traceback" not in done.stdout
+
+
+def test_a_bad_k_is_one_line(folders):
+    done = run_bam(["knn", "--config", "knn_imagenet", "--backbone", "resnet18", "--data.init_args.root",
+                    str(folders["small"]), "--k", "20", "20"])
+    assert done.returncode != 0 and "Traceback" not in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == (
+        "bam knn: k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; "
+        "got [20, 20]"
+    )
+
+
+# shipped config -> the test above that runs it
+CONFIG_RUNS = {
+    "knn_demo": "test_knn_demo_at_several_k_on_one_and_two_processes",
+    "linear_demo": "test_linear_demo",
+    "finetune_demo": "test_finetune_demo",
+    "cluster_demo": "test_cluster_demo",
+    "fewshot_demo": "test_fewshot_demo_on_novel_classes_on_one_and_two_processes",
+    "knn_imagenet": "test_knn_imagenet",
+    "cluster_imagenet": "test_cluster_imagenet",
+    "fewshot_imagenet": "test_fewshot_imagenet_has_the_images_its_episodes_need",
+    "linear_imagenet": "test_linear_imagenet_configs",
+    "linear_imagenet_vit_small": "test_linear_imagenet_configs",
+    "finetune_imagenet": "test_finetune_imagenet",
+    "finetune_imagenet_semisup_1pct": "test_semisupervised_configs_train_on_the_listed_images",
+    "finetune_imagenet_semisup_10pct": "test_semisupervised_configs_train_on_the_listed_images",
+}
+
+
+def test_every_shipped_eval_config_is_run_here():
+    assert set(CONFIG_RUNS) == {config.stem for config in CONFIGS.glob("*.yaml")}
+    assert all(callable(globals().get(name)) for name in CONFIG_RUNS.values())
