@@ -179,13 +179,13 @@ def test_unknown_split_is_rejected(checkpoint):
 
 def test_knn_bpa_flag_changes_the_features_the_classifier_sees(checkpoint, tmp_path, monkeypatch):
     seen = []
-    real = knn_stage.knn_scores_streamed
+    real = knn_stage.nearest_neighbours_streamed
 
     def recording(query, bank, *args):
         seen.append((query.shape, bank.shape))
         return real(query, bank, *args)
 
-    monkeypatch.setattr(knn_stage, "knn_scores_streamed", recording)
+    monkeypatch.setattr(knn_stage, "nearest_neighbours_streamed", recording)
     common = ["--backbone", str(checkpoint), "--accelerator", "cpu", *synthetic_args(batch_size=8, train_size=32, val_size=12)]
     knn_stage.main([*common, "--output_dir", str(tmp_path / "plain")])
     assert seen == [((8, 32), (32, 32)), ((4, 32), (32, 32))]  # pooled features of width 32
