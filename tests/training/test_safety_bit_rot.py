@@ -91,8 +91,9 @@ def test_ckpt_path_last_passes_a_rotten_last_over_for_the_newest_sound_one(check
 def test_resume_and_export_meet_rot_through_the_console_script(checkpoints, tmp_path):
     last, step4 = checkpoints / "last.ckpt", checkpoints / "epoch=0-step=4.ckpt"
     last_entry, step4_entry = rot(last), rot(step4)
-    status, out, err = run_bam(["export", str(step4), "--output", str(tmp_path / "export")])
-    assert (status, out, err) == (1, "", f"bam export: error: {damage_message(step4, step4_entry)}\n")
+    export = run_bam(["export", str(step4), "--output", str(tmp_path / "export")], separate_stderr=True)
+    assert (export.returncode, export.stdout, export.stderr) == (
+        1, "", f"bam export: error: {damage_message(step4, step4_entry)}\n")
     assert not (tmp_path / "export").exists()
 
     status, _, err = pretrain(checkpoints.parent, "--trainer.max_steps=6", "--ckpt_path", "last")
