@@ -11,7 +11,6 @@ clusters to classes (Hungarian algorithm), all in [0, 1]; printed as a table and
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +30,7 @@ from bam.ops.distributed import rank
 from bam.shipped_configs import with_config_names
 from bam.training.run_cli import one_line_errors
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split
+from bam.evaluation.frozen import embed_split, report_on_first_process
 from bam.evaluation.knn_stage import BPA_MAX_SET
 from bam.transforms import bpa as bpa_transform
 
@@ -214,11 +213,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
-    if rank() != 0:
-        return
-    print(format_table(result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+    report_on_first_process(format_table(result), result, output_dir / RESULTS_FILE)
 
 
 def main(argv: list[str]) -> None:

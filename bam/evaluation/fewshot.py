@@ -15,7 +15,6 @@ as a table, `output_dir/fewshot_results.json` and `output_dir/fewshot.png`.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,10 +25,9 @@ from jsonargparse import CLI
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from bam.ops.distributed import rank
 from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split
+from bam.evaluation.frozen import embed_split, report_on_first_process
 from bam.shipped_configs import with_config_names
 from bam.training.run_cli import one_line_errors
 from bam.transforms import bpa as bpa_transform
@@ -243,12 +241,8 @@ def plot_results(result: dict[str, Any], path: Path) -> None:
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
-    if rank() != 0:
-        return
-    print(format_table(result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
-    plot_results(result, output_dir / PLOT_FILE)
+    if report_on_first_process(format_table(result), result, output_dir / RESULTS_FILE):
+        plot_results(result, output_dir / PLOT_FILE)
 
 
 def main(argv: list[str]) -> None:

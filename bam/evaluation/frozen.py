@@ -2,13 +2,16 @@
 `bam cluster`, `bam fewshot`): the device, the process group `torchrun` describes, and the feature extractor."""
 from __future__ import annotations
 
+import json
 import os
-from typing import NamedTuple, Optional
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from bam.data.sources import Subset
+from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
 from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
@@ -90,3 +93,14 @@ def embed_split(
         progress=f"{purpose}: embedding the {split} split",
     )
     return EmbeddedSplit(features, labels, extractor, device, split)
+
+
+def report_on_first_process(table: str, result: dict[str, Any], path: Path) -> bool:
+    """On process 0: print a stage's `table` and write its `result` to `path` as JSON. Returns
+    whether this is process 0, which then writes the stage's other files (plots)."""
+    if rank() != 0:
+        return False
+    print(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return True

@@ -24,7 +24,6 @@ on the device (`BPA_MAX_SET` items at most); `bank_fraction` shrinks the bank.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -37,10 +36,10 @@ from torch import Tensor
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.data.sources import Subset
 from bam.ops.errors import UserInputError
-from bam.ops.distributed import all_reduce_, rank
+from bam.ops.distributed import all_reduce_
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule, LabelSetError
-from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.evaluation.frozen import frozen_extractor, init_distributed, report_on_first_process, select_device
 from bam.features.extract import (
     NonFiniteFeaturesError,
     embed_dataset,
@@ -224,11 +223,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
-    if rank() != 0:
-        return
-    print(format_table(result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+    report_on_first_process(format_table(result), result, output_dir / RESULTS_FILE)
 
 
 def gather_values(argv: list[str], option: str) -> list[str]:

@@ -30,7 +30,6 @@ a single-process run.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -43,10 +42,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split
+from bam.evaluation.frozen import embed_split, report_on_first_process
 from bam.evaluation.knn_stage import BPA_MAX_SET
 from bam.features.extract import embed_dataset, progress_bar, shard_indices
-from bam.ops.distributed import gather_rows, rank
+from bam.ops.distributed import gather_rows
 from bam.shipped_configs import with_config_names
 from bam.transforms import bpa as bpa_transform
 
@@ -264,12 +263,8 @@ def plot_recall(result: dict[str, Any], path: Path) -> None:
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
-    if rank() != 0:
-        return
-    print(format_table(result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
-    plot_recall(result, output_dir / PLOT_FILE)
+    if report_on_first_process(format_table(result), result, output_dir / RESULTS_FILE):
+        plot_recall(result, output_dir / PLOT_FILE)
 
 
 def main(argv: list[str]) -> None:

@@ -34,7 +34,6 @@ gathered, so the result equals a single-process run.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from torch import Tensor
 
 from bam.data.synthetic_video import davis_palette, write_indexed_png, write_synthetic_davis
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
-from bam.evaluation.frozen import init_distributed, select_device
+from bam.evaluation.frozen import init_distributed, report_on_first_process, select_device
 from bam.features.extract import patch_feature_map, progress_bar
 from bam.ops import is_vit
 from bam.ops.distributed import rank, world_size
@@ -481,11 +480,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
-    if rank() != 0:
-        return
-    print(format_table(result))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+    report_on_first_process(format_table(result), result, output_dir / RESULTS_FILE)
 
 
 def main(argv: list[str]) -> None:
