@@ -183,3 +183,19 @@ class SignalDuringEvaluation(pl.Callback):
             return loaders()
 
         datamodule.knn_dataloaders = signalling
+
+
+def printed_pretrain_config(config: Path, capsys: Any) -> dict[str, Any]:
+    """What `bam pretrain --config CONFIG --print_config` prints, parsed (in this process; an
+    ImageFolder recipe is given a root, which printing does not read)."""
+    import yaml
+    from bam.cli import main as bam_main
+
+    argv = ["pretrain", "--config", str(config), "--print_config"]
+    if "ImageFolder" in config.read_text():
+        argv += ["--data.init_args.root", "/nonexistent"]
+    try:
+        bam_main(argv)
+    except SystemExit as done:
+        assert done.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
