@@ -110,9 +110,8 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_same_command_resumes(tmp_path
     command, env = torchrun_single_node(args)
     first_log = tmp_path / "first.txt"
     launcher = start(command, first_log, **env)
-    deadline = time.monotonic() + 600
-    while not any((run_dir / "checkpoints").glob("epoch=*.ckpt")):  # in the middle of training
-        assert launcher.poll() is None and time.monotonic() < deadline, tail(first_log)
+    while not any((run_dir / "checkpoints").glob("epoch=*.ckpt")):  # in the middle of training; a hang is pytest-timeout's
+        assert launcher.poll() is None, tail(first_log)
         time.sleep(0.2)
     victim = rank_pid(launcher.pid, 1)
     assert victim is not None, "rank 1 not found"

@@ -49,13 +49,17 @@ def _free_port() -> int:
 
 
 def _check(processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Wait for every launch in turn. A launch that ends with 0 leaves the others running (they may
+    still be writing their last checkpoint); one that fails, or a wait that is interrupted (a hang
+    ended by pytest-timeout, Ctrl-C), kills the others too, so no worker outlives the test."""
     for process, log in zip(processes, logs):
         try:
             finish_process_group(process, log)
-        finally:  # a hang of one launch leaves no worker of the others behind
-            for other in processes:
-                if other.poll() is None:
-                    os.killpg(other.pid, signal.SIGKILL)
+        finally:
+            if process.returncode != 0:
+                for other in processes:
+                    if other.poll() is None:
+                        os.killpg(other.pid, signal.SIGKILL)
         assert process.returncode == 0, f"launcher exited with {process.returncode}:\n{log.read_text()[-3000:]}"
 
 
