@@ -7,7 +7,7 @@ import torch
 from tiny_runs import TinyCropsDataModule
 
 # tiers: `--fast` (the fast tier), and a test that starts a child process must carry a process
-# marker (README: Tests); pytester: tests/test_tiers.py runs pytest on generated tests to check both
+# marker (docs/testing.md); pytester: tests/test_tiers.py runs pytest on generated tests to check both
 pytest_plugins = ("tiers", "pytester")
 
 

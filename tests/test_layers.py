@@ -1,7 +1,7 @@
 """bam's imports run one way: a module imports only from its own floor or lower floors, packages on
 one floor never import each other, and no files import each other in a circle.
 
-The floors are written once, here (README's "Layout" section draws the same order). The walk reads
+The floors are written once, here (docs/layout.md draws the same order). The walk reads
 every `import` in `bam/` with `ast`, including imports inside functions and under `TYPE_CHECKING`:
 an import placed inside a function to dodge a cycle still couples the two modules.
 """
@@ -100,7 +100,7 @@ def floor_of(module: str) -> int:
     for level, members in enumerate(FLOORS):
         if name in members:
             return level
-    raise AssertionError(f"{module} is on no floor: add `{name}` to FLOORS in {__file__} (and to README's Layout)")
+    raise AssertionError(f"{module} is on no floor: add `{name}` to FLOORS in {__file__} (and to docs/layout.md)")
 
 
 def where(imp: Import) -> str:

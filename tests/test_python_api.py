@@ -20,7 +20,7 @@ BATCH = 8
 
 
 class MultiCropImages(Dataset):
-    """What the README shows: each item is (list of crops, label), global crops first."""
+    """What docs/python-api.md shows: each item is (list of crops, label), global crops first."""
 
     def __init__(self, num_images: int = 16) -> None:
         self.images = torch.rand(num_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))

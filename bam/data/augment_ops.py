@@ -7,7 +7,7 @@ or a batch ``(N, 3, H, W)``, and a parameter that is a float (the same for every
 tensor ``(N,)`` (one per image of the batch). Each reproduces the torchvision operation of the
 same name: the same parameter distribution and the same formulas (torchvision's ``_blend`` for
 brightness, contrast and saturation, its ITU-R 601-2 luma, its Gaussian kernel and reflect
-borders), which ``tests/test_data_augment.py`` checks op by op.
+borders), which ``tests/data/test_data_augment.py`` checks op by op.
 
 Operations whose name ends in ``_`` work in place and return their input; the others return a
 new tensor. Hue and blur are written here rather than taken from torchvision or kornia because
@@ -293,7 +293,7 @@ def gaussian_blur_image(image: Tensor, sigma: float, kernel_size: int) -> Tensor
     with a banded matrix. The reflect-padded lines are cut into overlapping blocks of
     ``block + kernel_size - 1`` pixels, each blurred to ``block`` pixels, so a product costs
     ``kernel_size + block`` multiply-adds per pixel instead of the line length of
-    ``gaussian_blur_batch``'s dense matrices (2x faster on a 224-px view). Sides without a
+    ``gaussian_blur_batch``'s dense matrices, which for a long side is far fewer. Sides without a
     divisor in 16..64 use ``gaussian_blur_batch``.
     """
     half = kernel_size // 2

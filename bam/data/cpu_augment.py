@@ -16,8 +16,9 @@ recipe several times faster per CPU core than torchvision's per-image pipeline. 
 - the views of the same size are stacked and go to float32 once; the per-view colour operations
   then work in place on their row, the per-view choices (grey, blur, solarise) are drawn for all
   rows at once, and normalisation is one operation per size;
-- hue, the costly step, is ``augment_ops.shift_hue`` (a fifth of torchvision's time), and the
-  blur ``augment_ops.gaussian_blur_image`` (banded matrix products, a fraction of a convolution).
+- hue, the costly step, is ``augment_ops.shift_hue`` (a fraction of torchvision's time), and the
+  blur ``augment_ops.gaussian_blur_image`` (banded matrix products, a fraction of a convolution);
+  the measured figures are in docs/results-cost.md.
 """
 from __future__ import annotations
 

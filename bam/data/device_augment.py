@@ -50,8 +50,8 @@ class DeviceMultiCrop(nn.Module):
             return self._views(images, regions)
         # On CPU, one thread: these many small element-wise steps gain little from intra-op
         # threads, and when a core is busy elsewhere (other jobs) OpenMP's barriers make each
-        # step wait for a descheduled thread: a 4,000-image MNIST epoch took 10-20 s of CPU
-        # with 2 threads on a loaded 2-core machine, 0.6 s with one.
+        # step wait for a descheduled thread, which multiplies the CPU time of an epoch
+        # (docs/results-cost.md, "Data paths").
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -19,7 +19,7 @@ class MultiCropEncoder(nn.Module):
 
     With `channels_last`, the backbone's weights and every input batch use the NHWC memory
     layout, which oneDNN (CPU) and cuDNN with mixed precision (GPU) run convolutions fastest in:
-    the demo's CNN trains ~1.5-2x faster on CPU. Parameter names and values are unchanged.
+    the demo's CNN trains faster on CPU (docs/results-demo.md). Parameter names and values are unchanged.
 
     With `global_running_stats` (the default), batch norm layers of the backbone update their
     running statistics from the first resolution (the global crops) only. Evaluation feeds whole

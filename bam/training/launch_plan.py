@@ -82,5 +82,5 @@ def check_launch_plan(accelerator: str, devices: object, num_nodes: int, precisi
         flags = " ".join(local_run_flags(accelerator, precision, machine))
         raise LaunchPlanError(
             f"{'; '.join(problems)}. To run on this machine alone add: {flags} "
-            "(several machines: start bam through SLURM or torchrun, see README 'Launching')"
+            "(several machines: start bam through SLURM or torchrun, see docs/distributed.md)"
         )

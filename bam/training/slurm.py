@@ -10,7 +10,7 @@ What Lightning's `SLURMEnvironment` already does is left to it: process ranks, t
 and port, the automatic requeue on its signal. Its `validate_settings` compares two numbers
 (`--ntasks-per-node` with `devices`, `--nodes` with `num_nodes`), raises on the first one only, and
 reads only `SLURM_NTASKS_PER_NODE` and `SLURM_NNODES`. The check here is kept because it also
-covers what that does not (tests/test_scale_slurm.py): the total task count, nodes given different
+covers what that does not (tests/training/test_scale_slurm.py): the total task count, nodes given different
 task counts (`SLURM_TASKS_PER_NODE="4,3"`), GPUs per node against `devices`, and every
 disagreement named in one message; it takes the environment as an argument so it is testable
 without touching `os.environ`. `in_slurm_job` follows Lightning's detection rule (`SLURM_NTASKS`

@@ -19,9 +19,8 @@ computes it, by default:
   `i`'s new feature. No symmetrisation: a few iterations leave the plan slightly asymmetric.
 - `max_scale=True`: the plan is divided by its largest entry (range [0, 1]), *then* the diagonal
   is set to `self_affinity` (1). Without this scaling every off-diagonal entry is about `1 / n`,
-  so the self-entry of 1 dominates each row once it is L2-normalised (measured on a 2-epoch demo
-  backbone's features at n = 100: 97% of the row unscaled, 54% scaled): the features become
-  nearly one-hot, and clustered worse than the raw ones there.
+  so the self-entry of 1 dominates each row once it is L2-normalised: the features become nearly
+  one-hot and lose what the off-diagonal affinities say (figures: docs/results-bpa.md).
 
 `max_scale=False, symmetrize=True` is bam's earlier reading of the paper's text: the plan made
 exactly symmetric as `(P + P^T) / 2` and the diagonal set to 1 without rescaling.

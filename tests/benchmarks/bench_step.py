@@ -2,7 +2,7 @@
 
 Run: `python tests/benchmarks/bench_step.py [--shapes demo vit_small] [--repeats 10] [--device cpu|cuda]
 [--threads N] [--run-epochs 22]`. Not a test: nothing here asserts a time; the tables are for
-people to read (see README, "Where the time goes").
+people to read (see docs/results-cost.md, "Where the time goes").
 
 Step split (`--shapes`): the model is built from the shipped recipe through `bam pretrain`'s own
 parser (`pretrain_cli(..., run=False)`), so the backbone, projector, teacher, objective and crop
@@ -26,7 +26,7 @@ with the process's CPU time (user + system, all threads) and wall time attribute
 (the epoch loop: loading, augmentation, steps), k-NN evaluations (the periodic and final online
 k-NN of the trained backbone), baselines (random-init CNN and raw pixels), BN re-estimation,
 checkpointing, plots, and the rest (start-up, data set loading, Lightning's set-up and tear-down).
-CPU-seconds are what the demo's README figures use: on a shared machine they vary much less than
+CPU-seconds are what the demo's recorded figures use (docs/results-demo.md): on a shared machine they vary much less than
 wall time.
 """
 from __future__ import annotations

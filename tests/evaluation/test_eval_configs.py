@@ -30,8 +30,8 @@ def test_config_parses(config, capsys):
     assert printed["backbone" if config.stem.split("_")[0] in FROZEN_STAGES else "model"]
 
 
-# configs beyond each stage's demo and full-size ones: the published protocols of README's
-# 'Evaluation recipes' table
+# configs beyond each stage's demo and full-size ones: the published protocols of the table in
+# docs/evaluation.md
 PROTOCOL_CONFIGS = {"linear_imagenet_vit_small", "finetune_imagenet_semisup_1pct", "finetune_imagenet_semisup_10pct"}
 
 

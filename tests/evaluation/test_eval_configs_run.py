@@ -68,7 +68,7 @@ def named_architecture(config: Path, architectures: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
-    """The shrunk demo pretrained (online k-NN of teacher and student) and exported, as README's chain."""
+    """The shrunk demo pretrained (online k-NN of teacher and student) and exported, as docs/demo.md's chain."""
     folder = tmp_path_factory.mktemp("demo")
     bam_ok("pretrain", *DEMO, f"--trainer.default_root_dir={folder / 'run'}", "--knn.include_student=true")
     bam_ok("export", folder / "run" / "checkpoints" / "last.ckpt", "--output", folder / "backbone")

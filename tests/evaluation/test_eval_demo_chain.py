@@ -1,4 +1,4 @@
-"""The README's demo chain at toy size, with the shipped configs: pretrain (and its end-of-run
+"""The demo chain of docs/demo.md at toy size, with the shipped configs: pretrain (and its end-of-run
 pictures) -> export -> k-NN and linear probe on the built-in MNIST digits."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The published evaluation protocols (issue 29), in process: the evaluation configs hold the
-published values of README's 'Evaluation recipes' table; the ViT-S linear readout and head
+published values of the table in docs/evaluation.md; the ViT-S linear readout and head
 options; SimCLR-style subset lists wherever `fraction` is taken; the step lr schedule with a
 head lr of its own (SwAV's semi-supervised recipe); few-shot episodes on listed novel classes.
 (The student's online k-NN is tested in tests/callbacks/test_online_knn.py.)"""
@@ -33,9 +33,9 @@ def test_eval_config_holds_the_published_values(name):
         assert row["source"] and ("bam" not in row or row.get("reason")), f"{name}: {row['key']}"
 
 
-def test_readme_shows_the_eval_table():
-    assert eval_markdown() in (REPO / "README.md").read_text(), (
-        "README's Evaluation recipes table is stale: run python tests/helpers/recipe_table.py eval")
+def test_docs_show_the_eval_table():
+    assert eval_markdown() in (REPO / "docs" / "evaluation.md").read_text(), (
+        "docs/evaluation.md's table is stale: run python tests/helpers/recipe_table.py eval and paste its output there")
 
 
 # -- ViT-S linear readout -------------------------------------------------------------------------

@@ -31,4 +31,4 @@ def require_ffcv() -> None:
         reason = ffcv_expected()
         if reason is not None:
             pytest.fail(f"FFCV does not import although {reason}: {type(error).__name__}: {error}")
-        pytest.skip("FFCV is not installed (pip install -e '.[ffcv]', see README)")
+        pytest.skip("FFCV is not installed (pip install -e '.[ffcv]', see docs/install.md)")

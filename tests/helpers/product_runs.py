@@ -112,12 +112,12 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
 
 
 def lightning_launch(args: list[str], processes: int = 2) -> list[str]:
-    """Lightning starts the other processes itself (README: `bam pretrain ... --trainer.devices N`)."""
+    """Lightning starts the other processes itself (docs/distributed.md: `bam pretrain ... --trainer.devices N`)."""
     return [BAM, "pretrain", *args, "--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
 
 
 def torchrun_single_node(args: list[str], processes: int = 2) -> tuple[list[str], dict[str, str]]:
-    """`launch/torchrun_single_node.sh` with `GPUS` processes (README's torchrun row)."""
+    """`launch/torchrun_single_node.sh` with `GPUS` processes (docs/distributed.md's torchrun row)."""
     return ["bash", str(REPO / "launch" / "torchrun_single_node.sh"), *args], {"GPUS": str(processes)}
 
 

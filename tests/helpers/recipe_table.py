@@ -1,9 +1,9 @@
 """The table of the authors' recipe values (tests/helpers/authors_recipes.yaml; other methods' authors
 under a recipe's `repo`): loading, checking a
-shipped config against it, and the Markdown README.md shows. `python tests/helpers/recipe_table.py`
-prints that Markdown (paste it into README's 'Recipes' section after editing the table);
-`python tests/helpers/recipe_table.py eval` prints the evaluation configs' table (README's
-'Evaluation recipes' section)."""
+shipped config against it, and the Markdown docs/recipes.md shows. `python tests/helpers/recipe_table.py`
+prints that Markdown (paste it into docs/recipes.md after editing the table);
+`python tests/helpers/recipe_table.py eval` prints the evaluation configs' table (docs/evaluation.md,
+'Published protocols')."""
 from __future__ import annotations
 
 import sys
@@ -64,7 +64,7 @@ def _authors_rows(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
 
 def markdown() -> str:
-    """README's two tables: the authors' recipes against theirs, then ResNet-50's own choices."""
+    """docs/recipes.md's two tables: the authors' recipes against theirs, then ResNet-50's own choices."""
     recipes = load_table()
     scripts = ", ".join(f"`{Path(entry['script']).name}`" for entry in recipes.values() if entry["script"])
     every = {name.removesuffix(".yaml") for name, entry in recipes.items() if entry["script"]}
@@ -100,7 +100,7 @@ def _method_authors_table(name: str, entry: dict[str, Any]) -> list[str]:
 
 
 def eval_markdown() -> str:
-    """README's table of the evaluation configs that reproduce a published protocol."""
+    """docs/evaluation.md's table of the evaluation configs that reproduce a published protocol."""
     lines = ["| config | setting | published | source | bam | why bam differs |", "|---|---|---|---|---|---|"]
     for name, entry in load_table("eval_recipes").items():
         for row in entry["settings"]:

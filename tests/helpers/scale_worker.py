@@ -1,6 +1,6 @@
 """Training runs for the scale-out tests, as a script that DDP launchers can start.
 
-`python tests/scale_worker.py --out DIR --scenarios equality,syncbn,preempt [--trainer.devices N
+`python tests/helpers/scale_worker.py --out DIR --scenarios equality,syncbn,preempt [--trainer.devices N
 --trainer.num_nodes M]` trains tiny float64 BAM models on deterministic data and writes, from
 rank 0, `DIR/<scenario>.pt` with the final student parameters and the losses of every step.
 The same functions give the 1-process references inside the tests (imported, not launched).

@@ -1,4 +1,4 @@
-"""The test tiers (README: Tests). `pytest --fast` runs the fast tier: every test without a
+"""The test tiers (docs/testing.md). `pytest --fast` runs the fast tier: every test without a
 marker of the full suite (FULL_SUITE_MARKERS), that is the in-process tests.
 
 And the fast tier's guarantee, checked where it can break: a test that starts a child process
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-# markers that say "this test starts processes" (README: Tests); `slow` and `gpu` do not say it
+# markers that say "this test starts processes" (docs/testing.md); `slow` and `gpu` do not say it
 PROCESS_MARKERS = ("process", "distributed", "slurm", "notebook", "wheel")
 # what the fast tier leaves out (setup.cfg registers each)
 FULL_SUITE_MARKERS = ("slow", *PROCESS_MARKERS, "gpu")

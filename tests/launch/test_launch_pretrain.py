@@ -102,7 +102,7 @@ def test_two_torchrun_nodes_on_localhost(tmp_path: Path):
 
 
 def test_sigterm_to_one_rank_saves_on_both_and_the_same_command_resumes(tmp_path: Path):
-    """The README's torchrun row, SIGTERM to rank 1 only in the middle of training: both ranks
+    """docs/distributed.md's torchrun row, SIGTERM to rank 1 only in the middle of training: both ranks
     save one checkpoint and exit 0; running the same command again continues at the next step."""
     run_dir, epochs = tmp_path / "run", 15
     args = shrunk_recipe_args(DEMO, tmp_path, run_dir, max_epochs=epochs) + [

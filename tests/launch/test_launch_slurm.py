@@ -1,5 +1,5 @@
 """`launch/slurm_pretrain.sbatch` submitted to a real (one-node, CPU-only) SLURM cluster, as the
-README tells users to: `sbatch --nodes=1 --ntasks-per-node=2 launch/slurm_pretrain.sbatch
+docs/distributed.md tells users to: `sbatch --nodes=1 --ntasks-per-node=2 launch/slurm_pretrain.sbatch
 --config ... --trainer.accelerator cpu` (no GPU request on a CPU cluster).
 
 - a job runs to its end on 2 tasks, exits 0 and writes its report once;
@@ -38,7 +38,7 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, run_dir: Path, *extra: str) -> str:
-    """README's sbatch command with 1 node x 2 tasks, the demo recipe shrunk, on CPU."""
+    """docs/distributed.md's sbatch command with 1 node x 2 tasks, the demo recipe shrunk, on CPU."""
     args = shrunk_recipe_args(DEMO, run_dir, run_dir, max_epochs=EPOCHS)
     args += ["--knn.every_n_epochs", "100", "--checkpoint.every_n_epochs", "2", "--trainer.accelerator", "cpu", *extra]
     output = run_dir.parent / f"{run_dir.name}.out"

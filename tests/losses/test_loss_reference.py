@@ -1,4 +1,4 @@
-"""BAMLoss against a plain reference written straight from docs/bam-objective.md.
+"""BAMLoss against a plain reference written straight from docs/objective.md.
 
 The reference below favours being obviously right over being fast: float64, exp-domain Sinkhorn
 exactly as step 5 words it, masked entries *removed* (boolean indexing, never -inf), top-k by

@@ -1,5 +1,5 @@
 """Every shipped pretraining recipe holds the authors' values (tests/helpers/authors_recipes.yaml) or a
-listed deviation with its reason; README shows the same table; the authors' ViT really has a fixed
+listed deviation with its reason; docs/recipes.md shows the same table; the authors' ViT really has a fixed
 sin-cos position embedding and a frozen patch projection, which the optimiser never receives, and
 weight decay skips exactly what the authors' parameter groups skip."""
 from __future__ import annotations
@@ -53,8 +53,9 @@ def test_authors_recipes_cover_the_issue_settings():
                     ("weight_init", "sincos_pos_embed", "freeze_patch_embed")} <= keys, name
 
 
-def test_readme_shows_the_table():
-    assert markdown() in (REPO / "README.md").read_text(), "README's Recipes table is stale: run python tests/helpers/recipe_table.py"
+def test_docs_show_the_table():
+    assert markdown() in (REPO / "docs" / "recipes.md").read_text(), (
+        "docs/recipes.md's table is stale: run python tests/helpers/recipe_table.py and paste its output there")
 
 
 def test_a_changed_recipe_value_fails_the_check():

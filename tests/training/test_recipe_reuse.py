@@ -64,7 +64,7 @@ def test_an_imagenet_recipe_on_a_machine_without_its_gpus_and_nodes_stops_with_t
         "bam pretrain: trainer.num_nodes=2 but nothing starts the other 1 node(s) (no SLURM job step, no torchrun, "
         "no WORLD_SIZE/NODE_RANK). To run on this machine alone add: --trainer.accelerator cpu --trainer.devices 1 "
         "--trainer.num_nodes 1 --trainer.precision 32-true (several machines: start bam through SLURM or torchrun, "
-        "see README 'Launching')")
+        "see docs/distributed.md)")
 
 
 @pytest.mark.process
