@@ -15,6 +15,7 @@ step schedule (`lr_schedule: step`, decays at epochs 12 and 16); see the
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 from timm.data import Mixup
@@ -25,7 +26,24 @@ from torch import Tensor, nn
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.stage_cli import run_stage
+from bam.io import BackboneSpec
 from bam.io.finetune_checkpoint import ARCHITECTURE_KEY
+
+
+def _with_stochastic_depth(spec: BackboneSpec, drop_path_rate: float) -> nn.Module:
+    """The spec's model rebuilt with `drop_path_rate`; an architecture without stochastic depth
+    (its factory refuses the keyword, e.g. the demo's `bam_cnn4`) is built without it and says so,
+    so the default rate works for every backbone."""
+    if not drop_path_rate:
+        return build_from_spec(spec)
+    try:
+        return build_from_spec(spec, drop_path_rate=drop_path_rate)
+    except TypeError as error:
+        if "drop_path_rate" not in str(error):
+            raise
+    warnings.warn(f"{spec.model_name} has no stochastic depth: drop_path_rate {drop_path_rate} is not used "
+                  "(set --model.drop_path_rate 0 to silence this)", stacklevel=2)
+    return build_from_spec(spec)
 
 
 class FineTune(ClassificationStage):
@@ -91,7 +109,7 @@ class FineTune(ClassificationStage):
         spec = resolve_backbone(backbone, which, arch)
         self.recipe = spec.recipe
         self.architecture = {"model": spec.model_name, "model_kwargs": spec.model_kwargs}
-        self.model = build_from_spec(spec, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        self.model = _with_stochastic_depth(spec, drop_path_rate)
         self.model.reset_classifier(num_classes)
         self.model.train()  # Lightning keeps the modes modules are in; the loaded backbone is in eval mode
         self.mixup = _mixup(mixup, cutmix, mix_prob, mix_switch_prob, label_smoothing, num_classes)

@@ -186,3 +186,11 @@ def test_a_checkpoint_saved_without_a_trainer_records_the_backbone_recipe(checkp
     plain = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0)
     plain.on_save_checkpoint(checkpoint)
     assert checkpoint[ARCHITECTURE_KEY]["data_recipe"] is None  # none recorded, none made up
+
+
+def test_the_default_drop_path_rate_works_for_an_architecture_without_stochastic_depth(checkpoints):
+    """`FineTune(export)` with its defaults on the demo's CNN (no stochastic depth): built without
+    the rate, with a warning saying so, instead of timm's TypeError."""
+    with pytest.warns(UserWarning, match=r"bam_cnn4 has no stochastic depth: drop_path_rate 0.1 is not used"):
+        model = FineTune(str(checkpoints["cnn"]), num_classes=4)
+    assert model.model(torch.zeros(2, 3, 28, 28)).shape == (2, 4)
