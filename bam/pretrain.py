@@ -35,9 +35,15 @@ from bam.training.slurm import devices_per_node
 from bam.warning_filters import expected_warnings_silenced
 
 
+CROP_COUNTS = ("num_global_crops", "num_local_crops")
+
+
 class PretrainCLI(SafeRunCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
     configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
+
+    # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+    derived_settings = {f"model.init_args.{count}": f"data.init_args.crops.{count}" for count in CROP_COUNTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -50,8 +56,7 @@ class PretrainCLI(SafeRunCLI):
         parser.add_lightning_class_args(EmbeddingPictures, "pictures")  # off unless enabled: true
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
         parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
-        # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
-        for count in ("num_global_crops", "num_local_crops"):
+        for count in CROP_COUNTS:  # see `derived_settings`
             parser.link_arguments(
                 ("data.init_args.crops", "model.class_path", f"model.init_args.{count}"), f"model.init_args.{count}",
                 compute_fn=functools.partial(_crop_count, count), apply_on="parse",
