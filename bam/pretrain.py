@@ -73,7 +73,9 @@ class PretrainCLI(SafeRunCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.subcommand:  # a run, not only the objects (`pretrain_cli(..., run=False)`)
-            _check_data_fits(self.datamodule, self.trainer.num_devices * self.trainer.num_nodes)
+            processes = self.trainer.num_devices * self.trainer.num_nodes
+            _check_batch(self.model, self.datamodule, processes)
+            _check_data_fits(self.datamodule, processes)
 
 
 def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> int:
@@ -98,6 +100,19 @@ def _check_slurm(trainer: Namespace) -> None:
     devices = devices_per_node(trainer.devices, torch.cuda.device_count() if uses_gpus else 0)
     if devices is not None:
         check_slurm_allocation(trainer.num_nodes, devices, uses_gpus)
+
+
+def _check_batch(model: Any, datamodule: Any, processes: int) -> None:
+    """Stop before training when the method cannot learn from batches of the global size."""
+    batch_size = getattr(datamodule, "batch_size", None)
+    if not isinstance(model, SSLMethod) or batch_size is None:
+        return
+    problem = model.batch_problem(batch_size * processes)
+    if problem:
+        raise SettingError(
+            f"data.init_args.batch_size={batch_size} x {processes} process(es) makes a global batch of "
+            f"{batch_size * processes} image(s): {problem}; set a larger --data.init_args.batch_size"
+        )
 
 
 def _check_data_fits(datamodule: Any, processes: int) -> None:

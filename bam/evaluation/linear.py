@@ -94,6 +94,12 @@ class LinearProbe(ClassificationStage):
     def trainable(self) -> nn.Module:
         return self.head
 
+    def batch_problem(self, batch_size: int) -> str | None:
+        if batch_size >= 2 or not self.hparams.bn_head:
+            return None
+        return ("the head's batch norm (bn_head) normalises each feature over the images of a batch, which needs 2 or "
+                "more; set a larger --data.init_args.batch_size (or --model.bn_head false)")
+
     def features(self, inputs: Tensor) -> Tensor:
         """Backbone features of images, or the inputs themselves in cached mode (already features)."""
         return inputs if self.cache_features else self.extractor(inputs)
