@@ -3,8 +3,12 @@
 under fine-tuning's Mixup/CutMix, a zero in the normalisation std."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from bam.io.export import export_backbone, read_backbone
+from bam.io.state import CheckpointFormatError
 from cli_runs import run_bam
 from eval_fixtures import CNN, synthetic_args, trainer_args, write_checkpoint
 
@@ -48,4 +52,20 @@ def test_a_zero_in_the_data_std_is_refused(backbone, tmp_path):
         "bam linear: data std [0.3, 0.0, 0.3] has an entry that is not a positive number: images are divided by the "
         "std, so that channel would become infinite or NaN. Give each channel's standard deviation over the images "
         "(e.g. ImageNet's [0.229, 0.224, 0.225])"
+    )
+
+
+def test_an_export_whose_recipe_has_a_zero_std_is_refused_as_damaged(backbone, tmp_path):
+    export = export_backbone(backbone, tmp_path / "export")
+    config_file = export / "config.json"
+    config = json.loads(config_file.read_text())
+    config["pretrained_cfg"]["std"] = [0.3, 0.0, 0.3]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError) as refused:
+        read_backbone(export)
+    assert str(refused.value) == (
+        f"{str(config_file)!r} holds a data recipe that cannot be used (the data recipe's std [0.3, 0.0, 0.3] has an "
+        "entry that is not a positive number: images are divided by the std, so that channel would become infinite "
+        "or NaN. Give each channel's standard deviation over the images (e.g. ImageNet's [0.229, 0.224, 0.225])): "
+        "the export is damaged; export the checkpoint again"
     )
