@@ -150,8 +150,8 @@ class SSLMethod(pl.LightningModule):
         return float("nan")
 
     def batch_problem(self, global_batch: int) -> str | None:
-        """Why the method cannot learn from batches of `global_batch` images in all (None: it can),
-        checked at start-up."""
+        """Why the method cannot learn from global batches (all processes together) of
+        `global_batch` images; None: it can. Checked at start-up."""
         return None
 
     def on_schedule(self, step: int) -> dict[str, float]:
