@@ -35,9 +35,15 @@ from bam.training.slurm import devices_per_node
 from bam.warning_filters import expected_warnings_silenced
 
 
+CROP_COUNTS = ("num_global_crops", "num_local_crops")
+
+
 class PretrainCLI(SafeRunCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
     configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
+
+    # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+    derived_settings = {f"model.init_args.{count}": f"data.init_args.crops.{count}" for count in CROP_COUNTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -50,8 +56,7 @@ class PretrainCLI(SafeRunCLI):
         parser.add_lightning_class_args(EmbeddingPictures, "pictures")  # off unless enabled: true
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
         parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
-        # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
-        for count in ("num_global_crops", "num_local_crops"):
+        for count in CROP_COUNTS:  # see `derived_settings`
             parser.link_arguments(
                 ("data.init_args.crops", "model.class_path", f"model.init_args.{count}"), f"model.init_args.{count}",
                 compute_fn=functools.partial(_crop_count, count), apply_on="parse",
@@ -68,7 +73,9 @@ class PretrainCLI(SafeRunCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.subcommand:  # a run, not only the objects (`pretrain_cli(..., run=False)`)
-            _check_data_fits(self.datamodule, self.trainer.num_devices * self.trainer.num_nodes)
+            processes = self.trainer.num_devices * self.trainer.num_nodes
+            _check_batch(self.model, self.datamodule, processes)
+            _check_data_fits(self.datamodule, processes)
 
 
 def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> int:
@@ -93,6 +100,19 @@ def _check_slurm(trainer: Namespace) -> None:
     devices = devices_per_node(trainer.devices, torch.cuda.device_count() if uses_gpus else 0)
     if devices is not None:
         check_slurm_allocation(trainer.num_nodes, devices, uses_gpus)
+
+
+def _check_batch(model: Any, datamodule: Any, processes: int) -> None:
+    """Stop before training when the method cannot learn from batches of the global size."""
+    batch_size = getattr(datamodule, "batch_size", None)
+    if not isinstance(model, SSLMethod) or batch_size is None:
+        return
+    problem = model.batch_problem(batch_size * processes)
+    if problem:
+        raise SettingError(
+            f"data.init_args.batch_size={batch_size} x {processes} process(es) makes a global batch of "
+            f"{batch_size * processes} image(s): {problem}; set a larger --data.init_args.batch_size"
+        )
 
 
 def _check_data_fits(datamodule: Any, processes: int) -> None:

@@ -18,6 +18,17 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 CHECKPOINT_KEY = "data_recipe"  # where Lightning checkpoints keep it (top level)
 
 
+def check_std(std: tuple[float, ...], setting: str) -> None:
+    """Refuse a normalisation `std` (named `setting` in the message) with an entry that is not a
+    positive number: images are divided by it, so a 0 turns its channel into infinity or NaN."""
+    if not all(0 < value < float("inf") for value in std):
+        raise ValueError(
+            f"{setting} {list(std)} has an entry that is not a positive number: images are divided by the std, so "
+            "that channel would become infinite or NaN. Give each channel's standard deviation over the images "
+            "(e.g. ImageNet's [0.229, 0.224, 0.225])"
+        )
+
+
 @dataclass(frozen=True)
 class DataRecipe:
     """Evaluation preprocessing of a backbone, in timm's terms.
@@ -47,6 +58,7 @@ class DataRecipe:
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} must have one entry per channel")
+        check_std(self.std, "the data recipe's std")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {INTERPOLATIONS}")
         if not 0 < self.crop_pct <= 1:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from itertools import groupby
 
+from bam.recipe import check_std
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -100,6 +102,7 @@ class MultiCropConfig:
             raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5] turns, got {self.hue}")
+        check_std(self.std, "crops std")
         if not self.global_blur_prob or not self.global_solarize_prob:
             raise ValueError("global_blur_prob and global_solarize_prob need at least one entry")
         for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):

@@ -5,23 +5,37 @@ directory or file, a bam Lightning checkpoint, the authors' released file), plus
 for a randomly initialised baseline. Stages work from a `BackboneSpec` (architecture + weights)
 rather than a built model, because fine-tuning must rebuild the architecture with other arguments
 (drop path) before loading the weights.
+
+A stage that does not store its backbone in its checkpoints (the linear probe reads it again
+from `backbone` when resuming) records the backbone's `weights_fingerprint` there instead, and
+refuses to resume on a backbone whose weights changed since (`check_same_backbone`).
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from bam.io import BackboneSpec, load_state_strict
 from bam.io.export import read_backbone
 from bam.models.backbones import build_backbone
+from bam.ops.errors import UserInputError
+
+# where checkpoints keep the backbone's name and `weights_fingerprint`
+FINGERPRINT_KEY = "backbone_fingerprint"
 
 
 class RandomInitWarning(UserWarning):
     """The backbone named is a timm architecture without weights (no such path exists)."""
+
+
+class BackboneChangedError(UserInputError):
+    """A run is resumed on a backbone whose weights differ from the ones it started with."""
 
 
 def resolve_backbone(backbone: str, which: str | None = None, arch: str | None = None) -> BackboneSpec:
@@ -50,3 +64,34 @@ def build_from_spec(spec: BackboneSpec, **overrides: Any) -> nn.Module:
     if spec.state:
         load_state_strict(model, spec.state, spec.model_name)
     return model.eval()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of every tensor of `model`'s state (names, dtypes, shapes and bytes): equal
+    for the same weights however they were stored (export, checkpoint, random init with a seed)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def record_backbone(checkpoint: dict[str, Any], backbone: str, fingerprint: str) -> None:
+    """Write which backbone (as named, and its `weights_fingerprint`) a checkpoint was trained on."""
+    checkpoint[FINGERPRINT_KEY] = {"backbone": backbone, "fingerprint": fingerprint}
+
+
+def check_same_backbone(checkpoint: dict[str, Any], backbone: str, fingerprint: str, checkpoint_path: Any) -> None:
+    """Refuse (`BackboneChangedError`) to resume `checkpoint` (read from `checkpoint_path`) on
+    `backbone` when its weights are not the ones recorded; checkpoints without a record (written
+    before bam recorded it) are resumed as they are."""
+    recorded = checkpoint.get(FINGERPRINT_KEY)
+    if recorded is None or recorded["fingerprint"] == fingerprint:
+        return
+    raise BackboneChangedError(
+        f"the backbone changed since {checkpoint_path} was written: its head was trained on {recorded['backbone']} "
+        f"with weights fingerprint {recorded['fingerprint']}, which now has fingerprint {fingerprint}. Resume with "
+        "the backbone the run started from, or probe this one in a new run folder (--trainer.default_root_dir "
+        "NEW_FOLDER)"
+    )

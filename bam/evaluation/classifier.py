@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.io.safe_load import secure_checkpoint_loading
+from bam.ops.errors import UserInputError
 from bam.recipe import DataRecipe
 from bam.training.optim import LrSchedule, optimizer_with_schedule
 from bam.training.health import TrainingDiverged, check_and_record, checkpoint_directory
@@ -101,11 +102,20 @@ class ClassificationStage(pl.LightningModule):
         """Parameters trained at a peak lr of their own (per 256 images), e.g. a new head's; None: none."""
         return None
 
+    def batch_problem(self, batch_size: int) -> str | None:
+        """Why training batches of `batch_size` images per process cannot work (None: they can)."""
+        return None
+
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
-        """Give the data module the backbone's data recipe (`self.recipe`, set by the subclass)
-        for the settings it leaves unset, before any loader is built."""
+        """Refuse a batch size the stage cannot train with (`batch_problem`), and give the data
+        module the backbone's data recipe (`self.recipe`, set by the subclass) for the settings it
+        leaves unset, before any loader is built."""
         secure_checkpoint_loading(self.trainer)  # before Lightning loads `ckpt_path`
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        problem = None if batch_size is None else self.batch_problem(batch_size)
+        if problem:
+            raise UserInputError(f"data.init_args.batch_size={batch_size} per process: {problem}")
         apply_recipe = getattr(self.trainer.datamodule, "apply_recipe", None)
         if apply_recipe is not None:
             apply_recipe(self.recipe, self.hparams.get("backbone", "the backbone"))

@@ -31,7 +31,7 @@ from bam.data.builtin import load_builtin
 from bam.data.datasets import ReadableLoader, TransformedSource, collate_images, readable
 from bam.data.sources import ImageSource, Subset, subset_indices
 from bam.data.splits import ImageFolderSplits, LabelledSplits
-from bam.recipe import DataRecipe
+from bam.recipe import DataRecipe, check_std
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -90,6 +90,8 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
             raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(TRAIN_AUGMENTATIONS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if std is not None:
+            check_std(tuple(std), "data std")
         self.batch_size = batch_size
         self.num_workers = num_workers
         # what was set explicitly; the values used come from these and the backbone's recipe

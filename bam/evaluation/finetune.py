@@ -130,6 +130,12 @@ class FineTune(ClassificationStage):
             return None
         return list(self.model.get_classifier().parameters()), self.head_lr
 
+    def batch_problem(self, batch_size: int) -> str | None:
+        if self.mixup is None or batch_size % 2 == 0:
+            return None
+        return ("Mixup/CutMix pair each image of a batch with another, which needs an even number; set an even "
+                "--data.init_args.batch_size (or --model.mixup 0 --model.cutmix 0)")
+
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 

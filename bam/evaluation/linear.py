@@ -21,7 +21,13 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam.evaluation.backbone import build_from_spec, resolve_backbone
+from bam.evaluation.backbone import (
+    build_from_spec,
+    check_same_backbone,
+    record_backbone,
+    resolve_backbone,
+    weights_fingerprint,
+)
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.stage_cli import run_stage
@@ -73,6 +79,7 @@ class LinearProbe(ClassificationStage):
         spec = resolve_backbone(backbone, which, arch)
         self.recipe = spec.recipe
         net = build_from_spec(spec)
+        self.backbone_fingerprint = weights_fingerprint(net)  # checkpoints keep it instead of the backbone
         recipe = resolve_recipe(feature, net, vit_default="cls_patch_mean")
         self.extractor = FeatureExtractor(net, recipe, n_last_blocks)
         self.cache_features = cache_features
@@ -86,6 +93,12 @@ class LinearProbe(ClassificationStage):
 
     def trainable(self) -> nn.Module:
         return self.head
+
+    def batch_problem(self, batch_size: int) -> str | None:
+        if batch_size >= 2 or not self.hparams.bn_head:
+            return None
+        return ("the head's batch norm (bn_head) normalises each feature over the images of a batch, which needs 2 or "
+                "more; set a larger --data.init_args.batch_size (or --model.bn_head false)")
 
     def features(self, inputs: Tensor) -> Tensor:
         """Backbone features of images, or the inputs themselves in cached mode (already features)."""
@@ -127,15 +140,18 @@ class LinearProbe(ClassificationStage):
             splits.append((require_finite(features, split), labels))
         data.use_features(*splits)
 
-    # The frozen backbone is not stored in checkpoints (it is read again from `backbone`): a probe's
-    # checkpoint is the size of its head, and resuming still loads the state strictly.
+    # The frozen backbone is not stored in checkpoints (it is read again from `backbone`, and must
+    # still have the weights the head was trained on): a probe's checkpoint is the size of its
+    # head, and resuming still loads the state strictly.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith(BACKBONE_PREFIX)]:
             del state[key]
+        record_backbone(checkpoint, self.hparams.backbone, self.backbone_fingerprint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_same_backbone(checkpoint, self.hparams.backbone, self.backbone_fingerprint, self.trainer.ckpt_path)
         super().on_load_checkpoint(checkpoint)
         frozen = {BACKBONE_PREFIX + key: value for key, value in self.extractor.state_dict().items()}
         checkpoint["state_dict"].update(frozen)

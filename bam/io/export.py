@@ -240,7 +240,10 @@ def _read_export(weights: Path, config_file: Path) -> BackboneSpec:
     provenance = config.get("bam", {})
     model_args = network_options(config["architecture"], config["model_args"], f"{str(config_file)!r} (model_args)")
     num_classes = int(model_args.pop("num_classes", 0))
-    recipe = DataRecipe.from_pretrained_cfg(config.get("pretrained_cfg", {}))
+    try:
+        recipe = DataRecipe.from_pretrained_cfg(config.get("pretrained_cfg", {}))
+    except ValueError as error:  # e.g. a zero std
+        raise _damaged(config_file, f"holds a data recipe that cannot be used ({error})") from None
     return _spec_from_weights(
         config["architecture"], model_args, weights, provenance.get("encoder", "export"),
         provenance.get("source_format", "export"), recipe, num_classes,

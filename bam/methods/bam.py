@@ -57,6 +57,12 @@ class BAMModule(SSLMethod):
         rows take no part in the balancing (their teacher embeddings would go unused)."""
         return crops if self.loss_fn.objective.balance_local_rows else crops[: self.loss_fn.num_global_crops]
 
+    def batch_problem(self, global_batch: int) -> str | None:
+        if global_batch >= 2 or not self.loss_fn.objective.positive_masking:
+            return None
+        return ("BAM's objective matches each image's crops to the other images of the batch (positive masking leaves "
+                "out the image's own crops), and a batch of one image has no other")
+
     def chance_level(self, batch_size: int) -> float:
         return self.loss_fn.chance_level(batch_size * world_size())
 

@@ -149,6 +149,11 @@ class SSLMethod(pl.LightningModule):
         images; `nan` disables the stuck-loss check."""
         return float("nan")
 
+    def batch_problem(self, global_batch: int) -> str | None:
+        """Why the method cannot learn from global batches (all processes together) of
+        `global_batch` images; None: it can. Checked at start-up."""
+        return None
+
     def on_schedule(self, step: int) -> dict[str, float]:
         """Set method-specific scheduled values for `step`; return them for logging."""
         return {}

@@ -61,6 +61,8 @@ NOT_DATA_ORDER_KEYS = ("num_workers", "knn_bank_fraction", "knn_batch_size", "ev
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 # `--ckpt_path` values Lightning resolves itself ("last" is resolved here)
 LIGHTNING_CKPT_KEYWORDS = ("best", "hpc")
+# the start of the resume hint's last line, which the options to paste follow
+HINT_PREFIX = "To continue with the checkpoint's values instead, add to the command line: "
 
 
 class SettingError(ValueError):
@@ -89,7 +91,9 @@ class SafeRunCLI(LightningCLI):
     safe resuming, a run-folder lock and atomic, weights-only checkpoint I/O.
 
     Subclasses add a `checkpoint` group (`RunCheckpoint`), and in `before_instantiate_classes` call
-    `set_up_run_folder(config, stage)` and then `resolve_resume(config)`.
+    `set_up_run_folder(config, stage)` and then `resolve_resume(config)`. A subclass that links
+    settings names them in `derived_settings` (linked name -> the name it is set from): a
+    resume hint gives the source, as the linked one cannot be set on its own.
 
     Args:
         program: what help calls the command, e.g. "bam pretrain".
@@ -98,6 +102,8 @@ class SafeRunCLI(LightningCLI):
             then the caller's).
         **kwargs: passed to `LightningCLI`.
     """
+
+    derived_settings: dict[str, str] = {}
 
     def __init__(self, *args: Any, program: str, argv: list[str], run: bool = True, **kwargs: Any) -> None:
         self.program = program
@@ -155,7 +161,7 @@ class SafeRunCLI(LightningCLI):
             changes = changed_settings(checkpoint.get("hyper_parameters") or {}, config.model)
             changes += changed_data_order(checkpoint.get(RUN_SETTINGS_KEY) or {}, data_order_settings(config))
             if changes and launch_rank_is_zero():
-                print(_changes_message(requested, changes), file=sys.stderr, flush=True)
+                print(_changes_message(requested, changes, self.derived_settings), file=sys.stderr, flush=True)
 
     def after_instantiate_classes(self) -> None:
         """Take the run folder before anything is written there (released when the run ends), and
@@ -318,10 +324,13 @@ def _option(name: str, value: Any) -> str:
     return shlex.quote(f"--{name}={value if isinstance(value, str) else json.dumps(value)}")
 
 
-def _changes_message(requested: str, changes: list[tuple[str, Any, Any]]) -> str:
+def _changes_message(requested: str, changes: list[tuple[str, Any, Any]], derived: dict[str, str] | None = None) -> str:
+    """The differing settings, and the options that give back the checkpoint's values: every one
+    of them, a setting the CLI derives (`derived`: derived name -> the name it is set from) by the
+    setting it comes from, so that the line can be pasted as it is."""
     lines = [f"bam: resuming from {requested} with settings that differ from the checkpoint's; "
              "this run's values are used:"]
     lines += [f"  {name}: {_plain(now)!r} (checkpoint: {_plain(before)!r})" for name, before, now in changes]
-    example = " ".join(_option(name, before) for name, before, _ in changes[:2])
-    lines.append(f"To continue with the checkpoint's values instead, give them on the command line (e.g. {example}).")
+    options = {(derived or {}).get(name, name): before for name, before, _ in changes}
+    lines.append(HINT_PREFIX + " ".join(_option(name, before) for name, before in options.items()))
     return "\n".join(lines)

@@ -8,11 +8,13 @@ or damaged, as a full disk left them before) is stale and taken over, said so. A
 is a dead process on this host is taken over, and so is one left by an earlier run of the same SLURM
 job (a requeued job keeps its id, possibly on another node). Any other lock held from another host
 is never taken over (bam cannot tell whether that process lives); the message says which file to
-delete once that run is gone.
+delete once that run is gone. A folder that cannot be written (permissions, a read-only file
+system) is refused at start-up, before any work, with `RunFolderNotWritableError`.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -21,11 +23,19 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from bam.ops.errors import UserInputError
+
 LOCK_NAME = ".bam-run.lock"
+# what creating or writing a file in a folder the user may not write to fails with
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class RunFolderBusyError(RuntimeError):
     """Another live run holds the run folder."""
+
+
+class RunFolderNotWritableError(UserInputError):
+    """The run folder cannot be created or written to."""
 
 
 def this_host() -> str:
@@ -62,6 +72,10 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
+        with _writable(self.path.parent):  # the lock is the run's first write
+            self._acquire()
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _host_guard(self.path):  # check-and-take-over is one step for the processes of a host
             holder = _read_holder(self.path)
@@ -112,6 +126,21 @@ def _holder_is_gone(holder: dict) -> bool:
 
 def _restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+@contextlib.contextmanager
+def _writable(run_dir: Path) -> Iterator[None]:
+    """Turns a refused write in `run_dir` into a `RunFolderNotWritableError` saying what to do."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NOT_WRITABLE:
+            raise
+        raise RunFolderNotWritableError(
+            f"cannot write to the run folder {str(run_dir)!r} ({error.strerror}): choose a folder you can write to "
+            "with --trainer.default_root_dir (to resume a run kept where you cannot write, copy its folder there "
+            "first and resume the copy)"
+        ) from None
 
 
 @contextlib.contextmanager
