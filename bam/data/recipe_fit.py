@@ -106,6 +106,8 @@ def too_few_images(images: int, batch_size: int, processes: int) -> str | None:
     partial batch is dropped, so an epoch needs `batch_size` images on every process)."""
     if images // processes >= batch_size:
         return None
+    largest = images // processes
+    # a global batch of one image is never a remedy: the objectives match each image to the others
+    remedy = f"set --data.init_args.batch_size {largest} or less, or add images" if largest * processes >= 2 else "add images"
     return (f"the training set has {images} images but a step takes data.init_args.batch_size={batch_size} per process "
-            f"x {processes} process(es) = {batch_size * processes} (global batch): no training step would run; set "
-            f"--data.init_args.batch_size {max(1, images // processes)} or less, or add images")
+            f"x {processes} process(es) = {batch_size * processes} (global batch): no training step would run; {remedy}")

@@ -139,3 +139,9 @@ def test_too_few_images_counts_every_process():
     assert too_few_images(100, 50, 2) is None
     assert too_few_images(100, 51, 2).startswith("the training set has 100 images but a step takes "
                                                  "data.init_args.batch_size=51 per process x 2 process(es) = 102")
+    assert too_few_images(100, 51, 2).endswith("set --data.init_args.batch_size 50 or less, or add images")
+
+
+def test_too_few_images_never_suggests_a_global_batch_of_one_image():
+    assert too_few_images(1, 4, 1).endswith("no training step would run; add images")
+    assert too_few_images(3, 4, 2).endswith("set --data.init_args.batch_size 1 or less, or add images")  # 2 images a step
