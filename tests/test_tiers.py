@@ -49,6 +49,16 @@ def test_the_fast_tier_is_the_tests_without_a_full_suite_marker(pytester):
     _run(pytester, MARKED.format(tests=tests)).assert_outcomes(passed=1 + len(markers))  # the full suite
 
 
+def test_the_full_suite_runs_files_with_full_suite_tests_first_each_file_in_order(pytester):
+    """So that parallel workers (`--dist loadfile`) start the long files early (tiers.py)."""
+    pytester.makepyfile(test_a_short="def test_short():\n    pass\n",
+                        test_b_long="import pytest\n\ndef test_first():\n    pass\n\n"
+                                    "@pytest.mark.process\ndef test_second():\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "tiers", "-p", "no:cacheprovider", "-v")
+    result.stdout.fnmatch_lines(["*test_b_long.py::test_first PASSED*", "*test_b_long.py::test_second PASSED*",
+                                 "*test_a_short.py::test_short PASSED*"])
+
+
 def test_an_unmarked_test_that_starts_python_fails_before_it_starts(pytester):
     ran = pytester.path / "child_ran"
     result = _run(pytester, STARTS_PYTHON.format(marker="", ran=str(ran)))

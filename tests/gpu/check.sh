@@ -21,6 +21,6 @@ status=0
 if [ "$GPUS" -ge 2 ]; then
   echo "== 4. launch tests with the GPU accelerator (2 processes over NCCL)"
   BAM_TEST_ACCELERATOR=gpu "$PYTHON" -m pytest -p no:cacheprovider -q -x tests/launch/test_launch_pretrain.py \
-    -k "demo-lightning or vit_small_patch16-torchrun" || status=1
+    -k "dino_demo-lightning or vit_small_patch16-torchrun" || status=1
 fi
 exit $status

@@ -40,6 +40,9 @@ SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job may start again cred_expire seconds after it was requeued (120 s by default: idle
+# time in the requeue test); 20 s still leaves a loaded machine ample time to launch a step with it
+AuthInfo=cred_expire=20
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -51,6 +54,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# the pass that starts a requeued job once it is eligible again comes every sched_interval seconds (60 by default)
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none

@@ -78,13 +78,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help=f"the fast tier: leave out the tests marked {', '.join(FULL_SUITE_MARKERS)}")
 
 
+def _full_suite_only(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(name) for name in FULL_SUITE_MARKERS)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("fast"):
+        _long_files_first(items)
         return
-    left_out = [item for item in items if any(item.get_closest_marker(name) for name in FULL_SUITE_MARKERS)]
+    left_out = [item for item in items if _full_suite_only(item)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if item not in left_out]
+
+
+def _long_files_first(items: list[pytest.Item]) -> None:
+    """The full suite runs the files with full-suite tests (the long ones) first, each file's tests
+    still together and in order: the parallel workers of README's command (`-n 2 --dist loadfile
+    --no-loadscope-reorder`, a whole file to a worker) take the long files early and end together
+    on the short in-process files, instead of one worker running a long file alone at the end."""
+    long_files = {item.path for item in items if _full_suite_only(item)}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: the order within each group stays
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -45,19 +45,10 @@ def damage_message(path: Path, entry: str) -> str:
 pytestmark = pytest.mark.process
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """4 steps; checkpoints after steps 2 and 4, and last.ckpt."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    status, _, err = pretrain(run_dir, "--trainer.max_steps=4")
-    assert status == 0, err[-3000:]
-    return run_dir
-
-
 @pytest.fixture
-def checkpoints(reference, tmp_path) -> Path:
+def checkpoints(four_step_run, tmp_path) -> Path:
     directory = tmp_path / "run" / "checkpoints"
-    shutil.copytree(reference / "checkpoints", directory)
+    shutil.copytree(four_step_run / "checkpoints", directory)
     return directory
 
 

@@ -24,18 +24,9 @@ def _lr_by_step(run_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(file) if row.get("train/lr")}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """4 steps at lr 1e-3, checkpoints after steps 2 and 4."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    status, _, err = pretrain(run_dir, "--trainer.max_steps=4")
-    assert status == 0, err[-3000:]
-    return run_dir
-
-
 @pytest.mark.process
-def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_path):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(reference / "checkpoints"))
+def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(four_step_run, tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(four_step_run / "checkpoints"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -46,7 +37,7 @@ def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_
         server.server_close()
     assert status == 0, err[-3000:]
     assert "model.init_args.lr: 0.0005 (checkpoint: 0.001)" in err  # the difference is named
-    resumed, uninterrupted = _lr_by_step(tmp_path), _lr_by_step(reference)
+    resumed, uninterrupted = _lr_by_step(tmp_path), _lr_by_step(four_step_run)
     assert sorted(resumed) == [2, 3]  # continued after step 2
     for step in (2, 3):  # the warm-up is linear in the peak lr: half the lr, half at every step
         assert resumed[step] == pytest.approx(uninterrupted[step] / 2, rel=1e-9)
@@ -55,9 +46,9 @@ def test_lr_given_on_resume_from_a_checkpoint_url_is_the_lr_used(reference, tmp_
 
 
 @pytest.mark.process
-def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(reference, tmp_path):
+def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(four_step_run, tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(reference / "checkpoints", checkpoints)
+    shutil.copytree(four_step_run / "checkpoints", checkpoints)
     (checkpoints / "epoch=0-step=4.ckpt").unlink()
     last = checkpoints / "last.ckpt"
     # killed while writing the first last.ckpt: only its writer's partial temporary file is there
@@ -74,9 +65,9 @@ def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(reference, 
 
 
 @pytest.mark.process
-def test_an_incompletefind_last_checkpoint_is_passed_over(reference, tmp_path, capsys):
+def test_an_incompletefind_last_checkpoint_is_passed_over(four_step_run, tmp_path, capsys):
     for name in ("epoch=0-step=2.ckpt", "last.ckpt"):
-        shutil.copy(reference / "checkpoints" / name, tmp_path / name)
+        shutil.copy(four_step_run / "checkpoints" / name, tmp_path / name)
     last = tmp_path / "last.ckpt"
     last.write_bytes(last.read_bytes()[: 2**16])  # truncated by a non-atomic writer
     assert find_last_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=2.ckpt")
