@@ -74,3 +74,12 @@ def test_every_docs_page_named_in_code_configs_and_tests_exists():
                       for name in NAMED_PAGE.findall(path.read_text(errors="replace"))
                       if not (REPO / name).is_file()})
     assert not missing, f"these name docs pages that do not exist: {missing}"
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """CI (`.ci/run`) must run the README's command 2 as written: a README command that CI never
+    runs can rot, and a CI command users never see hides what green means."""
+    first_block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    readme_test = [line for line in first_block.splitlines() if "pytest" in line]
+    ci_test = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert readme_test == ci_test and len(ci_test) == 1, (readme_test, ci_test)
