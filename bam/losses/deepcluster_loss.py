@@ -38,6 +38,7 @@ from torch import nn
 from bam.losses.settings import require_positive, settings_of
 from bam.ops import compute_dtype, spherical_kmeans
 from bam.ops.distributed import gather_rows
+from bam.ops.errors import UserInputError
 
 NOT_ASSIGNED = -1  # the target of an image before the first clustering
 
@@ -133,7 +134,7 @@ class DeepClusterV2Loss(nn.Module):
         vectors (the same on every process); a bank of that size already there is kept."""
         most = max(self.objective.num_prototypes)
         if most > num_images:
-            raise ValueError(
+            raise UserInputError(
                 f"num_prototypes={list(self.objective.num_prototypes)}: k-means cannot make {most} clusters of "
                 f"{num_images} training images; set model.init_args.objective.num_prototypes to at most {num_images} per head"
             )

@@ -21,6 +21,7 @@ from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.ops.errors import UserInputError
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import check_and_record, checkpoint_directory, diverged
 from bam.training.optim import StepBudget, optimizer_with_schedule
@@ -298,7 +299,7 @@ def dataset_indices_of(batch: Any, needed_by: str) -> torch.Tensor:
     needs them in the error for a batch without them."""
     if isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[2], torch.Tensor) and batch[2].dim() == 1:
         return batch[2]
-    raise TypeError(
+    raise UserInputError(
         f"{needed_by} needs each image's dataset index: training batches must be (crops, labels, indices), as "
         "bam's data modules make them (FFCV data without ContrastiveCrop carries none)"
     )

@@ -11,6 +11,7 @@ import torch
 from bam.losses import DeepClusterV2Loss, DeepClusterV2Objective
 from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod, dataset_indices_of
+from bam.ops.errors import UserInputError
 
 
 class DeepClusterV2Module(SSLMethod):
@@ -97,7 +98,7 @@ class DeepClusterV2Module(SSLMethod):
 def _training_set_size(datamodule: Any) -> int:
     size = getattr(datamodule, "training_set_size", None)
     if not callable(size):
-        raise TypeError(
+        raise UserInputError(
             "DeepCluster-v2 keeps a memory bank of every training image: its data module must have a "
             "training_set_size() method (bam's data modules do) and its batches must carry dataset indices"
         )

@@ -17,6 +17,7 @@ from bam.losses import DeepClusterV2Loss, deepcluster_loss
 from bam.methods import DeepClusterV2Module
 from bam.methods.base import dataset_indices_of
 from bam.ops import spherical_kmeans
+from bam.ops.errors import UserInputError
 from cli_runs import printed_pretrain_config
 from repo_paths import REPO
 from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
@@ -179,7 +180,7 @@ def test_bad_use_is_explained():
     loss_fn.cluster(epoch=0)
     with pytest.raises(ValueError, match=r"^dataset indices must lie in \[0, 20\) \(the bank's training set size\), got 1..20$"):
         loss_fn(torch.randn(NUM_CROPS * 2, DIM), torch.tensor([1, 20]))
-    with pytest.raises(TypeError) as error:
+    with pytest.raises(UserInputError) as error:
         dataset_indices_of(([torch.zeros(2, 3, 4, 4)], torch.zeros(2)), "DeepCluster-v2's memory bank")
     assert str(error.value) == (
         "DeepCluster-v2's memory bank needs each image's dataset index: training batches must be (crops, labels, "
@@ -276,7 +277,7 @@ def test_the_module_refuses_a_teacher_and_data_without_indices(tmp_path):
         DeepClusterV2Module(**SMALL, momentum_teacher=True)
     model = DeepClusterV2Module(**SMALL)
     crops = [torch.rand(2, 3, 32, 32)] * 2 + [torch.rand(2, 3, 16, 16)] * 2
-    with pytest.raises(TypeError, match=r"^DeepCluster-v2's memory bank needs each image's dataset index"):
+    with pytest.raises(UserInputError, match=r"^DeepCluster-v2's memory bank needs each image's dataset index"):
         model.step_loss(crops, (crops, torch.zeros(2)))
 
 

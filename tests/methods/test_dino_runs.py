@@ -28,11 +28,11 @@ def dino_state(checkpoint: dict[str, Any]) -> None:
 
 def deepcluster_state(checkpoint: dict[str, Any]) -> None:
     state = checkpoint["state_dict"]
-    bank = state["loss_fn.bank"]  # 2 global crops x the 16 training digits x the 32-wide embedding
-    assert bank.shape == (2, 16, 32) and torch.allclose(bank.norm(dim=2), torch.ones(2, 16))
+    bank = state["loss_fn.bank"]  # 2 global crops x the 20 training digits x the 32-wide embedding
+    assert bank.shape == (2, 20, 32) and torch.allclose(bank.norm(dim=2), torch.ones(2, 20))
     assert int(state["loss_fn.clustered_epoch"]) == 1  # clustered again at the second epoch's start
     assignments = state["loss_fn.assignments"]
-    assert assignments.shape == (3, 16) and assignments.min() >= 0 and assignments.max() <= 1  # 3 heads of 2
+    assert assignments.shape == (3, 20) and assignments.min() >= 0 and assignments.max() <= 1  # 3 heads of 2
     assert all(state[f"loss_fn.centroids_{head}"].shape == (2, 32) for head in range(3))
 
 
