@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
     from bam.io.export import export_backbone, load_backbone
-    from bam.losses import BAMLoss, BAMObjective, DINOLoss, DINOObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
+    from bam.losses import BAMLoss, BAMObjective, DeepClusterV2Loss, DeepClusterV2Objective, DINOLoss, DINOObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
     from bam.methods.bam import BAMModule
     from bam.methods.base import SSLMethod
+    from bam.methods.deepcluster import DeepClusterV2Module
     from bam.methods.dino import DINOModule
     from bam.methods.swav import SwAVModule
     from bam.models.backbones import build_backbone
@@ -47,6 +48,8 @@ _LAZY = {
     "SwAVLoss": "bam.losses",
     "DINOObjective": "bam.losses",
     "DINOLoss": "bam.losses",
+    "DeepClusterV2Objective": "bam.losses",
+    "DeepClusterV2Loss": "bam.losses",
     "bam_loss": "bam.losses",
     "balanced_target": "bam.losses",
     "positive_mask": "bam.losses",
@@ -63,6 +66,7 @@ _LAZY = {
     "BAMModule": "bam.methods.bam",
     "SwAVModule": "bam.methods.swav",
     "DINOModule": "bam.methods.dino",
+    "DeepClusterV2Module": "bam.methods.deepcluster",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
     "GSPPool": "bam.models.gsp",

@@ -63,10 +63,11 @@ class IndexedSource(Dataset):
         return (image if self.transform is None else self.transform(image)), label, index
 
 
-def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Tensor]:
-    """Per-image lists of views -> per-view batches: ``([V x (B, 3, H, W)], labels)``."""
+def collate_views(samples: list[tuple[list[Tensor], int, int]]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Per-image ``(views, label, dataset index)`` -> per-view batches:
+    ``([V x (B, 3, H, W)], labels (B,), dataset indices (B,))``."""
     views = [torch.stack(view) for view in zip(*(sample[0] for sample in samples))]
-    return views, torch.tensor([sample[1] for sample in samples])
+    return views, torch.tensor([sample[1] for sample in samples]), torch.tensor([sample[2] for sample in samples])
 
 
 def collate_images(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,9 @@
 """Lightning data modules for multi-crop pretraining, plus k-NN evaluation loaders.
 
-Training batches reaching ``training_step`` are always ``(views, labels)``: ``views`` is a list of
+Training batches reaching ``training_step`` are ``(views, labels, indices)``: ``views`` is a list of
 ``num_global_crops + num_local_crops`` normalised float tensors ``(B, 3, H, W)``, global crops
-first. ``augment_on`` picks where the views are made:
+first, and ``indices`` the rows' dataset indices (what a method with a per-image memory, e.g.
+DeepCluster-v2's bank, is indexed by; FFCV batches without indices are ``(views, labels)``). ``augment_on`` picks where the views are made:
 
 - ``"cpu"``: DataLoader workers make them per image (``CPUMultiCrop``);
 - ``"device"``: the loader yields uint8 images at a base size and ``on_after_batch_transfer``
@@ -158,7 +159,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Device path: turn a training batch ``(uint8 images, labels, dataset indices)`` into
-        ``(views, labels)`` on device, seeded from ``(seed, epoch, indices)``.
+        ``(views, labels, dataset indices)`` on device, seeded from ``(seed, epoch, indices)``.
 
         The indices also pick ContrastiveCrop's boxes. A batch without indices (FFCV without
         ContrastiveCrop) is augmented from the process's random stream.
@@ -172,7 +173,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         regions = self.crop_boxes.lookup(indices) if self.crop_boxes is not None else None
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         with seeded_random(batch_seed(self.seed, epoch, indices), images.device):
-            return self.device_augment(images, regions), labels
+            return self.device_augment(images, regions), labels, indices
 
     def _training(self) -> bool:
         trainer = self.trainer

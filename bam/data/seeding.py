@@ -71,8 +71,9 @@ def seeded_random(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
 
 
 class SeededSamples(Dataset):
-    """``dataset`` indexed by ``(epoch, index)`` keys: ``dataset[index]``, made with the random
-    generator seeded from ``(seed, epoch, index)``.
+    """``dataset`` indexed by ``(epoch, index)`` keys: ``(*dataset[index], index)``, made with the
+    random generator seeded from ``(seed, epoch, index)``; the index travels with the sample to
+    ``training_step`` (``None`` stays ``None``: a sample a source could not read).
 
     The keys come from ``ResumableSampler(keyed=True)``, also inside DataLoader workers, which
     do not otherwise know the epoch (persistent workers keep their copy of the dataset).
@@ -87,4 +88,5 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         with seeded_random(sample_seed(self.seed, epoch, index)):
-            return self.dataset[index]
+            sample = self.dataset[index]
+        return None if sample is None else (*sample, index)

@@ -1,8 +1,9 @@
 """Training methods (LightningModules); the math lives in `bam.losses`."""
 from bam.methods.bam import BAMModule
 from bam.methods.base import SSLMethod
+from bam.methods.deepcluster import DeepClusterV2Module
 from bam.methods.dino import DINOModule
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError, StuckLossWarning
 from bam.methods.swav import SwAVModule
 
-__all__ = ["BAMModule", "SwAVModule", "DINOModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]
+__all__ = ["BAMModule", "SwAVModule", "DINOModule", "DeepClusterV2Module", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]

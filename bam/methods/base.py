@@ -21,6 +21,7 @@ from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
+from bam.ops.errors import UserInputError
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import check_and_record, checkpoint_directory, diverged
 from bam.training.optim import StepBudget, optimizer_with_schedule
@@ -31,10 +32,11 @@ from bam.training.sync_batchnorm import convert_sync_batchnorm
 class SSLMethod(pl.LightningModule):
     """Shared training logic of the self-supervised methods.
 
-    Batches are `(crops, labels)` or just `crops`: `crops` is a list of `num_global_crops +
-    num_local_crops` float tensors `(B, C, H, W)`, already augmented and normalised, global crops
-    first (they may be larger than the local ones); labels are ignored. bam's data modules make
-    them; a plain `DataLoader` whose dataset returns `(list of crops, label)` works as well:
+    Batches are `(crops, labels, dataset indices)`, `(crops, labels)` or just `crops`: `crops` is a
+    list of `num_global_crops + num_local_crops` float tensors `(B, C, H, W)`, already augmented
+    and normalised, global crops first (they may be larger than the local ones); labels are
+    ignored, and the indices read only by a method with a per-image memory (DeepCluster-v2). bam's
+    data modules make them; a plain `DataLoader` whose dataset returns `(list of crops, label)` works as well:
     `trainer.fit(model, train_dataloaders=loader)`. Checkpoints store the data recipe (mean, std,
     input size: see `bam.recipe.DataRecipe`) of bam's data modules; with other data, set
     `model.data_recipe` so that exports carry it.
@@ -127,6 +129,11 @@ class SSLMethod(pl.LightningModule):
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def step_loss(self, crops: list[torch.Tensor], batch: Any) -> torch.Tensor:
+        """The loss of a training batch: `compute_loss` of its crops. A method that needs more of
+        the batch (DeepCluster-v2: the dataset indices, see `dataset_indices_of`) overrides this."""
+        return self.compute_loss(crops)
+
     @staticmethod
     def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
         """Reject impossible crop counts when the model is built, naming the setting."""
@@ -161,7 +168,7 @@ class SSLMethod(pl.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         crops = _crops_of(batch)
-        loss = self.compute_loss(crops)
+        loss = self.step_loss(crops, batch)
         try:
             self.loss_monitor.update(loss.item(), self.global_step, self.chance_level(len(crops[0])))
         except NonFiniteLossError as error:  # add the way back: the newest sound checkpoint
@@ -290,6 +297,17 @@ def _crops_of(batch: Any) -> list[torch.Tensor]:
             f"with the global crops first; got a {type(batch).__name__}"
         )
     return list(crops)
+
+
+def dataset_indices_of(batch: Any, needed_by: str) -> torch.Tensor:
+    """The dataset indices `(B,)` of a batch `(crops, labels, indices)`; `needed_by` names what
+    needs them in the error for a batch without them."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[2], torch.Tensor) and batch[2].dim() == 1:
+        return batch[2]
+    raise UserInputError(
+        f"{needed_by} needs each image's dataset index: training batches must be (crops, labels, indices), as "
+        "bam's data modules make them (FFCV data without ContrastiveCrop carries none)"
+    )
 
 
 def _enable_gradient_checkpointing(backbone: nn.Module, name: str) -> None:

@@ -80,12 +80,15 @@ def _synthetic_module(**kwargs) -> BuiltinDataModule:
 
 
 @pytest.mark.parametrize("augment_on", ["cpu", "device"])
-def test_training_batches_are_views_and_labels(augment_on):
+def test_training_batches_are_views_labels_and_dataset_indices(augment_on):
     module = _synthetic_module(augment_on=augment_on)
     loader = module.train_dataloader()
     batches = [module.on_after_batch_transfer(batch, 0) for batch in loader]
     assert len(batches) == 5
-    views, labels = batches[0]
+    views, labels, indices = batches[0]
+    seen = torch.cat([batch[2] for batch in batches])
+    assert sorted(seen.tolist()) == list(range(40))  # every image once, each row under its own index
+    assert torch.equal(labels, module.train_source.labels[indices])
     assert [tuple(v.shape) for v in views] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2
     assert all(v.dtype == torch.float32 for v in views) and labels.shape == (8,)
     assert -3 < views[0].mean() < 3  # normalised, not 0..255
@@ -111,7 +114,7 @@ def test_fraction_keeps_a_class_balanced_subset():
 
 
 class _CheckBatches(pl.LightningModule):
-    """Records what training_step receives."""
+    """Records what training_step receives: views, labels and dataset indices."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,8 +122,8 @@ class _CheckBatches(pl.LightningModule):
         self.seen: list[tuple[list[tuple[int, ...]], torch.dtype]] = []
 
     def training_step(self, batch, batch_idx):
-        views, labels = batch
-        self.seen.append(([tuple(v.shape) for v in views], views[0].dtype))
+        views, labels, indices = batch
+        self.seen.append(([tuple(v.shape) for v in views], views[0].dtype, tuple(indices.shape)))
         return self.layer(torch.stack([v.mean(dim=(2, 3)) for v in views]).mean(0)).mean()
 
     def configure_optimizers(self):
@@ -133,7 +136,7 @@ def test_lightning_fit_receives_views_on_both_paths(augment_on):
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=_synthetic_module(augment_on=augment_on))
-    assert model.seen == [([(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2, torch.float32)] * 2
+    assert model.seen == [([(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2, torch.float32, (8,))] * 2
 
 
 # -- k-NN loaders ------------------------------------------------------------------------------
@@ -185,8 +188,8 @@ def test_file_list_with_relative_paths_and_spaces(tmp_path):
                                    crops=SMALL, batch_size=2, num_workers=0)
     module.setup()
     assert module.train_source.labels.tolist() == [0, 1, 0, 1] and len(module.val_source) == 2
-    views, labels = next(iter(module.train_dataloader()))
-    assert len(views) == 4 and labels.shape == (2,)
+    views, labels, indices = next(iter(module.train_dataloader()))
+    assert len(views) == 4 and labels.shape == indices.shape == (2,)
 
 
 def test_file_list_with_a_bad_line_names_the_line(tmp_path):
@@ -227,7 +230,7 @@ def test_unreadable_images_are_replaced_in_training_counted_and_keep_the_batch_s
     (train / "b" / "README").write_text("no extension: counted, never read")
     module = ImageFolderDataModule(str(tmp_path), crops=SMALL, batch_size=4, num_workers=2)
     batches = list(module.train_dataloader())
-    assert [len(labels) for _, labels in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
+    assert [len(labels) for _, labels, _ in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
     summary = summarise_accounts(module.file_accounts())  # the workers' reads reached this process
     assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0}
     assert (summary["found"], summary["read"], summary["not_read"]) == (15, 9, 2)  # val not read yet

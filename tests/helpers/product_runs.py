@@ -106,9 +106,19 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
             "--data.init_args.base_size", "40", "--data.init_args.eval_size", "32",
             "--data.init_args.crops.global_size", "32", "--data.init_args.crops.local_size", "16",
         ]
-    else:  # a built-in data set (the demos): keep it, train on a class-balanced 16 of its images
+    else:  # a built-in data set (the demos): keep it, train on a class-balanced 20 of its images
         args += ["--data.init_args.fraction", "0.004"]
-    return args
+    return args + shrunk_clusters_args(config)
+
+
+def shrunk_clusters_args(config: Path) -> list[str]:
+    """DeepCluster-v2 makes k-means clusters of the training images: on the 8 or 20 images above,
+    2 clusters per head (as many heads as the recipe)."""
+    model = yaml.safe_load(config.read_text())["model"]
+    if model["class_path"] != "bam.methods.DeepClusterV2Module":
+        return []
+    heads = len(model["init_args"]["objective"]["num_prototypes"])
+    return ["--model.init_args.objective.num_prototypes", str([2] * heads)]
 
 
 def lightning_launch(args: list[str], processes: int = 2) -> list[str]:

@@ -56,3 +56,19 @@ class TinyCropsDataModule(pl.LightningDataModule):
     def knn_dataloaders(self) -> tuple[DataLoader, DataLoader]:
         dataset = TensorDataset(self.images, self.labels)
         return DataLoader(dataset, batch_size=16), DataLoader(dataset, batch_size=16)
+
+
+class IndexedTinyCrops(TinyCropsDataModule):
+    """`TinyCropsDataModule` whose batches carry dataset indices, `(views, labels, indices)`, as bam's
+    data modules' do, and which knows its training set's size (what DeepCluster-v2's bank needs)."""
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(self.images, self.labels, torch.arange(len(self.images)))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        images, labels, indices = batch
+        return self._views(images), labels, indices
+
+    def training_set_size(self) -> int:
+        return len(self.images)

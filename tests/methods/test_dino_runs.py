@@ -1,11 +1,13 @@
-"""DINO as users run it: `bam pretrain --config configs/pretrain/dino_demo.yaml` on 2 processes
-(Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote, each through
-the console script. (Every shipped recipe, DINO's included, also runs under torchrun in
+"""The methods beside BAM as users run them: `bam pretrain --config configs/pretrain/<demo>.yaml` on 2
+processes (Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote, each
+through the console script; each method's state beyond the networks (DINO's centre, DeepCluster-v2's
+bank and clusters) is checked in the checkpoint. (Every shipped recipe also runs under torchrun in
 tests/launch/test_launch_pretrain.py; exact resume is tests/training/test_exact_resume.py's.)"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -16,20 +18,41 @@ from repo_paths import REPO
 
 pytestmark = [pytest.mark.process, pytest.mark.distributed]
 
-DEMO = REPO / "configs" / "pretrain" / "dino_demo.yaml"
-SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
-              "--model.init_args.out_dim", "128"]
 
-
-def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path):
-    run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
-    args = shrunk_recipe_args(DEMO, tmp_path, run_dir, max_epochs=2) + SMALL_HEAD + ["--knn.compare_baselines", "false"]
-    assert run(lightning_launch(args), log) == 0, tail(log)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+def dino_state(checkpoint: dict[str, Any]) -> None:
     assert checkpoint["hyper_parameters"]["teacher_temperature_final"] == 0.07
     center = checkpoint["state_dict"]["loss_fn.center"]
     assert center.shape == (1, 128) and center.abs().sum() > 0  # trained and saved with the model
     assert "teacher.projector.last_layer.parametrizations.weight.original1" in checkpoint["state_dict"]
+
+
+def deepcluster_state(checkpoint: dict[str, Any]) -> None:
+    state = checkpoint["state_dict"]
+    bank = state["loss_fn.bank"]  # 2 global crops x the 20 training digits x the 32-wide embedding
+    assert bank.shape == (2, 20, 32) and torch.allclose(bank.norm(dim=2), torch.ones(2, 20))
+    assert int(state["loss_fn.clustered_epoch"]) == 1  # clustered again at the second epoch's start
+    assignments = state["loss_fn.assignments"]
+    assert assignments.shape == (3, 20) and assignments.min() >= 0 and assignments.max() <= 1  # 3 heads of 2
+    assert all(state[f"loss_fn.centroids_{head}"].shape == (2, 32) for head in range(3))
+
+
+# demo config -> (its smaller head, the check of its checkpoint)
+DEMOS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
+    "dino_demo": (["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
+                   "--model.init_args.out_dim", "128"], dino_state),
+    "deepclusterv2_demo": (["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32"],
+                           deepcluster_state),
+}
+
+
+@pytest.mark.parametrize("demo", list(DEMOS))
+def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path, demo: str):
+    run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
+    small_head, check_state = DEMOS[demo]
+    config = REPO / "configs" / "pretrain" / f"{demo}.yaml"
+    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + small_head + ["--knn.compare_baselines", "false"]
+    assert run(lightning_launch(args), log) == 0, tail(log)
+    check_state(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
 
     export = tmp_path / "backbone"
     exported = run_bam(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--output", str(export)])

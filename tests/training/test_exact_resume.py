@@ -18,10 +18,12 @@ DEVICE, CPU_WORKERS = ["--data.init_args.augment_on=device"], ["--data.init_args
 
 @pytest.mark.process
 @pytest.mark.slow
-@pytest.mark.parametrize("config,path_options", [("demo", DEVICE), ("demo", CPU_WORKERS), ("dino_demo", DEVICE)],
-                         ids=["device", "cpu-workers", "dino-device"])
+@pytest.mark.parametrize("config,path_options", [("demo", DEVICE), ("demo", CPU_WORKERS), ("dino_demo", DEVICE),
+                                                ("deepclusterv2_demo", DEVICE)],
+                         ids=["device", "cpu-workers", "dino-device", "deepclusterv2-device"])
 def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, config, path_options):
-    """Each method's state beyond the networks (DINO's centre) is in the checkpoint."""
+    """Each method's state beyond the networks (DINO's centre, DeepCluster-v2's bank, prototypes and
+    clusters, which a run resumed mid-epoch must not recompute) is in the checkpoint."""
     full = pretrain(tmp_path / "full", *path_options, config=config)
     assert full.returncode == 0, full.stdout[-3000:]
     uninterrupted = logged_losses(tmp_path / "full")
@@ -73,7 +75,7 @@ def test_cpu_path_batches_do_not_depend_on_the_workers():
         module = _module("cpu", num_workers=workers)
         loader = module.train_dataloader()
         loader.sampler.set_epoch(1)
-        batches.append([views for views, _ in loader])
+        batches.append([views for views, _, _ in loader])
     for single, parallel in zip(*batches):
         assert all(torch.equal(a, b) for a, b in zip(single, parallel))
 

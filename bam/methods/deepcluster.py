@@ -1,0 +1,105 @@
+"""DeepCluster-v2 pretraining on the same module structure as BAM, SwAV and DINO: the method is its
+objective with its memory bank, the clustering at each epoch's start and the dataset indices the
+bank is kept by; encoders, optimiser, schedules and multi-crop come from `SSLMethod`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from bam.losses import DeepClusterV2Loss, DeepClusterV2Objective
+from bam.losses.settings import settings_of
+from bam.methods.base import SSLMethod, dataset_indices_of
+from bam.ops.errors import UserInputError
+
+
+class DeepClusterV2Module(SSLMethod):
+    """DeepCluster-v2 (Caron et al., NeurIPS 2020, the SwAV paper's improved DeepCluster) as a
+    LightningModule.
+
+    At the start of every epoch each head's prototypes and each image's target are set by
+    spherical k-means over a memory bank of the previous epoch's normalised global-crop
+    embeddings; every crop of an image is then trained to predict its targets (see
+    `bam.losses.deepcluster_loss`). The bank, prototypes and targets are buffers of the loss
+    (`self.loss_fn`): in every checkpoint (a resumed run neither re-clusters mid-epoch nor loses the
+    bank) and the same on every process.
+
+    The bank is kept by dataset index: the training batches must carry them, as bam's data modules'
+    do (`(views, labels, indices)`), and the data module must say how many images it trains on
+    (`training_set_size()`). It holds `num_global_crops x N x proj_out_dim` floats, whole on every
+    process (ImageNet, 2 x 1.28M x 128: 1.3 GB).
+
+    Args:
+        num_global_crops: global crops per image (each has its bank; head h clusters bank h mod G).
+        num_local_crops: local crops per image.
+        objective: the objective's settings (`DeepClusterV2Objective`: `num_prototypes` per head,
+            `temperature`, `kmeans_iterations`); in a config `objective.num_prototypes` etc.
+        cluster_seed: seeds the bank's random start and each clustering's starting centroids
+            (with the epoch and head), so that a resumed run clusters as the uninterrupted one.
+        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the projection
+            head, the reference's by default (2048 -> 128, 2 layers, batch norm, ReLU).
+        **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
+            `momentum_teacher`: the targets come from the clustering.
+    """
+
+    def __init__(
+        self,
+        num_global_crops: int = 2,
+        num_local_crops: int = 6,
+        objective: DeepClusterV2Objective = DeepClusterV2Objective(),
+        cluster_seed: int = 0,
+        proj_hidden_dim: int = 2048,
+        proj_out_dim: int = 128,
+        proj_layers: int = 2,
+        proj_activation: str = "relu",
+        proj_batch_norm: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("momentum_teacher"):
+            raise ValueError("DeepCluster-v2 has no momentum teacher (its targets are last epoch's clusters); "
+                             "remove momentum_teacher from the DeepClusterV2Module arguments")
+        self.check_crop_settings(num_global_crops, num_local_crops)
+        super().__init__(proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim, proj_layers=proj_layers,
+                         proj_activation=proj_activation, proj_batch_norm=proj_batch_norm, **kwargs)
+        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
+        objective = settings_of(DeepClusterV2Objective, objective, {})  # a mapping too: a config's or a checkpoint's
+        self.hparams["objective"] = {**dataclasses.asdict(objective), "num_prototypes": list(objective.num_prototypes)}
+        self.loss_fn = DeepClusterV2Loss(proj_out_dim, num_global_crops + num_local_crops, num_global_crops, objective)
+        # Every process keeps the loss's state equal by construction (gathered writes, split
+        # k-means): DDP need not broadcast the bank from process 0 before every step.
+        self._ddp_params_and_buffers_to_ignore = [f"loss_fn.{name}" for name, _ in self.loss_fn.named_buffers()]
+
+    # ----------------------------------------------------------------- method interface
+    def step_loss(self, crops: list[torch.Tensor], batch: Any) -> torch.Tensor:
+        self.check_crop_count(crops, self.loss_fn.num_crops)
+        return self.loss_fn(self.student(crops), dataset_indices_of(batch, "DeepCluster-v2's memory bank"))
+
+    def chance_level(self, batch_size: int) -> float:
+        return self.loss_fn.chance_level()
+
+    def on_schedule(self, step: int) -> dict[str, float]:
+        return {"clustered_epoch": float(self.loss_fn.clustered_epoch)}
+
+    # ----------------------------------------------------------------- the bank and its clusters
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":  # before a checkpoint is restored, which brings its own bank
+            self.loss_fn.allocate(_training_set_size(self.trainer.datamodule), self.hparams.cluster_seed)
+
+    def on_train_epoch_start(self) -> None:
+        # A run resumed mid-epoch has this epoch's clusters in its checkpoint: the bank has moved
+        # on since, so clustering again would give other targets than the uninterrupted run's.
+        epoch = self.trainer.current_epoch
+        if int(self.loss_fn.clustered_epoch) != epoch:
+            self.loss_fn.cluster(epoch, self.hparams.cluster_seed)
+
+
+def _training_set_size(datamodule: Any) -> int:
+    size = getattr(datamodule, "training_set_size", None)
+    if not callable(size):
+        raise UserInputError(
+            "DeepCluster-v2 keeps a memory bank of every training image: its data module must have a "
+            "training_set_size() method (bam's data modules do) and its batches must carry dataset indices"
+        )
+    return size()
