@@ -5,7 +5,8 @@ A study is a list of *arms* (a pretraining config plus command-line overrides: a
 one of BAM's ablations), a list of seeds, and the evaluations to run on each run's exported
 backbone. Every (budget, arm, seed) is a folder `output_dir/<budget>/<arm>/seed_<seed>/`; a folder
 holding `result.json` is finished and read back, never rerun, so an interrupted study resumes when
-the same command is run again.
+the same command is run again (a folder holding only `pretrain_done.json` reruns its evaluations
+on the finished pretraining).
 
 Budgets:
 - `epochs`: every arm trains the epochs its config gives.
@@ -35,6 +36,7 @@ from jsonargparse import CLI
 from bam.shipped_configs import with_config_names
 
 RESULT_FILE = "result.json"
+PRETRAIN_DONE_FILE = "pretrain_done.json"
 BUDGETS = ("epochs", "cpu")
 
 
@@ -63,7 +65,7 @@ STAGES: dict[str, StageOutputs] = {
     "linear": StageOutputs("--model.backbone", "--trainer.default_root_dir", "results.json",
                            {"linear_top1": "val.last_top1"}),
     "fewshot": StageOutputs("--backbone", "--output_dir", "fewshot_results.json",
-                            {"fewshot_1shot": "results.1.raw.mean", "fewshot_5shot": "results.5.raw.mean"}),
+                            {"fewshot_1shot": "results.1-shot.raw.mean", "fewshot_5shot": "results.5-shot.raw.mean"}),
     "cluster": StageOutputs("--backbone", "--output_dir", "cluster_results.json", {"nmi": "raw.nmi"}),
 }
 
@@ -147,17 +149,32 @@ def train_and_evaluate(run_dir: Path, arm: Arm, seed: int, epochs: int, budget: 
     if done.is_file():
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    cpu_seconds = pretrain_once(run_dir, arm, seed, epochs, pretrain_args)
+    result = {"budget": budget, "arm": arm.name, "seed": seed, "epochs": epochs, "cpu_seconds": round(cpu_seconds, 1),
+              **evaluate(run_dir, evaluations)}
+    write_atomically(done, result)  # a run counts as finished only once its whole result is on disk
+    return result
+
+
+def pretrain_once(run_dir: Path, arm: Arm, seed: int, epochs: int, pretrain_args: list[str]) -> float:
+    """The run's pretraining and its CPU-seconds; a pretraining that finished before (an evaluation
+    failed after it) is read back, not rerun: it is most of a run's cost."""
+    done = run_dir / PRETRAIN_DONE_FILE
+    if done.is_file():
+        return float(json.loads(done.read_text())["cpu_seconds"])
     cpu_seconds = run_bam(
         ["pretrain", "--config", arm.config, *pretrain_args, *arm.overrides, f"--seed_everything={seed}",
          f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"],
         run_dir / "pretrain.log",
     )
-    result = {"budget": budget, "arm": arm.name, "seed": seed, "epochs": epochs, "cpu_seconds": round(cpu_seconds, 1),
-              **evaluate(run_dir, evaluations)}
-    partial = done.with_suffix(".tmp")
-    partial.write_text(json.dumps(result, indent=2))
-    partial.replace(done)  # a run counts as finished only once its whole result is on disk
-    return result
+    write_atomically(done, {"cpu_seconds": cpu_seconds})
+    return cpu_seconds
+
+
+def write_atomically(path: Path, document: dict[str, Any]) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(document, indent=2))
+    partial.replace(path)
 
 
 def cpu_matched_epochs(arm_epochs: int, arm_cost: float, reference_cost: float) -> int:

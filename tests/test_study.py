@@ -36,9 +36,9 @@ def test_summary_is_the_mean_and_sample_std_per_budget_and_arm():
 
 
 def test_metrics_are_read_by_dotted_path_and_a_missing_one_is_named():
-    document = {"val": {"last_top1": 81.5}, "results": {"1": {"raw": {"mean": 40.0}}}}
+    document = {"val": {"last_top1": 81.5}, "results": {"1-shot": {"raw": {"mean": 40.0}}}}
     assert study.json_value(document, "val.last_top1") == 81.5
-    assert study.json_value(document, "results.1.raw.mean") == 40.0
+    assert study.json_value(document, "results.1-shot.raw.mean") == 40.0
     with pytest.raises(study.StudyError, match=r"results have no 'val\.best' \(no key 'best'\)"):
         study.json_value(document, "val.best")
 
@@ -119,3 +119,12 @@ def test_toy_study_through_the_console_script_and_resumed(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:]
     assert {path: path.stat().st_mtime_ns for path in logs} == logs
     assert (tmp_path / "study" / "summary.md").read_text() in second.stdout
+
+    # a run whose evaluation failed after its pretraining finished reruns the evaluations only
+    redo = tmp_path / "study" / "epochs" / "bam" / "seed_0"
+    (redo / "result.json").unlink()
+    third = run_bam(["study", "--config", str(tmp_path / "study.yaml")])
+    assert third.returncode == 0, third.stdout[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in logs} == logs
+    assert json.loads((redo / "result.json").read_text())["cpu_seconds"] == pytest.approx(
+        json.loads((redo / "pretrain_done.json").read_text())["cpu_seconds"], abs=0.05)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bam import study
 from cli_runs import DEMO, run_bam
 from eval_fixtures import write_checkpoint, write_imagenet_like_folder
 from processes import run_process_group
@@ -35,6 +36,12 @@ TINY_TRAINING = [
     "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
 ]
 TINY_FOLDER = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+
+
+def assert_study_reads(stage: str, document: dict) -> None:
+    """`bam study` finds its default columns of this stage in the stage's real results file."""
+    for path in study.STAGES[stage].default_metrics.values():
+        study.json_value(document, path)
 
 
 def bam_ok(*args: str) -> str:
@@ -103,6 +110,7 @@ def test_knn_demo_at_several_k_on_one_and_two_processes(demo, tmp_path):
     single = json.loads((tmp_path / "one" / "knn_results.json").read_text())
     assert list(single["by_k"]) == ["10", "20", "100", "200"] and single["k"] == 10
     assert (single["bank_size"], single["num_queries"]) == (4000, 1000)
+    assert_study_reads("knn", single)
     rows = [f"{k:>6} {row['top1']:>7.2f}% {row['top5']:>7.2f}%" for k, row in single["by_k"].items()]
     assert "\n".join(rows) in printed
     torchrun_ok(*args, "--output_dir", tmp_path / "two")
@@ -113,7 +121,9 @@ def test_linear_demo(demo, tmp_path):
     bam_ok("linear", "--config", CONFIGS / "linear_demo.yaml", "--model.backbone", demo["backbone"],
            "--trainer.max_epochs", "1", "--trainer.default_root_dir", tmp_path, "--data.init_args.fraction", "0.05",
            "--data.init_args.batch_size", "64")  # 200 digits: 3 full batches
-    assert json.loads((tmp_path / "results.json").read_text())["val"]["last_epoch"] == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["val"]["last_epoch"] == 1
+    assert_study_reads("linear", results)
 
 
 def test_finetune_demo(demo, tmp_path):
@@ -126,7 +136,9 @@ def test_finetune_demo(demo, tmp_path):
 
 def test_cluster_demo(demo, tmp_path):
     bam_ok("cluster", "--config", CONFIGS / "cluster_demo.yaml", "--backbone", demo["backbone"], "--output_dir", tmp_path)
-    assert json.loads((tmp_path / "cluster_results.json").read_text())["num_images"] == 1000
+    results = json.loads((tmp_path / "cluster_results.json").read_text())
+    assert results["num_images"] == 1000
+    assert_study_reads("cluster", results)
 
 
 def test_fewshot_demo_on_novel_classes_on_one_and_two_processes(demo, tmp_path):
@@ -136,6 +148,7 @@ def test_fewshot_demo_on_novel_classes_on_one_and_two_processes(demo, tmp_path):
     bam_ok(*args, "--output_dir", tmp_path / "one")
     single = json.loads((tmp_path / "one" / "fewshot_results.json").read_text())
     assert single["novel_classes"]["labels"] == [5, 6, 7, 8, 9] and list(single["results"]) == ["1-shot", "5-shot"]
+    assert_study_reads("fewshot", single)
     torchrun_ok(*args, "--output_dir", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "fewshot_results.json").read_text())["results"] == single["results"]
 
