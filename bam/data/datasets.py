@@ -25,11 +25,13 @@ class TransformedSource(Dataset):
     """A source whose images go through ``transform`` (labels untouched).
 
     ``pass_index=True`` calls ``transform(image, index)``: ContrastiveCrop's CPU path needs the
-    dataset index to find the image's box.
+    dataset index to find the image's box. ``with_index=True`` yields ``(image, label, index)``:
+    training batches carry their dataset indices (methods with a state per image read them).
     """
 
-    def __init__(self, source: ImageSource, transform: Callable[..., Any], pass_index: bool = False) -> None:
-        self.source, self.transform, self.pass_index = source, transform, pass_index
+    def __init__(self, source: ImageSource, transform: Callable[..., Any], pass_index: bool = False,
+                 with_index: bool = False) -> None:
+        self.source, self.transform, self.pass_index, self.with_index = source, transform, pass_index, with_index
 
     def __len__(self) -> int:
         return len(self.source)
@@ -39,7 +41,8 @@ class TransformedSource(Dataset):
         if sample is None:  # an unreadable file of a source that drops them
             return None
         image, label = sample
-        return (self.transform(image, index) if self.pass_index else self.transform(image)), label
+        image = self.transform(image, index) if self.pass_index else self.transform(image)
+        return (image, label, index) if self.with_index else (image, label)
 
 
 class IndexedSource(Dataset):
@@ -63,10 +66,12 @@ class IndexedSource(Dataset):
         return (image if self.transform is None else self.transform(image)), label, index
 
 
-def collate_views(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Tensor]:
-    """Per-image lists of views -> per-view batches: ``([V x (B, 3, H, W)], labels)``."""
+def collate_views(samples: list[tuple]) -> tuple:
+    """Per-image lists of views -> per-view batches: ``([V x (B, 3, H, W)], labels)``, and the
+    dataset indices ``(B,)`` third when the samples carry them (``(views, label, index)``)."""
     views = [torch.stack(view) for view in zip(*(sample[0] for sample in samples))]
-    return views, torch.tensor([sample[1] for sample in samples])
+    columns = [torch.tensor([sample[column] for sample in samples]) for column in range(1, len(samples[0]))]
+    return (views, *columns)
 
 
 def collate_images(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:

@@ -149,7 +149,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         boxes = self.crop_boxes
         if self.augment_on == "cpu":
             multicrop = CPUMultiCrop(self.crops, boxes, self.crop_alpha)
-            views = TransformedSource(self.train_source, multicrop, pass_index=boxes is not None)
+            views = TransformedSource(self.train_source, multicrop, pass_index=boxes is not None, with_index=True)
             return self._loader(SeededSamples(views, self.seed), collate_views, self.batch_size, shuffle=True,
                                 keyed=True)
         # device path: the rows' dataset indices seed the augmentation (and pick ContrastiveCrop boxes)
@@ -158,7 +158,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Device path: turn a training batch ``(uint8 images, labels, dataset indices)`` into
-        ``(views, labels)`` on device, seeded from ``(seed, epoch, indices)``.
+        ``(views, labels, dataset indices)`` on device, seeded from ``(seed, epoch, indices)``.
 
         The indices also pick ContrastiveCrop's boxes. A batch without indices (FFCV without
         ContrastiveCrop) is augmented from the process's random stream.
@@ -172,7 +172,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         regions = self.crop_boxes.lookup(indices) if self.crop_boxes is not None else None
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         with seeded_random(batch_seed(self.seed, epoch, indices), images.device):
-            return self.device_augment(images, regions), labels
+            return self.device_augment(images, regions), labels, indices
 
     def _training(self) -> bool:
         trainer = self.trainer

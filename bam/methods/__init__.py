@@ -3,6 +3,7 @@ from bam.methods.bam import BAMModule
 from bam.methods.base import SSLMethod
 from bam.methods.dino import DINOModule
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError, StuckLossWarning
+from bam.methods.sela import SeLaModule
 from bam.methods.swav import SwAVModule
 
-__all__ = ["BAMModule", "SwAVModule", "DINOModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]
+__all__ = ["BAMModule", "SwAVModule", "DINOModule", "SeLaModule", "SSLMethod", "LossMonitor", "NonFiniteLossError", "StuckLossWarning"]

@@ -31,10 +31,12 @@ from bam.training.sync_batchnorm import convert_sync_batchnorm
 class SSLMethod(pl.LightningModule):
     """Shared training logic of the self-supervised methods.
 
-    Batches are `(crops, labels)` or just `crops`: `crops` is a list of `num_global_crops +
-    num_local_crops` float tensors `(B, C, H, W)`, already augmented and normalised, global crops
-    first (they may be larger than the local ones); labels are ignored. bam's data modules make
-    them; a plain `DataLoader` whose dataset returns `(list of crops, label)` works as well:
+    Batches are `(crops, labels, dataset indices)`, `(crops, labels)` or just `crops`: `crops` is
+    a list of `num_global_crops + num_local_crops` float tensors `(B, C, H, W)`, already augmented
+    and normalised, global crops first (they may be larger than the local ones); labels are
+    ignored, and so are the indices except by methods with a state per image (SeLa's labels).
+    bam's data modules make the first form; a plain `DataLoader` whose dataset returns `(list of
+    crops, label)` or `(list of crops, label, index)` works as well:
     `trainer.fit(model, train_dataloaders=loader)`. Checkpoints store the data recipe (mean, std,
     input size: see `bam.recipe.DataRecipe`) of bam's data modules; with other data, set
     `model.data_recipe` so that exports carry it.
@@ -285,6 +287,17 @@ def _crops_of(batch: Any) -> list[torch.Tensor]:
             f"with the global crops first; got a {type(batch).__name__}"
         )
     return list(crops)
+
+
+def dataset_indices(batch: Any) -> torch.Tensor:
+    """The `(B,)` dataset indices of a training batch `(crops, labels, indices)`, as bam's data
+    modules make them; methods that keep per-image state (pseudo-labels, banks) read them."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[2], torch.Tensor):
+        return batch[2]
+    raise TypeError(
+        "this method keeps a state per training image and needs each batch's dataset indices: batches must be "
+        "(crops, labels, indices) as bam's data modules make them; with your own dataset, return (crops, label, index)"
+    )
 
 
 def _enable_gradient_checkpointing(backbone: nn.Module, name: str) -> None:

@@ -305,8 +305,9 @@ def test_device_path_batches_carry_indices_and_become_views():
     assert sorted(indices.tolist()) == indices.unique().tolist() and len(indices) == 8
     assert torch.equal(images, module.train_source.images[indices])  # row i is dataset image indices[i]
     store.update(torch.tensor([[0.0, 0.0, 0.25, 0.25]]).repeat(len(store), 1))
-    views, out_labels = module.on_after_batch_transfer((images, labels, indices), 0)
+    views, out_labels, out_indices = module.on_after_batch_transfer((images, labels, indices), 0)
     assert torch.equal(out_labels, labels) and [v.shape[-1] for v in views] == [16, 16, 8, 8]
+    assert torch.equal(out_indices, indices)  # still there for methods with a state per image
 
 
 def test_persistent_workers_see_box_updates():
@@ -320,7 +321,7 @@ def test_persistent_workers_see_box_updates():
     assert loader.persistent_workers
 
     def mean_centre_x() -> float:
-        return torch.cat([views[2][:, 0].mean(dim=(1, 2)) for views, _ in loader]).mean().item()
+        return torch.cat([views[2][:, 0].mean(dim=(1, 2)) for views, *_ in loader]).mean().item()
 
     before = mean_centre_x()  # starts the worker; plain crops: centred on average
     store.update(torch.tensor([[0.0, 0.0, 0.2, 1.0]]).repeat(len(store), 1))
@@ -487,5 +488,5 @@ def test_ffcv_batches_carry_file_indices(tmp_path):
     images, labels, indices = next(iter(module.train_dataloader()))
     for image, index in zip(images, indices.tolist()):
         assert torch.equal(image, reference[index])
-    views, _ = module.on_after_batch_transfer((images, labels, indices), 0)
+    views, _, _ = module.on_after_batch_transfer((images, labels, indices), 0)
     assert [v.shape[-1] for v in views] == [16, 16, 8, 8]

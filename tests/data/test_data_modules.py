@@ -80,12 +80,15 @@ def _synthetic_module(**kwargs) -> BuiltinDataModule:
 
 
 @pytest.mark.parametrize("augment_on", ["cpu", "device"])
-def test_training_batches_are_views_and_labels(augment_on):
+def test_training_batches_are_views_labels_and_dataset_indices(augment_on):
     module = _synthetic_module(augment_on=augment_on)
     loader = module.train_dataloader()
     batches = [module.on_after_batch_transfer(batch, 0) for batch in loader]
     assert len(batches) == 5
-    views, labels = batches[0]
+    seen = torch.cat([indices for _, _, indices in batches])
+    assert len(set(seen.tolist())) == len(seen) and 0 <= int(seen.min()) and int(seen.max()) < len(module.train_source)
+    views, labels, indices = batches[0]
+    assert torch.equal(labels, module.train_source.labels[indices])  # the indices name the batch's images
     assert [tuple(v.shape) for v in views] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2
     assert all(v.dtype == torch.float32 for v in views) and labels.shape == (8,)
     assert -3 < views[0].mean() < 3  # normalised, not 0..255
@@ -119,7 +122,7 @@ class _CheckBatches(pl.LightningModule):
         self.seen: list[tuple[list[tuple[int, ...]], torch.dtype]] = []
 
     def training_step(self, batch, batch_idx):
-        views, labels = batch
+        views, labels, _ = batch
         self.seen.append(([tuple(v.shape) for v in views], views[0].dtype))
         return self.layer(torch.stack([v.mean(dim=(2, 3)) for v in views]).mean(0)).mean()
 
@@ -185,7 +188,7 @@ def test_file_list_with_relative_paths_and_spaces(tmp_path):
                                    crops=SMALL, batch_size=2, num_workers=0)
     module.setup()
     assert module.train_source.labels.tolist() == [0, 1, 0, 1] and len(module.val_source) == 2
-    views, labels = next(iter(module.train_dataloader()))
+    views, labels, _ = next(iter(module.train_dataloader()))
     assert len(views) == 4 and labels.shape == (2,)
 
 
@@ -227,7 +230,7 @@ def test_unreadable_images_are_replaced_in_training_counted_and_keep_the_batch_s
     (train / "b" / "README").write_text("no extension: counted, never read")
     module = ImageFolderDataModule(str(tmp_path), crops=SMALL, batch_size=4, num_workers=2)
     batches = list(module.train_dataloader())
-    assert [len(labels) for _, labels in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
+    assert [len(labels) for _, labels, _ in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
     summary = summarise_accounts(module.file_accounts())  # the workers' reads reached this process
     assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0}
     assert (summary["found"], summary["read"], summary["not_read"]) == (15, 9, 2)  # val not read yet

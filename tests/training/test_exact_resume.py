@@ -73,7 +73,7 @@ def test_cpu_path_batches_do_not_depend_on_the_workers():
         module = _module("cpu", num_workers=workers)
         loader = module.train_dataloader()
         loader.sampler.set_epoch(1)
-        batches.append([views for views, _ in loader])
+        batches.append([views for views, *_ in loader])
     for single, parallel in zip(*batches):
         assert all(torch.equal(a, b) for a, b in zip(single, parallel))
 
