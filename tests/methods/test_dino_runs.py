@@ -1,11 +1,12 @@
-"""DINO as users run it: `bam pretrain --config configs/pretrain/dino_demo.yaml` on 2 processes
-(Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote, each through
-the console script. (Every shipped recipe, DINO's included, also runs under torchrun in
+"""The methods beside BAM as users run them: `bam pretrain --config configs/pretrain/<demo>.yaml` on
+2 processes (Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote,
+each through the console script. (Every shipped recipe also runs under torchrun in
 tests/launch/test_launch_pretrain.py; exact resume is tests/training/test_exact_resume.py's.)"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -16,20 +17,44 @@ from repo_paths import REPO
 
 pytestmark = [pytest.mark.process, pytest.mark.distributed]
 
-DEMO = REPO / "configs" / "pretrain" / "dino_demo.yaml"
-SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
-              "--model.init_args.out_dim", "128"]
+SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32"]
 
 
-def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path):
-    run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
-    args = shrunk_recipe_args(DEMO, tmp_path, run_dir, max_epochs=2) + SMALL_HEAD + ["--knn.compare_baselines", "false"]
-    assert run(lightning_launch(args), log) == 0, tail(log)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+def dino_state_is_saved(checkpoint: dict) -> None:
     assert checkpoint["hyper_parameters"]["teacher_temperature_final"] == 0.07
     center = checkpoint["state_dict"]["loss_fn.center"]
     assert center.shape == (1, 128) and center.abs().sum() > 0  # trained and saved with the model
     assert "teacher.projector.last_layer.parametrizations.weight.original1" in checkpoint["state_dict"]
+
+
+def sela_labels_are_saved(checkpoint: dict) -> None:
+    """The labels of all 16 training images (a class-balanced 0.4% of the digits), per head, and the
+    bank the two processes filled together; re-optimised, so no longer the first random labels."""
+    from bam.losses import SeLaLoss
+
+    objective = checkpoint["hyper_parameters"]["objective"]
+    state = checkpoint["sela_labels"]
+    assert state["labels"].shape == (objective["num_heads"], 16) and bool(state["recorded"].all())
+    first = SeLaLoss(state["bank"].shape[1], 1, **objective)
+    first.start(16, checkpoint["hyper_parameters"]["label_seed"])
+    assert not torch.equal(state["labels"], first.labels)
+
+
+DEMOS: dict[str, tuple[list[str], Callable[[dict], None]]] = {
+    "dino_demo": (SMALL_HEAD + ["--model.init_args.out_dim", "128"], dino_state_is_saved),
+    "sela_demo": ([], sela_labels_are_saved),
+    "sela_v2_demo": (SMALL_HEAD, sela_labels_are_saved),
+}
+
+
+@pytest.mark.parametrize("demo", DEMOS)
+def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path, demo: str):
+    run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
+    options, state_is_saved = DEMOS[demo]
+    config = REPO / "configs" / "pretrain" / f"{demo}.yaml"
+    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + options + ["--knn.compare_baselines", "false"]
+    assert run(lightning_launch(args), log) == 0, tail(log)
+    state_is_saved(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
 
     export = tmp_path / "backbone"
     exported = run_bam(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--output", str(export)])
