@@ -129,8 +129,15 @@ class SeLaModule(SSLMethod):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        images = self._training_set_size()
         if self.loss_fn.num_images == 0:  # a new run (a resumed one has its checkpoint's labels)
-            self.loss_fn.start(self._training_set_size(), self.hparams.label_seed)
+            self.loss_fn.start(images, self.hparams.label_seed)
+        elif self.loss_fn.num_images != images:
+            raise ValueError(
+                f"the checkpoint holds SeLa labels of {self.loss_fn.num_images} training images but the data has "
+                f"{images}; resume with the data it was trained on, or start a new run from its weights "
+                "(--model.init_args.init_weights CHECKPOINT)"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)

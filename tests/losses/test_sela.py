@@ -245,6 +245,16 @@ def test_batches_without_indices_and_bad_settings_are_explained(tmp_path):
         SeLaModule(**SMALL, momentum_teacher=True)
 
 
+def test_resuming_labels_of_another_data_set_is_explained(tmp_path):
+    model = SeLaModule(**SMALL)
+    model.loss_fn.start(5)  # as a checkpoint of a 5-image run restores it
+    with pytest.raises(ValueError) as error:
+        tiny_trainer(tmp_path, max_steps=1).fit(model, IndexedTinyCrops(num_images=16, batch_size=4))
+    assert str(error.value) == (
+        "the checkpoint holds SeLa labels of 5 training images but the data has 16; resume with the data it was "
+        "trained on, or start a new run from its weights (--model.init_args.init_weights CHECKPOINT)")
+
+
 def test_heads_read_the_backbone_without_a_projector_and_the_projection_with_one():
     plain, projected = SeLaModule(**SMALL), SeLaModule(**SMALL, proj_layers=2, proj_hidden_dim=16, proj_out_dim=8)
     assert isinstance(plain.student.projector, torch.nn.Identity)
