@@ -26,11 +26,12 @@ if TYPE_CHECKING:
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
     from bam.io.export import export_backbone, load_backbone
-    from bam.losses import BAMLoss, BAMObjective, DeepClusterV2Loss, DeepClusterV2Objective, DINOLoss, DINOObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
+    from bam.losses import BAMLoss, BAMObjective, DeepClusterV2Loss, DeepClusterV2Objective, DINOLoss, DINOObjective, SeLaLoss, SeLaObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
     from bam.methods.bam import BAMModule
     from bam.methods.base import SSLMethod
     from bam.methods.deepcluster import DeepClusterV2Module
     from bam.methods.dino import DINOModule
+    from bam.methods.sela import SeLaModule
     from bam.methods.swav import SwAVModule
     from bam.models.backbones import build_backbone
     from bam.models.gsp import GSPPool
@@ -50,6 +51,8 @@ _LAZY = {
     "DINOLoss": "bam.losses",
     "DeepClusterV2Objective": "bam.losses",
     "DeepClusterV2Loss": "bam.losses",
+    "SeLaObjective": "bam.losses",
+    "SeLaLoss": "bam.losses",
     "bam_loss": "bam.losses",
     "balanced_target": "bam.losses",
     "positive_mask": "bam.losses",
@@ -67,6 +70,7 @@ _LAZY = {
     "SwAVModule": "bam.methods.swav",
     "DINOModule": "bam.methods.dino",
     "DeepClusterV2Module": "bam.methods.deepcluster",
+    "SeLaModule": "bam.methods.sela",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
     "GSPPool": "bam.models.gsp",

@@ -35,7 +35,7 @@ class SSLMethod(pl.LightningModule):
     Batches are `(crops, labels, dataset indices)`, `(crops, labels)` or just `crops`: `crops` is a
     list of `num_global_crops + num_local_crops` float tensors `(B, C, H, W)`, already augmented
     and normalised, global crops first (they may be larger than the local ones); labels are
-    ignored, and the indices read only by a method with a per-image memory (DeepCluster-v2). bam's
+    ignored, and the indices read only by methods with a state per image (DeepCluster-v2's bank, SeLa's labels). bam's
     data modules make them; a plain `DataLoader` whose dataset returns `(list of crops, label)` works as well:
     `trainer.fit(model, train_dataloaders=loader)`. Checkpoints store the data recipe (mean, std,
     input size: see `bam.recipe.DataRecipe`) of bam's data modules; with other data, set
@@ -131,7 +131,7 @@ class SSLMethod(pl.LightningModule):
 
     def step_loss(self, crops: list[torch.Tensor], batch: Any) -> torch.Tensor:
         """The loss of a training batch: `compute_loss` of its crops. A method that needs more of
-        the batch (DeepCluster-v2: the dataset indices, see `dataset_indices_of`) overrides this."""
+        the batch (DeepCluster-v2, SeLa: the dataset indices, see `dataset_indices_of`) overrides this."""
         return self.compute_loss(crops)
 
     @staticmethod

@@ -3,7 +3,8 @@ under a recipe's `repo`): loading, checking a
 shipped config against it, and the Markdown docs/recipes.md shows. `python tests/helpers/recipe_table.py`
 prints that Markdown (paste it into docs/recipes.md after editing the table);
 `python tests/helpers/recipe_table.py eval` prints the evaluation configs' table (docs/evaluation.md,
-'Published protocols')."""
+'Published protocols'); `python tests/helpers/recipe_table.py docs/PAGE.md` the tables of the
+recipes whose `docs:` names that page (shown there instead of docs/recipes.md)."""
 from __future__ import annotations
 
 import sys
@@ -79,7 +80,7 @@ def markdown() -> str:
         bam = _format(row["bam"]) if "bam" in row else "same"
         lines.append(f"| `{key}`{scope} | {_format(row['authors'])} | {row['source']} | {bam} | {row.get('reason', '')} |")
     for name, entry in recipes.items():
-        if entry["script"] is None and entry["settings"]:
+        if entry["script"] is None and entry["settings"] and "docs" not in entry:
             lines += ["", *(_method_authors_table(name, entry) if "repo" in entry else _own_choices_table(name, entry))]
     return "\n".join(lines)
 
@@ -99,6 +100,13 @@ def _method_authors_table(name: str, entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def page_markdown(page: str) -> str:
+    """The tables of the recipes whose `docs` entry is `page` (a method's page in docs/ shows its own
+    recipes instead of docs/recipes.md)."""
+    tables = [_method_authors_table(name, entry) for name, entry in load_table().items() if entry.get("docs") == page]
+    return "\n\n".join("\n".join(table) for table in tables)
+
+
 def eval_markdown() -> str:
     """docs/evaluation.md's table of the evaluation configs that reproduce a published protocol."""
     lines = ["| config | setting | published | source | bam | why bam differs |", "|---|---|---|---|---|---|"]
@@ -113,4 +121,7 @@ def eval_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(eval_markdown() if sys.argv[1:] == ["eval"] else markdown())
+    if sys.argv[1:] == ["eval"]:
+        print(eval_markdown())
+    else:
+        print(page_markdown(sys.argv[1]) if sys.argv[1:] else markdown())

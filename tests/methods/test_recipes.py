@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from recipe_table import REPO, RECIPES_DIR, config_value, expected_value, load_table, markdown
+from recipe_table import REPO, RECIPES_DIR, config_value, expected_value, load_table, markdown, page_markdown
 
 from bam.methods import BAMModule
 from bam.models import build_backbone
@@ -56,6 +56,11 @@ def test_authors_recipes_cover_the_issue_settings():
 def test_docs_show_the_table():
     assert markdown() in (REPO / "docs" / "recipes.md").read_text(), (
         "docs/recipes.md's table is stale: run python tests/helpers/recipe_table.py and paste its output there")
+
+
+@pytest.mark.parametrize("page", sorted({entry["docs"] for entry in TABLE.values() if "docs" in entry}))
+def test_method_pages_show_their_recipes_tables(page):
+    assert page_markdown(page) in (REPO / page).read_text(), f"{page}'s recipe table is stale: run python tests/helpers/recipe_table.py {page}"
 
 
 def test_a_changed_recipe_value_fails_the_check():

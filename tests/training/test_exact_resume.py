@@ -19,11 +19,12 @@ DEVICE, CPU_WORKERS = ["--data.init_args.augment_on=device"], ["--data.init_args
 @pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("config,path_options", [("demo", DEVICE), ("demo", CPU_WORKERS), ("dino_demo", DEVICE),
-                                                ("deepclusterv2_demo", DEVICE)],
-                         ids=["device", "cpu-workers", "dino-device", "deepclusterv2-device"])
+                                                ("deepclusterv2_demo", DEVICE), ("sela_demo", DEVICE), ("sela_v2_demo", CPU_WORKERS)],
+                         ids=["device", "cpu-workers", "dino-device", "deepclusterv2-device", "sela-device", "sela-v2-cpu-workers"])
 def test_sigterm_then_ckpt_path_last_logs_the_uninterrupted_losses(tmp_path, config, path_options):
-    """Each method's state beyond the networks (DINO's centre, DeepCluster-v2's bank, prototypes and
-    clusters, which a run resumed mid-epoch must not recompute) is in the checkpoint."""
+    """Each method's state beyond the networks is in the checkpoint: DINO's centre; DeepCluster-v2's
+    bank, prototypes and clusters (which a run resumed mid-epoch must not recompute); SeLa's labels and
+    bank (re-optimised at steps 1-10 of the 12 by sela_demo, at epoch 1's start by sela_v2_demo)."""
     full = pretrain(tmp_path / "full", *path_options, config=config)
     assert full.returncode == 0, full.stdout[-3000:]
     uninterrupted = logged_losses(tmp_path / "full")

@@ -1,13 +1,13 @@
-"""The methods beside BAM as users run them: `bam pretrain --config configs/pretrain/<demo>.yaml` on 2
-processes (Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote, each
-through the console script; each method's state beyond the networks (DINO's centre, DeepCluster-v2's
-bank and clusters) is checked in the checkpoint. (Every shipped recipe also runs under torchrun in
+"""The methods beside BAM as users run them: `bam pretrain --config configs/pretrain/<demo>.yaml` on
+2 processes (Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote,
+each through the console script; each method's state beyond the networks (DINO's centre,
+DeepCluster-v2's bank and clusters, SeLa's labels) is checked in the checkpoint. (Every shipped recipe also runs under torchrun in
 tests/launch/test_launch_pretrain.py; exact resume is tests/training/test_exact_resume.py's.)"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -18,15 +18,31 @@ from repo_paths import REPO
 
 pytestmark = [pytest.mark.process, pytest.mark.distributed]
 
+SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32"]
 
-def dino_state(checkpoint: dict[str, Any]) -> None:
+
+def dino_state_is_saved(checkpoint: dict) -> None:
     assert checkpoint["hyper_parameters"]["teacher_temperature_final"] == 0.07
     center = checkpoint["state_dict"]["loss_fn.center"]
     assert center.shape == (1, 128) and center.abs().sum() > 0  # trained and saved with the model
     assert "teacher.projector.last_layer.parametrizations.weight.original1" in checkpoint["state_dict"]
 
 
-def deepcluster_state(checkpoint: dict[str, Any]) -> None:
+def sela_labels_are_saved(checkpoint: dict) -> None:
+    """Labels per head of every training image, and the bank the two processes filled together:
+    the images seen (2 steps of 2 x 4 an epoch) were re-labelled, the others keep their first labels."""
+    from bam.losses import SeLaLoss
+
+    objective = checkpoint["hyper_parameters"]["objective"]
+    labels, recorded = checkpoint["sela_labels"]["labels"], checkpoint["sela_labels"]["recorded"]
+    assert labels.shape[0] == objective["num_heads"] and int(recorded.sum()) >= 16
+    first = SeLaLoss(checkpoint["sela_labels"]["bank"].shape[1], 1, **objective)
+    first.start(labels.shape[1], checkpoint["hyper_parameters"]["label_seed"])
+    assert not torch.equal(labels[:, recorded], first.labels[:, recorded])
+    assert torch.equal(labels[:, ~recorded], first.labels[:, ~recorded])
+
+
+def deepcluster_state_is_saved(checkpoint: dict) -> None:
     state = checkpoint["state_dict"]
     bank = state["loss_fn.bank"]  # 2 global crops x the 20 training digits x the 32-wide embedding
     assert bank.shape == (2, 20, 32) and torch.allclose(bank.norm(dim=2), torch.ones(2, 20))
@@ -36,23 +52,23 @@ def deepcluster_state(checkpoint: dict[str, Any]) -> None:
     assert all(state[f"loss_fn.centroids_{head}"].shape == (2, 32) for head in range(3))
 
 
-# demo config -> (its smaller head, the check of its checkpoint)
-DEMOS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
-    "dino_demo": (["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
-                   "--model.init_args.out_dim", "128"], dino_state),
-    "deepclusterv2_demo": (["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32"],
-                           deepcluster_state),
+# demo config -> (its command-line options, the check of its checkpoint)
+DEMOS: dict[str, tuple[list[str], Callable[[dict], None]]] = {
+    "dino_demo": (SMALL_HEAD + ["--model.init_args.out_dim", "128"], dino_state_is_saved),
+    "deepclusterv2_demo": (SMALL_HEAD, deepcluster_state_is_saved),
+    "sela_demo": ([], sela_labels_are_saved),
+    "sela_v2_demo": (SMALL_HEAD, sela_labels_are_saved),
 }
 
 
-@pytest.mark.parametrize("demo", list(DEMOS))
+@pytest.mark.parametrize("demo", DEMOS)
 def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path, demo: str):
     run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
-    small_head, check_state = DEMOS[demo]
+    options, state_is_saved = DEMOS[demo]
     config = REPO / "configs" / "pretrain" / f"{demo}.yaml"
-    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + small_head + ["--knn.compare_baselines", "false"]
+    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + options + ["--knn.compare_baselines", "false"]
     assert run(lightning_launch(args), log) == 0, tail(log)
-    check_state(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
+    state_is_saved(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
 
     export = tmp_path / "backbone"
     exported = run_bam(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--output", str(export)])
