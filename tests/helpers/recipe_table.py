@@ -3,7 +3,7 @@ under a recipe's `repo`): loading, checking a
 shipped config against it, and the Markdown docs/recipes.md shows. `python tests/helpers/recipe_table.py`
 prints that Markdown (paste it into docs/recipes.md after editing the table);
 `python tests/helpers/recipe_table.py eval` prints the evaluation configs' table (docs/evaluation.md,
-'Published protocols'); `python tests/helpers/recipe_table.py docs/PAGE.md` the tables of the
+'Published protocols'); `python tests/helpers/recipe_table.py docs/sela.md` (any method page) the tables of the
 recipes whose `docs:` names that page (shown there instead of docs/recipes.md)."""
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bam.losses import SeLaLoss, optimal_labels, self_label_loss
 from bam.methods import SeLaModule
 from bam.models import feature_dim
+from bam.ops.errors import UserInputError
 from repo_paths import REPO
 from tiny_runs import TinyCropsDataModule, spawn_gloo_workers
 
@@ -236,7 +237,7 @@ def test_labels_are_reoptimised_on_schedule_and_checkpointed(tmp_path, schedule,
 
 def test_batches_without_indices_and_bad_settings_are_explained(tmp_path):
     model = SeLaModule(**SMALL)
-    with pytest.raises(TypeError, match=r"^this method keeps a state per training image and needs each batch's dataset"):
+    with pytest.raises(UserInputError, match=r"^SeLa's pseudo-labels needs each image's dataset index: training batches must be \(crops, labels, indices\)"):
         tiny_trainer(tmp_path, max_steps=1).fit(model, TinyCropsDataModule(num_images=8, batch_size=4))
     with pytest.raises(ValueError) as error:
         SeLaModule(**SMALL, label_schedule="daily")
