@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[tuple[str, float, floa
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3, help="passes over every path; the best is reported")
+    parser.add_argument("--tables", nargs="+", default=["paths", "decoders"], choices=["paths", "decoders"],
+                        help="which tables to measure: the data paths, the decoders alone")
     parser.add_argument("--decode-sizes", type=int, nargs="+", default=[64, 256, 1024],
                         help="sides of the JPEGs and PNGs the decoder table decodes")
     parser.add_argument("--decode-images", type=int, default=400,
@@ -343,13 +345,15 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[tuple[str, float, floa
     torch.set_num_threads(1)
     _single_threaded_opencv()
     with tempfile.TemporaryDirectory() as folder:
-        rows = measure(args, Path(folder))
-        decoders = decoder_rows(args, Path(folder))
-    print(f"{args.images} JPEGs of {args.size} px, 2x{args.global_size} + 6x{args.local_size} crops, one core each:")
-    print(format_table(rows))
-    print(f"\ndecoders alone, images/s per core (decode_image_file with each decoder; {args.decode_images} images "
-          f"per format at {args.size} px, as many pixels at the other sides):")
-    print(format_decoder_table(decoders))
+        rows = measure(args, Path(folder)) if "paths" in args.tables else []
+        decoders = decoder_rows(args, Path(folder)) if "decoders" in args.tables else []
+    if rows:
+        print(f"{args.images} JPEGs of {args.size} px, 2x{args.global_size} + 6x{args.local_size} crops, one core each:")
+        print(format_table(rows))
+    if decoders:
+        print(f"\ndecoders alone, images/s per core (decode_image_file with each decoder; {args.decode_images} images "
+              f"per format at {args.size} px, as many pixels at the other sides):")
+        print(format_decoder_table(decoders))
     return rows, decoders
 
 

@@ -141,5 +141,5 @@ def test_a_torchcodec_that_does_not_load_is_said_in_one_warning_and_pillow_decod
     warned = [line for line in done.stderr.splitlines() if "torchcodec cannot be loaded" in line]
     assert len(warned) == 1 and warned[0].endswith(
         "UserWarning: torchcodec cannot be loaded (ModuleNotFoundError: import of torchcodec.decoders halted; None in "
-        "sys.modules), so Pillow decodes every image (up to 3x slower on small JPEGs); install the torchcodec build that matches "
-        "torch, e.g. for a CPU-only torch: pip install torchcodec --index-url https://download.pytorch.org/whl/cpu")
+        "sys.modules), so Pillow decodes every image (up to 2x slower); install the torchcodec build that "
+        "matches torch, e.g. for a CPU-only torch: pip install torchcodec --index-url https://download.pytorch.org/whl/cpu")
