@@ -99,8 +99,10 @@ def decode_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor
 
 def _pil_rgb(opened: Image.Image) -> Tensor:
     """The first frame of an image Pillow has opened, upright (EXIF orientation), as uint8 ``(3, H, W)``."""
-    upright = ImageOps.exif_transpose(opened).convert("RGB")
-    return torch.from_numpy(np.asarray(upright).copy()).permute(2, 0, 1)
+    upright = ImageOps.exif_transpose(opened)
+    if upright.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert clips it at 255; scale it as TorchCodec does
+        upright = Image.fromarray((np.asarray(upright, dtype=np.float32) / 257).round().astype(np.uint8))
+    return torch.from_numpy(np.asarray(upright.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def _opened_header(path: str, max_pixels: int) -> Image.Image:

@@ -70,12 +70,15 @@ def test_palette_images_decode_to_their_colours(tmp_path):
         np.testing.assert_array_equal(_decoded(tmp_path / name), expected)
 
 
-def test_a_16_bit_png_decodes_to_8_bits(tmp_path):
+@pytest.mark.parametrize("name", ["deep.png", "deep.tiff"])
+def test_a_16_bit_image_decodes_to_8_bits_by_either_decoder(tmp_path, monkeypatch, name):
     deep = np.random.default_rng(3).integers(0, 65536, (HEIGHT, WIDTH), dtype=np.uint16)
-    Image.fromarray(deep).save(tmp_path / "deep.png")  # I;16, 16-bit grey
-    assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    expected = np.repeat((deep / 257).round()[..., None], 3, axis=2)  # full range kept, not clipped
-    assert np.abs(_decoded(tmp_path / "deep.png").astype(int) - expected).max() <= 1
+    Image.fromarray(deep).save(tmp_path / name)  # I;16, 16-bit grey
+    assert Image.open(tmp_path / name).mode == "I;16"
+    expected = np.repeat((deep / 257).round()[..., None], 3, axis=2)  # full range kept, not clipped at 255
+    assert np.abs(_decoded(tmp_path / name).astype(int) - expected).max() <= 1
+    monkeypatch.setattr(image_decoding, "CODEC_DECODERS", {})  # Pillow alone
+    assert np.abs(_decoded(tmp_path / name).astype(int) - expected).max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
