@@ -8,8 +8,9 @@ from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.ffcv_data import FFCVDataModule, write_beton
 from bam.data.file_account import FileAccount
+from bam.data.image_decoding import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_image_file
 from bam.data.modules import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
-from bam.data.sources import DEFAULT_MAX_PIXELS, ImageFiles, TensorImages, UnreadableImageError
+from bam.data.sources import ImageFiles, TensorImages
 from bam.data.splits import image_splits
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "UnreadableImageError",
     "ViewSpec",
     "compute_boxes",
+    "decode_image_file",
     "heatmap",
     "heatmap_boxes",
     "image_splits",

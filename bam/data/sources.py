@@ -16,6 +16,7 @@ Folders are walked following symbolic links, but each real folder is entered onc
 file is listed once (by device and inode): a link back to a parent (a loop) or to a file already
 listed is left out and counted in the account as ``already_listed``.
 
+Files are decoded by ``bam.data.image_decoding.decode_image_file`` (TorchCodec or Pillow, see there).
 Unreadable files (empty, corrupt or truncated, more pixels than ``max_pixels``) never stop a run
 and are never read twice. Every file's fate goes into the listing's ``FileAccount`` (shared with
 DataLoader workers), which stages report once, summed over processes, at their end. What a
@@ -26,35 +27,21 @@ readable image (batches keep their size); evaluation and conversion drop it
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Literal, Optional, Protocol, Sequence, Union, get_args
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
 from bam.data.file_account import READ, FileAccount, skip_code
+from bam.data.image_decoding import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_image_file
 from bam.ops.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
-# Pillow's own warning threshold: a 9459 x 9459 image, 268 MB once decoded to RGB
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 UNLABELLED = -1  # the label of an image without a class
 LabelMode = Literal["auto", "classes", "none"]
 LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot or may not be decoded; ``reason`` is one of ``SKIP_REASONS``."""
-
-    def __init__(self, path: str, reason: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
-        self.reason = reason
 
 
 class ImageSource(Protocol):
@@ -69,61 +56,6 @@ class ImageSource(Protocol):
     def subset(self, indices: Tensor) -> "ImageSource": ...
 
     def dropping_unreadable(self) -> "ImageSource": ...
-
-
-def decode_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Read an image file as uint8 RGB ``(3, H, W)``, turned upright by its EXIF orientation; of an
-    animated image (GIF, APNG, WebP, TIFF pages) the first frame.
-
-    The size in the file's header is checked before anything is decoded, so a small file that
-    claims a huge image (a decompression bomb) costs no memory. torchvision's decoder
-    (libjpeg/libpng, no PIL round trip) handles JPEG, PNG, WebP and GIF; other formats (BMP,
-    TIFF, PPM) fall back to PIL. The bytes are read by Python, so any file name the file system
-    holds works (torchvision's own reader wants names in UTF-8).
-
-    Raises:
-        UnreadableImageError: the file is empty, is not an image, is corrupt or truncated, or has
-            more than ``max_pixels`` pixels (``reason`` says which).
-    """
-    try:
-        if os.path.getsize(path) == 0:  # torchvision's decoder refuses it with a vaguer message
-            raise UnreadableImageError(path, "empty", "empty file")
-        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-        with _opened_header(path, max_pixels) as header:
-            try:
-                image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            except RuntimeError:
-                image = _pil_rgb(header)
-    except UnreadableImageError:
-        raise
-    except (OSError, RuntimeError, ValueError, SyntaxError) as error:  # what the decoders raise on bad data
-        raise UnreadableImageError(path, "undecodable", f"{type(error).__name__}: {error}") from error
-    if image.dim() == 4:  # every frame of an animated image, (frames, 3, H, W)
-        image = image[0]
-    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
-
-
-def _pil_rgb(opened: Image.Image) -> Tensor:
-    """The first frame of an image PIL has opened, upright (EXIF orientation), as uint8 ``(3, H, W)``."""
-    upright = ImageOps.exif_transpose(opened).convert("RGB")
-    return torch.from_numpy(np.asarray(upright).copy()).permute(2, 0, 1)
-
-
-def _opened_header(path: str, max_pixels: int) -> Image.Image:
-    """The file opened by PIL, which reads only its header, once its pixel count is checked."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
-        try:
-            header = Image.open(path)
-        except Image.DecompressionBombError as error:  # beyond Pillow's hard limit, whatever ours is
-            raise UnreadableImageError(path, "too_many_pixels", str(error)) from error
-    width, height = header.size
-    if width * height > max_pixels:
-        header.close()
-        raise UnreadableImageError(
-            path, "too_many_pixels", f"{width} x {height} pixels, more than max_pixels={max_pixels}"
-        )
-    return header
 
 
 class ImageFiles(Dataset):

@@ -5,7 +5,7 @@ blur, solarise, normalise) from the same ``--images`` JPEG files of ``--size`` p
 
 - the baseline: PIL decoding and torchvision v1 transforms on PIL images, one image at a time
   (the usual DINO-style loader; blur and solarise with PIL's filters);
-- the "cpu" path: torchvision decoding + ``CPUMultiCrop`` (torchvision v2 on tensors);
+- the "cpu" path: bam's decoding (TorchCodec) + ``CPUMultiCrop`` (torchvision v2 on tensors);
 - the "device" path run on the CPU: decode to a base-size square per image, ``DeviceMultiCrop``
   per batch;
 - FFCV decoding (if installed) + ``DeviceMultiCrop`` per batch;
@@ -18,6 +18,11 @@ the machine hardly affect it; wall-clock images/s are shown too. Paths are run i
 uint8 tensor at the base size, no augmentation) are compared with PIL decoding as
 torchvision's ImageFolder does it.
 
+A second table compares decoders alone, on generated JPEGs and PNGs of each ``--decode-sizes``
+side: bam's ``decode_image_file`` as shipped (TorchCodec), with torchvision's deprecated decoder
+in its place (bam's decoder before torchvision 0.29 deprecated it) and with Pillow in its place
+(what bam falls back to without TorchCodec); the same file read and header check in all three.
+
     python tests/benchmarks/bench_data.py --images 2000
 """
 from __future__ import annotations
@@ -29,8 +34,10 @@ import random
 import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -39,10 +46,13 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from bam.data import CPUMultiCrop, DeviceMultiCrop, MultiCropConfig, load_builtin, write_beton
 from bam.data.datasets import square_base_transform
+from bam.data import image_decoding
+from bam.data.image_decoding import decode_image_file
 from bam.data.seeding import sample_seed, seeded_random
-from bam.data.sources import ImageFiles, decode_image_file, scan_image_folder
+from bam.data.sources import ImageFiles, scan_image_folder
 
 DECODE_ONLY = "decode only"  # rows that decode to a uint8 tensor without augmenting
+DECODE_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}  # the decoder table's formats and their files
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -59,6 +69,16 @@ def generate_jpegs(root: Path, count: int, size: int, classes: int = 10) -> Imag
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.jpg", quality=90)
     return scan_image_folder(root / "train")[0]
+
+
+def generate_files(folder: Path, count: int, size: int, suffix: str) -> list[str]:
+    """``count`` images of coloured shapes, ``size`` px, as ``folder/<index><suffix>`` (JPEG: quality 90)."""
+    folder.mkdir(parents=True)
+    images, _ = load_builtin("synthetic", num_classes=10, image_size=size, train_size=count, val_size=1)
+    paths = [str(folder / f"{index}{suffix}") for index in range(count)]
+    for image, path in zip(images.images, paths):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
+    return paths
 
 
 # -- the baseline: PIL + torchvision v1, one image at a time -----------------------------------
@@ -198,7 +218,7 @@ def measure(args: argparse.Namespace, root: Path) -> list[tuple[str, float, floa
         ("cpu path: torchvision v2 per image", per_image(files, seeded_per_image(CPUMultiCrop(crops)))),
         ("device path on CPU: decode per image + batched crops", device_path(files, crops, args.size, args.batch_size, cpu)),
         (f"{DECODE_ONLY}: PIL, as ImageFolder + PILToTensor", per_image(files, pil_decode)),
-        (f"{DECODE_ONLY}: torchvision.io", per_image(files, decode_image_file)),
+        (f"{DECODE_ONLY}: bam (TorchCodec)", per_image(files, decode_image_file)),
     ]
     if importlib.util.find_spec("ffcv") is not None:
         rows += ffcv_rows(args, root, crops, cpu)
@@ -232,6 +252,61 @@ def ffcv_rows(args: argparse.Namespace, root: Path, crops: MultiCropConfig, cpu:
     return rows
 
 
+# -- decoders alone: TorchCodec (shipped) vs torchvision (deprecated) vs Pillow -----------------
+def torchvision_decoder(data: torch.Tensor, mode: str) -> torch.Tensor:
+    """torchvision's deprecated decoder, called as bam called it before TorchCodec."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(data, mode=ImageReadMode[mode], apply_exif_orientation=True)
+
+
+@contextmanager
+def decoders_in_place(decoders: dict[str, Callable]) -> Iterator[None]:
+    """``decode_image_file`` with ``decoders`` as its table of format -> decoder ({}: Pillow)."""
+    shipped = image_decoding.CODEC_DECODERS
+    image_decoding.CODEC_DECODERS = decoders
+    try:
+        yield
+    finally:
+        image_decoding.CODEC_DECODERS = shipped
+
+
+def decoder_rows(args: argparse.Namespace, root: Path) -> list[tuple[str, int, dict[str, float]]]:
+    """``(format, side, {decoder: images per CPU second})`` for every format and ``--decode-sizes``
+    side; the decoders run in turn ``--repeats`` times on the same files, the best pass counts."""
+    decoders = {
+        "TorchCodec": image_decoding.CODEC_DECODERS,
+        "torchvision": {name: torchvision_decoder for name in image_decoding.CODEC_DECODERS},
+        "Pillow": {},
+    }
+    rows = []
+    for (name, suffix), size in itertools.product(DECODE_FORMATS.items(), args.decode_sizes):
+        # about the same pixel count per size, so each row takes a similar time
+        count = max(args.decode_images * args.size ** 2 // size ** 2, 4)
+        paths = generate_files(root / f"{name}_{size}", count, size, suffix)
+        files = ImageFiles(paths, [0] * count)
+        best = dict.fromkeys(decoders, 0.0)
+        for _ in range(args.repeats):
+            for decoder, table in decoders.items():
+                with decoders_in_place(table):
+                    best[decoder] = max(best[decoder], throughput(per_image(files, decode_image_file))[0])
+        rows.append((name, size, best))
+    return rows
+
+
+def format_decoder_table(rows: list[tuple[str, int, dict[str, float]]]) -> str:
+    """Markdown table: images/s per core of each decoder and its ratio to torchvision's."""
+    lines = ["| format | side px | TorchCodec | torchvision | TorchCodec / torchvision | Pillow | Pillow / torchvision |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, size, rate in rows:
+        old = rate["torchvision"]
+        lines.append(f"| {name} | {size} | {rate['TorchCodec']:.1f} | {old:.1f} | {rate['TorchCodec'] / old:.2f}x "
+                     f"| {rate['Pillow']:.1f} | {rate['Pillow'] / old:.2f}x |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[tuple[str, float, float]]) -> str:
     """Markdown table; ratios are per core, to the baseline (the first row), and for the
     decode-only rows to the first decode-only row (PIL decoding, as torchvision's ImageFolder)."""
@@ -248,7 +323,8 @@ def format_table(rows: list[tuple[str, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
+def main(argv: Sequence[str] | None = None) -> tuple[list[tuple[str, float, float]], list[tuple[str, int, dict[str, float]]]]:
+    """The rows of both tables (paths, then decoders), printed as Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="number of generated JPEGs")
     parser.add_argument("--size", type=int, default=256, help="side of the JPEGs and of the base-size square")
@@ -256,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3, help="passes over every path; the best is reported")
+    parser.add_argument("--tables", nargs="+", default=["paths", "decoders"], choices=["paths", "decoders"],
+                        help="which tables to measure: the data paths, the decoders alone")
+    parser.add_argument("--decode-sizes", type=int, nargs="+", default=[64, 256, 1024],
+                        help="sides of the JPEGs and PNGs the decoder table decodes")
+    parser.add_argument("--decode-images", type=int, default=400,
+                        help="images per format at --size px in the decoder table (as many pixels at the other sides)")
     parser.add_argument("--ffcv-modes", nargs="+", default=["jpg", "proportion", "raw"],
                         choices=["jpg", "proportion", "raw"],
                         help="FFCV storage modes to decode (proportion: half JPEG, half raw, FFCV's ImageNet setting)")
@@ -263,10 +345,16 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
     torch.set_num_threads(1)
     _single_threaded_opencv()
     with tempfile.TemporaryDirectory() as folder:
-        rows = measure(args, Path(folder))
-    print(f"{args.images} JPEGs of {args.size} px, 2x{args.global_size} + 6x{args.local_size} crops, one core each:")
-    print(format_table(rows))
-    return rows
+        rows = measure(args, Path(folder)) if "paths" in args.tables else []
+        decoders = decoder_rows(args, Path(folder)) if "decoders" in args.tables else []
+    if rows:
+        print(f"{args.images} JPEGs of {args.size} px, 2x{args.global_size} + 6x{args.local_size} crops, one core each:")
+        print(format_table(rows))
+    if decoders:
+        print(f"\ndecoders alone, images/s per core (decode_image_file with each decoder; {args.decode_images} images "
+              f"per format at {args.size} px, as many pixels at the other sides):")
+        print(format_decoder_table(decoders))
+    return rows, decoders
 
 
 def _single_threaded_opencv() -> None:
