@@ -12,8 +12,7 @@ import math
 from dataclasses import dataclass
 from itertools import groupby
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from bam.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.config import MultiCropConfig
-from bam.data.datasets import EVAL_CROP_FRACTION
 from bam.data.modules import SSLDataModule
 from bam.data.file_account import file_accounts_of, settle_accounts
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, Subset, balanced_subset, class_count, stratified_split
 from bam.data.splits import listed_image_splits
+from bam.recipe import DEFAULT_CROP_PCT
 
 PARTIAL_SUFFIX = ".partial"  # a .beton being written; renamed to its name once complete
 INSTALL_HINT = "FFCV is not installed: run `pip install 'bam-ssl[ffcv]'` (or scripts/install.sh), then retry"
@@ -463,7 +463,7 @@ class FFCVDataModule(SSLDataModule):
                     num_workers=max(1, self.num_workers),
                     order=loader.OrderOption.SEQUENTIAL,
                     indices=indices,
-                    pipelines=self._pipelines(self.eval_size, ratio=EVAL_CROP_FRACTION),
+                    pipelines=self._pipelines(self.eval_size, ratio=DEFAULT_CROP_PCT),
                     drop_last=False,
                     os_cache=self.os_cache,
                 ),
