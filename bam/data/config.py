@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from itertools import groupby
 
+from bam.ops.crops import check_crop_counts
 from bam.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -93,10 +94,7 @@ class MultiCropConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.num_global_crops < 1:
-            raise ValueError(f"num_global_crops must be at least 1, got {self.num_global_crops}")
-        if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
+        check_crop_counts(self.num_global_crops, self.num_local_crops)
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5] turns, got {self.hue}")
         if not self.global_blur_prob or not self.global_solarize_prob:
