@@ -27,10 +27,9 @@ from torch import Tensor
 
 from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process
-from bam.shipped_configs import with_config_names
+from bam.evaluation.frozen import embed_split, report_on_first_process, stage_arguments
 from bam.training.run_cli import one_line_errors
-from bam.transforms import bpa as bpa_transform
+from bam.transforms import BPASettings
 
 RESULTS_FILE = "fewshot_results.json"
 PLOT_FILE = "fewshot.png"
@@ -78,9 +77,7 @@ def episode_accuracies(
     shots: int = 1,
     queries: int = 15,
     episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Per-episode accuracies `(episodes,)` of the prototype classifier on the L2-normalised
@@ -90,13 +87,13 @@ def episode_accuracies(
         raise ValueError(f"need ways >= 2 and shots, queries, episodes >= 1; got {ways}, {shots}, {queries}, {episodes}")
     unit = F.normalize(features.float(), dim=1)
     generator = torch.Generator().manual_seed(seed)
-    results: dict[str, list[float]] = {"raw": [], **({"bpa": []} if bpa else {})}
+    results: dict[str, list[float]] = {"raw": [], **({"bpa": []} if bpa.enabled else {})}
     for _ in range(episodes):
         support, query = sample_episode(labels, ways, shots, queries, generator)
         episode = unit[torch.cat([support, query]).to(unit.device)]
         results["raw"].append(prototype_accuracy(episode[: len(support)], episode[len(support) :], ways, shots))
-        if bpa:
-            moved = bpa_transform(episode, bpa_reg, bpa_iterations)
+        if bpa.enabled:
+            moved = bpa.transform(episode, "use fewer ways, shots or queries")
             results["bpa"].append(prototype_accuracy(moved[: len(support)], moved[len(support) :], ways, shots))
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in results.items()}
 
@@ -136,7 +133,7 @@ def evaluate_fewshot(
     features: Tensor, labels: Tensor, shots: Sequence[int] = (1, 5), **episode_settings: Any
 ) -> dict[str, dict[str, dict[str, float]]]:
     """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent);
-    `episode_settings` (ways, queries, episodes, bpa, bpa_reg, bpa_iterations, seed) are those of
+    `episode_settings` (ways, queries, episodes, bpa, seed) are those of
     `episode_accuracies`, with its defaults."""
     return {
         f"{k}-shot": {
@@ -154,9 +151,7 @@ def run_fewshot(
     shots: list[int] = [1, 5],  # noqa: B006 (jsonargparse reads the default from the signature)
     queries: int = 15,
     episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     seed: int = 0,
     novel_classes: Optional[str] = None,
     output_dir: str = "runs/fewshot",
@@ -172,9 +167,8 @@ def run_fewshot(
         shots: Support images per class (K); one result per value.
         queries: Query images per class and episode.
         episodes: Episodes per shot count (the usual protocol: 600 or more).
-        bpa: Also classify on each episode's BPA transform (support + queries as one set).
-        bpa_reg: BPA's entropic regularisation (the paper: 0.1).
-        bpa_iterations: BPA's Sinkhorn iterations.
+        bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
+            `enabled`, also classify on each episode's BPA transform (support + queries as one set).
         seed: Seed of the episodes (the same episodes for raw and BPA).
         novel_classes: File listing the only classes episodes draw from, one per line: class folder
             names (e.g. `n01440764`) or integer labels; the novel classes of a few-shot split, not
@@ -194,14 +188,13 @@ def run_fewshot(
         kept = torch.isin(labels, torch.tensor(novel))
         features, labels = features[kept], labels[kept]
     scores = evaluate_fewshot(
-        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, bpa_reg=bpa_reg,
-        bpa_iterations=bpa_iterations, seed=seed,
+        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, seed=seed,
     )
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
         "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,
         "novel_classes": None if novel is None else {"file": novel_classes, "labels": novel},
-        "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+        "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))
     return result
@@ -248,4 +241,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam fewshot --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
     with one_line_errors("bam fewshot"):
-        CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")
+        CLI(run_fewshot, args=stage_arguments("fewshot", argv), as_positional=False, prog="bam fewshot")

@@ -10,11 +10,25 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from bam.training.moved_keys import MovedKey, is_flag, read_moved_keys
 from bam.data.sources import Subset
 from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
 from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.shipped_configs import with_config_names
+
+# the BPA settings were three flat keys (`bpa: true`, `bpa_reg`, `bpa_iterations`) before they
+# became one `bpa` group (`bam.transforms.BPASettings`)
+BPA_MOVED_KEYS = (
+    MovedKey("bpa", "bpa.enabled", is_flag), MovedKey("bpa_reg", "bpa.reg"), MovedKey("bpa_iterations", "bpa.iterations"),
+)
+
+
+def stage_arguments(stage: str, argv: list[str]) -> list[str]:
+    """`argv` of a frozen-backbone stage with shipped config names resolved and old BPA keys read
+    at their new place (one line each)."""
+    return read_moved_keys(with_config_names(stage, argv), BPA_MOVED_KEYS, f"bam {stage}")
 
 
 def select_device(accelerator: str) -> torch.device:

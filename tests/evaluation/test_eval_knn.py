@@ -19,7 +19,7 @@ from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
-from bam.transforms import bpa
+from bam.transforms import BPASettings, bpa
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, write_checkpoint
 from tiny_runs import join_workers
 
@@ -230,7 +230,7 @@ def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, c
     data = BuiltinClassificationData("synthetic", options, image_size=32, resize_size=32, num_workers=0, batch_size=8)
     out = tmp_path / "out"
     result = run_knn(str(checkpoint), data, which="student", k=17, temperature=0.5, bank_fraction=0.5,
-                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=True, bpa_reg=0.2, bpa_iterations=3)
+                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=BPASettings(reg=0.2, iterations=3))
     student = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
     bank, bank_labels = _embedded(student, data.eval_dataset("train", 0.5))
     queries, labels = _embedded(student, data.eval_dataset("val"))
