@@ -26,6 +26,7 @@ from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.stage_cli import run_stage
 from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_recipe
+from bam.training.optim import OptimizerSettings
 
 BACKBONE_PREFIX = "extractor."
 
@@ -47,7 +48,8 @@ class LinearProbe(ClassificationStage):
             linear layer (the authors' `--bn_head`; their ViT-B script sets it, their default is off).
         bn_eps: Epsilon of that BatchNorm1d (the authors': 1e-6).
         cache_features: Embed every image once (no augmentation) and train on those features.
-        optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
+        optimizer: The optimiser and lr schedule (`bam.training.optim.OptimizerSettings`; here by
+            default SGD, momentum 0.9, no weight decay, lr 0.002 per 256 images, cosine to 0).
     """
 
     def __init__(
@@ -61,15 +63,11 @@ class LinearProbe(ClassificationStage):
         bn_head: bool = True,
         bn_eps: float = 1e-6,
         cache_features: bool = False,
-        optimizer: str = "sgd",
-        lr: float = 0.002,
-        min_lr: float = 0.0,
-        warmup_epochs: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
+        optimizer: OptimizerSettings = OptimizerSettings(),
     ) -> None:
-        super().__init__(num_classes, ("val",), optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum)
+        super().__init__(num_classes, ("val",), optimizer)
         self.save_hyperparameters()
+        self.record_optimizer()
         spec = resolve_backbone(backbone, which, arch)
         self.recipe = spec.recipe
         net = build_from_spec(spec)

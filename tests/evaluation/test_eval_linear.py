@@ -2,6 +2,7 @@
 training the head exactly as on-the-fly features of un-augmented images do."""
 from __future__ import annotations
 
+from dataclasses import astuple
 import json
 import logging
 
@@ -16,6 +17,7 @@ from bam.evaluation import linear as linear_module
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
+from bam.training.optim import OptimizerSettings
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
 
@@ -62,7 +64,7 @@ def test_head_starts_from_small_gaussian_weights_after_a_plain_batch_norm(checkp
 
 def test_defaults_are_the_authors_protocol(checkpoints):
     probe = LinearProbe(str(checkpoints["vit"]))
-    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+    assert astuple(probe.optimizer_settings)[:6] == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert not probe.cache_features and list(probe.val_metrics) == ["val"]
     assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
@@ -90,15 +92,15 @@ def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path, monkeyp
 
 
 def test_optimiser_settings_reach_the_stage(checkpoints):
-    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer="adamw", lr=0.3, min_lr=0.01,
-                        warmup_epochs=2.0, weight_decay=0.05, momentum=0.8)
-    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer=OptimizerSettings(
+                        "adamw", lr=0.3, min_lr=0.01, warmup_epochs=2.0, weight_decay=0.05, momentum=0.8))
+    assert astuple(probe.optimizer_settings)[:6] == (
         "adamw", 0.3, 0.01, 2.0, 0.05, 0.8)
 
 
 def train_head(backbone: str, cache_features: bool, run_dir) -> tuple[LinearProbe, BuiltinClassificationData]:
     pl.seed_everything(0)
-    model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, lr=0.5)
+    model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, optimizer=OptimizerSettings(lr=0.5))
     data = synthetic_data(batch_size=16, augment="none")
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -221,7 +223,7 @@ class Bare(ClassificationStage):
 
 def test_the_base_stage_defaults_are_the_linear_protocol():
     stage = Bare(7)
-    assert (stage.optimizer_name, stage.lr, stage.min_lr, stage.warmup_epochs, stage.weight_decay, stage.momentum) == (
+    assert astuple(stage.optimizer_settings)[:6] == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert list(stage.val_metrics) == ["val"] and stage.history == [] and stage.recipe is None
 
@@ -309,8 +311,8 @@ def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, t
     on both groups: against the schedule computed here."""
     import math
 
-    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, lr=0.4, min_lr=0.001, warmup_epochs=warmup_epochs,
-                        weight_decay=0.01, momentum=0.8)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer=OptimizerSettings(
+                        lr=0.4, min_lr=0.001, warmup_epochs=warmup_epochs, weight_decay=0.01, momentum=0.8))
     record = RecordGroups()
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -18,6 +18,7 @@ from bam.evaluation.data import BuiltinClassificationData, FolderClassificationD
 from bam.evaluation.fewshot import read_class_list, run_fewshot
 from bam.evaluation.linear import LinearProbe
 from bam.training.optim import LrSchedule, StepBudget, optimizer_with_schedule
+from bam.transforms import BPASettings
 from eval_fixtures import CNN, write_checkpoint, write_imagenet_like_folder
 from recipe_table import EVAL_DIR, REPO, config_value, eval_markdown, expected_value, load_table
 
@@ -169,7 +170,7 @@ def test_episodes_draw_only_from_the_novel_classes(tmp_path, monkeypatch):
     drawn = []
     real = fewshot.sample_episode
     monkeypatch.setattr(fewshot, "sample_episode", lambda labels, *args: drawn.append(labels.unique().tolist()) or real(labels, *args))
-    result = run_fewshot(str(checkpoint), data, ways=3, shots=[1], queries=2, episodes=4, bpa=False,
+    result = run_fewshot(str(checkpoint), data, ways=3, shots=[1], queries=2, episodes=4, bpa=BPASettings(enabled=False),
                          novel_classes=str(tmp_path / "novel.txt"), output_dir=str(tmp_path / "out"), accelerator="cpu")
     assert drawn == [[2, 5, 7]] * 4
     assert result["novel_classes"] == {"file": str(tmp_path / "novel.txt"), "labels": [2, 5, 7]}
