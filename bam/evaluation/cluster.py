@@ -29,7 +29,7 @@ from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.ops.distributed import rank
 from bam.training.run_cli import one_line_errors
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process, stage_arguments
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, spaces_in, stage_arguments
 from bam.transforms import BPASettings
 
 RESULTS_FILE = "cluster_results.json"
@@ -193,10 +193,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"({result['feature']} features, best of {result['restarts']} k-means++ runs)",
         f"{'features':<10}{'NMI':>8}{'ARI':>8}{'acc':>8}",
     ]
-    for name, label in (("raw", "raw"), ("bpa", "BPA")):
-        if name in result:
-            row = result[name]
-            lines.append(f"{label:<10}{row['nmi']:>8.4f}{row['ari']:>8.4f}{row['accuracy']:>8.4f}")
+    for name in spaces_in(result):
+        row = result[name]
+        lines.append(f"{SPACE_LABELS[name]:<10}{row['nmi']:>8.4f}{row['ari']:>8.4f}{row['accuracy']:>8.4f}")
     return "\n".join(lines)
 
 

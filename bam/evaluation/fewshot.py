@@ -22,12 +22,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process, stage_arguments
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, result_plot, spaces_in, stage_arguments
 from bam.training.run_cli import one_line_errors
 from bam.transforms import BPASettings
 
@@ -202,11 +201,11 @@ def run_fewshot(
 
 def format_table(result: dict[str, Any]) -> str:
     """Mean accuracy +- 95% CI per shot count, one column per feature space."""
-    spaces = [name for name in ("raw", "bpa") if name in next(iter(result["results"].values()))]
+    spaces = spaces_in(next(iter(result["results"].values())))
     lines = [
         f"{result['ways']}-way few-shot, {result['queries']} queries per class, {result['episodes']} episodes "
         f"({result['num_images']} {result['split']} images, {result['feature']} features; mean accuracy % +- 95% CI)",
-        f"{'':<8}" + "".join(f"{'BPA' if name == 'bpa' else 'raw':>16}" for name in spaces),
+        f"{'':<8}" + "".join(f"{SPACE_LABELS[name]:>16}" for name in spaces),
     ]
     for shot, row in result["results"].items():
         lines.append(f"{shot:<8}" + "".join(f"{row[name]['mean']:>9.2f} +-{row[name]['ci95']:>5.2f}" for name in spaces))
@@ -215,22 +214,16 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot_results(result: dict[str, Any], path: Path) -> None:
     """Bar chart: mean accuracy per shot count, raw and BPA side by side, 95% CI as error bars."""
-    figure = Figure(figsize=(5, 3.5), dpi=120)
-    axes = figure.add_subplot()
     shots = list(result["results"])
-    spaces = [name for name in ("raw", "bpa") if name in result["results"][shots[0]]]
+    spaces = spaces_in(result["results"][shots[0]])
     width = 0.8 / len(spaces)
-    for offset, name in enumerate(spaces):
-        positions = [index + (offset - (len(spaces) - 1) / 2) * width for index in range(len(shots))]
-        axes.bar(positions, [result["results"][shot][name]["mean"] for shot in shots], width,
-                 yerr=[result["results"][shot][name]["ci95"] for shot in shots], capsize=4,
-                 label="BPA" if name == "bpa" else "raw")
-    axes.set_xticks(range(len(shots)), shots)
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"{result['ways']}-way few-shot, {result['episodes']} episodes (95% CI)")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
+    with result_plot(path) as axes:
+        for offset, name in enumerate(spaces):
+            positions = [index + (offset - (len(spaces) - 1) / 2) * width for index in range(len(shots))]
+            axes.bar(positions, [result["results"][shot][name]["mean"] for shot in shots], width,
+                     yerr=[result["results"][shot][name]["ci95"] for shot in shots], capsize=4, label=SPACE_LABELS[name])
+        axes.set_xticks(range(len(shots)), shots)
+        axes.set(ylabel="accuracy (%)", title=f"{result['ways']}-way few-shot, {result['episodes']} episodes (95% CI)")
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:

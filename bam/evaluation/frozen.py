@@ -2,10 +2,11 @@
 `bam cluster`, `bam fewshot`): the device, the process group `torchrun` describes, and the feature extractor."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,30 @@ from bam.shipped_configs import with_config_names
 BPA_MOVED_KEYS = (
     MovedKey("bpa", "bpa.enabled", is_flag), MovedKey("bpa_reg", "bpa.reg"), MovedKey("bpa_iterations", "bpa.iterations"),
 )
+
+
+# the feature spaces the frozen-feature stages report, in order, as their tables and plots name them
+SPACE_LABELS = {"raw": "raw", "bpa": "BPA"}
+
+
+def spaces_in(scores: Mapping[str, Any]) -> list[str]:
+    """The feature spaces (`SPACE_LABELS`) that `scores` has an entry for, in order."""
+    return [name for name in SPACE_LABELS if name in scores]
+
+
+@contextlib.contextmanager
+def result_plot(path: Path) -> Iterator[Any]:
+    """Axes of a small result figure: draw on them (labelling the series for the legend) and the
+    figure is saved to `path` with its legend."""
+    from matplotlib.figure import Figure  # here: importing matplotlib is slow, and only plotting needs it
+
+    figure = Figure(figsize=(5, 3.5), dpi=120)
+    axes = figure.add_subplot()
+    yield axes
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
 
 
 def stage_arguments(stage: str, argv: list[str]) -> list[str]:

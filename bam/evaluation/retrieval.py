@@ -38,11 +38,10 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process, stage_arguments
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, result_plot, spaces_in, stage_arguments
 from bam.features.extract import embed_dataset, progress_bar, shard_indices
 from bam.ops.distributed import gather_rows
 from bam.transforms import BPASettings
@@ -220,7 +219,7 @@ def run_retrieval(
 
 def format_table(result: dict[str, Any]) -> str:
     """One row per feature space: Recall@K per K, R-precision, MAP@R and mAP (percent)."""
-    spaces = [name for name in ("raw", "bpa") if name in result]
+    spaces = spaces_in(result)
     first = result[spaces[0]]
     against = "the rest of the split" if result["protocol"] == "within" else f"a gallery of {result['gallery_size']}"
     headers = [f"R@{k}" for k in result["ks"]] + ["R-prec", "MAP@R", "mAP"]
@@ -231,26 +230,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'features':<10}" + "".join(f"{header:>8}" for header in headers),
     ]
     for name in spaces:
-        lines.append(f"{'BPA' if name == 'bpa' else 'raw':<10}" + "".join(f"{result[name][key]:>8.2f}" for key in keys))
+        lines.append(f"{SPACE_LABELS[name]:<10}" + "".join(f"{result[name][key]:>8.2f}" for key in keys))
     return "\n".join(lines)
 
 
 def plot_recall(result: dict[str, Any], path: Path) -> None:
     """Recall@K against K (log scale), one curve per feature space, MAP@R and mAP in the legend."""
-    figure = Figure(figsize=(5, 3.5), dpi=120)
-    axes = figure.add_subplot()
-    for name in ("raw", "bpa"):
-        if name in result:
+    with result_plot(path) as axes:
+        for name in spaces_in(result):
             row = result[name]
             axes.plot(result["ks"], [row[f"recall@{k}"] for k in result["ks"]], marker="o",
-                      label=f"{'BPA' if name == 'bpa' else 'raw'} (MAP@R {row['map_at_r']:.1f}, mAP {row['map']:.1f})")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(result["ks"], [str(k) for k in result["ks"]])
-    axes.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K (%)",
-             title=f"retrieval ({result['protocol']}), {result['feature']} features")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
+                      label=f"{SPACE_LABELS[name]} (MAP@R {row['map_at_r']:.1f}, mAP {row['map']:.1f})")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(result["ks"], [str(k) for k in result["ks"]])
+        axes.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K (%)",
+                 title=f"retrieval ({result['protocol']}), {result['feature']} features")
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
 import torch.distributed as dist
@@ -148,7 +149,7 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
 
 
 def test_stage_ranks_the_backbone_features_and_reports(checkpoint, tmp_path, capsys, monkeypatch):
-    figures = record_figures(monkeypatch, retrieval)
+    figures = record_figures(monkeypatch, matplotlib.figure)  # the stages draw through frozen.result_plot
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
     result = run_retrieval(str(checkpoint), data, protocol="query_gallery", ks=[1, 5], bpa=BPASettings(enabled=False), accelerator="cpu",
                            output_dir=str(tmp_path))
