@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from bam.evaluation.finetune import FineTune
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
-    from bam.io.export import export_backbone, load_backbone
+    from bam.io.backbone_reader import load_backbone
+    from bam.io.export_writer import export_backbone
     from bam.losses import BAMLoss, BAMObjective, DINOLoss, DINOObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
     from bam.methods.bam import BAMModule
     from bam.methods.base import SSLMethod
@@ -72,8 +73,8 @@ _LAZY = {
     # training and evaluation
     "trainer_extras": "bam.callbacks.extras",
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
-    "load_backbone": "bam.io.export",
-    "export_backbone": "bam.io.export",
+    "load_backbone": "bam.io.backbone_reader",
+    "export_backbone": "bam.io.export_writer",
     "LinearProbe": "bam.evaluation.linear",
     "FineTune": "bam.evaluation.finetune",
     "run_knn": "bam.evaluation.knn_stage",

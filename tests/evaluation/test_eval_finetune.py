@@ -157,7 +157,7 @@ def test_ema_copies_the_model_at_the_first_step_then_averages(checkpoints, tmp_p
 
 
 def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freezes_the_average(checkpoints, tmp_path):
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
@@ -174,7 +174,7 @@ def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freeze
 
 
 def test_a_checkpoint_saved_without_a_trainer_records_the_backbone_recipe(checkpoints, tmp_path):
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)

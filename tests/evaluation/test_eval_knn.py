@@ -364,7 +364,7 @@ def test_a_mismatching_architecture_is_named_in_the_error(checkpoint):
 
 def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_class_token(checkpoint, tmp_path):
     from bam.evaluation.data import RecipeMismatchWarning
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), input_size=48, crop_pct=1.0)

@@ -250,7 +250,7 @@ def test_results_are_written_into_a_new_run_folder(checkpoints, tmp_path):
 
 def test_probe_takes_the_chosen_encoder_and_the_backbone_recipe(checkpoints, tmp_path):
     from bam.evaluation.backbone import resolve_backbone
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
@@ -332,7 +332,7 @@ def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, t
 
 def test_setup_names_the_probed_backbone_in_recipe_warnings(checkpoints, tmp_path):
     from bam.evaluation.data import RecipeMismatchWarning
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=DataRecipe(input_size=48, crop_pct=1.0))

@@ -219,7 +219,7 @@ def _labelled_folder(root: Path, images_per_class: dict[str, int], seed: int) ->
 
 @pytest.fixture(scope="module")
 def export(checkpoint, tmp_path_factory) -> Path:
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=32, crop_pct=1.0)

@@ -196,7 +196,7 @@ def test_finetuned_checkpoints_written_before_the_architecture_was_recorded(fine
     old = torch.load(checkpoint, map_location="cpu", weights_only=False)
     del old["bam_architecture"]  # as bam 0.1 wrote them: the architecture only through the starting backbone
     torch.save(old, tmp_path / "old.ckpt")
-    from bam.io import export as export_cli
+    from bam.io import export_cli
 
     export_cli.main([str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "export"), "--which", "model"])
     assert "wrote the fine-tuned model (bam_cnn4, 32-d features, 4 classes)" in capsys.readouterr().out
