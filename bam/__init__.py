@@ -18,7 +18,7 @@ from bam._version import __version__
 
 if TYPE_CHECKING:
     from bam.callbacks.contrastive_crop import ContrastiveCrop
-    from bam.callbacks.extras import trainer_extras
+    from bam.callbacks.extras import pretrain_trainer_arguments, trainer_extras
     from bam.data import MultiCropConfig, SSLDataModule
     from bam.evaluation.cluster import run_clustering
     from bam.evaluation.embed import run_embed
@@ -71,7 +71,8 @@ _LAZY = {
     "BPA": "bam.transforms.bpa",
     "DataRecipe": "bam.recipe",
     # training and evaluation
-    "trainer_extras": "bam.callbacks.extras",
+    "pretrain_trainer_arguments": "bam.callbacks.extras",
+    "trainer_extras": "bam.callbacks.extras",  # its name before: warns, then answers
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
     "load_backbone": "bam.io.backbone_reader",
     "export_backbone": "bam.io.export_writer",
