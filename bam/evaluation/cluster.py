@@ -151,7 +151,7 @@ def run_clustering(
     )
     result = {
         **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split, "files": files,
-        "backbone": backbone, "feature": extractor.recipe, "restarts": restarts, "seed": seed,
+        "backbone": backbone, "feature": extractor.readout, "restarts": restarts, "seed": seed,
         "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))

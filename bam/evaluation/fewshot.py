@@ -191,7 +191,7 @@ def run_fewshot(
     )
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
-        "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,
+        "num_images": len(labels), "backbone": backbone, "feature": extractor.readout, "seed": seed,
         "novel_classes": None if novel is None else {"file": novel_classes, "labels": novel},
         "bpa_settings": bpa.recorded(),
     }

@@ -16,7 +16,7 @@ from bam.data.sources import Subset
 from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
-from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_readout
 from bam.shipped_configs import with_config_names
 
 # the BPA settings were three flat keys (`bpa: true`, `bpa_reg`, `bpa_iterations`) before they
@@ -75,13 +75,13 @@ def init_distributed(device: torch.device) -> None:
 def frozen_extractor(
     backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule
 ) -> FeatureExtractor:
-    """The named backbone (see `resolve_backbone`), frozen, with its feature recipe (`auto`: a ViT's
+    """The named backbone (see `resolve_backbone`), frozen, with its feature readout (`auto`: a ViT's
     class token, otherwise the pooled output); `data` takes the backbone's data recipe for the
     settings it leaves unset."""
     spec = resolve_backbone(backbone, which, arch)
     data.apply_recipe(spec.recipe, backbone)
     model = build_from_spec(spec)
-    return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
+    return FeatureExtractor(model, resolve_readout(feature, model, vit_default="cls"))
 
 
 class EmbeddedSplit(NamedTuple):
@@ -115,7 +115,7 @@ def embed_split(
         purpose: What the progress bar says the embedding is for.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         split: The split evaluated: "val" (held out) or "train".
         fraction: Class-balanced fraction of the split embedded, or a subset list file naming the
             images to embed (one file name per line, SimCLR's format).

@@ -134,7 +134,7 @@ def run_knn(
         data: The labelled data: bank = training split, queries = held-out split.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         k: Number of neighbours that vote, or several (`--k 10 20 100 200`, as DINO's `--nb_knn`):
             the neighbours are found once, for the largest, and every count is reported; the
             first listed is the headline (`top1`, `top5` of the result).
@@ -190,7 +190,7 @@ def run_knn(
     result = {
         **by_k[str(counts[0])], "k": counts[0], "by_k": by_k, "temperature": temperature, "bank_size": len(bank),
         "num_queries": int(all_reduce_(num_queries)), "files": files,
-        "backbone": backbone, "feature": extractor.recipe,
+        "backbone": backbone, "feature": extractor.readout,
         "bpa": bpa.recorded(),
     }
     _report(result, Path(output_dir))

@@ -25,7 +25,7 @@ from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.stage_cli import run_stage
-from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_readout
 from bam.training.optim import OptimizerSettings
 
 BACKBONE_PREFIX = "extractor."
@@ -40,7 +40,7 @@ class LinearProbe(ClassificationStage):
         num_classes: Number of classes (the CLI takes it from the data).
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
+        feature: Feature readout (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
             for ViTs, pooled features otherwise), `cls_blocks` (CLS tokens only: the authors'
             ViT-S protocol with `n_last_blocks` 4), `cls_patch_mean`, `cls` or `pooled`.
         n_last_blocks: Blocks whose class tokens a ViT's features include.
@@ -71,8 +71,8 @@ class LinearProbe(ClassificationStage):
         spec = resolve_backbone(backbone, which, arch)
         self.recipe = spec.recipe
         net = build_from_spec(spec)
-        recipe = resolve_recipe(feature, net, vit_default="cls_patch_mean")
-        self.extractor = FeatureExtractor(net, recipe, n_last_blocks)
+        readout = resolve_readout(feature, net, vit_default="cls_patch_mean")
+        self.extractor = FeatureExtractor(net, readout, n_last_blocks)
         self.cache_features = cache_features
         linear = nn.Linear(self.extractor.out_dim, num_classes)
         nn.init.normal_(linear.weight, std=0.01)

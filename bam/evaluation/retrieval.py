@@ -210,7 +210,7 @@ def run_retrieval(
     }
     result = {
         **scores, "protocol": protocol, "split": split, "gallery_size": len(retrieval.gallery_labels),
-        "ks": list(ks), "backbone": backbone, "feature": extractor.recipe,
+        "ks": list(ks), "backbone": backbone, "feature": extractor.readout,
         "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))

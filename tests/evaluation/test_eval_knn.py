@@ -189,7 +189,7 @@ def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
     assert devices == [("extractor moved to", torch.device("cpu")), torch.device("cpu")] and embedded.device == torch.device("cpu") and embedded.split == "train"
     features, labels = _pooled(data, "train", checkpoint)
     torch.testing.assert_close(embedded.features, features)
-    assert torch.equal(embedded.labels, labels) and embedded.extractor.recipe == "pooled"
+    assert torch.equal(embedded.labels, labels) and embedded.extractor.readout == "pooled"
 
 
 def test_frozen_extractor_takes_the_chosen_encoder(checkpoint):
@@ -342,7 +342,7 @@ def test_arch_reaches_every_stage_that_reads_a_checkpoint(unnamed_checkpoint, tm
     spec = resolve_backbone(path, arch="bam_cnn4")
     assert (spec.model_name, spec.model_kwargs) == ("bam_cnn4", CNN[1])
     data = synthetic_data(batch_size=BATCH, train_size=8, val_size=8)
-    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).recipe == "pooled"
+    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).readout == "pooled"
     assert frozen.embed_split(path, data, "testing", arch="bam_cnn4", accelerator="cpu").features.shape == (8, 32)
     assert run_knn(path, data, arch="bam_cnn4", accelerator="cpu", output_dir=str(tmp_path))["bank_size"] == 8
     assert LinearProbe(path, num_classes=4, arch="bam_cnn4").extractor.out_dim == 32
@@ -378,7 +378,7 @@ def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_
     ]
     assert (data.mean, data.std, data.image_size) == ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), 32)
     vit = write_checkpoint(tmp_path, *VIT)
-    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).recipe == "cls"
+    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).readout == "cls"
 
 
 def test_run_knn_settles_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):

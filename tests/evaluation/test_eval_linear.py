@@ -67,7 +67,7 @@ def test_defaults_are_the_authors_protocol(checkpoints):
     assert astuple(probe.optimizer_settings)[:6] == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert not probe.cache_features and list(probe.val_metrics) == ["val"]
-    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
+    assert (probe.extractor.readout, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
     assert probe.head[1].weight.shape == (1000, 2 * 48)
 
 

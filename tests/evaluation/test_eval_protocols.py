@@ -44,7 +44,7 @@ def test_vit_small_config_builds_the_authors_1536_feature_probe_without_batch_no
     model = yaml.safe_load((EVAL_DIR / "linear_imagenet_vit_small.yaml").read_text())["model"]
     settings = {key: model[key] for key in ("feature", "n_last_blocks", "bn_head", "bn_eps")}
     probe = LinearProbe("vit_small_patch16_224", num_classes=10, **settings)
-    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_blocks", 4 * 384) == ("cls_blocks", 1536)
+    assert (probe.extractor.readout, probe.extractor.out_dim) == ("cls_blocks", 4 * 384) == ("cls_blocks", 1536)
     assert isinstance(probe.head[0], nn.Identity) and probe.head[1].weight.shape == (10, 1536)
 
 
