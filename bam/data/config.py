@@ -1,4 +1,4 @@
-"""The multi-crop augmentation recipe, shared by the CPU and the on-device augmentation paths.
+"""The multi-crop augmentation settings, shared by the CPU and the on-device augmentation paths.
 
 Defaults are DINO's recipe as used by BAM: 2 global crops of 224 px (scale 0.25-1) and 6 local crops
 of 96 px (scale 0.05-0.25), each flipped, colour-jittered, possibly made grey, blurred and (second
@@ -18,7 +18,7 @@ from bam.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What one crop of the recipe needs: output size, area range and per-view probabilities."""
+    """What one crop of the settings needs: output size, area range and per-view probabilities."""
 
     size: int
     scale: tuple[float, float]
@@ -28,7 +28,7 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class ViewGroup:
-    """Consecutive views of the recipe with the same size and scale: both augmentation drivers
+    """Consecutive views of the settings with the same size and scale: both augmentation drivers
     crop and augment them as one stack, with one blur kernel and per-view probabilities."""
 
     size: int
@@ -45,7 +45,7 @@ class ViewGroup:
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    """The multi-crop recipe (DINO's numbers as defaults).
+    """The multi-crop augmentation settings (DINO's numbers as defaults).
 
     Args:
         num_global_crops: Number of large crops; they come first in the list of views.
