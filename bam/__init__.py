@@ -18,14 +18,15 @@ from bam._version import __version__
 
 if TYPE_CHECKING:
     from bam.callbacks.contrastive_crop import ContrastiveCrop
-    from bam.callbacks.extras import trainer_extras
+    from bam.callbacks.extras import pretrain_trainer_arguments, trainer_extras
     from bam.data import MultiCropConfig, SSLDataModule
     from bam.evaluation.cluster import run_clustering
     from bam.evaluation.embed import run_embed
     from bam.evaluation.finetune import FineTune
     from bam.evaluation.knn_stage import run_knn
     from bam.evaluation.linear import LinearProbe
-    from bam.io.export import export_backbone, load_backbone
+    from bam.io.backbone_reader import load_backbone
+    from bam.io.export_writer import export_backbone
     from bam.losses import BAMLoss, BAMObjective, DeepClusterV2Loss, DeepClusterV2Objective, DINOLoss, DINOObjective, SeLaLoss, SeLaObjective, SwAVLoss, SwAVObjective, balanced_target, bam_loss, positive_mask
     from bam.methods.bam import BAMModule
     from bam.methods.base import SSLMethod
@@ -78,10 +79,11 @@ _LAZY = {
     "BPA": "bam.transforms.bpa",
     "DataRecipe": "bam.recipe",
     # training and evaluation
-    "trainer_extras": "bam.callbacks.extras",
+    "pretrain_trainer_arguments": "bam.callbacks.extras",
+    "trainer_extras": "bam.callbacks.extras",  # its name before: warns, then answers
     "ContrastiveCrop": "bam.callbacks.contrastive_crop",
-    "load_backbone": "bam.io.export",
-    "export_backbone": "bam.io.export",
+    "load_backbone": "bam.io.backbone_reader",
+    "export_backbone": "bam.io.export_writer",
     "LinearProbe": "bam.evaluation.linear",
     "FineTune": "bam.evaluation.finetune",
     "run_knn": "bam.evaluation.knn_stage",

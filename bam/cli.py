@@ -12,7 +12,7 @@ import sys
 # stage name -> (module defining `main(argv)`, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("bam.pretrain", "pretrain an encoder (LightningCLI: --config, --print_config, --ckpt_path)"),
-    "export": ("bam.io.export", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
+    "export": ("bam.io.export_cli", "export a checkpoint's backbone (teacher by default) as safetensors + metadata"),
     "knn": ("bam.evaluation.knn_stage", "weighted k-NN accuracy of a frozen backbone (k=20, T=0.07; torchrun-ready)"),
     "embed": ("bam.evaluation.embed", "a folder (or list) of images -> features + file names, neighbour grid, 2-D map, attention maps"),
     "cluster": ("bam.evaluation.cluster", "k-means clustering of a frozen backbone's features, raw and BPA (NMI, ARI, acc)"),

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import InterpolationMode, v2
+
+# ImageNet's statistics and crop fraction, the defaults of every recipe (pretraining's multi-crop
+# normalisation included): the one copy of each
+IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
 DEFAULT_CROP_PCT = 0.875  # resize to size / 0.875, centre-crop size (224 from 256)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
@@ -45,8 +52,8 @@ class DataRecipe:
             preprocessing: recipes that differ only here are equal.
     """
 
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     input_size: int = 224
     crop_pct: float = DEFAULT_CROP_PCT
     interpolation: str = "bicubic"
@@ -72,6 +79,17 @@ class DataRecipe:
     def resize_size(self) -> int:
         """Short side images are resized to before the centre crop."""
         return round(self.input_size / self.crop_pct)
+
+    def eval_transform(self, resize: bool = True) -> v2.Compose:
+        """uint8 image -> normalised float, as the backbone must see it at evaluation: the short side
+        resized to `resize_size` (with `interpolation`), the centre `input_size` square cropped, then
+        scaled to [0, 1] and normalised. `resize=False` normalises images as they come (data whose
+        images are already at the backbone's size)."""
+        steps = [
+            v2.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
+            v2.CenterCrop(self.input_size),
+        ] if resize else []
+        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists, not tuples): what checkpoints and `config.json` store."""

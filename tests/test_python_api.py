@@ -67,8 +67,8 @@ def test_a_batch_of_the_wrong_shape_is_a_clear_error(tmp_path):
         quiet_trainer(tmp_path, max_steps=1).fit(tiny_module(), train_dataloaders=images)
 
 
-def test_trainer_extras_are_the_clis_callbacks_and_plugins(tmp_path):
-    extras = bam.trainer_extras(str(tmp_path), compare_baselines=True)
+def test_pretrain_trainer_arguments_are_the_clis_callbacks_and_plugins(tmp_path):
+    extras = bam.pretrain_trainer_arguments(str(tmp_path), compare_baselines=True)
     kinds = [type(callback) for callback in extras["callbacks"]]
     assert kinds == [RunCheckpoint, PreciseBatchNorm, OnlineKNN, PreemptionCheckpoint, CurvePlots]
     assert [type(plugin) for plugin in extras["plugins"]] == [AtomicCheckpointIO]

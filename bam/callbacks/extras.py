@@ -1,15 +1,16 @@
 """What `bam pretrain` adds to a Lightning Trainer, as one call for Python users.
 
-`trainer_extras(run_dir)` returns the Trainer arguments the command line sets up: the run
+`pretrain_trainer_arguments(run_dir)` returns the Trainer arguments the command line sets up: the run
 directory, the CSV and TensorBoard loggers (their `version_N` folders agree), periodic and
 last checkpoints written atomically, batch-norm re-estimation and online k-NN at the end,
 preemption handling and the curve plots:
 
-    trainer = pl.Trainer(max_epochs=100, **bam.trainer_extras("runs/bam"))
+    trainer = pl.Trainer(max_epochs=100, **bam.pretrain_trainer_arguments("runs/bam"))
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from pytorch_lightning.callbacks import Callback
@@ -21,7 +22,7 @@ from bam.training.plots import CurvePlots
 from bam.training.run_setup import CHECKPOINT_DEFAULTS, DEFAULT_LOGGERS
 
 
-def trainer_extras(
+def pretrain_trainer_arguments(
     run_dir: str = os.path.join("runs", "pretrain"),
     knn: bool = True,
     knn_every_n_epochs: int = 1,
@@ -58,3 +59,10 @@ def trainer_extras(
     if loggers:
         extras["logger"] = [cls(save_dir=run_dir, name=name) for cls, name in DEFAULT_LOGGERS.items()]
     return extras
+
+
+def trainer_extras(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The name `pretrain_trainer_arguments` had before: still answers, with one warning line."""
+    warnings.warn("bam.trainer_extras is now called bam.pretrain_trainer_arguments (same arguments); "
+                  "the old name will go in a later release", FutureWarning, stacklevel=2)
+    return pretrain_trainer_arguments(*args, **kwargs)

@@ -6,7 +6,8 @@ from bam.data.config import MultiCropConfig, ViewSpec
 from bam.data.contrastive_crop import CropBoxes, compute_boxes, heatmap, heatmap_boxes
 from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
-from bam.data.ffcv_data import FFCVDataModule, write_beton
+from bam.data.ffcv_convert import write_beton
+from bam.data.ffcv_loader import FFCVDataModule
 from bam.data.file_account import FileAccount
 from bam.data.image_decoding import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_image_file
 from bam.data.modules import BuiltinDataModule, ImageFolderDataModule, SSLDataModule

@@ -6,7 +6,7 @@ import importlib
 
 # command -> (module defining `main(argv)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ffcv": ("bam.data.ffcv_data", "write an FFCV .beton file from an image folder, a file list or a built-in dataset"),
+    "ffcv": ("bam.data.ffcv_convert", "write an FFCV .beton file from an image folder, a file list or a built-in dataset"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The multi-crop augmentation recipe, shared by the CPU and the on-device augmentation paths.
+"""The multi-crop augmentation settings, shared by the CPU and the on-device augmentation paths.
 
 Defaults are DINO's recipe as used by BAM: 2 global crops of 224 px (scale 0.25-1) and 6 local crops
 of 96 px (scale 0.05-0.25), each flipped, colour-jittered, possibly made grey, blurred and (second
@@ -12,15 +12,13 @@ import math
 from dataclasses import dataclass
 from itertools import groupby
 
-from bam.recipe import check_std
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from bam.ops.crops import check_crop_counts
+from bam.recipe import IMAGENET_MEAN, IMAGENET_STD, check_std
 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What one crop of the recipe needs: output size, area range and per-view probabilities."""
+    """What one crop of the settings needs: output size, area range and per-view probabilities."""
 
     size: int
     scale: tuple[float, float]
@@ -30,7 +28,7 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class ViewGroup:
-    """Consecutive views of the recipe with the same size and scale: both augmentation drivers
+    """Consecutive views of the settings with the same size and scale: both augmentation drivers
     crop and augment them as one stack, with one blur kernel and per-view probabilities."""
 
     size: int
@@ -47,7 +45,7 @@ class ViewGroup:
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    """The multi-crop recipe (DINO's numbers as defaults).
+    """The multi-crop augmentation settings (DINO's numbers as defaults).
 
     Args:
         num_global_crops: Number of large crops; they come first in the list of views.
@@ -96,10 +94,7 @@ class MultiCropConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.num_global_crops < 1:
-            raise ValueError(f"num_global_crops must be at least 1, got {self.num_global_crops}")
-        if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
+        check_crop_counts(self.num_global_crops, self.num_local_crops)
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5] turns, got {self.hue}")
         check_std(self.std, "crops std")

@@ -13,12 +13,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
-from bam.data.config import MultiCropConfig
 from bam.data.sources import ImageSource
-
-EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre-crop size (224 from 256)
 
 
 class TransformedSource(Dataset):
@@ -113,13 +110,3 @@ def square_base_transform(size: int) -> v2.Compose:
     centre square only (the CPU path crops from the whole image); square images are unaffected.
     """
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-
-
-def eval_transform(crops: MultiCropConfig, size: int | None) -> v2.Compose:
-    """Deterministic evaluation transform: bicubic resize + centre crop to ``size`` (None: keep the
-    image), as the evaluation stages do (``SSLDataModule.data_recipe``)."""
-    steps = [] if size is None else [
-        v2.Resize(round(size / EVAL_CROP_FRACTION), interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-    ]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(crops.mean), list(crops.std))])

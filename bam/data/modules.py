@@ -24,7 +24,6 @@ from bam.data.config import MultiCropConfig
 from bam.data.contrastive_crop import CropBoxes
 from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.datasets import (
-    EVAL_CROP_FRACTION,
     IndexedSource,
     ReadableLoader,
     TransformedSource,
@@ -32,7 +31,6 @@ from bam.data.datasets import (
     collate_images_and_indices,
     collate_indexed_images,
     collate_views,
-    eval_transform,
     readable,
     square_base_transform,
 )
@@ -41,7 +39,7 @@ from bam.data.resumable import ResumableDataLoader, ResumableSampler
 from bam.data.seeding import SeededSamples, batch_seed, seeded_random
 from bam.data.sources import ImageSource, Subset, balanced_subset
 from bam.data.splits import ImageFolderSplits, LabelledSplits, require_locations
-from bam.recipe import DataRecipe
+from bam.recipe import DEFAULT_CROP_PCT, DataRecipe
 
 AugmentOn = Literal["cpu", "device"]
 
@@ -187,7 +185,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         cropped = self.eval_size is not None
         size = self.eval_size if cropped else self.crops.global_size
         trained_on = (self.crops.global_size, self.crops.local_size)[: 1 + (self.crops.num_local_crops > 0)]
-        return DataRecipe(self.crops.mean, self.crops.std, size, EVAL_CROP_FRACTION if cropped else 1.0, "bicubic",
+        return DataRecipe(self.crops.mean, self.crops.std, size, DEFAULT_CROP_PCT if cropped else 1.0, "bicubic",
                           trained_on)
 
     # -- k-NN evaluation ----------------------------------------------------------------------
@@ -200,7 +198,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
         """
         self.setup()
         bank = self.train_source.subset(balanced_subset(self.train_source.labels, self.knn_bank_fraction, self.seed))
-        transform = eval_transform(self.crops, self.eval_size)
+        transform = self.data_recipe().eval_transform(resize=self.eval_size is not None)
         return tuple(
             self._loader(TransformedSource(source.dropping_unreadable(), transform), readable(collate_images),
                          self.knn_batch_size, shuffle=False)

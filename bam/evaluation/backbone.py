@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bam.io import BackboneSpec, load_state_strict
-from bam.io.export import read_backbone
+from bam.io.backbone_reader import read_backbone
 from bam.models.backbones import build_backbone
 from bam.ops.errors import UserInputError
 

@@ -5,9 +5,11 @@ the best and last accuracies at the end of training (printed and written to
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
@@ -21,7 +23,8 @@ from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.ops.errors import UserInputError
 from bam.recipe import DataRecipe
-from bam.training.optim import LrSchedule, optimizer_with_schedule
+from bam.losses.settings import settings_of
+from bam.training.optim import OptimizerSettings, optimizer_with_schedule
 from bam.training.health import TrainingDiverged, check_and_record, checkpoint_directory
 from bam.training.schedules import apply_lr_schedule, global_batch_size, rebuild_lr_schedule_on_resume
 
@@ -42,48 +45,34 @@ def accuracy_metrics(num_classes: int) -> MetricCollection:
 class ClassificationStage(pl.LightningModule):
     """Base of the supervised evaluation stages.
 
-    Subclasses call `save_hyperparameters()` with these arguments among theirs, and implement
-    `trainable` (the module the optimiser updates), `training_step` and `classify` (the logits of
-    each evaluated model, e.g. `{"val": ..., "val_ema": ...}`).
+    Subclasses call `save_hyperparameters()` with these arguments among theirs, then
+    `record_optimizer()`, and implement `trainable` (the module the optimiser updates),
+    `training_step` and `classify` (the logits of each evaluated model, e.g. `{"val": ..., "val_ema": ...}`).
 
     Args:
         num_classes: Number of classes (the CLI takes it from the data).
         evaluated: Names of the models `classify` returns logits for.
-        optimizer: Any optimiser timm's factory knows (sgd, adamw, lars, ...).
-        lr: Peak learning rate per 256 images; the peak used is `lr * global batch / 256`.
-        min_lr: Learning rate at the end of the cosine decay.
-        warmup_epochs: Linear warm-up from 0, in epochs (applied per step).
-        weight_decay: Weight decay (never on biases and 1-D parameters).
-        momentum: Momentum of SGD-like optimisers.
-        lr_schedule: After the warm-up, "cosine" (to `min_lr`) or "step" (the lr times
-            `lr_decay_rate` at the start of each of `lr_decay_epochs`: SwAV's semi-supervised recipe).
-        lr_decay_epochs: Epochs at which the "step" schedule decays the lr, e.g. [12, 16].
-        lr_decay_rate: Factor of each "step" decay.
+        optimizer: The optimiser and lr schedule (`bam.training.optim.OptimizerSettings`; a mapping
+            of its fields too, as a checkpoint holds them).
     """
 
     def __init__(
         self,
         num_classes: int,
         evaluated: tuple[str, ...] = ("val",),
-        optimizer: str = "sgd",
-        lr: float = 0.002,
-        min_lr: float = 0.0,
-        warmup_epochs: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        lr_schedule: str = "cosine",
-        lr_decay_epochs: Optional[list[float]] = None,
-        lr_decay_rate: float = 0.1,
+        optimizer: OptimizerSettings | Mapping[str, Any] = OptimizerSettings(),
     ) -> None:
         super().__init__()
-        self.optimizer_name = optimizer
-        self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
-        self.schedule = LrSchedule(lr_schedule, warmup_epochs, min_lr, tuple(lr_decay_epochs or ()), lr_decay_rate)
-        self.weight_decay, self.momentum = weight_decay, momentum
+        self.optimizer_settings = settings_of(OptimizerSettings, optimizer, {})
         self.val_metrics = nn.ModuleDict({name: accuracy_metrics(num_classes) for name in evaluated})
         self.history: list[dict[str, float]] = []  # one entry per validated epoch
         self.last_loss: Tensor | None = None  # the latest finite training loss (recorded in checkpoints)
         self.recipe: DataRecipe | None = None  # the evaluated backbone's data recipe, if it records one
+
+    def record_optimizer(self) -> None:
+        """Keep the optimiser settings in the hyperparameters as plain values (checkpoints then load
+        without unpickling any class); call after `save_hyperparameters()`."""
+        self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_settings)
 
     # ----------------------------------------------------------------- subclass interface
     def trainable(self) -> nn.Module:
@@ -211,12 +200,12 @@ class ClassificationStage(pl.LightningModule):
         and a per-step warm-up + cosine schedule. timm's schedulers multiply each group's learning
         rate by its `lr_scale` (layer-wise decay) every time they set it, so per-group scales take
         effect from the first step."""
-        config = optimizer_with_schedule(
-            self.trainer, self.trainable(), self.global_batch_size(), self.optimizer_name, self.lr, self.min_lr,
-            self.warmup_epochs, self.weight_decay, self.momentum, schedule=self.schedule, own_lr=self.own_lr(),
-            **self.optimizer_options(),
+        settings = self.optimizer_settings
+        return optimizer_with_schedule(
+            self.trainer, self.trainable(), self.global_batch_size(), settings.name, settings.lr, settings.min_lr,
+            settings.warmup_epochs, settings.weight_decay, settings.momentum, schedule=settings.schedule(),
+            own_lr=self.own_lr(), **self.optimizer_options(),
         )
-        return config
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)

@@ -27,12 +27,10 @@ from torch import Tensor
 
 from bam.data.file_account import SKIPPED_LOG, settle_accounts
 from bam.ops.distributed import rank
-from bam.shipped_configs import with_config_names
 from bam.training.run_cli import one_line_errors
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process
-from bam.evaluation.knn_stage import BPA_MAX_SET
-from bam.transforms import bpa as bpa_transform
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, spaces_in, stage_arguments
+from bam.transforms import BPASettings
 
 RESULTS_FILE = "cluster_results.json"
 PLOT_FILE = "clusters.png"
@@ -95,22 +93,15 @@ def cluster_features(
     features: Tensor,
     labels: Tensor,
     num_clusters: int,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     **kmeans_settings: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Tensor]]:
     """Metrics and cluster assignments of k-means on the L2-normalised `features` (`raw`) and,
-    with `bpa`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`).
+    with `bpa.enabled`, on their BPA transform (the whole set at once, rows L2-normalised as well: `bpa`).
     `kmeans_settings` (restarts, iterations, seed) are those of `kmeans`, with its defaults."""
     spaces = {"raw": F.normalize(features.float(), dim=1)}
-    if bpa:
-        if len(features) > BPA_MAX_SET:
-            raise ValueError(
-                f"BPA transforms all {len(features)} images as one set, more than BPA_MAX_SET={BPA_MAX_SET} "
-                "(its affinities would not fit); cluster a class-balanced `fraction` of the split"
-            )
-        spaces["bpa"] = F.normalize(bpa_transform(spaces["raw"], bpa_reg, bpa_iterations), dim=1)
+    if bpa.enabled:
+        spaces["bpa"] = F.normalize(bpa.transform(spaces["raw"], "cluster a class-balanced `fraction` of the split"), dim=1)
     results, assignments = {}, {}
     for name, points in spaces.items():
         assignments[name], _, inertia = kmeans(points, num_clusters, **kmeans_settings)
@@ -125,9 +116,7 @@ def run_clustering(
     restarts: int = 10,
     kmeans_iterations: int = 100,
     seed: int = 0,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     output_dir: str = "runs/cluster",
     **frozen: Any,
 ) -> dict[str, Any]:
@@ -141,9 +130,8 @@ def run_clustering(
         restarts: k-means++ restarts; the lowest inertia is kept.
         kmeans_iterations: Most Lloyd iterations per restart (stops earlier once stable).
         seed: Seed of the k-means initialisations.
-        bpa: Also cluster the BPA transform of the features (the whole clustered set as one set).
-        bpa_reg: BPA's entropic regularisation.
-        bpa_iterations: BPA's Sinkhorn iterations.
+        bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
+            `enabled`, also cluster the BPA transform of the features (the whole clustered set as one set).
         output_dir: Where the JSON result is written (by process 0).
         **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
 
@@ -158,13 +146,13 @@ def run_clustering(
     files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics, assignments = cluster_features(
-        features.to(device), labels, num_clusters, bpa, bpa_reg, bpa_iterations,
+        features.to(device), labels, num_clusters, bpa,
         restarts=restarts, iterations=kmeans_iterations, seed=seed,
     )
     result = {
         **metrics, "num_images": len(labels), "num_clusters": num_clusters, "split": split, "files": files,
-        "backbone": backbone, "feature": extractor.recipe, "restarts": restarts, "seed": seed,
-        "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+        "backbone": backbone, "feature": extractor.readout, "restarts": restarts, "seed": seed,
+        "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))
     if rank() == 0:
@@ -205,10 +193,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"({result['feature']} features, best of {result['restarts']} k-means++ runs)",
         f"{'features':<10}{'NMI':>8}{'ARI':>8}{'acc':>8}",
     ]
-    for name, label in (("raw", "raw"), ("bpa", "BPA")):
-        if name in result:
-            row = result[name]
-            lines.append(f"{label:<10}{row['nmi']:>8.4f}{row['ari']:>8.4f}{row['accuracy']:>8.4f}")
+    for name in spaces_in(result):
+        row = result[name]
+        lines.append(f"{SPACE_LABELS[name]:<10}{row['nmi']:>8.4f}{row['ari']:>8.4f}{row['accuracy']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -219,4 +206,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam cluster --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
     with one_line_errors("bam cluster"):
-        CLI(run_clustering, args=with_config_names("cluster", argv), as_positional=False, prog="bam cluster")
+        CLI(run_clustering, args=stage_arguments("cluster", argv), as_positional=False, prog="bam cluster")

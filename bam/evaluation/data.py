@@ -25,7 +25,7 @@ from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
 from bam.data.builtin import load_builtin
 from bam.data.datasets import ReadableLoader, TransformedSource, collate_images, readable
@@ -149,12 +149,8 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         return int(max(self.train_source.labels.max(), self.val_source.labels.max())) + 1
 
     def eval_transform(self) -> v2.Compose:
-        """uint8 image -> normalised float: bicubic resize of the short side, centre crop."""
-        return v2.Compose([
-            v2.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
-            v2.CenterCrop(self.image_size),
-            *_to_float(self),
-        ])
+        """uint8 image -> normalised float: the evaluation transform of the recipe in use."""
+        return self.data_recipe().eval_transform()
 
     def train_transform(self) -> Transform:
         return TRAIN_AUGMENTATIONS[self.augment](self)

@@ -140,7 +140,7 @@ def run_embed(
         format: Output format, a key of `EMBEDDING_FORMATS` (`torch`, `csv`, `npy`; see above).
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         batch_size: Images per batch and process.
         num_workers: DataLoader worker processes (0: read in the main process).
         image_size: Side of the centre crop the backbone sees (default: its data recipe's).
@@ -178,9 +178,9 @@ def run_embed(
         if pictures.enabled:
             written += write_pictures(pictures, features, dataset, indices, preprocessing.mean, preprocessing.std,
                                       output, labels, class_names, extractor.backbone)
-        print(f"bam embed: {len(features)} images -> {features.shape[1]}-d {extractor.recipe} features; wrote "
+        print(f"bam embed: {len(features)} images -> {features.shape[1]}-d {extractor.readout} features; wrote "
               + ", ".join(str(path) for path in written), flush=True)
-    return {"num_images": len(features), "dim": int(features.shape[1]), "feature": extractor.recipe,
+    return {"num_images": len(features), "dim": int(features.shape[1]), "feature": extractor.readout,
             "files": [str(path) for path in written], "file_account": account}
 
 

@@ -22,15 +22,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.ops.errors import UserInputError
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process
-from bam.shipped_configs import with_config_names
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, result_plot, spaces_in, stage_arguments
 from bam.training.run_cli import one_line_errors
-from bam.transforms import bpa as bpa_transform
+from bam.transforms import BPASettings
 
 RESULTS_FILE = "fewshot_results.json"
 PLOT_FILE = "fewshot.png"
@@ -78,9 +76,7 @@ def episode_accuracies(
     shots: int = 1,
     queries: int = 15,
     episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Per-episode accuracies `(episodes,)` of the prototype classifier on the L2-normalised
@@ -90,13 +86,13 @@ def episode_accuracies(
         raise ValueError(f"need ways >= 2 and shots, queries, episodes >= 1; got {ways}, {shots}, {queries}, {episodes}")
     unit = F.normalize(features.float(), dim=1)
     generator = torch.Generator().manual_seed(seed)
-    results: dict[str, list[float]] = {"raw": [], **({"bpa": []} if bpa else {})}
+    results: dict[str, list[float]] = {"raw": [], **({"bpa": []} if bpa.enabled else {})}
     for _ in range(episodes):
         support, query = sample_episode(labels, ways, shots, queries, generator)
         episode = unit[torch.cat([support, query]).to(unit.device)]
         results["raw"].append(prototype_accuracy(episode[: len(support)], episode[len(support) :], ways, shots))
-        if bpa:
-            moved = bpa_transform(episode, bpa_reg, bpa_iterations)
+        if bpa.enabled:
+            moved = bpa.transform(episode, "use fewer ways, shots or queries")
             results["bpa"].append(prototype_accuracy(moved[: len(support)], moved[len(support) :], ways, shots))
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in results.items()}
 
@@ -136,7 +132,7 @@ def evaluate_fewshot(
     features: Tensor, labels: Tensor, shots: Sequence[int] = (1, 5), **episode_settings: Any
 ) -> dict[str, dict[str, dict[str, float]]]:
     """`{"<K>-shot": {"raw": {"mean", "ci95"}, "bpa": {...}}}` for every K in `shots` (percent);
-    `episode_settings` (ways, queries, episodes, bpa, bpa_reg, bpa_iterations, seed) are those of
+    `episode_settings` (ways, queries, episodes, bpa, seed) are those of
     `episode_accuracies`, with its defaults."""
     return {
         f"{k}-shot": {
@@ -154,9 +150,7 @@ def run_fewshot(
     shots: list[int] = [1, 5],  # noqa: B006 (jsonargparse reads the default from the signature)
     queries: int = 15,
     episodes: int = 600,
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     seed: int = 0,
     novel_classes: Optional[str] = None,
     output_dir: str = "runs/fewshot",
@@ -172,9 +166,8 @@ def run_fewshot(
         shots: Support images per class (K); one result per value.
         queries: Query images per class and episode.
         episodes: Episodes per shot count (the usual protocol: 600 or more).
-        bpa: Also classify on each episode's BPA transform (support + queries as one set).
-        bpa_reg: BPA's entropic regularisation (the paper: 0.1).
-        bpa_iterations: BPA's Sinkhorn iterations.
+        bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
+            `enabled`, also classify on each episode's BPA transform (support + queries as one set).
         seed: Seed of the episodes (the same episodes for raw and BPA).
         novel_classes: File listing the only classes episodes draw from, one per line: class folder
             names (e.g. `n01440764`) or integer labels; the novel classes of a few-shot split, not
@@ -194,14 +187,13 @@ def run_fewshot(
         kept = torch.isin(labels, torch.tensor(novel))
         features, labels = features[kept], labels[kept]
     scores = evaluate_fewshot(
-        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, bpa_reg=bpa_reg,
-        bpa_iterations=bpa_iterations, seed=seed,
+        features.to(device), labels, shots, ways=ways, queries=queries, episodes=episodes, bpa=bpa, seed=seed,
     )
     result = {
         "results": scores, "ways": ways, "queries": queries, "episodes": episodes, "split": split,
-        "num_images": len(labels), "backbone": backbone, "feature": extractor.recipe, "seed": seed,
+        "num_images": len(labels), "backbone": backbone, "feature": extractor.readout, "seed": seed,
         "novel_classes": None if novel is None else {"file": novel_classes, "labels": novel},
-        "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+        "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))
     return result
@@ -209,11 +201,11 @@ def run_fewshot(
 
 def format_table(result: dict[str, Any]) -> str:
     """Mean accuracy +- 95% CI per shot count, one column per feature space."""
-    spaces = [name for name in ("raw", "bpa") if name in next(iter(result["results"].values()))]
+    spaces = spaces_in(next(iter(result["results"].values())))
     lines = [
         f"{result['ways']}-way few-shot, {result['queries']} queries per class, {result['episodes']} episodes "
         f"({result['num_images']} {result['split']} images, {result['feature']} features; mean accuracy % +- 95% CI)",
-        f"{'':<8}" + "".join(f"{'BPA' if name == 'bpa' else 'raw':>16}" for name in spaces),
+        f"{'':<8}" + "".join(f"{SPACE_LABELS[name]:>16}" for name in spaces),
     ]
     for shot, row in result["results"].items():
         lines.append(f"{shot:<8}" + "".join(f"{row[name]['mean']:>9.2f} +-{row[name]['ci95']:>5.2f}" for name in spaces))
@@ -222,22 +214,16 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot_results(result: dict[str, Any], path: Path) -> None:
     """Bar chart: mean accuracy per shot count, raw and BPA side by side, 95% CI as error bars."""
-    figure = Figure(figsize=(5, 3.5), dpi=120)
-    axes = figure.add_subplot()
     shots = list(result["results"])
-    spaces = [name for name in ("raw", "bpa") if name in result["results"][shots[0]]]
+    spaces = spaces_in(result["results"][shots[0]])
     width = 0.8 / len(spaces)
-    for offset, name in enumerate(spaces):
-        positions = [index + (offset - (len(spaces) - 1) / 2) * width for index in range(len(shots))]
-        axes.bar(positions, [result["results"][shot][name]["mean"] for shot in shots], width,
-                 yerr=[result["results"][shot][name]["ci95"] for shot in shots], capsize=4,
-                 label="BPA" if name == "bpa" else "raw")
-    axes.set_xticks(range(len(shots)), shots)
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"{result['ways']}-way few-shot, {result['episodes']} episodes (95% CI)")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
+    with result_plot(path) as axes:
+        for offset, name in enumerate(spaces):
+            positions = [index + (offset - (len(spaces) - 1) / 2) * width for index in range(len(shots))]
+            axes.bar(positions, [result["results"][shot][name]["mean"] for shot in shots], width,
+                     yerr=[result["results"][shot][name]["ci95"] for shot in shots], capsize=4, label=SPACE_LABELS[name])
+        axes.set_xticks(range(len(shots)), shots)
+        axes.set(ylabel="accuracy (%)", title=f"{result['ways']}-way few-shot, {result['episodes']} episodes (95% CI)")
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
@@ -248,4 +234,4 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam fewshot --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
     with one_line_errors("bam fewshot"):
-        CLI(run_fewshot, args=with_config_names("fewshot", argv), as_positional=False, prog="bam fewshot")
+        CLI(run_fewshot, args=stage_arguments("fewshot", argv), as_positional=False, prog="bam fewshot")

@@ -28,6 +28,10 @@ from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.stage_cli import run_stage
 from bam.io import BackboneSpec
 from bam.io.finetune_checkpoint import ARCHITECTURE_KEY
+from bam.training.optim import OptimizerSettings
+
+# BEiT/MAE-style fine-tuning: AdamW, 5 warm-up epochs, cosine to 1e-6
+FINETUNE_OPTIMIZER = OptimizerSettings("adamw", lr=5e-4, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05)
 
 
 def _with_stochastic_depth(spec: BackboneSpec, drop_path_rate: float) -> nn.Module:
@@ -68,8 +72,8 @@ class FineTune(ClassificationStage):
         ema_decay: Decay of that average per optimiser step.
         head_lr: Peak learning rate of the new classifier, per 256 images (None: `lr`, as the
             trunk); SwAV's semi-supervised recipe trains the head 10-250x faster than the trunk.
-        optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
-        lr_schedule, lr_decay_epochs, lr_decay_rate: See `ClassificationStage`.
+        optimizer: The optimiser and lr schedule (`bam.training.optim.OptimizerSettings`; here by
+            default AdamW, lr 5e-4 per 256 images, 5 warm-up epochs, cosine to 1e-6, weight decay 0.05).
     """
 
     def __init__(
@@ -88,20 +92,12 @@ class FineTune(ClassificationStage):
         ema: bool = False,
         ema_decay: float = 0.9999,
         head_lr: Optional[float] = None,
-        optimizer: str = "adamw",
-        lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 5.0,
-        weight_decay: float = 0.05,
-        momentum: float = 0.9,
-        lr_schedule: str = "cosine",
-        lr_decay_epochs: Optional[list[float]] = None,
-        lr_decay_rate: float = 0.1,
+        optimizer: OptimizerSettings = FINETUNE_OPTIMIZER,
     ) -> None:
         evaluated = ("val", "val_ema") if ema else ("val",)
-        super().__init__(num_classes, evaluated, optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum,
-                         lr_schedule, lr_decay_epochs, lr_decay_rate)
+        super().__init__(num_classes, evaluated, optimizer)
         self.save_hyperparameters()
+        self.record_optimizer()
         if head_lr is not None and head_lr <= 0:
             raise ValueError(f"head_lr must be positive (or null: the trunk's lr), got {head_lr}")
         self.head_lr = head_lr

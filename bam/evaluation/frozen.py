@@ -2,19 +2,58 @@
 `bam cluster`, `bam fewshot`): the device, the process group `torchrun` describes, and the feature extractor."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
+from bam.training.moved_keys import MovedKey, is_flag, read_moved_keys
 from bam.data.sources import Subset
 from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
-from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_readout
+from bam.shipped_configs import with_config_names
+
+# the BPA settings were three flat keys (`bpa: true`, `bpa_reg`, `bpa_iterations`) before they
+# became one `bpa` group (`bam.transforms.BPASettings`)
+BPA_MOVED_KEYS = (
+    MovedKey("bpa", "bpa.enabled", is_flag), MovedKey("bpa_reg", "bpa.reg"), MovedKey("bpa_iterations", "bpa.iterations"),
+)
+
+
+# the feature spaces the frozen-feature stages report, in order, as their tables and plots name them
+SPACE_LABELS = {"raw": "raw", "bpa": "BPA"}
+
+
+def spaces_in(scores: Mapping[str, Any]) -> list[str]:
+    """The feature spaces (`SPACE_LABELS`) that `scores` has an entry for, in order."""
+    return [name for name in SPACE_LABELS if name in scores]
+
+
+@contextlib.contextmanager
+def result_plot(path: Path) -> Iterator[Any]:
+    """Axes of a small result figure: draw on them (labelling the series for the legend) and the
+    figure is saved to `path` with its legend."""
+    from matplotlib.figure import Figure  # here: importing matplotlib is slow, and only plotting needs it
+
+    figure = Figure(figsize=(5, 3.5), dpi=120)
+    axes = figure.add_subplot()
+    yield axes
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def stage_arguments(stage: str, argv: list[str]) -> list[str]:
+    """`argv` of a frozen-backbone stage with shipped config names resolved and old BPA keys read
+    at their new place (one line each)."""
+    return read_moved_keys(with_config_names(stage, argv), BPA_MOVED_KEYS, f"bam {stage}")
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -36,13 +75,13 @@ def init_distributed(device: torch.device) -> None:
 def frozen_extractor(
     backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule
 ) -> FeatureExtractor:
-    """The named backbone (see `resolve_backbone`), frozen, with its feature recipe (`auto`: a ViT's
+    """The named backbone (see `resolve_backbone`), frozen, with its feature readout (`auto`: a ViT's
     class token, otherwise the pooled output); `data` takes the backbone's data recipe for the
     settings it leaves unset."""
     spec = resolve_backbone(backbone, which, arch)
     data.apply_recipe(spec.recipe, backbone)
     model = build_from_spec(spec)
-    return FeatureExtractor(model, resolve_recipe(feature, model, vit_default="cls"))
+    return FeatureExtractor(model, resolve_readout(feature, model, vit_default="cls"))
 
 
 class EmbeddedSplit(NamedTuple):
@@ -76,7 +115,7 @@ def embed_split(
         purpose: What the progress bar says the embedding is for.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         split: The split evaluated: "val" (held out) or "train".
         fraction: Class-balanced fraction of the split embedded, or a subset list file naming the
             images to embed (one file name per line, SimCLR's format).

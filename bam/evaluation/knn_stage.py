@@ -20,7 +20,7 @@ transductive few-shot episodes (support and queries transformed together), each 
 transformed together with the whole bank: the set is `bank + batch`, so a query sees the bank
 and the other queries of its batch, never those of other batches, and the result depends on the
 batch size (and, under `torchrun`, on the sharding). The set's `(N + B)^2` affinities must fit
-on the device (`BPA_MAX_SET` items at most); `bank_fraction` shrinks the bank.
+on the device (`bam.transforms.bpa.BPA_MAX_SET` items at most); `bank_fraction` shrinks the bank.
 """
 from __future__ import annotations
 
@@ -39,7 +39,13 @@ from bam.ops.errors import UserInputError
 from bam.ops.distributed import all_reduce_
 from bam.evaluation.classifier import accuracy_metrics
 from bam.evaluation.data import ClassificationDataModule, LabelSetError
-from bam.evaluation.frozen import frozen_extractor, init_distributed, report_on_first_process, select_device
+from bam.evaluation.frozen import (
+    frozen_extractor,
+    init_distributed,
+    report_on_first_process,
+    select_device,
+    stage_arguments,
+)
 from bam.features.extract import (
     NonFiniteFeaturesError,
     embed_dataset,
@@ -48,12 +54,10 @@ from bam.features.extract import (
     shard_batches,
     shard_indices,
 )
-from bam.shipped_configs import with_config_names
 from bam.training.run_cli import one_line_errors
-from bam.transforms import bpa as bpa_transform
+from bam.transforms import BPASettings
 
 RESULTS_FILE = "knn_results.json"
-BPA_MAX_SET = 32768  # bank + query batch: a (N + B)^2 float32 matrix of 4 GiB, a few copies at once
 
 
 @torch.no_grad()
@@ -120,9 +124,7 @@ def run_knn(
     bank_chunk_rows: int = 65536,
     accelerator: str = "auto",
     output_dir: str = "runs/knn",
-    bpa: bool = False,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(enabled=False),
 ) -> dict[str, Any]:
     """Weighted k-NN accuracy of a frozen backbone; printed and written to `output_dir/knn_results.json`.
 
@@ -132,7 +134,7 @@ def run_knn(
         data: The labelled data: bank = training split, queries = held-out split.
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`); `auto`: ViT class token, else pooled.
+        feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         k: Number of neighbours that vote, or several (`--k 10 20 100 200`, as DINO's `--nb_knn`):
             the neighbours are found once, for the largest, and every count is reported; the
             first listed is the headline (`top1`, `top5` of the result).
@@ -142,9 +144,9 @@ def run_knn(
         bank_chunk_rows: Bank rows on the device at a time when scoring.
         accelerator: "auto" (CUDA when available), "cpu" or "cuda".
         output_dir: Where the JSON result is written (by process 0).
-        bpa: Transform each query batch together with the bank by BPA before the vote (see above).
-        bpa_reg: BPA's entropic regularisation.
-        bpa_iterations: BPA's Sinkhorn iterations.
+        bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
+            `enabled`, also transform each query batch together with the bank by BPA before the vote (see
+            above; off by default).
 
     Unreadable files are left out of the bank and the queries (not replaced); `files` in the
     result counts what was found, read and skipped (the paths in `output_dir/skipped_files.tsv`).
@@ -173,8 +175,8 @@ def run_knn(
     for features, labels, _ in progress_bar(batches, "k-NN: classifying the queries", total):
         require_finite(features, "val")
         voters = bank
-        if bpa:
-            features, voters = bpa_with_bank(features, bank, bpa_reg, bpa_iterations)
+        if bpa.enabled:
+            features, voters = bpa_with_bank(features, bank, bpa)
         similarity, neighbour_labels = nearest_neighbours_streamed(features, voters, bank_labels, max(counts), bank_chunk_rows)
         for count in counts:
             votes = neighbour_votes(similarity, neighbour_labels, num_classes, count, temperature)
@@ -188,25 +190,19 @@ def run_knn(
     result = {
         **by_k[str(counts[0])], "k": counts[0], "by_k": by_k, "temperature": temperature, "bank_size": len(bank),
         "num_queries": int(all_reduce_(num_queries)), "files": files,
-        "backbone": backbone, "feature": extractor.recipe,
-        "bpa": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+        "backbone": backbone, "feature": extractor.readout,
+        "bpa": bpa.recorded(),
     }
     _report(result, Path(output_dir))
     return result
 
 
 @torch.no_grad()
-def bpa_with_bank(query: Tensor, bank: Tensor, reg: float = 0.1, iterations: int = 10) -> tuple[Tensor, Tensor]:
+def bpa_with_bank(query: Tensor, bank: Tensor, bpa: BPASettings = BPASettings()) -> tuple[Tensor, Tensor]:
     """BPA features of a query batch and of the bank, transformed as one set `bank + query`
     (on the query's device); the bank's rows come back L2-normalised, as `knn_scores_streamed`
     expects its bank."""
-    size = len(bank) + len(query)
-    if size > BPA_MAX_SET:
-        raise ValueError(
-            f"BPA transforms the bank and a query batch as one set of {size} items, more than "
-            f"BPA_MAX_SET={BPA_MAX_SET} (its affinities would not fit); lower bank_fraction or the batch size"
-        )
-    features = bpa_transform(torch.cat([bank.to(query.device), query.float()]), reg, iterations)
+    features = bpa.transform(torch.cat([bank.to(query.device), query.float()]), "lower bank_fraction or the batch size")
     return features[len(bank) :], F.normalize(features[: len(bank)], dim=1)
 
 
@@ -246,4 +242,4 @@ def gather_values(argv: list[str], option: str) -> list[str]:
 def main(argv: list[str]) -> None:
     """`bam knn --backbone PATH --data CLASS [--k 10 20 ...] [--config FILE] [--print_config] [overrides]`."""
     with one_line_errors("bam knn", also=(NonFiniteFeaturesError, LabelSetError)):
-        CLI(run_knn, args=gather_values(with_config_names("knn", argv), "--k"), as_positional=False, prog="bam knn")
+        CLI(run_knn, args=gather_values(stage_arguments("knn", argv), "--k"), as_positional=False, prog="bam knn")

@@ -31,7 +31,8 @@ from bam.evaluation.backbone import (
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule
 from bam.evaluation.stage_cli import run_stage
-from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, require_finite, resolve_readout
+from bam.training.optim import OptimizerSettings
 
 BACKBONE_PREFIX = "extractor."
 
@@ -45,7 +46,7 @@ class LinearProbe(ClassificationStage):
         num_classes: Number of classes (the CLI takes it from the data).
         which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
-        feature: Feature recipe (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
+        feature: Feature readout (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
             for ViTs, pooled features otherwise), `cls_blocks` (CLS tokens only: the authors'
             ViT-S protocol with `n_last_blocks` 4), `cls_patch_mean`, `cls` or `pooled`.
         n_last_blocks: Blocks whose class tokens a ViT's features include.
@@ -53,7 +54,8 @@ class LinearProbe(ClassificationStage):
             linear layer (the authors' `--bn_head`; their ViT-B script sets it, their default is off).
         bn_eps: Epsilon of that BatchNorm1d (the authors': 1e-6).
         cache_features: Embed every image once (no augmentation) and train on those features.
-        optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum: See `ClassificationStage`.
+        optimizer: The optimiser and lr schedule (`bam.training.optim.OptimizerSettings`; here by
+            default SGD, momentum 0.9, no weight decay, lr 0.002 per 256 images, cosine to 0).
     """
 
     def __init__(
@@ -67,21 +69,17 @@ class LinearProbe(ClassificationStage):
         bn_head: bool = True,
         bn_eps: float = 1e-6,
         cache_features: bool = False,
-        optimizer: str = "sgd",
-        lr: float = 0.002,
-        min_lr: float = 0.0,
-        warmup_epochs: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
+        optimizer: OptimizerSettings = OptimizerSettings(),
     ) -> None:
-        super().__init__(num_classes, ("val",), optimizer, lr, min_lr, warmup_epochs, weight_decay, momentum)
+        super().__init__(num_classes, ("val",), optimizer)
         self.save_hyperparameters()
+        self.record_optimizer()
         spec = resolve_backbone(backbone, which, arch)
         self.recipe = spec.recipe
         net = build_from_spec(spec)
         self.backbone_fingerprint = weights_fingerprint(net)  # checkpoints keep it instead of the backbone
-        recipe = resolve_recipe(feature, net, vit_default="cls_patch_mean")
-        self.extractor = FeatureExtractor(net, recipe, n_last_blocks)
+        readout = resolve_readout(feature, net, vit_default="cls_patch_mean")
+        self.extractor = FeatureExtractor(net, readout, n_last_blocks)
         self.cache_features = cache_features
         linear = nn.Linear(self.extractor.out_dim, num_classes)
         nn.init.normal_(linear.weight, std=0.01)

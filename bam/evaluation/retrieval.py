@@ -38,16 +38,13 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import embed_split, report_on_first_process
-from bam.evaluation.knn_stage import BPA_MAX_SET
+from bam.evaluation.frozen import SPACE_LABELS, embed_split, report_on_first_process, result_plot, spaces_in, stage_arguments
 from bam.features.extract import embed_dataset, progress_bar, shard_indices
 from bam.ops.distributed import gather_rows
-from bam.shipped_configs import with_config_names
-from bam.transforms import bpa as bpa_transform
+from bam.transforms import BPASettings
 
 RESULTS_FILE = "retrieval_results.json"
 PLOT_FILE = "recall_at_k.png"
@@ -133,17 +130,13 @@ def evaluate_retrieval(
     }
 
 
-def bpa_retrieval_set(retrieval: RetrievalSet, reg: float = 0.1, iterations: int = 10) -> RetrievalSet:
+def bpa_retrieval_set(retrieval: RetrievalSet, bpa: BPASettings = BPASettings()) -> RetrievalSet:
     """The same queries and gallery, re-described by BPA as one set (gallery rows, then the queries
     that are not gallery rows), rows L2-normalised."""
     separate = retrieval.self_index is None
     members = torch.cat([retrieval.gallery, retrieval.queries]) if separate else retrieval.gallery
-    if len(members) > BPA_MAX_SET:
-        raise ValueError(
-            f"BPA transforms all {len(members)} evaluated images as one set, more than BPA_MAX_SET={BPA_MAX_SET} "
-            "(its affinities would not fit); evaluate a class-balanced `fraction` of the queries, or set bpa: false"
-        )
-    moved = F.normalize(bpa_transform(members, reg, iterations), dim=1)
+    remedy = "evaluate a class-balanced `fraction` of the queries, or set bpa.enabled: false"
+    moved = F.normalize(bpa.transform(members, remedy), dim=1)
     gallery = moved[: len(retrieval.gallery)]
     queries = moved[len(retrieval.gallery) :] if separate else gallery[retrieval.self_index.to(moved.device)]
     return retrieval._replace(queries=queries, gallery=gallery)
@@ -167,9 +160,7 @@ def run_retrieval(
     data: ClassificationDataModule,
     protocol: str = "within",
     ks: list[int] = [1, 2, 4, 8],  # noqa: B006 (jsonargparse reads the default from the signature)
-    bpa: bool = True,
-    bpa_reg: float = 0.1,
-    bpa_iterations: int = 10,
+    bpa: BPASettings = BPASettings(),
     query_chunk_rows: int = 256,
     output_dir: str = "runs/retrieval",
     **frozen: Any,
@@ -185,9 +176,8 @@ def run_retrieval(
             held-out split (`val_root`), gallery = the training split (`root`).
         protocol: "within" (each image against the rest of its split) or "query_gallery".
         ks: The K of Recall@K (re-id: the CMC ranks, e.g. [1, 5, 10]).
-        bpa: Also rank on the BPA transform of the evaluated images (one set).
-        bpa_reg: BPA's entropic regularisation.
-        bpa_iterations: BPA's Sinkhorn iterations.
+        bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
+            `enabled`, also rank on the BPA transform of the evaluated images (one set).
         query_chunk_rows: Queries ranked at a time (each ranks the whole gallery: memory grows
             with `query_chunk_rows * gallery size`).
         output_dir: Where the JSON result and the plot are written (by process 0).
@@ -212,16 +202,16 @@ def run_retrieval(
         )
         retrieval = query_gallery_set(features.to(device), labels, gallery.to(device), gallery_labels)
     spaces = {"raw": retrieval}
-    if bpa:
-        spaces["bpa"] = bpa_retrieval_set(retrieval, bpa_reg, bpa_iterations)
+    if bpa.enabled:
+        spaces["bpa"] = bpa_retrieval_set(retrieval, bpa)
     scores = {
         name: evaluate_retrieval(space, ks, query_chunk_rows, progress=f"retrieval: ranking ({name})")
         for name, space in spaces.items()
     }
     result = {
         **scores, "protocol": protocol, "split": split, "gallery_size": len(retrieval.gallery_labels),
-        "ks": list(ks), "backbone": backbone, "feature": extractor.recipe,
-        "bpa_settings": {"reg": bpa_reg, "iterations": bpa_iterations} if bpa else None,
+        "ks": list(ks), "backbone": backbone, "feature": extractor.readout,
+        "bpa_settings": bpa.recorded(),
     }
     _report(result, Path(output_dir))
     return result
@@ -229,7 +219,7 @@ def run_retrieval(
 
 def format_table(result: dict[str, Any]) -> str:
     """One row per feature space: Recall@K per K, R-precision, MAP@R and mAP (percent)."""
-    spaces = [name for name in ("raw", "bpa") if name in result]
+    spaces = spaces_in(result)
     first = result[spaces[0]]
     against = "the rest of the split" if result["protocol"] == "within" else f"a gallery of {result['gallery_size']}"
     headers = [f"R@{k}" for k in result["ks"]] + ["R-prec", "MAP@R", "mAP"]
@@ -240,26 +230,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'features':<10}" + "".join(f"{header:>8}" for header in headers),
     ]
     for name in spaces:
-        lines.append(f"{'BPA' if name == 'bpa' else 'raw':<10}" + "".join(f"{result[name][key]:>8.2f}" for key in keys))
+        lines.append(f"{SPACE_LABELS[name]:<10}" + "".join(f"{result[name][key]:>8.2f}" for key in keys))
     return "\n".join(lines)
 
 
 def plot_recall(result: dict[str, Any], path: Path) -> None:
     """Recall@K against K (log scale), one curve per feature space, MAP@R and mAP in the legend."""
-    figure = Figure(figsize=(5, 3.5), dpi=120)
-    axes = figure.add_subplot()
-    for name in ("raw", "bpa"):
-        if name in result:
+    with result_plot(path) as axes:
+        for name in spaces_in(result):
             row = result[name]
             axes.plot(result["ks"], [row[f"recall@{k}"] for k in result["ks"]], marker="o",
-                      label=f"{'BPA' if name == 'bpa' else 'raw'} (MAP@R {row['map_at_r']:.1f}, mAP {row['map']:.1f})")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(result["ks"], [str(k) for k in result["ks"]])
-    axes.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K (%)",
-             title=f"retrieval ({result['protocol']}), {result['feature']} features")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
+                      label=f"{SPACE_LABELS[name]} (MAP@R {row['map_at_r']:.1f}, mAP {row['map']:.1f})")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(result["ks"], [str(k) for k in result["ks"]])
+        axes.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K (%)",
+                 title=f"retrieval ({result['protocol']}), {result['feature']} features")
 
 
 def _report(result: dict[str, Any], output_dir: Path) -> None:
@@ -270,6 +255,6 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam retrieval --backbone PATH --data CLASS [--config FILE] [--print_config] [overrides]`."""
     try:
-        CLI(run_retrieval, args=with_config_names("retrieval", argv), as_positional=False, prog="bam retrieval")
+        CLI(run_retrieval, args=stage_arguments("retrieval", argv), as_positional=False, prog="bam retrieval")
     except (ValueError, FileNotFoundError) as error:  # a setting or the data: one line, no traceback
         sys.exit(f"bam retrieval: {error}")

@@ -16,9 +16,20 @@ from bam.evaluation.data import ClassificationDataModule, LabelSetError
 from bam.features.extract import NonFiniteFeaturesError
 from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import RunCheckpoint
+from bam.training.moved_keys import MovedKey, read_moved_keys
 from bam.training.plots import CurvePlots
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced
+
+
+# the optimiser settings were flat model keys (`model.lr`, ...) before they became one
+# `model.optimizer` group (`bam.training.optim.OptimizerSettings`); `model.optimizer` itself was its name
+OPTIMIZER_MOVED_KEYS = (
+    MovedKey("model.optimizer", "model.optimizer.name", lambda value: isinstance(value, str)),
+    *(MovedKey(f"model.{key}", f"model.optimizer.{key}") for key in (
+        "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "lr_schedule", "lr_decay_epochs", "lr_decay_rate",
+    )),
+)
 
 
 class EvalCLI(SafeRunCLI):
@@ -51,7 +62,7 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
             subclass_mode_data=True,
             stage=stage,
             program=f"bam {stage}",
-            argv=with_config_names(stage, argv),
+            argv=read_moved_keys(with_config_names(stage, argv), OPTIMIZER_MOVED_KEYS, f"bam {stage}"),
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             parser_kwargs={"fit": {"description": description}},

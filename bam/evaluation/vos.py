@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,6 +58,7 @@ from bam.ops import is_vit
 from bam.ops.distributed import rank, world_size
 from bam.recipe import DataRecipe
 from bam.shipped_configs import with_config_names
+from bam.training.moved_keys import MovedKey, read_moved_keys
 
 RESULTS_FILE = "vos_results.json"
 OVERLAY_FILE = "vos_overlay.png"
@@ -245,7 +246,13 @@ def propagate(
 
 @dataclass(frozen=True)
 class Propagation:
-    """The protocol's settings (see the module docstring)."""
+    """The protocol's settings (see the module docstring); in a config or on the command line
+    `propagation.short_side`, ...
+
+    Args:
+        propagation: The label propagation's settings (`Propagation`: frame size, context,
+            radius, top-k, temperature).
+    """
 
     short_side: int = 480
     long_side_multiple: int = 64
@@ -253,6 +260,16 @@ class Propagation:
     radius: int = 12
     top_k: int = 5
     temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if min(self.short_side, self.long_side_multiple, self.top_k) < 1 or min(self.context_frames, self.radius) < 0 \
+                or self.temperature <= 0:
+            raise ValueError(f"short_side, long_side_multiple and top_k must be positive, context_frames and radius "
+                             f"non-negative, temperature positive; got {self}")
+
+
+# the propagation settings were flat keys (`short_side`, ...) before they became one group
+PROPAGATION_MOVED_KEYS = tuple(MovedKey(field.name, f"propagation.{field.name}") for field in fields(Propagation))
 
 
 class FrameReader:
@@ -346,12 +363,7 @@ def run_vos(
     arch: Optional[str] = None,
     sequences_file: str = "ImageSets/2017/val.txt",
     resolution: str = "480p",
-    short_side: int = 480,
-    long_side_multiple: int = 64,
-    context_frames: int = 7,
-    radius: int = 12,
-    top_k: int = 5,
-    temperature: float = 0.1,
+    propagation: Propagation = Propagation(),
     overlay_frames: int = 4,
     write_synthetic: bool = False,
     seed: int = 0,
@@ -387,10 +399,7 @@ def run_vos(
         `J&F`, `J` and `F` (mean, recall, decay; percent), `per_object` scores, the same for
         `first_mask_baseline`, and the settings used.
     """
-    settings = Propagation(short_side, long_side_multiple, context_frames, radius, top_k, temperature)
-    if min(short_side, long_side_multiple, top_k) < 1 or context_frames < 0 or radius < 0 or temperature <= 0:
-        raise ValueError(f"short_side, long_side_multiple and top_k must be positive, context_frames and radius "
-                         f"non-negative, temperature positive; got {settings}")
+    settings = propagation
     device = select_device(accelerator)
     init_distributed(device)
     if write_synthetic and not Path(davis_root).exists() and rank() == 0:
@@ -486,6 +495,7 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam vos --backbone PATH --davis_root DIR [--config FILE] [--print_config] [overrides]`."""
     try:
-        CLI(run_vos, args=with_config_names("vos", argv), as_positional=False, prog="bam vos")
+        CLI(run_vos, args=read_moved_keys(with_config_names("vos", argv), PROPAGATION_MOVED_KEYS, "bam vos"),
+            as_positional=False, prog="bam vos")
     except (ValueError, FileNotFoundError) as error:  # a setting or the data: one line, no traceback
         sys.exit(f"bam vos: {error}")

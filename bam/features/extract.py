@@ -1,6 +1,7 @@
-"""Frozen-backbone features for evaluation: the authors' recipes, and whole-dataset extraction.
+"""Frozen-backbone features for evaluation: the authors' readouts (which tokens of a backbone
+become its features), and whole-dataset extraction.
 
-Recipes (`FEATURE_RECIPES`), chosen by name:
+Readouts (`FEATURE_READOUTS`), chosen by name (the stages' `feature` setting):
 
 - `pooled`: what the backbone returns (CNNs and MetaFormers: the pooled last stage; ViTs: the
   class token after the final norm).
@@ -12,7 +13,7 @@ Recipes (`FEATURE_RECIPES`), chosen by name:
   and no patch token: `n * dim` features (the authors' and DINO's ViT-S linear protocol,
   `n_last_blocks=4`: 4 x 384 = 1536 features for ViT-S/16).
 
-`auto` picks the protocol's recipe for ViTs and `pooled` for every other architecture.
+`auto` picks the protocol's readout for ViTs and `pooled` for every other architecture.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _cls_patch_mean(model: nn.Module, images: Tensor, n_last_blocks: int) -> Ten
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Readout:
     """How to compute features from a backbone, and how many there are per image."""
 
     compute: Callable[[nn.Module, Tensor, int], Tensor]
@@ -64,11 +65,11 @@ class Recipe:
     needs_vit: bool = True
 
 
-FEATURE_RECIPES: dict[str, Recipe] = {
-    "pooled": Recipe(_pooled, lambda n: 1, needs_vit=False),
-    "cls": Recipe(_cls, lambda n: 1),
-    "cls_patch_mean": Recipe(_cls_patch_mean, lambda n: n + 1),
-    "cls_blocks": Recipe(_cls_blocks, lambda n: n),
+FEATURE_READOUTS: dict[str, Readout] = {
+    "pooled": Readout(_pooled, lambda n: 1, needs_vit=False),
+    "cls": Readout(_cls, lambda n: 1),
+    "cls_patch_mean": Readout(_cls_patch_mean, lambda n: n + 1),
+    "cls_blocks": Readout(_cls_blocks, lambda n: n),
 }
 
 
@@ -87,37 +88,37 @@ def patch_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     return features
 
 
-def resolve_recipe(name: str, backbone: nn.Module, vit_default: str) -> str:
+def resolve_readout(name: str, backbone: nn.Module, vit_default: str) -> str:
     """`name`, with `auto` replaced by `vit_default` for ViTs and `pooled` otherwise."""
     if name == "auto":
         return vit_default if is_vit(backbone) else "pooled"
-    if name not in FEATURE_RECIPES:
-        raise ValueError(f"unknown feature recipe {name!r}; choose 'auto' or one of {sorted(FEATURE_RECIPES)}")
+    if name not in FEATURE_READOUTS:
+        raise ValueError(f"unknown feature readout {name!r}; choose 'auto' or one of {sorted(FEATURE_READOUTS)}")
     return name
 
 
 class FeatureExtractor(nn.Module):
-    """A frozen backbone followed by a feature recipe; always in eval mode, never trained.
+    """A frozen backbone followed by a feature readout; always in eval mode, never trained.
 
     Args:
         backbone: timm feature extractor (`num_classes=0`).
-        recipe: a key of `FEATURE_RECIPES`.
+        readout: a key of `FEATURE_READOUTS`.
         n_last_blocks: blocks whose class tokens `cls_patch_mean` and `cls_blocks` concatenate.
     """
 
-    def __init__(self, backbone: nn.Module, recipe: str = "pooled", n_last_blocks: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, readout: str = "pooled", n_last_blocks: int = 1) -> None:
         super().__init__()
         if n_last_blocks < 1:
             raise ValueError(f"n_last_blocks must be at least 1, got {n_last_blocks}")
-        if FEATURE_RECIPES[recipe].needs_vit and not is_vit(backbone):
+        if FEATURE_READOUTS[readout].needs_vit and not is_vit(backbone):
             raise ValueError(
-                f"feature recipe {recipe!r} reads a ViT's class token, but the backbone is a {type(backbone).__name__}; "
+                f"feature readout {readout!r} reads a ViT's class token, but the backbone is a {type(backbone).__name__}; "
                 "use feature 'auto' or 'pooled'"
             )
         self.backbone = backbone.eval().requires_grad_(False)
-        self.recipe = recipe
+        self.readout = readout
         self.n_last_blocks = n_last_blocks
-        self.out_dim = FEATURE_RECIPES[recipe].tokens(n_last_blocks) * int(backbone.num_features)
+        self.out_dim = FEATURE_READOUTS[readout].tokens(n_last_blocks) * int(backbone.num_features)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # frozen means batch-norm statistics and dropout stay as evaluated, whatever the parent does
@@ -125,7 +126,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        return FEATURE_RECIPES[self.recipe].compute(self.backbone, images, self.n_last_blocks).float()
+        return FEATURE_READOUTS[self.readout].compute(self.backbone, images, self.n_last_blocks).float()
 
 
 def shard_indices(length: int) -> range:

@@ -1,7 +1,8 @@
 """Checkpoint input/output: safe (weights-only) loading, the authors' released files, and backbone
 export to safetensors with `load_backbone` to read any of them back as a timm model."""
 from bam.io.bam_checkpoint import bam_checkpoint_spec, is_bam_checkpoint
-from bam.io.export import detect_format, export_backbone, load_backbone, read_backbone, read_spec
+from bam.io.backbone_reader import detect_format, load_backbone, read_backbone, read_spec
+from bam.io.export_writer import export_backbone
 from bam.io.released import RELEASED_ARCHS, is_released_checkpoint, released_spec, resolve_released_arch
 from bam.io.safe_load import (
     SAFE_GLOBALS,

@@ -5,7 +5,8 @@ reported instead of converted.
 """
 from __future__ import annotations
 
-from bam.io.export import CONFIG_FILE, WEIGHTS_FILE, build_parser, run_export
+from bam.io.export_cli import build_parser, run_export
+from bam.io.export_layout import CONFIG_FILE, WEIGHTS_FILE
 from bam.io.released import RELEASED_ARCHS
 
 CONVERT_EPILOG = f"""\

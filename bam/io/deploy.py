@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from bam.io.export import CLI_ERRORS, read_backbone
+from bam.io.backbone_reader import read_backbone
+from bam.io.export_cli import CLI_ERRORS
 
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 TRACE_BATCH, CHECK_BATCH = 2, 3  # different sizes: the check proves the batch dimension is dynamic

@@ -36,7 +36,7 @@ def finetune_spec(
     checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None, *, read_start: StartReader
 ) -> BackboneSpec:
     """The fine-tuned classifier `which` ("ema" by default when kept, else "model"). `read_start`
-    reads the starting backbone (an export or a checkpoint: `bam.io.export.read_backbone`, passed in
+    reads the starting backbone (an export or a checkpoint: `bam.io.backbone_reader.read_backbone`, passed in
     because the export module reads this format), for checkpoints older than recorded architectures."""
     found = {name: submodule_state(checkpoint["state_dict"], MODEL_PATHS[name]) for name in MODELS}
     present = [name for name in MODELS if found[name]]

@@ -21,7 +21,8 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from bam.io.export import CONFIG_FILE, WEIGHTS_FILE, read_backbone
+from bam.io.backbone_reader import read_backbone
+from bam.io.export_layout import CONFIG_FILE, WEIGHTS_FILE
 from bam.io.safe_load import PathLike, load_checkpoint_file
 from bam.io.state import (
     ENCODERS,

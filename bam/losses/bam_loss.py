@@ -20,9 +20,10 @@ from bam.losses.bam_objective import BAMObjective, Layout, keeps_all, layout_of,
 from bam.ops import compute_dtype, sinkhorn_distributed_
 
 
-def fill_positives_(matrix: torch.Tensor, value: float, layout: Layout) -> torch.Tensor:
+def fill_positives_(matrix: torch.Tensor, layout: Layout, value: float) -> torch.Tensor:
     """Write `value` in place at exactly the entries :func:`positive_mask` marks (step 4), when the
-    layout masks positives; returns `matrix`.
+    layout masks positives; returns `matrix` (the whole `(V*B, T*W*B)` matrix; one column block of
+    it is `bam.losses.blockwise.fill_block_positives_`).
 
     The positives form a strided diagonal (crop v, target crop t, image b) of the contiguous
     `(V*B, T*W*B)` matrix, so this touches `V*T*B` entries instead of reading a full boolean mask.
@@ -108,7 +109,7 @@ def bam_loss(
                 logits = _target_logits(similarity[: balanced.rows], objective.reg)
             else:  # a teacher's similarities are needed for nothing else: overwrite them
                 logits = (z_target @ keys.T).div_(objective.reg)
-            logits = fill_positives_(logits, -math.inf, balanced)  # step 4
+            logits = fill_positives_(logits, balanced, -math.inf)  # step 4
             target = sinkhorn_distributed_(logits, objective.sinkhorn_iterations, rows=layout.target_rows)
             target = keep_top_k_(target.view(layout.num_global, layout.batch, -1), objective.top_k)
         return _SourceCrossEntropy.apply(similarity, target, objective.temperature, layout)  # steps 6 and 7
@@ -138,7 +139,7 @@ class _SourceCrossEntropy(torch.autograd.Function):
         # Masked logits are set far below any other (cosine similarities lie in [-1, 1]): their
         # softmax weight is exactly 0 in float32 and float64, as if removed, yet they stay finite,
         # so the zero target there contributes exactly 0 (never 0 * -inf) and gets no gradient.
-        logits = fill_positives_(similarity * (1.0 / temperature), -1.0 / temperature - 1000.0, layout)
+        logits = fill_positives_(similarity * (1.0 / temperature), layout, -1.0 / temperature - 1000.0)
         targets = target.view(num_global * batch, columns)
         mass = targets.sum(dim=1)  # each target row's total, 1 up to rounding
         # sum_v <W_v, x_v> = <sum_t P_t, sum_v x_v> - sum_t <P_t, x_t>, for x = l (now) and lse.

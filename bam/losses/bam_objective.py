@@ -14,6 +14,7 @@ import torch
 
 from bam.losses.settings import require_positive, settings_of
 from bam.ops import distributed
+from bam.ops.crops import check_crops_of_objective
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class BAMObjective:
 
     def target_crops(self, num_crops: int, num_global_crops: int) -> int:
         """`T` for these crop counts, after checking that the counts are possible."""
-        if not 1 <= num_global_crops <= num_crops:
-            raise ValueError(f"num_global_crops={num_global_crops} must be between 1 and num_crops={num_crops}")
+        check_crops_of_objective(num_crops, num_global_crops)
         target = num_global_crops if self.num_target_crops is None else self.num_target_crops
         if not 1 <= target <= num_global_crops:
             raise ValueError(f"num_target_crops={target} must be between 1 and num_global_crops={num_global_crops}")

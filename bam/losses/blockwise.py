@@ -41,8 +41,9 @@ def blocks_of(layout: Layout, size: int) -> list[Block]:
     return [(start, min(start + size, layout.columns)) for start in range(0, layout.columns, size)]
 
 
-def fill_positives_(matrix: torch.Tensor, layout: Layout, block: Block, value: float) -> torch.Tensor:
-    """Write `value` where a row meets a column of its own image (step 4), in this block."""
+def fill_block_positives_(matrix: torch.Tensor, layout: Layout, block: Block, value: float) -> torch.Tensor:
+    """Write `value` where a row meets a column of its own image (step 4), in the column `block`
+    (the whole-matrix form is `bam.losses.bam_loss.fill_positives_`)."""
     if layout.masking:
         mask = positive_mask(layout.num_crops, layout.batch, layout.num_target, layout.world, layout.rank,
                              matrix.device, columns=block)
@@ -64,7 +65,7 @@ class _TargetLogits:
             logits = (self.queries[:rows] @ self.keys[block[0] : block[1]].T).div_(self.reg)
         else:
             logits = similarity.detach() / self.reg
-        return fill_positives_(logits, self.layout, block, -math.inf)
+        return fill_block_positives_(logits, self.layout, block, -math.inf)
 
 
 class _Targets:
@@ -189,7 +190,7 @@ def _gather_target_columns(embeddings: torch.Tensor, layout: Layout) -> torch.Te
 
 def _source_logits(similarity: torch.Tensor, layout: Layout, block: Block, temperature: float) -> torch.Tensor:
     # As in bam_loss: masked logits far below any other (weight exactly 0, yet finite).
-    return fill_positives_(similarity / temperature, layout, block, -1.0 / temperature - 1000.0)
+    return fill_block_positives_(similarity / temperature, layout, block, -1.0 / temperature - 1000.0)
 
 
 def _scale(layout: Layout) -> float:

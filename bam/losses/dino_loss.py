@@ -31,6 +31,7 @@ from torch import nn
 from bam.losses.settings import require_positive, settings_of
 from bam.losses.swav_loss import swapped_prediction
 from bam.ops import compute_dtype
+from bam.ops.crops import check_crops_of_objective
 from bam.ops.distributed import all_reduce_, world_size
 
 
@@ -128,11 +129,7 @@ class DINOLoss(nn.Module):
         self, out_dim: int, num_crops: int, num_global_crops: int = 2, objective: DINOObjective | None = None
     ) -> None:
         super().__init__()
-        if num_crops < 2 or not 1 <= num_global_crops <= num_crops:
-            raise ValueError(
-                f"DINO needs at least 2 crops and 1 <= num_global_crops <= num_crops, got num_crops={num_crops}, "
-                f"num_global_crops={num_global_crops}"
-            )
+        check_crops_of_objective(num_crops, num_global_crops, 2, "DINO (the student predicts the teacher's output of another crop)")
         self.objective = settings_of(DINOObjective, objective, {})  # a mapping too: a config's or a checkpoint's
         self.num_crops = num_crops
         self.num_global_crops = num_global_crops

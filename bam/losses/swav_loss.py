@@ -42,7 +42,10 @@ from torch import nn
 
 from bam.losses.settings import require_positive, settings_of
 from bam.ops import compute_dtype, sinkhorn_distributed_
+from bam.ops.crops import check_crops_of_objective
 from bam.ops.distributed import gather_rows, rank, world_size
+
+SWAV_NEEDS = "SwAV (another crop must predict each global crop's code)"
 
 
 @dataclass(frozen=True)
@@ -98,17 +101,9 @@ def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, temperature: f
     return (same_crop - every_crop) / (num_global * (num_crops - 1) * batch)
 
 
-def _validate_crop_counts(num_crops: int, num_global_crops: int) -> None:
-    if num_crops < 2 or not 1 <= num_global_crops <= num_crops:
-        raise ValueError(
-            f"SwAV needs at least 2 crops and 1 <= num_global_crops <= num_crops (another crop must "
-            f"predict each global crop's code), got num_crops={num_crops}, num_global_crops={num_global_crops}"
-        )
-
-
 def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, num_crops: int, num_global_crops: int) -> int:
     """Validate shapes and crop counts; return the per-process batch size B."""
-    _validate_crop_counts(num_crops, num_global_crops)
+    check_crops_of_objective(num_crops, num_global_crops, 2, SWAV_NEEDS)
     if embeddings.dim() != 2 or embeddings.shape[0] % num_crops:
         raise ValueError(
             f"SwAV expects crop-major (num_crops * B, D) embeddings with num_crops={num_crops}, "
@@ -184,7 +179,7 @@ class SwAVLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.objective = settings_of(SwAVObjective, objective, settings)
-        _validate_crop_counts(num_crops, num_global_crops)
+        check_crops_of_objective(num_crops, num_global_crops, 2, SWAV_NEEDS)
         if queue_length < 0:
             raise ValueError(f"queue_length={queue_length} must be >= 0 (0: no queue)")
         self.num_crops = num_crops

@@ -22,6 +22,7 @@ from bam.methods.monitoring import LossMonitor, NonFiniteLossError
 from bam.models import Projector, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 from bam.ops.errors import UserInputError
+from bam.ops.crops import check_crop_counts
 from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import check_and_record, checkpoint_directory, diverged
 from bam.training.optim import StepBudget, optimizer_with_schedule
@@ -137,10 +138,7 @@ class SSLMethod(pl.LightningModule):
     @staticmethod
     def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
         """Reject impossible crop counts when the model is built, naming the setting."""
-        if num_global_crops < 1:
-            raise ValueError(f"model num_global_crops must be at least 1, got {num_global_crops}")
-        if num_local_crops < 0:
-            raise ValueError(f"model num_local_crops must be >= 0, got {num_local_crops}")
+        check_crop_counts(num_global_crops, num_local_crops, prefix="model ")
 
     @staticmethod
     def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:

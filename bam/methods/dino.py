@@ -87,8 +87,8 @@ class DINOModule(SSLMethod):
 
     def make_head(self, in_dim: int) -> nn.Module:
         hp = self.hparams
-        return DINOHead(in_dim, hp.out_dim, hp.proj_hidden_dim, hp.proj_out_dim, hp.proj_layers, hp.proj_activation,
-                        hp.proj_batch_norm, hp.norm_last_layer)
+        return DINOHead(in_dim, hp.out_dim, hp.proj_out_dim, hp.norm_last_layer, hidden_dim=hp.proj_hidden_dim,
+                        num_layers=hp.proj_layers, activation=hp.proj_activation, batch_norm=hp.proj_batch_norm)
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:

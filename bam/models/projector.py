@@ -1,6 +1,8 @@
 """The projection head between backbone features and the objective's embedding space."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,8 +64,9 @@ class DINOHead(nn.Module):
     """DINO's head (Caron et al., ICCV 2021): an MLP to a bottleneck, L2-normalisation, and a
     weight-normalised, bias-free linear layer to `out_dim` logits.
 
-    The MLP is a `Projector` (`num_layers` linear layers, `hidden_dim` wide, GELU, weights drawn
-    as DINO draws them: normal std 0.02, zero biases) ending in `bottleneck_dim`. The last layer is
+    The MLP is a `Projector` ending in `bottleneck_dim`, its weights drawn as DINO draws them
+    (normal std 0.02, zero biases); `**mlp` are its other settings (`hidden_dim`, 2048 here,
+    `num_layers`, `activation`, `batch_norm`), with the Projector's defaults otherwise. The last layer is
     weight-normalised (`torch.nn.utils.parametrizations.weight_norm`: each output row is a
     direction times a gain); with `norm_last_layer` the gains are fixed at 1 (not trained), so the
     logits are cosines of the bottleneck with `out_dim` unit vectors, which the paper found stabler.
@@ -71,18 +74,10 @@ class DINOHead(nn.Module):
     """
 
     def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        num_layers: int = 3,
-        activation: str = "gelu",
-        batch_norm: bool = False,
-        norm_last_layer: bool = True,
+        self, in_dim: int, out_dim: int = 65536, bottleneck_dim: int = 256, norm_last_layer: bool = True, **mlp: Any
     ) -> None:
         super().__init__()
-        self.mlp = Projector(in_dim, hidden_dim, bottleneck_dim, num_layers, activation, batch_norm, init="trunc_normal")
+        self.mlp = Projector(in_dim, out_dim=bottleneck_dim, init="trunc_normal", **{"hidden_dim": 2048, **mlp})
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         gain = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():

@@ -66,6 +66,43 @@ def _step(optimizer: torch.optim.Optimizer, budget: "StepBudget", schedule: LrSc
     return warmup_step_decay_lr(optimizer, decay_steps, schedule.decay_rate, budget.steps(schedule.warmup_epochs))
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimiser and learning-rate schedule of a classifier stage (`bam linear`, `bam finetune`);
+    in a config or on the command line `model.optimizer.name`, `model.optimizer.lr`, ...
+
+    Args:
+        name: Any optimiser timm's factory knows (sgd, adamw, lars, ...).
+        lr: Peak learning rate per 256 images; the peak used is `lr * global batch / 256`.
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup_epochs: Linear warm-up from 0, in epochs (applied per step).
+        weight_decay: Weight decay (never on biases and 1-D parameters).
+        momentum: Momentum of SGD-like optimisers.
+        lr_schedule: After the warm-up, "cosine" (to `min_lr`) or "step" (the lr times
+            `lr_decay_rate` at the start of each of `lr_decay_epochs`: SwAV's semi-supervised recipe).
+        lr_decay_epochs: Epochs at which the "step" schedule decays the lr, e.g. [12, 16].
+        lr_decay_rate: Factor of each "step" decay.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.002
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_schedule: str = "cosine"
+    lr_decay_epochs: tuple[float, ...] = ()
+    lr_decay_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_decay_epochs", tuple(self.lr_decay_epochs or ()))
+        self.schedule()  # an unknown schedule or bad decay epochs is refused when the settings are made
+
+    def schedule(self) -> LrSchedule:
+        """The lr schedule these settings describe."""
+        return LrSchedule(self.lr_schedule, self.warmup_epochs, self.min_lr, self.lr_decay_epochs, self.lr_decay_rate)
+
+
 # lr schedule name -> builder of its per-step timm scheduler
 LR_SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, "StepBudget", LrSchedule], Scheduler]] = {
     "cosine": _cosine,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bam.ops import compute_dtype, sinkhorn_differentiable
+
+BPA_MAX_SET = 32768  # items of one set: a (N, N) float32 matrix of 4 GiB, a few copies at once
 
 
 def bpa(
@@ -118,3 +121,38 @@ class BPA(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in self.settings.items())
+
+
+@dataclass(frozen=True)
+class BPASettings:
+    """Whether and how a frozen-feature evaluation stage (k-NN, clustering, few-shot, retrieval)
+    applies BPA; in a config or on the command line `bpa.enabled`, `bpa.reg`, `bpa.iterations`.
+
+    Args:
+        enabled: Also evaluate on the BPA transform of the features.
+        reg: BPA's entropic regularisation (the paper: 0.1).
+        iterations: BPA's Sinkhorn iterations (the paper: 10).
+    """
+
+    enabled: bool = True
+    reg: float = 0.1
+    iterations: int = 10
+
+    def __post_init__(self) -> None:
+        if self.reg <= 0 or self.iterations < 1:
+            raise ValueError(f"bpa.reg must be positive and bpa.iterations at least 1, got reg={self.reg}, "
+                             f"iterations={self.iterations}")
+
+    def transform(self, features: Tensor, remedy: str = "evaluate a class-balanced `fraction` of the split") -> Tensor:
+        """`bpa` of the set `features` with these settings; a set of more than `BPA_MAX_SET` items
+        is refused, saying what to do (`remedy`)."""
+        if len(features) > BPA_MAX_SET:
+            raise ValueError(
+                f"BPA transforms {len(features)} items as one set, more than BPA_MAX_SET={BPA_MAX_SET} (its affinities "
+                f"would not fit); {remedy}"
+            )
+        return bpa(features, self.reg, self.iterations)
+
+    def recorded(self) -> dict[str, float] | None:
+        """What a stage's result records of the settings (None: BPA was off)."""
+        return {"reg": self.reg, "iterations": self.iterations} if self.enabled else None

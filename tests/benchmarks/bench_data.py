@@ -194,7 +194,7 @@ def device_path(files: ImageFiles, crops: MultiCropConfig, base: int, batch: int
 
 def ffcv_path(beton: Path, base: int, batch: int, augment: Callable | None, device: torch.device):
     """FFCV decoding (one thread) at the base size, then (optionally) the batched crops."""
-    from bam.data.ffcv_data import FFCVDataModule
+    from bam.data import FFCVDataModule
 
     module = FFCVDataModule(str(beton), base_size=base, batch_size=batch, num_workers=1)
 

@@ -1,6 +1,6 @@
 """The callbacks that close a run, on stand-in trainers (no fitting): when an epoch end is the last
 one (`is_final_epoch_end`), the data account written by `DataAccount`, and what
-`trainer_extras` hands a Python user's Trainer."""
+`pretrain_trainer_arguments` hands a Python user's Trainer."""
 from __future__ import annotations
 
 import json
@@ -101,9 +101,9 @@ def test_data_without_files_on_disk_has_no_account(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ------------------------------------------------------------------------------------------ trainer_extras
-def test_trainer_extras_defaults_write_under_runs_pretrain():
-    extras = bam.trainer_extras()
+# ------------------------------------------------------------------------------ pretrain_trainer_arguments
+def test_pretrain_trainer_arguments_defaults_write_under_runs_pretrain():
+    extras = bam.pretrain_trainer_arguments()
     assert extras["default_root_dir"] == os.path.join("runs", "pretrain")
     checkpoint, *_ = extras["callbacks"]
     # the relative default is resolved against the working directory, whichever it is
@@ -117,8 +117,8 @@ def test_trainer_extras_defaults_write_under_runs_pretrain():
         (TensorBoardLogger, os.path.join("runs", "pretrain"), "tensorboard")]
 
 
-def test_trainer_extras_options_reach_the_callbacks(tmp_path):
-    extras = bam.trainer_extras(str(tmp_path), knn_every_n_epochs=5, compare_baselines=True)
+def test_pretrain_trainer_arguments_options_reach_the_callbacks(tmp_path):
+    extras = bam.pretrain_trainer_arguments(str(tmp_path), knn_every_n_epochs=5, compare_baselines=True)
     knn = next(callback for callback in extras["callbacks"] if isinstance(callback, OnlineKNN))
     assert (knn.every_n_epochs, knn.compare_baselines) == (5, True)
     precise = next(callback for callback in extras["callbacks"] if isinstance(callback, PreciseBatchNorm))
@@ -126,11 +126,18 @@ def test_trainer_extras_options_reach_the_callbacks(tmp_path):
 
 
 @pytest.mark.parametrize("off, left_out", [("knn", OnlineKNN), ("precise_bn", PreciseBatchNorm), ("plots", CurvePlots)])
-def test_trainer_extras_leave_out_what_is_switched_off(tmp_path, off, left_out):
-    kinds = [type(callback) for callback in bam.trainer_extras(str(tmp_path), **{off: False})["callbacks"]]
+def test_pretrain_trainer_arguments_leave_out_what_is_switched_off(tmp_path, off, left_out):
+    kinds = [type(callback) for callback in bam.pretrain_trainer_arguments(str(tmp_path), **{off: False})["callbacks"]]
     everything = [RunCheckpoint, PreciseBatchNorm, OnlineKNN, PreemptionCheckpoint, CurvePlots]
     assert kinds == [kind for kind in everything if kind is not left_out]
 
 
-def test_trainer_extras_without_loggers_leave_the_logger_to_the_caller(tmp_path):
-    assert "logger" not in bam.trainer_extras(str(tmp_path), loggers=False)
+def test_pretrain_trainer_arguments_without_loggers_leave_the_logger_to_the_caller(tmp_path):
+    assert "logger" not in bam.pretrain_trainer_arguments(str(tmp_path), loggers=False)
+
+
+def test_the_old_name_trainer_extras_still_answers_with_one_warning(tmp_path):
+    with pytest.warns(FutureWarning, match=r"^bam.trainer_extras is now called bam.pretrain_trainer_arguments "):
+        old = bam.trainer_extras(str(tmp_path), loggers=False)
+    new = bam.pretrain_trainer_arguments(str(tmp_path), loggers=False)
+    assert [type(callback) for callback in old["callbacks"]] == [type(callback) for callback in new["callbacks"]]

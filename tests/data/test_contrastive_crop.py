@@ -470,7 +470,7 @@ def test_ffcv_batches_carry_file_indices(tmp_path):
     require_ffcv()
     from PIL import Image
 
-    from bam.data.ffcv_data import FFCVDataModule, write_beton
+    from bam.data import FFCVDataModule, write_beton
 
     for label in range(2):
         folder = tmp_path / "train" / f"class{label}"

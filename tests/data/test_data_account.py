@@ -156,7 +156,7 @@ def test_knn_and_cluster_evaluate_each_readable_image_once(root, checkpoint, tmp
     assert knn["files"]["read"] == 72 and knn["files"]["skipped"] == 4
     assert _account_line(capsys.readouterr().out).startswith(BOTH_SPLITS_ACCOUNT)
 
-    bam(["cluster", "--backbone", str(checkpoint), *_folder_data(root), "--accelerator", "cpu", "--bpa", "false",
+    bam(["cluster", "--backbone", str(checkpoint), *_folder_data(root), "--accelerator", "cpu", "--bpa.enabled", "false",
          "--restarts", "1", "--output_dir", str(tmp_path / "cluster")])
     clustered = json.loads((tmp_path / "cluster" / "cluster_results.json").read_text())
     assert clustered["num_images"] == 12

@@ -30,6 +30,14 @@ def test_data_cli_lists_its_commands(capsys):
     assert exit_code.value.code == 2
 
 
+def test_the_old_module_path_still_names_the_converter_and_the_loader():
+    """Configs and code written when converter and loader shared `bam.data.ffcv_data` keep working."""
+    from bam.data import ffcv_convert, ffcv_data, ffcv_loader
+
+    assert ffcv_data.FFCVDataModule is ffcv_loader.FFCVDataModule is FFCVDataModule
+    assert ffcv_data.write_beton is ffcv_convert.write_beton is write_beton and ffcv_data.main is ffcv_convert.main
+
+
 def _break_ffcv_import(monkeypatch) -> None:
     for name in [m for m in sys.modules if m == "ffcv" or m.startswith("ffcv.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -159,7 +159,7 @@ def test_a_converter_process_that_dies_ends_the_conversion_with_an_error(tmp_pat
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
-    from bam.data.ffcv_data import ConverterWorkerDied, write_complete
+    from bam.data.ffcv_convert import ConverterWorkerDied, write_complete
 
     class DiesAtThirdImage:
         def __len__(self) -> int:

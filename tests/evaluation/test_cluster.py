@@ -1,6 +1,7 @@
 """`bam cluster`: k-means, the clustering metrics, the stage end to end, and BPA in `bam knn`."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -12,8 +13,10 @@ from bam.cli import STAGES
 from bam.evaluation import cluster, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.cluster import cluster_accuracy, clustering_metrics, kmeans, run_clustering
-from bam.transforms import bpa
+from bam.transforms import BPASettings, bpa
 from eval_fixtures import CNN, record_figures, synthetic_args, synthetic_data, write_checkpoint
+
+bpa_module = importlib.import_module("bam.transforms.bpa")  # the package exports the function under the same name
 
 
 def _blobs(per_cluster: int = 30, num_clusters: int = 4, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +157,7 @@ def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
                         lambda points, *args, **kwargs: clustered.append(points) or real(points, *args, **kwargs))
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     common = dict(accelerator="cpu", restarts=1, split="train", fraction=0.5)
-    without = run_clustering(str(checkpoint), data, bpa=False, output_dir=str(tmp_path / "runs" / "raw"), **common)
+    without = run_clustering(str(checkpoint), data, bpa=BPASettings(enabled=False), output_dir=str(tmp_path / "runs" / "raw"), **common)
     assert {key: value for key, value in without.items() if key != "raw"} == {
         "num_images": 16, "num_clusters": 4, "split": "train", "files": None, "backbone": str(checkpoint),
         "feature": "pooled", "restarts": 1, "seed": 0, "bpa_settings": None,
@@ -162,7 +165,7 @@ def test_bpa_option_changes_the_result_path(checkpoint, tmp_path, monkeypatch):
     assert len(clustered) == 1 and set(without["raw"]) == {"nmi", "ari", "accuracy", "inertia"}
     assert json.loads((tmp_path / "runs" / "raw" / "cluster_results.json").read_text()) == without
     assert without["num_images"] == 16  # class-balanced half of the 32 training images
-    with_bpa = run_clustering(str(checkpoint), data, bpa=True, output_dir=str(tmp_path / "runs" / "bpa"), **common)
+    with_bpa = run_clustering(str(checkpoint), data, bpa=BPASettings(), output_dir=str(tmp_path / "runs" / "bpa"), **common)
     assert with_bpa["raw"] == without["raw"]
     raw, transformed = clustered[1:]
     assert raw.shape == (16, 32) and transformed.shape == (16, 16)  # BPA: one affinity per set member
@@ -190,15 +193,35 @@ def test_knn_bpa_flag_changes_the_features_the_classifier_sees(checkpoint, tmp_p
     knn_stage.main([*common, "--output_dir", str(tmp_path / "plain")])
     assert seen == [((8, 32), (32, 32)), ((4, 32), (32, 32))]  # pooled features of width 32
     seen.clear()
-    knn_stage.main([*common, "--output_dir", str(tmp_path / "bpa"), "--bpa", "true"])
+    knn_stage.main([*common, "--output_dir", str(tmp_path / "bpa"), "--bpa.enabled", "true"])
     # each query batch is transformed with the bank: features are affinities to bank + batch
     assert seen == [((8, 40), (32, 40)), ((4, 36), (32, 36))]
     result = json.loads((tmp_path / "bpa" / "knn_results.json").read_text())
     assert result["bpa"] == {"reg": 0.1, "iterations": 10} and 0 <= result["top1"] <= 100
 
 
+def test_old_flat_bpa_keys_keep_loading_with_one_line_naming_the_new_key(checkpoint, tmp_path, capsys):
+    """Configs and command lines written before the BPA settings became one `bpa` group still run,
+    at the same settings, each old key announced once with its new name."""
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text("bpa: true\nbpa_iterations: 3\n")
+    common = ["--backbone", str(checkpoint), "--accelerator", "cpu", *synthetic_args(batch_size=8, train_size=32, val_size=12)]
+    knn_stage.main([*common, "--config", str(old_config), "--output_dir", str(tmp_path / "old"), "--bpa_reg=0.2"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is now" in line]
+    assert notes == [
+        f"bam knn: note: {old_config}: `bpa` is now `bpa.enabled`; read as bpa.enabled=True",
+        f"bam knn: note: {old_config}: `bpa_iterations` is now `bpa.iterations`; read as bpa.iterations=3",
+        "bam knn: note: the command line: `bpa_reg` is now `bpa.reg`; read as bpa.reg=0.2",
+    ]
+    knn_stage.main([*common, "--output_dir", str(tmp_path / "new"), "--bpa.enabled", "true", "--bpa.reg", "0.2",
+                    "--bpa.iterations", "3"])
+    old, new = (json.loads((tmp_path / name / "knn_results.json").read_text()) for name in ("old", "new"))
+    assert old["bpa"] == new["bpa"] == {"reg": 0.2, "iterations": 3}
+    assert (old["top1"], old["top5"]) == (new["top1"], new["top5"])
+
+
 def test_knn_bpa_set_too_large_is_explained(monkeypatch):
-    monkeypatch.setattr(knn_stage, "BPA_MAX_SET", 10)
+    monkeypatch.setattr(bpa_module, "BPA_MAX_SET", 10)
     with pytest.raises(ValueError, match="lower bank_fraction or the batch size"):
         knn_stage.bpa_with_bank(torch.randn(4, 3), torch.randn(8, 3))
 
@@ -242,8 +265,8 @@ def test_run_clustering_settings_reach_k_means_and_bpa(checkpoint, tmp_path, cap
     monkeypatch.setattr(cluster, "kmeans", lambda points, *args, **kwargs: calls.append((args, kwargs)) or real(points, *args, **kwargs))
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     out = tmp_path / "out"
-    result = run_clustering(str(checkpoint), data, num_clusters=3, restarts=2, kmeans_iterations=7, seed=5, bpa=True,
-                            bpa_reg=0.3, bpa_iterations=4, output_dir=str(out), which="student", split="train",
+    result = run_clustering(str(checkpoint), data, num_clusters=3, restarts=2, kmeans_iterations=7, seed=5,
+                            bpa=BPASettings(reg=0.3, iterations=4), output_dir=str(out), which="student", split="train",
                             fraction=0.5, accelerator="cpu")
     assert calls == [((3,), {"restarts": 2, "iterations": 7, "seed": 5})] * 2
     model = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
@@ -268,7 +291,7 @@ def test_run_clustering_settings_reach_k_means_and_bpa(checkpoint, tmp_path, cap
 
 def test_clusters_default_to_the_number_of_classes_and_the_features_of_the_teacher(checkpoint, tmp_path):
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
-    result = run_clustering(str(checkpoint), data, restarts=1, bpa=False, output_dir=str(tmp_path), accelerator="cpu")
+    result = run_clustering(str(checkpoint), data, restarts=1, bpa=BPASettings(enabled=False), output_dir=str(tmp_path), accelerator="cpu")
     model = build_from_spec(resolve_backbone(str(checkpoint)))
     dataset = data.eval_dataset("val")
     with torch.no_grad():
@@ -281,7 +304,7 @@ def test_clusters_default_to_the_number_of_classes_and_the_features_of_the_teach
 
 def test_results_go_to_runs_cluster_by_default(checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_clustering(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), restarts=1, bpa=False,
+    run_clustering(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), restarts=1, bpa=BPASettings(enabled=False),
                    accelerator="cpu")
     assert sorted(path.name for path in (tmp_path / "runs" / "cluster").iterdir()) == ["cluster_results.json", "clusters.png"]
 
@@ -298,13 +321,13 @@ def test_cluster_features_adds_the_bpa_space_by_default_and_up_to_the_set_limit(
     points, labels = _blobs(per_cluster=5, num_clusters=3)
     metrics, assignments = cluster.cluster_features(points, labels, 3, restarts=1)
     assert list(metrics) == list(assignments) == ["raw", "bpa"]
-    monkeypatch.setattr(cluster, "BPA_MAX_SET", 15)
+    monkeypatch.setattr(bpa_module, "BPA_MAX_SET", 15)
     assert list(cluster.cluster_features(points, labels, 3, restarts=1)[0]) == ["raw", "bpa"]  # 15 images: allowed
-    monkeypatch.setattr(cluster, "BPA_MAX_SET", 14)
+    monkeypatch.setattr(bpa_module, "BPA_MAX_SET", 14)
     with pytest.raises(ValueError) as error:
         cluster.cluster_features(points, labels, 3, restarts=1)
     assert str(error.value) == (
-        "BPA transforms all 15 images as one set, more than BPA_MAX_SET=14 (its affinities would not fit); "
+        "BPA transforms 15 items as one set, more than BPA_MAX_SET=14 (its affinities would not fit); "
         "cluster a class-balanced `fraction` of the split"
     )
 

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode, v2
 import bam
 from bam.data.sources import decode_image_file
 from bam.evaluation.embed import EMBEDDING_FORMATS, Embeddings, main, read_images, relative_name
-from bam.io.export import export_backbone
+from bam.io import export_backbone
 from bam.recipe import DataRecipe
 from cli_runs import run_bam
 from eval_fixtures import VIT, write_checkpoint

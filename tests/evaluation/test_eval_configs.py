@@ -68,7 +68,8 @@ def test_help_names_the_bam_command(stage, capsys):
     ("knn", ["--k K", "--nb_knn", "--bank_fraction", "subset list file"]),
     ("fewshot", ["--novel_classes", "novel classes of a few-shot split", "subset list file"]),
     ("linear", ["--model.feature", "cls_blocks", "--model.bn_head", "--model.bn_eps"]),
-    ("finetune", ["--model.head_lr", "--model.lr_schedule", "--model.lr_decay_epochs", "--model.lr_decay_rate"]),
+    ("finetune", ["--model.head_lr", "--model.optimizer.lr_schedule", "--model.optimizer.lr_decay_epochs",
+                  "--model.optimizer.lr_decay_rate"]),
     ("finetune --data.help FolderClassificationData", ["--data.fraction FRACTION", "type: Union[float, str]"]),
 ])
 def test_help_shows_the_published_protocol_options(stage, options, capsys):
@@ -78,3 +79,34 @@ def test_help_shows_the_published_protocol_options(stage, options, capsys):
     out = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
     for option in options:
         assert option in out, option
+
+
+def test_old_flat_optimiser_keys_keep_loading_with_one_line_naming_the_new_key(tmp_path, capsys):
+    """A classifier config written before the optimiser settings became one `model.optimizer`
+    group still parses to the same settings, each old key announced once with its new name."""
+    old = tmp_path / "old_linear.yaml"
+    old.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "linear_demo.yaml").read_text()),
+                                   "model": {"backbone": "bam_cnn4", "optimizer": "adamw", "lr": 0.3}}))
+    with pytest.raises(SystemExit) as exit_info:
+        linear.main(["--config", str(old), "--model.warmup_epochs=2", "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (None, 0), err
+    assert [line for line in err.splitlines() if "is now" in line] == [
+        f"bam linear: note: {old}: `model.optimizer` is now `model.optimizer.name`; read as model.optimizer.name=adamw",
+        f"bam linear: note: {old}: `model.lr` is now `model.optimizer.lr`; read as model.optimizer.lr=0.3",
+        "bam linear: note: the command line: `model.warmup_epochs` is now `model.optimizer.warmup_epochs`; "
+        "read as model.optimizer.warmup_epochs=2",
+    ]
+    optimizer = yaml.safe_load(out)["model"]["optimizer"]
+    assert optimizer == {"name": "adamw", "lr": 0.3, "min_lr": 0.0, "warmup_epochs": 2.0, "weight_decay": 0.0,
+                         "momentum": 0.9, "lr_schedule": "cosine", "lr_decay_epochs": [], "lr_decay_rate": 0.1}
+
+
+def test_fine_tuning_keeps_its_own_optimiser_defaults_under_a_partial_override(capsys):
+    """Setting one optimiser field on the command line keeps the stage's other defaults (AdamW, 5
+    warm-up epochs, ...), not those of another stage."""
+    with pytest.raises(SystemExit):
+        finetune.main(["--config", str(CONFIGS / "finetune_demo.yaml"), "--model.optimizer.lr=0.01", "--print_config"])
+    optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["optimizer"]
+    demo = yaml.safe_load((CONFIGS / "finetune_demo.yaml").read_text())["model"]["optimizer"]
+    assert optimizer == {**finetune.FINETUNE_OPTIMIZER.__dict__, "lr_decay_epochs": [], **demo, "lr": 0.01}

@@ -1,4 +1,4 @@
-"""Feature recipes (the authors' ViT linear-probe features), whole-dataset extraction, and the
+"""Feature readouts (the authors' ViT linear-probe features), whole-dataset extraction, and the
 weighted k-NN vote on constructed features."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from bam.evaluation import knn_class_scores
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
-from bam.features.extract import FeatureExtractor, embed_dataset, resolve_recipe
+from bam.features.extract import FeatureExtractor, embed_dataset, resolve_readout
 from bam.evaluation.knn_stage import knn_scores_streamed
 from bam.models.backbones import build_backbone
 from eval_fixtures import CNN, VIT, write_checkpoint
@@ -70,19 +70,19 @@ def test_single_block_recipe_is_cls_and_mean_patch_of_forward_features(vit):
 
 def test_auto_recipe_per_architecture(vit):
     cnn = build_backbone(*CNN[:1], **CNN[1])
-    assert resolve_recipe("auto", vit, "cls_patch_mean") == "cls_patch_mean"
-    assert resolve_recipe("auto", cnn, "cls_patch_mean") == "pooled"
+    assert resolve_readout("auto", vit, "cls_patch_mean") == "cls_patch_mean"
+    assert resolve_readout("auto", cnn, "cls_patch_mean") == "pooled"
     with torch.no_grad():
         torch.testing.assert_close(FeatureExtractor(cnn.eval())(IMAGES), cnn(IMAGES))
     for recipe in ("cls", "cls_patch_mean", "cls_blocks"):
         with pytest.raises(ValueError) as error:
             FeatureExtractor(cnn, recipe)
         assert str(error.value) == (
-            f"feature recipe {recipe!r} reads a ViT's class token, but the backbone is a SmallCNN; "
+            f"feature readout {recipe!r} reads a ViT's class token, but the backbone is a SmallCNN; "
             "use feature 'auto' or 'pooled'"
         )
-    with pytest.raises(ValueError, match="unknown feature recipe 'clss'"):
-        resolve_recipe("clss", vit, "cls")
+    with pytest.raises(ValueError, match="unknown feature readout 'clss'"):
+        resolve_readout("clss", vit, "cls")
 
 
 def test_extractor_stays_frozen_in_eval_mode():

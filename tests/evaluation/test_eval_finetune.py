@@ -2,6 +2,7 @@
 pretrained weights are loaded, the EMA follows the optimiser steps, and the command line runs."""
 from __future__ import annotations
 
+from dataclasses import astuple, replace
 import json
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from bam.evaluation.backbone import resolve_backbone
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from bam.evaluation.finetune import FineTune, main
+from bam.evaluation.finetune import FINETUNE_OPTIMIZER, FineTune, main
+from bam.training.optim import OptimizerSettings
 from bam.io.finetune_checkpoint import ARCHITECTURE_KEY
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
@@ -35,8 +37,8 @@ class RecordLearningRates(pl.Callback):
 def test_vit_fine_tuning_with_layer_decay_drop_path_and_ema(checkpoints, tmp_path):
     pl.seed_everything(0)
     model = FineTune(
-        str(checkpoints["vit"]), num_classes=4, layer_decay=0.5, drop_path_rate=0.2, warmup_epochs=0,
-        mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.5, lr=0.01,
+        str(checkpoints["vit"]), num_classes=4, layer_decay=0.5, drop_path_rate=0.2, 
+        mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.5, optimizer=replace(FINETUNE_OPTIMIZER, warmup_epochs=0, lr=0.01),
     )
     # the architecture was rebuilt with stochastic depth (timm: linear in depth up to the rate) ...
     assert model.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
@@ -72,7 +74,7 @@ def test_vit_fine_tuning_with_layer_decay_drop_path_and_ema(checkpoints, tmp_pat
 def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoints, tmp_path):
     main([
         "--model.backbone", str(checkpoints["cnn"]), "--model.drop_path_rate", "0", "--model.layer_decay", "null",
-        "--model.warmup_epochs", "1", "--model.ema", "true", "--data.augment", "timm",
+        "--model.optimizer.warmup_epochs", "1", "--model.ema", "true", "--data.augment", "timm",
         "--data.auto_augment", "rand-m9-mstd0.5-inc1", "--data.re_prob", "0.25",
         *synthetic_args(), *trainer_args(tmp_path, max_epochs=2),
     ])
@@ -90,9 +92,9 @@ def test_command_line_with_timm_augmentation_mixup_and_label_smoothing(checkpoin
 
 
 def test_optimiser_settings_reach_the_stage(checkpoints):
-    model = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, optimizer="sgd", lr=0.3, min_lr=0.01,
-                     warmup_epochs=2.0, weight_decay=0.04, momentum=0.8, layer_decay=0.7)
-    assert (model.optimizer_name, model.lr, model.min_lr, model.warmup_epochs, model.weight_decay, model.momentum) == (
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, layer_decay=0.7, optimizer=OptimizerSettings(
+                     "sgd", lr=0.3, min_lr=0.01, warmup_epochs=2.0, weight_decay=0.04, momentum=0.8))
+    assert astuple(model.optimizer_settings)[:6] == (
         "sgd", 0.3, 0.01, 2.0, 0.04, 0.8)
     assert model.optimizer_options() == {"layer_decay": 0.7}
 
@@ -115,7 +117,7 @@ def test_defaults_are_the_beit_mae_recipe_without_ema(checkpoints):
     model = FineTune(str(checkpoints["vit"]), num_classes=4)
     assert model.ema is None and list(model.val_metrics) == ["val"]
     assert model.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    assert (model.optimizer_name, model.lr, model.min_lr, model.warmup_epochs, model.weight_decay, model.momentum) == (
+    assert astuple(model.optimizer_settings)[:6] == (
         "adamw", 5e-4, 1e-6, 5.0, 0.05, 0.9)
     assert model.optimizer_options() == {"layer_decay": 0.65}
     mixup = model.mixup
@@ -138,7 +140,7 @@ class RecordWeights(pl.Callback):
 def test_ema_copies_the_model_at_the_first_step_then_averages(checkpoints, tmp_path):
     pl.seed_everything(0)
     model = FineTune(str(checkpoints["cnn"]), num_classes=4, drop_path_rate=0, mixup=0, cutmix=0, ema=True,
-                     ema_decay=0.5, warmup_epochs=0, lr=0.5)
+                     ema_decay=0.5, optimizer=replace(FINETUNE_OPTIMIZER, warmup_epochs=0, lr=0.5))
     record = RecordWeights()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -155,7 +157,7 @@ def test_ema_copies_the_model_at_the_first_step_then_averages(checkpoints, tmp_p
 
 
 def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freezes_the_average(checkpoints, tmp_path):
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
@@ -172,7 +174,7 @@ def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freeze
 
 
 def test_a_checkpoint_saved_without_a_trainer_records_the_backbone_recipe(checkpoints, tmp_path):
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), input_size=32, crop_pct=0.5)

@@ -19,7 +19,7 @@ from bam.evaluation.frozen import init_distributed, select_device
 from bam.features.extract import FeatureExtractor, embed_dataset
 from bam.evaluation.knn_stage import main, run_knn
 from bam.models.backbones import build_backbone
-from bam.transforms import bpa
+from bam.transforms import BPASettings, bpa
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, write_checkpoint
 from tiny_runs import join_workers
 
@@ -189,7 +189,7 @@ def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
     assert devices == [("extractor moved to", torch.device("cpu")), torch.device("cpu")] and embedded.device == torch.device("cpu") and embedded.split == "train"
     features, labels = _pooled(data, "train", checkpoint)
     torch.testing.assert_close(embedded.features, features)
-    assert torch.equal(embedded.labels, labels) and embedded.extractor.recipe == "pooled"
+    assert torch.equal(embedded.labels, labels) and embedded.extractor.readout == "pooled"
 
 
 def test_frozen_extractor_takes_the_chosen_encoder(checkpoint):
@@ -230,7 +230,7 @@ def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, c
     data = BuiltinClassificationData("synthetic", options, image_size=32, resize_size=32, num_workers=0, batch_size=8)
     out = tmp_path / "out"
     result = run_knn(str(checkpoint), data, which="student", k=17, temperature=0.5, bank_fraction=0.5,
-                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=True, bpa_reg=0.2, bpa_iterations=3)
+                     bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=BPASettings(reg=0.2, iterations=3))
     student = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
     bank, bank_labels = _embedded(student, data.eval_dataset("train", 0.5))
     queries, labels = _embedded(student, data.eval_dataset("val"))
@@ -342,7 +342,7 @@ def test_arch_reaches_every_stage_that_reads_a_checkpoint(unnamed_checkpoint, tm
     spec = resolve_backbone(path, arch="bam_cnn4")
     assert (spec.model_name, spec.model_kwargs) == ("bam_cnn4", CNN[1])
     data = synthetic_data(batch_size=BATCH, train_size=8, val_size=8)
-    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).recipe == "pooled"
+    assert frozen.frozen_extractor(path, None, "bam_cnn4", "auto", data).readout == "pooled"
     assert frozen.embed_split(path, data, "testing", arch="bam_cnn4", accelerator="cpu").features.shape == (8, 32)
     assert run_knn(path, data, arch="bam_cnn4", accelerator="cpu", output_dir=str(tmp_path))["bank_size"] == 8
     assert LinearProbe(path, num_classes=4, arch="bam_cnn4").extractor.out_dim == 32
@@ -364,7 +364,7 @@ def test_a_mismatching_architecture_is_named_in_the_error(checkpoint):
 
 def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_class_token(checkpoint, tmp_path):
     from bam.evaluation.data import RecipeMismatchWarning
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), input_size=48, crop_pct=1.0)
@@ -378,7 +378,7 @@ def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_
     ]
     assert (data.mean, data.std, data.image_size) == ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), 32)
     vit = write_checkpoint(tmp_path, *VIT)
-    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).recipe == "cls"
+    assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).readout == "cls"
 
 
 def test_run_knn_settles_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 training the head exactly as on-the-fly features of un-augmented images do."""
 from __future__ import annotations
 
+from dataclasses import astuple
 import json
 import logging
 
@@ -16,6 +17,7 @@ from bam.evaluation import linear as linear_module
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
 from bam.evaluation.linear import LinearProbe, main
+from bam.training.optim import OptimizerSettings
 from eval_fixtures import CNN, VIT, synthetic_args, synthetic_data, trainer_args, write_checkpoint
 
 
@@ -62,10 +64,10 @@ def test_head_starts_from_small_gaussian_weights_after_a_plain_batch_norm(checkp
 
 def test_defaults_are_the_authors_protocol(checkpoints):
     probe = LinearProbe(str(checkpoints["vit"]))
-    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+    assert astuple(probe.optimizer_settings)[:6] == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert not probe.cache_features and list(probe.val_metrics) == ["val"]
-    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
+    assert (probe.extractor.readout, probe.extractor.out_dim) == ("cls_patch_mean", 2 * 48)  # [CLS, mean patch] of 1 block
     assert probe.head[1].weight.shape == (1000, 2 * 48)
 
 
@@ -90,15 +92,15 @@ def test_cached_mode_embeds_on_the_trainer_device(checkpoints, tmp_path, monkeyp
 
 
 def test_optimiser_settings_reach_the_stage(checkpoints):
-    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer="adamw", lr=0.3, min_lr=0.01,
-                        warmup_epochs=2.0, weight_decay=0.05, momentum=0.8)
-    assert (probe.optimizer_name, probe.lr, probe.min_lr, probe.warmup_epochs, probe.weight_decay, probe.momentum) == (
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer=OptimizerSettings(
+                        "adamw", lr=0.3, min_lr=0.01, warmup_epochs=2.0, weight_decay=0.05, momentum=0.8))
+    assert astuple(probe.optimizer_settings)[:6] == (
         "adamw", 0.3, 0.01, 2.0, 0.05, 0.8)
 
 
 def train_head(backbone: str, cache_features: bool, run_dir) -> tuple[LinearProbe, BuiltinClassificationData]:
     pl.seed_everything(0)
-    model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, lr=0.5)
+    model = LinearProbe(backbone, num_classes=4, cache_features=cache_features, optimizer=OptimizerSettings(lr=0.5))
     data = synthetic_data(batch_size=16, augment="none")
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -221,7 +223,7 @@ class Bare(ClassificationStage):
 
 def test_the_base_stage_defaults_are_the_linear_protocol():
     stage = Bare(7)
-    assert (stage.optimizer_name, stage.lr, stage.min_lr, stage.warmup_epochs, stage.weight_decay, stage.momentum) == (
+    assert astuple(stage.optimizer_settings)[:6] == (
         "sgd", 0.002, 0.0, 0.0, 0.0, 0.9)
     assert list(stage.val_metrics) == ["val"] and stage.history == [] and stage.recipe is None
 
@@ -248,7 +250,7 @@ def test_results_are_written_into_a_new_run_folder(checkpoints, tmp_path):
 
 def test_probe_takes_the_chosen_encoder_and_the_backbone_recipe(checkpoints, tmp_path):
     from bam.evaluation.backbone import resolve_backbone
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
@@ -309,8 +311,8 @@ def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, t
     on both groups: against the schedule computed here."""
     import math
 
-    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, lr=0.4, min_lr=0.001, warmup_epochs=warmup_epochs,
-                        weight_decay=0.01, momentum=0.8)
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, optimizer=OptimizerSettings(
+                        lr=0.4, min_lr=0.001, warmup_epochs=warmup_epochs, weight_decay=0.01, momentum=0.8))
     record = RecordGroups()
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -330,7 +332,7 @@ def test_optimiser_steps_follow_the_scaled_warmup_cosine_schedule(checkpoints, t
 
 def test_setup_names_the_probed_backbone_in_recipe_warnings(checkpoints, tmp_path):
     from bam.evaluation.data import RecipeMismatchWarning
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     export = export_backbone(checkpoints["cnn"], tmp_path / "export", recipe=DataRecipe(input_size=48, crop_pct=1.0))

@@ -18,6 +18,7 @@ from bam.evaluation.data import BuiltinClassificationData, FolderClassificationD
 from bam.evaluation.fewshot import read_class_list, run_fewshot
 from bam.evaluation.linear import LinearProbe
 from bam.training.optim import LrSchedule, StepBudget, optimizer_with_schedule
+from bam.transforms import BPASettings
 from eval_fixtures import CNN, write_checkpoint, write_imagenet_like_folder
 from recipe_table import EVAL_DIR, REPO, config_value, eval_markdown, expected_value, load_table
 
@@ -43,7 +44,7 @@ def test_vit_small_config_builds_the_authors_1536_feature_probe_without_batch_no
     model = yaml.safe_load((EVAL_DIR / "linear_imagenet_vit_small.yaml").read_text())["model"]
     settings = {key: model[key] for key in ("feature", "n_last_blocks", "bn_head", "bn_eps")}
     probe = LinearProbe("vit_small_patch16_224", num_classes=10, **settings)
-    assert (probe.extractor.recipe, probe.extractor.out_dim) == ("cls_blocks", 4 * 384) == ("cls_blocks", 1536)
+    assert (probe.extractor.readout, probe.extractor.out_dim) == ("cls_blocks", 4 * 384) == ("cls_blocks", 1536)
     assert isinstance(probe.head[0], nn.Identity) and probe.head[1].weight.shape == (10, 1536)
 
 
@@ -169,7 +170,7 @@ def test_episodes_draw_only_from_the_novel_classes(tmp_path, monkeypatch):
     drawn = []
     real = fewshot.sample_episode
     monkeypatch.setattr(fewshot, "sample_episode", lambda labels, *args: drawn.append(labels.unique().tolist()) or real(labels, *args))
-    result = run_fewshot(str(checkpoint), data, ways=3, shots=[1], queries=2, episodes=4, bpa=False,
+    result = run_fewshot(str(checkpoint), data, ways=3, shots=[1], queries=2, episodes=4, bpa=BPASettings(enabled=False),
                          novel_classes=str(tmp_path / "novel.txt"), output_dir=str(tmp_path / "out"), accelerator="cpu")
     assert drawn == [[2, 5, 7]] * 4
     assert result["novel_classes"] == {"file": str(tmp_path / "novel.txt"), "labels": [2, 5, 7]}

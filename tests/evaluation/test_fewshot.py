@@ -6,6 +6,7 @@ import json
 import math
 import struct
 
+import matplotlib.figure
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from bam.evaluation import fewshot
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
-from bam.transforms import bpa
+from bam.transforms import BPASettings, bpa
 from cli_runs import run_bam
 from eval_fixtures import CNN, record_figures, synthetic_args, synthetic_data, write_checkpoint
 
@@ -72,7 +73,7 @@ def test_separable_classes_are_always_right_and_noise_is_at_chance():
 
 def test_confidence_interval_is_the_normal_one_over_episodes():
     features, labels = _blobs(noise=1.5, seed=4)
-    accuracies = episode_accuracies(features, labels, ways=3, shots=1, queries=4, episodes=40, bpa=False, seed=2)["raw"]
+    accuracies = episode_accuracies(features, labels, ways=3, shots=1, queries=4, episodes=40, bpa=BPASettings(enabled=False), seed=2)["raw"]
     summary = fewshot.summarise(accuracies)
     values = accuracies.tolist()
     mean = sum(values) / len(values)
@@ -134,7 +135,7 @@ def test_stage_through_the_bam_command(tmp_path):
 
 
 def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):
-    figures = record_figures(monkeypatch, fewshot)
+    figures = record_figures(monkeypatch, matplotlib.figure)  # the stages draw through frozen.result_plot
     checkpoint = write_checkpoint(tmp_path, *CNN)
     data = synthetic_data(batch_size=16, train_size=32, val_size=32)
     out = tmp_path / "runs" / "fewshot"  # made with its parents
@@ -227,8 +228,8 @@ def test_stage_defaults_are_the_usual_protocol(tmp_path):
     with torch.no_grad():
         features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    expected = evaluate_fewshot(features, labels, [1], ways=5, queries=15, episodes=2, bpa=True, bpa_reg=0.1,
-                                bpa_iterations=10, seed=0)
+    expected = evaluate_fewshot(features, labels, [1], ways=5, queries=15, episodes=2, bpa=BPASettings(reg=0.1,
+                                iterations=10), seed=0)
     assert result == {
         "results": expected, "ways": 5, "queries": 15, "episodes": 2, "split": "val", "num_images": 80,
         "backbone": str(checkpoint), "feature": "pooled", "seed": 0, "bpa_settings": {"reg": 0.1, "iterations": 10},
@@ -240,7 +241,7 @@ def test_results_go_to_runs_fewshot_by_default(tmp_path, monkeypatch):
     checkpoint = write_checkpoint(tmp_path, *CNN)
     monkeypatch.chdir(tmp_path)
     run_fewshot(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=16), ways=2, shots=[1], queries=1,
-                episodes=1, bpa=False, accelerator="cpu")
+                episodes=1, bpa=BPASettings(enabled=False), accelerator="cpu")
     assert sorted(path.name for path in (tmp_path / "runs" / "fewshot").iterdir()) == ["fewshot.png", "fewshot_results.json"]
 
 
@@ -249,31 +250,31 @@ def test_episode_defaults_are_the_usual_protocol():
     next to raw; per-episode accuracies in float64."""
     features, labels = _blobs(per_class=16, classes=6, noise=1.0, seed=8)  # 16 = 1 shot + 15 queries
     defaults = episode_accuracies(features, labels)
-    explicit = episode_accuracies(features, labels, ways=5, shots=1, queries=15, episodes=600, bpa=True, bpa_reg=0.1,
-                                  bpa_iterations=10, seed=0)
+    explicit = episode_accuracies(features, labels, ways=5, shots=1, queries=15, episodes=600, bpa=BPASettings(reg=0.1,
+                                  iterations=10), seed=0)
     assert set(defaults) == {"raw", "bpa"}
     for name, values in explicit.items():
         assert values.dtype == defaults[name].dtype == torch.float64 and values.shape == (600,)
         assert torch.equal(defaults[name], values), name
     # the test tells the documented values from others: another seed, other BPA settings give other accuracies
     assert not torch.equal(episode_accuracies(features, labels, episodes=20, seed=1)["raw"], explicit["raw"][:20])
-    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa_reg=1.1)["bpa"], explicit["bpa"][:20])
-    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa_iterations=1)["bpa"], explicit["bpa"][:20])
+    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa=BPASettings(reg=1.1))["bpa"], explicit["bpa"][:20])
+    assert not torch.equal(episode_accuracies(features, labels, episodes=20, bpa=BPASettings(iterations=1))["bpa"], explicit["bpa"][:20])
     with pytest.raises(ValueError, match="needs 5 classes with at least 17 images"):
         episode_accuracies(features, labels, shots=2)  # 2 shots + 15 queries: 17 images a class
 
 
 def test_two_way_episodes_are_allowed():
     features, labels = _blobs(per_class=4, classes=2)
-    result = episode_accuracies(features, labels, ways=2, shots=1, queries=3, episodes=3, bpa=False)
+    result = episode_accuracies(features, labels, ways=2, shots=1, queries=3, episodes=3, bpa=BPASettings(enabled=False))
     assert torch.equal(result["raw"], torch.ones(3, dtype=torch.float64))  # well separated: always right
 
 
 def test_shot_counts_default_to_one_and_five():
     features, labels = _blobs(per_class=20, classes=5, noise=1.0, seed=9)
-    result = evaluate_fewshot(features, labels, episodes=3, bpa=False)
+    result = evaluate_fewshot(features, labels, episodes=3, bpa=BPASettings(enabled=False))
     for shots in (1, 5):
-        expected = episode_accuracies(features, labels, shots=shots, episodes=3, bpa=False)["raw"]
+        expected = episode_accuracies(features, labels, shots=shots, episodes=3, bpa=BPASettings(enabled=False))["raw"]
         assert result[f"{shots}-shot"] == {"raw": fewshot.summarise(expected)}
     assert list(result) == ["1-shot", "5-shot"]
 
@@ -294,8 +295,8 @@ def test_stage_passes_the_documented_defaults_on(tmp_path, monkeypatch):
     checkpoint = write_checkpoint(tmp_path, *CNN)
     result = run_fewshot(str(checkpoint), synthetic_data(batch_size=16, train_size=8, val_size=8), accelerator="cpu",
                          output_dir=str(tmp_path / "out"))
-    assert asked == [([1, 5], {"ways": 5, "queries": 15, "episodes": 600, "bpa": True, "bpa_reg": 0.1,
-                               "bpa_iterations": 10, "seed": 0})]
+    assert asked == [([1, 5], {"ways": 5, "queries": 15, "episodes": 600, "bpa": BPASettings(reg=0.1, iterations=10),
+                               "seed": 0})]
     assert {key: value for key, value in result.items() if key not in ("results", "backbone")} == {
         "ways": 5, "queries": 15, "episodes": 600, "split": "val", "num_images": 8, "feature": "pooled", "seed": 0,
         "bpa_settings": {"reg": 0.1, "iterations": 10}, "novel_classes": None,

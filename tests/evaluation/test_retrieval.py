@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.retrieval import (
     evaluate_retrieval, main, per_query_metrics, query_gallery_set, run_retrieval, within_set,
 )
-from bam.transforms import bpa
+from bam.transforms import BPASettings, bpa
 from cli_runs import run_bam
 from eval_fixtures import CNN, record_figures, synthetic_data, write_checkpoint
 from tiny_runs import join_workers
@@ -105,11 +106,11 @@ def test_bpa_ranks_the_transform_of_the_queries_and_gallery_as_one_set():
     gallery, gallery_labels = _blobs(6, seed=1)
     queries, query_labels = _blobs(3, seed=2)
     space = query_gallery_set(queries, query_labels, gallery, gallery_labels)
-    moved = retrieval.bpa_retrieval_set(space, reg=0.2, iterations=4)
+    moved = retrieval.bpa_retrieval_set(space, BPASettings(reg=0.2, iterations=4))
     expected = F.normalize(bpa(torch.cat([F.normalize(gallery), F.normalize(queries)]), 0.2, 4), dim=1)
     torch.testing.assert_close(moved.gallery, expected[:24])
     torch.testing.assert_close(moved.queries, expected[24:])
-    within = retrieval.bpa_retrieval_set(within_set(gallery, gallery_labels), reg=0.2, iterations=4)
+    within = retrieval.bpa_retrieval_set(within_set(gallery, gallery_labels), BPASettings(reg=0.2, iterations=4))
     torch.testing.assert_close(within.queries, F.normalize(bpa(F.normalize(gallery), 0.2, 4), dim=1))
     assert torch.equal(within.queries, within.gallery)
 
@@ -120,7 +121,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _stage_result(checkpoint: str, output_dir: str) -> dict:
-    common = {"accelerator": "cpu", "bpa_reg": 0.2, "query_chunk_rows": 4, "ks": [1, 3, 10]}
+    common = {"accelerator": "cpu", "bpa": BPASettings(reg=0.2), "query_chunk_rows": 4, "ks": [1, 3, 10]}
     return {
         protocol: run_retrieval(checkpoint, synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL),
                                 protocol=protocol, output_dir=f"{output_dir}/{protocol}", **common)
@@ -148,9 +149,9 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
 
 
 def test_stage_ranks_the_backbone_features_and_reports(checkpoint, tmp_path, capsys, monkeypatch):
-    figures = record_figures(monkeypatch, retrieval)
+    figures = record_figures(monkeypatch, matplotlib.figure)  # the stages draw through frozen.result_plot
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
-    result = run_retrieval(str(checkpoint), data, protocol="query_gallery", ks=[1, 5], bpa=False, accelerator="cpu",
+    result = run_retrieval(str(checkpoint), data, protocol="query_gallery", ks=[1, 5], bpa=BPASettings(enabled=False), accelerator="cpu",
                            output_dir=str(tmp_path))
     model = build_from_spec(resolve_backbone(str(checkpoint)))
     embedded = {}
@@ -218,7 +219,7 @@ def _labelled_folder(root: Path, images_per_class: dict[str, int], seed: int) ->
 
 @pytest.fixture(scope="module")
 def export(checkpoint, tmp_path_factory) -> Path:
-    from bam.io.export import export_backbone
+    from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
     recipe = DataRecipe(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=32, crop_pct=1.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
@@ -17,7 +18,17 @@ from bam.cli import STAGES, usage
 from bam.data.synthetic_video import MovingShape, davis_palette, write_synthetic_davis
 from bam.evaluation import vos
 from bam.evaluation.vos import (
-    boundary_f, boundary_map, jaccard, main, neighbourhood, propagate, resized_size, run_vos, score_sequence, statistics,
+    Propagation,
+    boundary_f,
+    boundary_map,
+    jaccard,
+    main,
+    neighbourhood,
+    propagate,
+    resized_size,
+    run_vos,
+    score_sequence,
+    statistics,
 )
 from cli_runs import run_bam
 from eval_fixtures import CNN, record_figures, write_checkpoint
@@ -26,7 +37,9 @@ from tiny_runs import join_workers
 # a disc moving right 4 px per frame and a square moving up-left, 96 x 128 px, 8 frames
 SHAPES = (MovingShape(32, 28, (0.0, 4.0), 16, ((230, 40, 40), (250, 220, 60))),
           MovingShape(68, 96, (-2.0, -3.0), 14, ((40, 80, 230), (60, 230, 230)), square=True))
-SMALL = {"short_side": 96, "long_side_multiple": 16, "radius": 4, "accelerator": "cpu"}
+SMALL = {"propagation": Propagation(short_side=96, long_side_multiple=16, radius=4), "accelerator": "cpu"}
+SMALL_ARGUMENTS = ["--propagation.short_side=96", "--propagation.long_side_multiple=16", "--propagation.radius=4",
+                   "--accelerator=cpu"]
 HEIGHT, WIDTH = 96, 128
 
 
@@ -203,10 +216,21 @@ def _bad_root(videos: Path, fault: str) -> tuple[Path, str]:
 @pytest.mark.parametrize("fault", ["missing annotation", "frame size", "annotation size", "absent sequences"])
 def test_a_bad_davis_root_is_one_line(checkpoint, videos, tmp_path, fault):
     root, message = _bad_root(videos, fault)
-    arguments = [f"--{name}={value}" for name, value in SMALL.items()]
     with pytest.raises(SystemExit) as exit_info:
-        main(["--backbone", str(checkpoint), "--davis_root", str(root), "--output_dir", str(tmp_path / "o"), *arguments])
+        main(["--backbone", str(checkpoint), "--davis_root", str(root), "--output_dir", str(tmp_path / "o"),
+              *SMALL_ARGUMENTS])
     assert str(exit_info.value.code) == message
+
+
+def test_old_flat_propagation_keys_keep_loading_with_one_line_naming_the_new_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["--backbone", "bam_cnn4", "--davis_root", "videos", "--short_side=96", "--radius", "4", "--print_config"])
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "is now" in line] == [
+        "bam vos: note: the command line: `short_side` is now `propagation.short_side`; read as propagation.short_side=96",
+        "bam vos: note: the command line: `radius` is now `propagation.radius`; read as propagation.radius=4",
+    ]
+    assert yaml.safe_load(out)["propagation"] == {**Propagation().__dict__, "short_side": 96, "radius": 4}
 
 
 def test_the_stage_is_in_bam_help():

@@ -13,7 +13,7 @@ import torch
 import bam
 from bam.io import deploy
 from bam.io.deploy import DEPLOY_FORMATS, DeploymentError, deploy_backbone, main
-from bam.io.export import export_backbone
+from bam.io import export_backbone
 from bam.recipe import DataRecipe
 from cli_runs import run_bam
 from eval_fixtures import CNN, VIT, write_checkpoint

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import bam
 from bam.io import CheckpointFormatError, export_backbone, load_backbone, read_backbone
 from bam.io import convert as convert_cli
-from bam.io import export as export_cli
+from bam.io import export_cli
 from bam.models.backbones import build_backbone
 from bam.recipe import DataRecipe
 from io_layouts import bam_checkpoint, randomise_buffers, released_args, released_checkpoint
@@ -147,7 +147,7 @@ def test_config_is_indented_json_with_the_first_conv_and_classifier_of_the_model
 
 
 def test_first_conv_of_a_model_without_convolutions_is_empty():
-    from bam.io.export import _first_conv
+    from bam.io.export_writer import _first_conv
 
     assert _first_conv(torch.nn.Sequential(torch.nn.Linear(3, 3))) == ""
 
@@ -371,3 +371,11 @@ def test_export_of_a_checkpoint_written_by_bam_module(tmp_path):
         output = export_backbone(tmp_path / "bam.ckpt", tmp_path / which, which=which)
         assert torch.equal(features(load_backbone(output)), features(encoder.backbone)), which
     assert not torch.equal(features(module.teacher.backbone), features(module.student.backbone))
+
+
+def test_the_old_module_path_still_names_reading_writing_and_the_command():
+    """Code written when one module held the whole export keeps importing it from `bam.io.export`."""
+    from bam.io import backbone_reader, export, export_writer
+
+    assert export.load_backbone is backbone_reader.load_backbone and export.read_backbone is backbone_reader.read_backbone
+    assert export.export_backbone is export_writer.export_backbone and export.main is export_cli.main

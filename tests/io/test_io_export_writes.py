@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from bam.evaluation.backbone import RandomInitWarning, resolve_backbone
 from bam.io import CheckpointFormatError, CheckpointMismatchError, export_backbone, load_backbone
-from bam.io import export as export_module
+from bam.io import backbone_reader, export_cli, export_writer
 from cli_runs import run_bam
 from eval_fixtures import CNN, synthetic_args, write_checkpoint
 
@@ -48,14 +48,14 @@ def test_a_failed_export_leaves_the_previous_pair_whole(checkpoint, tmp_path, mo
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_module, "_write_config", disk_full)  # the weights are written, config.json fails
-    with pytest.raises(export_module.ExportWriteError) as error:
+    monkeypatch.setattr(export_writer, "_write_config", disk_full)  # the weights are written, config.json fails
+    with pytest.raises(export_writer.ExportWriteError) as error:
         export_backbone(checkpoint, output, which="student")
     assert str(error.value) == (f"no space left on {tmp_path}: nothing was written to {output} (its previous "
                                 "contents are unchanged); free some space and export again")
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # no temporary folder left
-    with pytest.raises(export_module.ExportWriteError):
+    with pytest.raises(export_writer.ExportWriteError):
         export_backbone(checkpoint, tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
@@ -64,9 +64,9 @@ def test_an_unwritable_folder_is_one_line(checkpoint, tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(export_module.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(export_writer.tempfile, "mkdtemp", read_only)
     with pytest.raises(SystemExit) as error:
-        export_module.main([str(checkpoint), "--output", str(tmp_path / "export")])
+        export_cli.main([str(checkpoint), "--output", str(tmp_path / "export")])
     assert str(error.value) == (f"bam export: error: cannot write into {tmp_path} ([Errno 13] Permission denied: "
                                 f"'{tmp_path}'); choose an --output folder you can write to")
 
@@ -77,13 +77,13 @@ def test_the_header_is_checked_before_the_model_is_built(checkpoint, tmp_path, m
     config["model_args"]["width"] = 512  # a 774-byte edit that asks for a far larger network
     (output / "config.json").write_text(json.dumps(config))
     built_on = []
-    real_build = export_module.build_backbone
+    real_build = backbone_reader.build_backbone
 
     def recording_build(*args, **kwargs):
         built_on.append(torch.empty(0).device.type)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "build_backbone", recording_build)
+    monkeypatch.setattr(backbone_reader, "build_backbone", recording_build)
     with pytest.raises(CheckpointMismatchError, match=r"shape mismatch: features\.0\.weight \(file \(8, 3, 3, 3\), "
                                                       r"model \(512, 3, 3, 3\)\)"):
         load_backbone(output)

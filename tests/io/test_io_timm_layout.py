@@ -3,6 +3,7 @@ or after `import bam` (for bam's own), with the same outputs as `bam.load_backbo
 they carry; fine-tuned classifiers exported with their head."""
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bam.evaluation.data import ClassificationDataModule, RecipeMismatchWarning
-from bam.evaluation.finetune import FineTune
+from bam.evaluation.finetune import FINETUNE_OPTIMIZER, FineTune
 from bam.io import CheckpointFormatError, export_backbone, load_backbone
 from bam.models.backbones import build_backbone
 from bam.recipe import DataRecipe
@@ -158,7 +159,8 @@ def finetuned(tmp_path_factory):
     directory = tmp_path_factory.mktemp("finetune")
     backbone = write_checkpoint(directory, "bam_cnn4", {"width": 8})
     module = FineTune(str(backbone), num_classes=4, drop_path_rate=0, layer_decay=None, mixup=0, cutmix=0,
-                      ema=True, ema_decay=0.5, warmup_epochs=0, lr=0.05)
+                      ema=True, ema_decay=0.5,
+                      optimizer=replace(FINETUNE_OPTIMIZER, warmup_epochs=0, lr=0.05))
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=directory,
                          num_sanity_val_steps=0, limit_val_batches=0)
@@ -194,7 +196,7 @@ def test_finetuned_checkpoints_written_before_the_architecture_was_recorded(fine
     old = torch.load(checkpoint, map_location="cpu", weights_only=False)
     del old["bam_architecture"]  # as bam 0.1 wrote them: the architecture only through the starting backbone
     torch.save(old, tmp_path / "old.ckpt")
-    from bam.io import export as export_cli
+    from bam.io import export_cli
 
     export_cli.main([str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "export"), "--which", "model"])
     assert "wrote the fine-tuned model (bam_cnn4, 32-d features, 4 classes)" in capsys.readouterr().out

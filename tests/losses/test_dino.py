@@ -100,8 +100,8 @@ def test_uniform_student_scores_chance_level():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(num_crops=1, num_global_crops=1), "DINO needs at least 2 crops and 1 <= num_global_crops <= num_crops, "
-                                             "got num_crops=1, num_global_crops=1"),
+    [(dict(num_crops=1, num_global_crops=1), "num_crops=1, num_global_crops=1: DINO (the student predicts "
+                                             "the teacher's output of another crop) needs at least 2 crops, got 1"),
      (dict(num_crops=4, objective=dict(center_momentum=1.0)), "center_momentum=1.0 must be in [0, 1) (1 would never update the centre)"),
      (dict(num_crops=4, objective=dict(student_temperature=0.0)), "student_temperature=0.0 and teacher_temperature=0.04 must be positive")],
 )

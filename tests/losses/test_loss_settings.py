@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
+from bam.data.config import MultiCropConfig
 from bam.losses import BAMLoss, BAMObjective, SwAVLoss, SwAVObjective, balanced_target, swapped_prediction, swav_codes, swav_loss
+from bam.losses.dino_loss import DINOLoss
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -24,8 +26,8 @@ def test_bam_objective_names_the_setting_out_of_range(settings, message):
 
 
 @pytest.mark.parametrize("num_crops, num_global_crops, message", [
-    (4, 5, "num_global_crops=5 must be between 1 and num_crops=4"),
-    (4, 0, "num_global_crops=0 must be between 1 and num_crops=4"),
+    (4, 5, "num_crops=4, num_global_crops=5: num_local_crops must be >= 0, got -1"),
+    (4, 0, "num_crops=4, num_global_crops=0: num_global_crops must be at least 1, got 0"),
 ])
 def test_crop_counts_out_of_range_are_named(num_crops, num_global_crops, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -113,3 +115,16 @@ def test_swav_loss_uses_the_temperature_it_is_given():
     expected = swapped_prediction(scores, codes, temperature=0.5)
     torch.testing.assert_close(swav_loss(embeddings, prototypes, num_crops=3, temperature=0.5), expected)
     assert not torch.allclose(swav_loss(embeddings, prototypes, num_crops=3), expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MultiCropConfig(num_global_crops=2, num_local_crops=-1),
+    lambda: BAMLoss(num_crops=1, num_global_crops=2),
+    lambda: SwAVLoss(num_crops=1, num_global_crops=2),
+    lambda: DINOLoss(8, num_crops=1, num_global_crops=2),
+])
+def test_every_owner_of_crop_counts_refuses_negative_local_crops_alike(make):
+    """The data recipe and each objective check crop counts through one function, so one mistake
+    reads the same wherever it is set."""
+    with pytest.raises(ValueError, match=r"num_local_crops must be >= 0, got -1$"):
+        make()

@@ -292,7 +292,7 @@ def test_chance_level_is_log_of_candidates():
 def test_fill_positives_writes_exactly_the_positive_mask(num_crops, batch, num_target, world, rank):
     """The loss masks through a strided view; it must hit the same entries as the boolean mask."""
     matrix = torch.zeros(num_crops * batch, num_target * batch * world)
-    fill_positives_(matrix, 1.0, Layout(num_crops, num_target, num_target, batch, world, rank, masking=True))
+    fill_positives_(matrix, Layout(num_crops, num_target, num_target, batch, world, rank, masking=True), 1.0)
     assert torch.equal(matrix.bool(), positive_mask(num_crops, batch, num_target, world, rank))
 
 
