@@ -2,6 +2,7 @@
 `bam cluster`, `bam fewshot`): the device, the process group `torchrun` describes, and the feature extractor."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -70,6 +71,16 @@ def init_distributed(device: torch.device) -> None:
     """Join the process group `torchrun` describes in the environment (if any, and not joined yet)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    """At exit, every process waits for the others, then leaves the group: a process whose group is
+    torn down by the interpreter while a peer is still finishing (process 0 writing the results) can
+    abort in gloo's threads ("terminate called without an active exception", exit -6)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def frozen_extractor(
