@@ -135,6 +135,14 @@ class SSLMethod(pl.LightningModule):
         the batch (DeepCluster-v2, SeLa: the dataset indices, see `dataset_indices_of`) overrides this."""
         return self.compute_loss(crops)
 
+    @classmethod
+    def refuse_momentum_teacher(cls, kwargs: dict[str, Any], method: str, targets_from: str) -> None:
+        """A method whose targets do not come from a momentum teacher refuses `momentum_teacher`,
+        saying where its targets come from instead."""
+        if kwargs.get("momentum_teacher"):
+            raise ValueError(f"{method} has no momentum teacher ({targets_from}); "
+                             f"remove momentum_teacher from the {cls.__name__} arguments")
+
     @staticmethod
     def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
         """Reject impossible crop counts when the model is built, naming the setting."""

@@ -56,9 +56,7 @@ class DeepClusterV2Module(SSLMethod):
         proj_batch_norm: bool = True,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("momentum_teacher"):
-            raise ValueError("DeepCluster-v2 has no momentum teacher (its targets are last epoch's clusters); "
-                             "remove momentum_teacher from the DeepClusterV2Module arguments")
+        self.refuse_momentum_teacher(kwargs, "DeepCluster-v2", "its targets are last epoch's clusters")
         self.check_crop_settings(num_global_crops, num_local_crops)
         super().__init__(proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim, proj_layers=proj_layers,
                          proj_activation=proj_activation, proj_batch_norm=proj_batch_norm, **kwargs)

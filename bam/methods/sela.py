@@ -78,9 +78,7 @@ class SeLaModule(SSLMethod):
         proj_batch_norm: bool = True,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("momentum_teacher"):
-            raise ValueError("SeLa has no momentum teacher (its labels come from the network's own heads); "
-                             "remove momentum_teacher from the SeLaModule arguments")
+        self.refuse_momentum_teacher(kwargs, "SeLa", "its labels come from the network's own heads")
         self.check_crop_settings(num_global_crops, num_local_crops)
         if label_schedule not in LABEL_SCHEDULES:
             raise ValueError(f"unknown label_schedule {label_schedule!r}; choose one of {sorted(LABEL_SCHEDULES)}")

@@ -59,11 +59,7 @@ class SwAVModule(SSLMethod):
         proj_batch_norm: bool = True,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("momentum_teacher"):
-            raise ValueError(
-                "SwAV has no momentum teacher (its codes come from the network's own global crops); "
-                "remove momentum_teacher from the SwAVModule arguments"
-            )
+        self.refuse_momentum_teacher(kwargs, "SwAV", "its codes come from the network's own global crops")
         self.check_crop_settings(num_global_crops, num_local_crops)
         if freeze_prototypes_epochs < 0:
             raise ValueError(f"freeze_prototypes_epochs={freeze_prototypes_epochs} must be >= 0")

@@ -12,14 +12,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from cli_runs import printed_pretrain_config
-from torch.utils.data import DataLoader, TensorDataset
 
 from bam.losses import SeLaLoss, optimal_labels, self_label_loss
 from bam.methods import SeLaModule
 from bam.models import feature_dim
 from bam.ops.errors import UserInputError
 from repo_paths import REPO
-from tiny_runs import TinyCropsDataModule, spawn_gloo_workers
+from tiny_runs import IndexedTinyCrops, TinyCropsDataModule, spawn_gloo_workers
 
 CONFIGS = REPO / "configs" / "pretrain"
 
@@ -181,18 +180,6 @@ def test_two_processes_match_one_process_loss_gradients_bank_and_labels(tmp_path
 # ----------------------------------------------------------------- the LightningModule
 SMALL = dict(backbone="bam_cnn4", backbone_kwargs=dict(pool_size=2, width=8), num_local_crops=2, warmup_epochs=0,
              objective=dict(num_clusters=4, num_heads=2, sinkhorn_iterations=20))
-
-
-class IndexedTinyCrops(TinyCropsDataModule):
-    """TinyCropsDataModule's views with each image's dataset index, shuffled as training shuffles."""
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = TensorDataset(self.images, self.labels, torch.arange(len(self.images)))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        images, labels, indices = batch
-        return self._views(images), labels, indices
 
 
 class RecordLabels(pl.Callback):
