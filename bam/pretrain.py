@@ -45,7 +45,7 @@ class PretrainCLI(SafeRunCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
     configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
 
-    # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+    # the crop counts are set once, in the data's crop settings (`data.crops`), and given to the method
     derived_settings = {f"model.init_args.{count}": f"data.init_args.crops.{count}" for count in CROP_COUNTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

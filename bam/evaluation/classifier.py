@@ -196,7 +196,7 @@ class ClassificationStage(pl.LightningModule):
         return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """bam's optimiser recipe (`bam.training.optim`): timm optimiser at `lr * global batch / 256`
+        """bam's optimiser setup (`bam.training.optim`): timm optimiser at `lr * global batch / 256`
         and a per-step warm-up + cosine schedule. timm's schedulers multiply each group's learning
         rate by its `lr_scale` (layer-wise decay) every time they set it, so per-group scales take
         effect from the first step."""
