@@ -20,7 +20,7 @@ import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
-from bam.callbacks import ContrastiveCrop, CurvePlots, DataAccount, EmbeddingPictures, OnlineKNN, PreciseBatchNorm
+from bam.callbacks import ContrastiveCrop, CurvePlots, EmbeddingPictures, FileReport, OnlineKNN, PreciseBatchNorm
 from bam.data import MultiCropConfig, SSLDataModule
 from bam.data.recipe_fit import recipe_misfits, sample_images, too_few_images
 from bam.losses import BAMObjective
@@ -29,6 +29,7 @@ from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
 from bam.training.launch_plan import check_launch_plan
+from bam.training.moved_keys import MovedKey, read_moved_keys
 from bam.training.run_cli import SafeRunCLI, SettingError, launch_rank_is_zero, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
@@ -36,13 +37,15 @@ from bam.warning_filters import expected_warnings_silenced
 
 
 CROP_COUNTS = ("num_global_crops", "num_local_crops")
+# callback groups renamed since a run's saved config.yaml may have been written
+PRETRAIN_MOVED_KEYS = (MovedKey("data_account.enabled", "file_report.enabled"),)
 
 
 class PretrainCLI(SafeRunCLI):
     """LightningCLI with bam's checkpointing, online k-NN, curve plots and ContrastiveCrop as named,
     configurable groups, and the safe-run behaviour of `SafeRunCLI` (resume, lock, checkpoint I/O)."""
 
-    # the crop counts are set once, in the data's recipe (`data.crops`), and given to the method
+    # the crop counts are set once, in the data's crop settings (`data.crops`), and given to the method
     derived_settings = {f"model.init_args.{count}": f"data.init_args.crops.{count}" for count in CROP_COUNTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -55,7 +58,7 @@ class PretrainCLI(SafeRunCLI):
         parser.add_lightning_class_args(CurvePlots, "plots")
         parser.add_lightning_class_args(EmbeddingPictures, "pictures")  # off unless enabled: true
         parser.add_lightning_class_args(ContrastiveCrop, "contrastive_crop")  # off unless enabled: true
-        parser.add_lightning_class_args(DataAccount, "data_account")  # last: after the final k-NN reads
+        parser.add_lightning_class_args(FileReport, "file_report")  # last: after the final k-NN reads
         for count in CROP_COUNTS:  # see `derived_settings`
             parser.link_arguments(
                 ("data.init_args.crops", "model.class_path", f"model.init_args.{count}"), f"model.init_args.{count}",
@@ -156,7 +159,7 @@ def _config_files(argv: list[str]) -> list[Path]:
 
 def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
     """Parse `argv` as `bam pretrain` does and build everything; with `run`, also train."""
-    argv = with_config_names("pretrain", argv)
+    argv = read_moved_keys(with_config_names("pretrain", argv), PRETRAIN_MOVED_KEYS, "bam pretrain")
     refuse_moved_objective_keys(argv)
     return PretrainCLI(
         SSLMethod,

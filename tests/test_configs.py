@@ -86,3 +86,19 @@ def test_objective_keys_written_before_they_moved_are_named_with_their_new_home(
     last_line = finished.stdout.strip().splitlines()[-1]
     assert last_line.startswith("bam pretrain: --model.init_args.reg, ") and "old.yaml: model.init_args.top_k" in last_line
     assert "now live under model.init_args.objective" in last_line
+
+
+def test_a_run_config_written_before_the_file_report_rename_still_loads(tmp_path, capsys):
+    """A run's saved config.yaml from before has the callback group `data_account`: it is read as
+    `file_report`, with one line naming the move (config file and command line alike)."""
+    old_config = tmp_path / "config.yaml"
+    old_config.write_text("data_account:\n  enabled: false\n")
+    demo = str(CONFIGS[0].parent / "demo.yaml")
+    cli = parsed_pretraining(["--config", demo, "--config", str(old_config)])
+    assert cli.config.file_report.enabled is False and "data_account" not in cli.config
+    cli = parsed_pretraining(["--config", demo, "--data_account.enabled", "false"])
+    assert cli.config.file_report.enabled is False
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        f"bam pretrain: note: {old_config}: `data_account.enabled` is now `file_report.enabled`; read as file_report.enabled=False",
+        "bam pretrain: note: the command line: `data_account.enabled` is now `file_report.enabled`; read as file_report.enabled=false",
+    ]

@@ -8,7 +8,7 @@ from bam.data.cpu_augment import CPUMultiCrop
 from bam.data.device_augment import DeviceMultiCrop
 from bam.data.ffcv_convert import write_beton
 from bam.data.ffcv_loader import FFCVDataModule
-from bam.data.file_account import FileAccount
+from bam.data.file_report import FileStatuses
 from bam.data.image_decoding import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_image_file
 from bam.data.modules import BuiltinDataModule, ImageFolderDataModule, SSLDataModule
 from bam.data.sources import ImageFiles, TensorImages
@@ -21,7 +21,7 @@ __all__ = [
     "CPUMultiCrop",
     "CropBoxes",
     "DeviceMultiCrop",
-    "FileAccount",
+    "FileStatuses",
     "FFCVDataModule",
     "ImageFiles",
     "ImageFolderDataModule",

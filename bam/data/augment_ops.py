@@ -11,7 +11,7 @@ borders), which ``tests/data/test_data_augment.py`` checks op by op.
 
 Operations whose name ends in ``_`` work in place and return their input; the others return a
 new tensor. Hue and blur are written here rather than taken from torchvision or kornia because
-they are the costly steps of the recipe on CPU (see their docstrings, and
+they are the costly steps of the augmentation on CPU (see their docstrings, and
 ``tests/benchmarks/bench_data.py`` for the measured throughput of both drivers).
 """
 from __future__ import annotations

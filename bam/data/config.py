@@ -1,6 +1,6 @@
 """The multi-crop augmentation settings, shared by the CPU and the on-device augmentation paths.
 
-Defaults are DINO's recipe as used by BAM: 2 global crops of 224 px (scale 0.25-1) and 6 local crops
+Defaults are DINO's multi-crop settings as used by BAM: 2 global crops of 224 px (scale 0.25-1) and 6 local crops
 of 96 px (scale 0.05-0.25), each flipped, colour-jittered, possibly made grey, blurred and (second
 global crop only) solarised, then normalised with the ImageNet mean and std. Every number can be
 changed from a config file; setting a probability to 0 removes that operation (e.g. the colour

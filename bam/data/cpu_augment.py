@@ -1,14 +1,14 @@
 """Per-image driver of the augmentation operations on the CPU (the "cpu" path).
 
 DataLoader workers run ``CPUMultiCrop`` on one uint8 image tensor ``(3, H, W)`` at a time. It
-makes torchvision's recipe (RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur,
+makes torchvision's augmentation pipeline (RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur,
 RandomSolarize, Normalize: the same parameter distributions and, except for hue and blur, the
 same arithmetic) from the operations of ``bam.data.augment_ops``, the ones the device driver
 applies to whole batches.
 
 It is hand-written rather than a ``v2.Compose`` per view because of its measured speed:
 ``tests/benchmarks/bench_data.py`` runs both on the same JPEGs, and this path makes the full
-recipe several times faster per CPU core than torchvision's per-image pipeline. What it saves:
+augmentation several times faster per CPU core than torchvision's per-image pipeline. What it saves:
 
 - crops are cut and resized in uint8, where torchvision's antialiased resize has a fast kernel,
   and their boxes drawn by ``augment_ops.sample_crop_boxes`` (torchvision's sampler, vectorised;

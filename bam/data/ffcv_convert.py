@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from bam.data.builtin import BUILTIN_DATASETS, load_builtin
 from bam.data.ffcv_install import require_ffcv
-from bam.data.file_account import file_accounts_of, settle_accounts
+from bam.data.file_report import file_statuses_of, report_files
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageSource, stratified_split
 from bam.data.splits import listed_image_splits
 
@@ -94,7 +94,7 @@ def select_images(
 
 def readable_images(images: ImageSource, num_workers: int = 4) -> ImageSource:
     """The images whose files decode, in order; each file is tried once (in ``num_workers``
-    processes) and the unreadable ones are counted in the listing's account."""
+    processes) and the unreadable ones are counted in the listing's file statuses."""
     check = images.dropping_unreadable()
     if check is images:  # in memory: all readable
         return images
@@ -134,7 +134,7 @@ def write_beton(
 
     Unreadable files (empty, corrupt, more than ``max_pixels`` pixels) are left out, never
     replaced: each file is decoded once to check it, then again to write it. Prints which images
-    went to which file and one account line; writes the report (returned) to ``<output>.json``
+    went to which file and one file-report line; writes the report (returned) to ``<output>.json``
     and the skipped paths to ``<output>.skipped.tsv``.
 
     Args:
@@ -175,8 +175,8 @@ def write_beton(
         write_complete(images, Path(path), fields, num_workers)
         print(f"wrote {len(images)} images to {path}: {selection.description}", flush=True)
         outputs.append({"path": str(path), "images": len(images), "selection": selection.description})
-    accounts = file_accounts_of(*(selection.images for selection in selections))
-    files = settle_accounts(accounts, Path(f"{output}.skipped.tsv"))
+    statuses = file_statuses_of(*(selection.images for selection in selections))
+    files = report_files(statuses, Path(f"{output}.skipped.tsv"))
     report = {"outputs": outputs, "files": files, "split": split, "val_fraction": val_fraction, "seed": seed,
               "max_pixels": max_pixels}
     Path(f"{output}.json").write_text(json.dumps(report, indent=2))

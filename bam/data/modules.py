@@ -50,7 +50,7 @@ class SSLDataModule(LabelledSplits, pl.LightningDataModule):
     Subclasses implement ``load_splits`` (and, for images of varying size, ``base_transform``).
 
     Args:
-        crops: The multi-crop recipe (DINO's by default).
+        crops: The multi-crop settings (DINO's by default).
         augment_on: ``"cpu"``: workers make the views; ``"device"``: the loader yields uint8
             images at a base size and the views are made batch-wise on the training device.
         batch_size: Images per batch and process.

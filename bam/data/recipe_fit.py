@@ -1,9 +1,9 @@
 """Does a data recipe fit the images it is given? Checked at start-up of pretraining.
 
-A shipped recipe reused on other images keeps its numbers silently: the demo's MNIST statistics
+A shipped config reused on other images keeps its numbers silently: the demo's MNIST statistics
 (one grey value for all three channels) and 28-px crops on colour photos train, and export, a
 network that saw 28-px crops normalised for digits. These checks look at a few images and name
-each setting that does not fit them next to what the images are. They warn; a recipe can be
+each setting that does not fit them next to what the images are. They warn; a config can be
 meant that way. `too_few_images` is an error: a batch larger than the data gives no step at all.
 """
 from __future__ import annotations

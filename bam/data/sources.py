@@ -14,11 +14,11 @@ all of them or none).
 
 Folders are walked following symbolic links, but each real folder is entered once and each real
 file is listed once (by device and inode): a link back to a parent (a loop) or to a file already
-listed is left out and counted in the account as ``already_listed``.
+listed is left out and counted in the file statuses as ``already_listed``.
 
 Files are decoded by ``bam.data.image_decoding.decode_image_file`` (TorchCodec or Pillow, see there).
 Unreadable files (empty, corrupt or truncated, more pixels than ``max_pixels``) never stop a run
-and are never read twice. Every file's fate goes into the listing's ``FileAccount`` (shared with
+and are never read twice. Every file's fate goes into the listing's ``FileStatuses`` (shared with
 DataLoader workers), which stages report once, summed over processes, at their end. What a
 sample of an unreadable file becomes depends on who reads it: training replaces it by the next
 readable image (batches keep their size); evaluation and conversion drop it
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from bam.data.file_account import READ, FileAccount, skip_code
+from bam.data.file_report import READ, FileStatuses, skip_code
 from bam.data.image_decoding import DEFAULT_MAX_PIXELS, UnreadableImageError, decode_image_file
 from bam.ops.errors import UserInputError
 
@@ -59,19 +59,19 @@ class ImageSource(Protocol):
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels; every read goes into the listing's ``FileAccount``.
+    """Image files with integer labels; every read goes into the listing's ``FileStatuses``.
 
     An unreadable file is replaced by the next readable one (its own label), so that training
     batches keep their size; ``dropping_unreadable()`` gives a view that yields None for it
     instead (for evaluation and conversion: no image twice). A file known to be unreadable,
-    from any process sharing the account, is not read again.
+    from any process sharing the statuses, is not read again.
 
     Args:
         paths: Image file paths.
         labels: One integer class per path.
         max_pixels: Larger images (by the size in their header) are skipped without decoding.
-        account: Account of the listing these files come from (default: a new one of ``paths``).
-        positions: Position of each path in ``account`` (default: ``0, 1, ...``).
+        statuses: Statuses of the listing these files come from (default: new ones of ``paths``).
+        positions: Position of each path in ``statuses`` (default: ``0, 1, ...``).
         replace_unreadable: Replace an unreadable file by the next readable one (else None).
     """
 
@@ -80,7 +80,7 @@ class ImageFiles(Dataset):
         paths: Sequence[str],
         labels: Sequence[int] | Tensor,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        account: Optional[FileAccount] = None,
+        statuses: Optional[FileStatuses] = None,
         positions: Optional[Sequence[int]] = None,
         replace_unreadable: bool = True,
     ) -> None:
@@ -91,7 +91,7 @@ class ImageFiles(Dataset):
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.max_pixels = max_pixels
-        self.account = account if account is not None else FileAccount(self.paths)
+        self.statuses = statuses if statuses is not None else FileStatuses(self.paths)
         self.positions = list(positions) if positions is not None else list(range(len(self.paths)))
         self.replace_unreadable = replace_unreadable
 
@@ -111,18 +111,18 @@ class ImageFiles(Dataset):
 
     def _read(self, index: int) -> Optional[Tensor]:
         position = self.positions[index]
-        if self.account.skipped(position):
+        if self.statuses.skipped(position):
             return None
         try:
             image = decode_image_file(self.paths[index], self.max_pixels)
         except UnreadableImageError as error:
-            self.account.mark(position, skip_code(error.reason))
+            self.statuses.mark(position, skip_code(error.reason))
             return None
-        self.account.mark(position, READ)
+        self.statuses.mark(position, READ)
         return image
 
     def subset(self, indices: Tensor) -> "ImageFiles":
-        """The files at ``indices`` (in that order), in the same account."""
+        """The files at ``indices`` (in that order), with the same statuses."""
         chosen = indices.tolist()
         return self._view([self.paths[i] for i in chosen], self.labels[indices], [self.positions[i] for i in chosen],
                           self.replace_unreadable)
@@ -132,7 +132,7 @@ class ImageFiles(Dataset):
         return self._view(self.paths, self.labels, self.positions, replace_unreadable=False)
 
     def _view(self, paths: list[str], labels: Tensor, positions: list[int], replace_unreadable: bool) -> "ImageFiles":
-        return ImageFiles(paths, labels, self.max_pixels, self.account, positions, replace_unreadable)
+        return ImageFiles(paths, labels, self.max_pixels, self.statuses, positions, replace_unreadable)
 
 
 class TensorImages(Dataset):
@@ -176,7 +176,7 @@ def scan_image_folder(
     ``UNLABELLED`` (see ``labels``), and the class names (None: no classes).
 
     Files without an image extension (``IMAGE_EXTENSIONS``, or none at all) are not read; they
-    are counted in the account as skipped, ``unsupported``; links to a folder or file already
+    are counted in the file statuses as skipped, ``unsupported``; links to a folder or file already
     listed, as ``already_listed``.
 
     Args:
@@ -213,8 +213,8 @@ def scan_image_folder(
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     unsupported = sorted(set(range(len(listed))) - set(images))
     repeated = range(len(listed), len(listed) + len(walk.repeated))
-    account = FileAccount(listed + walk.repeated, unsupported=unsupported, already_listed=repeated)
-    return ImageFiles([listed[i] for i in images], [labelled[i] for i in images], max_pixels, account, images), classes
+    statuses = FileStatuses(listed + walk.repeated, unsupported=unsupported, already_listed=repeated)
+    return ImageFiles([listed[i] for i in images], [labelled[i] for i in images], max_pixels, statuses, images), classes
 
 
 def _subfolders(root: Path) -> list[str]:

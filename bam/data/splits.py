@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from bam.data.file_account import FileAccount, file_accounts_of
+from bam.data.file_report import FileStatuses, file_statuses_of
 from bam.data.sources import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -71,10 +71,10 @@ class LabelledSplits:
         """The class of each label (index = label), where the data names its classes (None here)."""
         return None
 
-    def file_accounts(self) -> list[FileAccount]:
+    def file_statuses(self) -> list[FileStatuses]:
         """Accounts of the image files behind both splits (none for images held in memory)."""
         self.setup()
-        return file_accounts_of(self.train_source, self.val_source)
+        return file_statuses_of(self.train_source, self.val_source)
 
 
 class ImageFolderSplits(LabelledSplits):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from bam.data.file_account import SKIPPED_LOG, settle_accounts
+from bam.data.file_report import SKIPPED_LOG, report_files
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.ops.errors import UserInputError
 from bam.recipe import DataRecipe
@@ -143,7 +143,7 @@ class ClassificationStage(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         run_dir = Path(self.trainer.default_root_dir)
-        files = self._file_account(run_dir)  # a collective: before any rank can return
+        files = self._file_report(run_dir)  # a collective: before any rank can return
         if not self.history:
             return
         summary = self.summary()
@@ -160,11 +160,11 @@ class ClassificationStage(pl.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**summary, "files": files, "history": self.history}, indent=2))
 
-    def _file_account(self, run_dir: Path) -> dict[str, Any] | None:
+    def _file_report(self, run_dir: Path) -> dict[str, Any] | None:
         """Files found, read and skipped by the data module, summed over processes (None for data
         in memory); printed and the skipped paths written to `<run dir>/skipped_files.tsv`."""
-        accounts = getattr(self.trainer.datamodule, "file_accounts", None)
-        return None if accounts is None else settle_accounts(accounts(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
+        statuses = getattr(self.trainer.datamodule, "file_statuses", None)
+        return None if statuses is None else report_files(statuses(), run_dir / SKIPPED_LOG, self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_history"] = self.history  # so a resumed run still knows its best epoch
@@ -196,7 +196,7 @@ class ClassificationStage(pl.LightningModule):
         return global_batch_size(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """bam's optimiser recipe (`bam.training.optim`): timm optimiser at `lr * global batch / 256`
+        """bam's optimiser setup (`bam.training.optim`): timm optimiser at `lr * global batch / 256`
         and a per-step warm-up + cosine schedule. timm's schedulers multiply each group's learning
         rate by its `lr_scale` (layer-wise decay) every time they set it, so per-group scales take
         effect from the first step."""

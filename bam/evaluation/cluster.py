@@ -25,7 +25,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
-from bam.data.file_account import SKIPPED_LOG, settle_accounts
+from bam.data.file_report import SKIPPED_LOG, report_files
 from bam.ops.distributed import rank
 from bam.training.run_cli import one_line_errors
 from bam.evaluation.data import ClassificationDataModule
@@ -139,11 +139,11 @@ def run_clustering(
     read and skipped (the paths in `output_dir/skipped_files.tsv`).
 
     Returns:
-        `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file account and
+        `raw` (and `bpa`): `nmi`, `ari`, `accuracy` and `inertia`; the sizes, file report and
         settings used.
     """
     features, labels, extractor, device, split = embed_split(backbone, data, "clustering", **frozen)
-    files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
+    files = report_files(data.file_statuses(), Path(output_dir) / SKIPPED_LOG, device)
     num_clusters = num_clusters or data.num_classes
     metrics, assignments = cluster_features(
         features.to(device), labels, num_clusters, bpa,

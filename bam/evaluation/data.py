@@ -7,8 +7,8 @@ pretraining run reported k-NN on. What differs is the transforms:
 - evaluation (validation, k-NN, cached features): resize the short side to `resize_size`
   (bicubic by default) and centre-crop `image_size`, both from the backbone's data recipe unless
   set (ImageNet's 256 -> 224 for backbones that record none);
-- training, by name (`TRAIN_AUGMENTATIONS`): `crop_flip` is the authors' linear-probe recipe
-  (RandomResizedCrop + horizontal flip), `timm` is timm's fine-tuning recipe (RandAugment, random
+- training, by name (`TRAIN_AUGMENTATIONS`): `crop_flip` is the authors' linear-probe augmentation
+  (RandomResizedCrop + horizontal flip), `timm` is timm's fine-tuning augmentation (RandAugment, random
   erasing, ...), `none` uses the evaluation transform (what cached features see).
 """
 from __future__ import annotations
@@ -51,9 +51,9 @@ class ClassificationDataModule(LabelledSplits, pl.LightningDataModule):
         augment: Training augmentation, a key of `TRAIN_AUGMENTATIONS`.
         crop_scale: Area range of the training RandomResizedCrop (fraction of the image).
         hflip_prob: Probability of a horizontal flip in training.
-        auto_augment: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1" (`timm` recipe only).
-        color_jitter: Colour-jitter strength when there is no auto-augment (`timm` recipe only).
-        re_prob: Random-erasing probability (`timm` recipe only).
+        auto_augment: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1" (`timm` augmentation only).
+        color_jitter: Colour-jitter strength when there is no auto-augment (`timm` augmentation only).
+        re_prob: Random-erasing probability (`timm` augmentation only).
         mean: Per-channel mean subtracted from images scaled to [0, 1].
         std: Per-channel standard deviation divided by.
         fraction: The part of the training split used: a class-balanced fraction (e.g. 0.01 for
@@ -251,7 +251,7 @@ def _crop_flip(data: ClassificationDataModule) -> Transform:
 
 
 def _timm(data: ClassificationDataModule) -> Transform:
-    # timm's recipe (RandAugment in particular) works on PIL images; the sources yield tensors
+    # timm's augmentation (RandAugment in particular) works on PIL images; the sources yield tensors
     recipe = create_transform(
         data.image_size, is_training=True, scale=data.crop_scale, hflip=data.hflip_prob,
         color_jitter=data.color_jitter, auto_augment=data.auto_augment, interpolation=data.interpolation,

@@ -16,7 +16,7 @@ Output formats (`EMBEDDING_FORMATS`), each written to a temporary file and renam
   `filenames, embedding_0, ..., embedding_{D-1}, labels`;
 - `npy`: `embeddings.npy` (float32 `(N, D)`) and `filenames.csv` (`filename,label`, row for row).
 
-Unreadable files have no row (the file account prints them; `skipped_files.tsv` lists them).
+Unreadable files have no row (the file report counts them; `skipped_files.tsv` lists them).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from bam.data.datasets import TransformedSource
-from bam.data.file_account import SKIPPED_LOG, file_accounts_of, settle_accounts
+from bam.data.file_report import SKIPPED_LOG, file_statuses_of, report_files
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageFiles, read_file_list, scan_image_folder
 from bam.data.splits import require_locations
 from bam.evaluation.data import ClassificationDataModule
@@ -154,7 +154,7 @@ def run_embed(
             `PictureSettings()`; `enabled: false` for none).
 
     Returns:
-        The number of images embedded, the feature size, the files written and the file account.
+        The number of images embedded, the feature size, the files written and the file report.
     """
     if format not in EMBEDDING_FORMATS:
         raise SettingError(f"unknown format {format!r}: choose one of {', '.join(EMBEDDING_FORMATS)}")
@@ -168,7 +168,7 @@ def run_embed(
     dataset = TransformedSource(files.dropping_unreadable(), preprocessing.eval_transform())
     features, labels, indices = embed_rows(dataset, extractor, device, batch_size, num_workers, progress="embedding")
     output = Path(output_dir)
-    account = settle_accounts(file_accounts_of(files), output / SKIPPED_LOG, device)
+    file_report = report_files(file_statuses_of(files), output / SKIPPED_LOG, device)
     root = Path(images) if Path(images).is_dir() else Path(images).parent
     embeddings = Embeddings(features, [relative_name(files.paths[i], root) for i in indices.tolist()],
                             labels, class_names)
@@ -181,7 +181,7 @@ def run_embed(
         print(f"bam embed: {len(features)} images -> {features.shape[1]}-d {extractor.readout} features; wrote "
               + ", ".join(str(path) for path in written), flush=True)
     return {"num_images": len(features), "dim": int(features.shape[1]), "feature": extractor.readout,
-            "files": [str(path) for path in written], "file_account": account}
+            "files": [str(path) for path in written], "file_report": file_report}
 
 
 def main(argv: list[str]) -> None:

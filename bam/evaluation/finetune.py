@@ -1,14 +1,14 @@
 """`bam finetune`: full fine-tuning of a pretrained backbone with a new classifier.
 
-The recipe of BEiT/MAE-style fine-tuning, from timm's parts: layer-wise learning-rate decay
+BEiT/MAE-style fine-tuning, from timm's parts: layer-wise learning-rate decay
 (`create_optimizer_v2(layer_decay=...)`, whose per-group `lr_scale` the timm scheduler applies at
 every step), stochastic depth (the architecture is rebuilt with `drop_path_rate` before the
 pretrained weights are loaded), Mixup/CutMix with label smoothing (`timm.data.Mixup` and a
 soft-target cross-entropy), and optionally an EMA of the weights (`timm.utils.ModelEmaV3`) that is
-evaluated alongside the model. Training images usually get timm's RandAugment recipe
+evaluated alongside the model. Training images usually get timm's RandAugment augmentation
 (`data.augment: timm`, see the configs).
 
-SwAV's semi-supervised recipe (fine-tuning on SimCLR's 1% / 10% ImageNet subsets) is the same
+SwAV's semi-supervised protocol (fine-tuning on SimCLR's 1% / 10% ImageNet subsets) is the same
 stage with none of those parts: SGD, a new head at a learning rate of its own (`head_lr`), and a
 step schedule (`lr_schedule: step`, decays at epochs 12 and 16); see the
 `finetune_imagenet_semisup_*` configs.
@@ -71,7 +71,7 @@ class FineTune(ClassificationStage):
             generator cannot be sent to `ddp_spawn` processes: launch DDP with `ddp` or torchrun).
         ema_decay: Decay of that average per optimiser step.
         head_lr: Peak learning rate of the new classifier, per 256 images (None: `lr`, as the
-            trunk); SwAV's semi-supervised recipe trains the head 10-250x faster than the trunk.
+            trunk); SwAV's semi-supervised protocol trains the head 10-250x faster than the trunk.
         optimizer: The optimiser and lr schedule (`bam.training.optim.OptimizerSettings`; here by
             default AdamW, lr 5e-4 per 256 images, 5 warm-up epochs, cosine to 1e-6, weight decay 0.05).
     """

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from jsonargparse import CLI
 from torch import Tensor
 
-from bam.data.file_account import SKIPPED_LOG, settle_accounts
+from bam.data.file_report import SKIPPED_LOG, report_files
 from bam.data.sources import Subset
 from bam.ops.errors import UserInputError
 from bam.ops.distributed import all_reduce_
@@ -153,7 +153,7 @@ def run_knn(
 
     Returns:
         `top1` and `top5` (percent) of the first `k`, `by_k` (every `k`: its `top1` and `top5`),
-        the bank and query sizes, the file account and the settings used.
+        the bank and query sizes, the file report and the settings used.
     """
     counts = _neighbour_counts(k)
     device = select_device(accelerator)
@@ -186,7 +186,7 @@ def run_knn(
         str(count): {name: round(100.0 * value.item(), 4) for name, value in metrics[count].compute().items()}
         for count in counts
     }
-    files = settle_accounts(data.file_accounts(), Path(output_dir) / SKIPPED_LOG, device)
+    files = report_files(data.file_statuses(), Path(output_dir) / SKIPPED_LOG, device)
     result = {
         **by_k[str(counts[0])], "k": counts[0], "by_k": by_k, "temperature": temperature, "bank_size": len(bank),
         "num_queries": int(all_reduce_(num_queries)), "files": files,

@@ -11,7 +11,7 @@ Pure torch, usable in any training loop. Embeddings are crop-major, as everywher
 3. Every crop (global and local) of image `i` predicts each head's target with
    `softmax(z . c_h / temperature)`; the loss is the cross-entropy averaged over crops, images
    and heads. The prototypes are not trained: the next clustering replaces them (the reference
-   recipe freezes its prototypes for more steps than it trains).
+   run freezes its prototypes for more steps than it trains).
 4. After the loss, the batch's global-crop embeddings replace the bank rows of its images.
 
 Under `torch.distributed` the bank is whole and the same on every process: each step gathers the

@@ -1,4 +1,4 @@
-"""The engine floor that pretraining and evaluation share: the optimiser recipe and per-step
+"""The engine floor that pretraining and evaluation share: the optimiser setup and per-step
 schedules, the run folder (one run per folder, loggers, curve plots), SLURM checks and requeue,
 preemption-safe checkpoints, batch norm synchronised across CPU or GPU processes, divergence
 health checks, and the command-line behaviour that makes training stages fail safely (`run_cli`).

@@ -1,9 +1,9 @@
 """Can this machine run the trainer's layout? Checked before any process starts or waits.
 
-A recipe written for a cluster (`accelerator: gpu`, `devices: 8`, `num_nodes: 2`) started on a
+A config written for a cluster (`accelerator: gpu`, `devices: 8`, `num_nodes: 2`) started on a
 laptop either fails deep inside Lightning ("No supported gpu backend found!") or starts the
 processes of one node and waits forever for a second node that nothing will start. Both become
-one line that names the settings and the flags that run the recipe on this machine.
+one line that names the settings and the flags that run the config on this machine.
 
 Other nodes exist only when a launcher starts them: a SLURM job step (its allocation is checked
 against the trainer by `bam.training.slurm`), torchrun, or the variables of Lightning's
@@ -63,7 +63,7 @@ def launch_problems(accelerator: str, devices: object, num_nodes: int, machine: 
 
 
 def local_run_flags(accelerator: str, precision: object, machine: Machine) -> list[str]:
-    """The command-line flags that run the recipe on this machine alone."""
+    """The command-line flags that run the config on this machine alone."""
     if machine.cuda_gpus and str(accelerator) not in ("cpu",):
         return ["--trainer.num_nodes", "1", "--trainer.devices", str(machine.cuda_gpus)]
     flags = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"]
@@ -75,7 +75,7 @@ def local_run_flags(accelerator: str, precision: object, machine: Machine) -> li
 def check_launch_plan(accelerator: str, devices: object, num_nodes: int, precision: object,
                       machine: Machine | None = None) -> None:
     """Raise `LaunchPlanError` naming every setting this machine cannot run and the flags that
-    run the recipe here instead; do nothing when the layout can start."""
+    run the config here instead; do nothing when the layout can start."""
     machine = machine or Machine.this_one()
     problems = launch_problems(accelerator, devices, num_nodes, machine)
     if problems:

@@ -1,4 +1,4 @@
-"""The one optimiser recipe of bam's training stages (pretraining methods and supervised
+"""The one optimiser setup of bam's training stages (pretraining methods and supervised
 evaluation alike): timm's optimiser factory at `lr * global batch / 256`, momentum given to exactly
 the optimisers timm's registry says take one, and a per-step lr schedule from `LR_SCHEDULES`
 (timm's warm-up + cosine by default, or warm-up + step decay at given epochs).

@@ -1,5 +1,5 @@
 """The callbacks that close a run, on stand-in trainers (no fitting): when an epoch end is the last
-one (`is_final_epoch_end`), the data account written by `DataAccount`, and what
+one (`is_final_epoch_end`), the file report written by `FileReport`, and what
 `pretrain_trainer_arguments` hands a Python user's Trainer."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 import bam
-from bam.callbacks import DataAccount, OnlineKNN, PreciseBatchNorm
+from bam.callbacks import FileReport, OnlineKNN, PreciseBatchNorm
 from bam.callbacks.training_end import is_final_epoch_end
-from bam.data.file_account import FileAccount, skip_code
+from bam.data.file_report import FileStatuses, skip_code
 from bam.training.fault_tolerance import PreemptionCheckpoint, RunCheckpoint
 from bam.training.plots import CurvePlots
 
@@ -49,35 +49,35 @@ def test_final_epoch_end_follows_the_trainers_stopping_rules(state, final):
     assert is_final_epoch_end(stand_in(**state)) is final
 
 
-# ------------------------------------------------------------------------------------------ DataAccount
-class AccountedData:
-    def __init__(self, accounts):
-        self._accounts = accounts
+# ------------------------------------------------------------------------------------------ FileReport
+class ListedData:
+    def __init__(self, statuses):
+        self._statuses = statuses
 
-    def file_accounts(self):
-        return self._accounts
+    def file_statuses(self):
+        return self._statuses
 
 
-def account_trainer(run_dir, datamodule, global_zero=True) -> SimpleNamespace:
+def report_trainer(run_dir, datamodule, global_zero=True) -> SimpleNamespace:
     return SimpleNamespace(datamodule=datamodule, default_root_dir=str(run_dir),
                            strategy=SimpleNamespace(root_device=torch.device("cpu")), is_global_zero=global_zero)
 
 
-def two_listings() -> list[FileAccount]:
-    first = FileAccount([f"a/{i}.jpg" for i in range(5)], unsupported=[4])
+def two_listings() -> list[FileStatuses]:
+    first = FileStatuses([f"a/{i}.jpg" for i in range(5)], unsupported=[4])
     for position in (0, 1):
         first.mark(position, 1)  # read
     first.mark(2, skip_code("empty"))
-    second = FileAccount([f"b/{i}.jpg" for i in range(3)])
+    second = FileStatuses([f"b/{i}.jpg" for i in range(3)])
     second.mark(0, 1)
     second.mark(1, skip_code("undecodable"))
     return [first, second, first]  # the same listing twice counts once
 
 
-def test_data_account_writes_the_summed_account_and_the_skipped_paths(tmp_path, capsys):
-    DataAccount().on_fit_end(account_trainer(tmp_path, AccountedData(two_listings())), None)
+def test_file_report_writes_the_summed_counts_and_the_skipped_paths(tmp_path, capsys):
+    FileReport().on_fit_end(report_trainer(tmp_path, ListedData(two_listings())), None)
     # counted here: a/0, a/1, b/0 read; a/2 empty, b/1 undecodable, a/4 unsupported; a/3, b/2 never needed
-    text = (tmp_path / "data_account.json").read_text()
+    text = (tmp_path / "file_report.json").read_text()
     files = json.loads(text)["files"]
     assert text == json.dumps({"files": files}, indent=2)  # indented for people to read
     assert files == {"found": 8, "read": 3, "skipped": 3, "not_read": 2,
@@ -88,16 +88,16 @@ def test_data_account_writes_the_summed_account_and_the_skipped_paths(tmp_path, 
     assert "files: 8 found, 3 read, 3 skipped" in capsys.readouterr().out
 
 
-def test_data_account_is_written_by_rank_zero_only_and_not_when_disabled(tmp_path):
-    DataAccount().on_fit_end(account_trainer(tmp_path / "other_rank", AccountedData(two_listings()), False), None)
-    assert not (tmp_path / "other_rank" / "data_account.json").exists()
-    DataAccount(enabled=False).on_fit_end(account_trainer(tmp_path / "off", AccountedData(two_listings())), None)
+def test_file_report_is_written_by_rank_zero_only_and_not_when_disabled(tmp_path):
+    FileReport().on_fit_end(report_trainer(tmp_path / "other_rank", ListedData(two_listings()), False), None)
+    assert not (tmp_path / "other_rank" / "file_report.json").exists()
+    FileReport(enabled=False).on_fit_end(report_trainer(tmp_path / "off", ListedData(two_listings())), None)
     assert not (tmp_path / "off").exists()
 
 
-def test_data_without_files_on_disk_has_no_account(tmp_path):
-    DataAccount().on_fit_end(account_trainer(tmp_path, SimpleNamespace()), None)  # no file_accounts()
-    DataAccount().on_fit_end(account_trainer(tmp_path, AccountedData([None])), None)  # in-memory sources
+def test_data_without_files_on_disk_has_no_file_report(tmp_path):
+    FileReport().on_fit_end(report_trainer(tmp_path, SimpleNamespace()), None)  # no file_statuses()
+    FileReport().on_fit_end(report_trainer(tmp_path, ListedData([None])), None)  # in-memory sources
     assert list(tmp_path.iterdir()) == []
 
 

@@ -21,7 +21,7 @@ from bam.data import (
     UnreadableImageError,
     load_builtin,
 )
-from bam.data.file_account import READ, skip_code, summarise_accounts
+from bam.data.file_report import READ, skip_code, count_file_statuses
 from bam.data.sources import decode_image_file
 
 SMALL = MultiCropConfig(global_size=16, local_size=8, num_local_crops=2)
@@ -231,7 +231,7 @@ def test_unreadable_images_are_replaced_in_training_counted_and_keep_the_batch_s
     module = ImageFolderDataModule(str(tmp_path), crops=SMALL, batch_size=4, num_workers=2)
     batches = list(module.train_dataloader())
     assert [len(labels) for _, labels, _ in batches] == [4, 4, 4]  # 12 files, 3 unreadable, no short batch
-    summary = summarise_accounts(module.file_accounts())  # the workers' reads reached this process
+    summary = count_file_statuses(module.file_statuses())  # the workers' reads reached this process
     assert summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2, "too_many_pixels": 0, "unsupported": 1, "already_listed": 0}
     assert (summary["found"], summary["read"], summary["not_read"]) == (15, 9, 2)  # val not read yet
     assert sorted(Path(path).name for _, path in summary["skipped_files"]) == [
@@ -245,7 +245,7 @@ def test_unreadable_image_is_replaced_in_training_and_dropped_in_evaluation(tmp_
     image, label = files[1]
     assert label == 2 and torch.equal(image, files[2][0])
     assert files.dropping_unreadable()[1] is None and files.dropping_unreadable()[0][1] == 0
-    assert files.account.status.tolist() == [READ, skip_code("undecodable"), READ]
+    assert files.statuses.status.tolist() == [READ, skip_code("undecodable"), READ]
 
 
 def test_knn_loaders_leave_unreadable_files_out_without_moving_the_others(imagenet_layout):
@@ -260,7 +260,7 @@ def test_knn_loaders_leave_unreadable_files_out_without_moving_the_others(imagen
     dirty = queried_images(module)
     assert len(clean) == 6 and len(dirty) == 5
     assert all(torch.equal(a, b) for a, b in zip(clean[1:], dirty))  # the same images, in order, minus one
-    assert summarise_accounts(module.file_accounts())["skipped_by_reason"]["undecodable"] == 1
+    assert count_file_statuses(module.file_statuses())["skipped_by_reason"]["undecodable"] == 1
 
 
 @pytest.mark.parametrize("side", [20000, 12000])  # beyond Pillow's own hard limit, and within it
@@ -271,7 +271,7 @@ def test_pixel_count_is_checked_from_the_header_before_decoding(tmp_path, side):
     _write_images(tmp_path, 1)
     files = ImageFiles([str(bomb), str(tmp_path / "img0.png")], [0, 1]).dropping_unreadable()
     assert files[0] is None and files[1][0].shape == (3, 20, 24)
-    assert files.account.status[0] == skip_code("too_many_pixels")
+    assert files.statuses.status[0] == skip_code("too_many_pixels")
 
 
 def test_pixel_limit_is_configurable_and_inclusive(tmp_path):
@@ -284,7 +284,7 @@ def test_pixel_limit_is_configurable_and_inclusive(tmp_path):
     (tmp_path / "img0.png").rename(tmp_path / "cls" / "img0.png")
     module = ImageFolderDataModule(str(tmp_path), val_root=str(tmp_path), max_pixels=479, num_workers=0)
     assert list(module.knn_dataloaders()[1]) == []  # the only image is over the limit: nothing to evaluate
-    assert summarise_accounts(module.file_accounts())["skipped_by_reason"]["too_many_pixels"] == 1
+    assert count_file_statuses(module.file_statuses())["skipped_by_reason"]["too_many_pixels"] == 1
 
 
 def _write_png_header(path: Path, width: int, height: int) -> None:

@@ -61,7 +61,7 @@ def test_a_link_loop_is_walked_once_and_no_file_is_listed_twice(looped):
     real = Counter(os.path.realpath(path) for path in images.paths)
     assert classes == ["a", "b"] and len(images) == 2 * PER_CLASS and max(real.values()) == 1
     assert images.labels.tolist() == [0] * PER_CLASS + [1] * PER_CLASS  # a's images never under b's label
-    left_out = [path for path, code in zip(images.account.paths, images.account.status.tolist()) if code > 1]
+    left_out = [path for path, code in zip(images.statuses.paths, images.statuses.status.tolist()) if code > 1]
     assert left_out == [str(looped / "train" / "b" / "again.jpg"), str(looped / "train" / "b" / "loop")]
 
 

@@ -349,10 +349,10 @@ def test_plot_points_are_the_centred_principal_components_in_tab20(tmp_path, fig
         assert scatter.get_cmap().name == "tab20" and scatter.get_alpha() == 0.8
 
 
-def test_bpa_defaults_and_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+def test_bpa_defaults_and_the_file_report_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
     settled = []
-    real = cluster.settle_accounts
-    monkeypatch.setattr(cluster, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    real = cluster.report_files
+    monkeypatch.setattr(cluster, "report_files", lambda *args: settled.append(args[1:]) or real(*args))
     data = synthetic_data(batch_size=16, train_size=8, val_size=12)
     result = run_clustering(str(checkpoint), data, restarts=1, output_dir=str(tmp_path), accelerator="cpu")
     assert settled == [(tmp_path / "skipped_files.tsv", torch.device("cpu"))]

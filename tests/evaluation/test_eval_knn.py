@@ -381,10 +381,10 @@ def test_the_frozen_extractor_gives_the_data_the_backbone_recipe_and_vits_their_
     assert frozen.frozen_extractor(str(vit), None, None, "auto", synthetic_data()).readout == "cls"
 
 
-def test_run_knn_settles_the_file_account_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
+def test_run_knn_reports_the_files_on_the_selected_device(checkpoint, tmp_path, monkeypatch):
     settled = []
-    real = knn_stage.settle_accounts
-    monkeypatch.setattr(knn_stage, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    real = knn_stage.report_files
+    monkeypatch.setattr(knn_stage, "report_files", lambda *args: settled.append(args[1:]) or real(*args))
     run_knn(str(checkpoint), synthetic_data(batch_size=BATCH, train_size=8, val_size=8), accelerator="cpu",
             output_dir=str(tmp_path))
     assert settled == [(tmp_path / "skipped_files.tsv", torch.device("cpu"))]

@@ -205,8 +205,8 @@ def test_images_on_disk_are_accounted_for_in_the_results(checkpoints, tmp_path, 
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run",
     )
     settled = []
-    real = classifier.settle_accounts
-    monkeypatch.setattr(classifier, "settle_accounts", lambda *args: settled.append(args[1:]) or real(*args))
+    real = classifier.report_files
+    monkeypatch.setattr(classifier, "report_files", lambda *args: settled.append(args[1:]) or real(*args))
     trainer.fit(probe, data)
     assert settled == [(tmp_path / "run" / "skipped_files.tsv", torch.device("cpu"))]  # summed on the trainer's device
     files = json.loads((tmp_path / "run" / "results.json").read_text())["files"]

@@ -1,4 +1,4 @@
-"""The optimiser recipe and the per-step schedules against values computed here from their
+"""The optimiser setup and the per-step schedules against values computed here from their
 definitions (warm-up from 0, half-cosine to the minimum, lr scaled by global batch / 256)."""
 from __future__ import annotations
 

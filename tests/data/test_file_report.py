@@ -2,7 +2,7 @@
 JPEGs plus one broken JPEG and one empty file (and a val/ twin) goes through `bam data ffcv`,
 every evaluation stage and a short pretraining run. Each readable image is written or evaluated
 exactly once, unreadable files are counted (never replaced outside training), and every stage
-ends with one account line and a `files` field in its JSON report, summed over processes."""
+ends with one file-report line and a `files` field in its JSON report, summed over processes."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from bam.cli import main as bam
-from bam.data.file_account import FileAccount, summarise_accounts
+from bam.data.file_report import FileStatuses, count_file_statuses
 from bam.data.sources import ImageFiles, decode_image_file
 from bam.evaluation.data import FolderClassificationData
 from bam.features.extract import embed_dataset
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 3, 20, 4
 TRAIN_ACCOUNT = "files: 62 found, 60 read, 2 skipped (1 empty, 1 undecodable)"
-BOTH_SPLITS_ACCOUNT = "files: 76 found, 72 read, 4 skipped (2 empty, 2 undecodable)"
+BOTH_SPLITS_REPORT = "files: 76 found, 72 read, 4 skipped (2 empty, 2 undecodable)"
 
 
 def _write_split(folder: Path, per_class: int, seed: int) -> None:
@@ -89,7 +89,7 @@ def _run_bam(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 # -- conversion ---------------------------------------------------------------------------------
 @pytest.mark.process
-def test_converter_writes_every_readable_file_once_and_accounts_for_the_rest(root, tmp_path):
+def test_converter_writes_every_readable_file_once_and_reports_the_rest(root, tmp_path):
     require_ffcv()
     output = tmp_path / "train.beton"
     run = _run_bam(["data", "ffcv", "--source", str(root), "--output", str(output), "--split", "train",
@@ -142,7 +142,7 @@ def _folder_data(root: Path, num_workers: int = 0) -> list[str]:
             "--data.num_workers", str(num_workers)]
 
 
-def _account_line(out: str) -> str:
+def _report_line(out: str) -> str:
     lines = [line for line in out.splitlines() if line.startswith("files: ")]
     assert len(lines) == 1, out
     return lines[0]
@@ -154,19 +154,19 @@ def test_knn_and_cluster_evaluate_each_readable_image_once(root, checkpoint, tmp
     knn = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     assert (knn["bank_size"], knn["num_queries"]) == (60, 12)
     assert knn["files"]["read"] == 72 and knn["files"]["skipped"] == 4
-    assert _account_line(capsys.readouterr().out).startswith(BOTH_SPLITS_ACCOUNT)
+    assert _report_line(capsys.readouterr().out).startswith(BOTH_SPLITS_REPORT)
 
     bam(["cluster", "--backbone", str(checkpoint), *_folder_data(root), "--accelerator", "cpu", "--bpa.enabled", "false",
          "--restarts", "1", "--output_dir", str(tmp_path / "cluster")])
     clustered = json.loads((tmp_path / "cluster" / "cluster_results.json").read_text())
     assert clustered["num_images"] == 12
-    assert _account_line(capsys.readouterr().out).startswith(
+    assert _report_line(capsys.readouterr().out).startswith(
         "files: 76 found, 12 read, 2 skipped (1 empty, 1 undecodable), 62 not needed")
     assert clustered["files"]["not_read"] == 62
 
 
 @pytest.mark.parametrize("stage", ["linear", "finetune"])
-def test_linear_and_finetune_report_the_account(root, checkpoint, tmp_path, capsys, stage):
+def test_linear_and_finetune_report_the_files(root, checkpoint, tmp_path, capsys, stage):
     run_dir = tmp_path / stage
     options = ["--model.drop_path_rate", "0", "--model.layer_decay", "null", "--model.mixup", "0",
                "--model.cutmix", "0"] if stage == "finetune" else []
@@ -175,8 +175,8 @@ def test_linear_and_finetune_report_the_account(root, checkpoint, tmp_path, caps
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"])
     # training (2 full batches of 31) replaced its 2 bad files; validation dropped its 2: read by workers
-    assert _account_line(capsys.readouterr().out) == (
-        f"{BOTH_SPLITS_ACCOUNT}; skipped paths in {run_dir / 'skipped_files.tsv'}")
+    assert _report_line(capsys.readouterr().out) == (
+        f"{BOTH_SPLITS_REPORT}; skipped paths in {run_dir / 'skipped_files.tsv'}")
     files = json.loads((run_dir / "results.json").read_text())["files"]
     assert (files["found"], files["read"], files["skipped"]) == (76, 72, 4)
     assert len((run_dir / "skipped_files.tsv").read_text().splitlines()) == 4
@@ -201,7 +201,7 @@ def test_a_broken_validation_image_does_not_change_which_others_are_evaluated(ro
 
 # -- pretraining ----------------------------------------------------------------------------------
 @pytest.mark.process
-def test_pretraining_run_ends_with_the_account_over_workers(root, tmp_path):
+def test_pretraining_run_ends_with_the_file_report_over_workers(root, tmp_path):
     run_dir = tmp_path / "pretrain"
     run = _run_bam([
         "pretrain", "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"),
@@ -213,33 +213,33 @@ def test_pretraining_run_ends_with_the_account_over_workers(root, tmp_path):
         "--knn.compare_baselines", "false", "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
     ], tmp_path)
-    assert _account_line(run.stdout) == f"{BOTH_SPLITS_ACCOUNT}; skipped paths in {run_dir / 'skipped_files.tsv'}"
-    files = json.loads((run_dir / "data_account.json").read_text())["files"]
+    assert _report_line(run.stdout) == f"{BOTH_SPLITS_REPORT}; skipped paths in {run_dir / 'skipped_files.tsv'}"
+    files = json.loads((run_dir / "file_report.json").read_text())["files"]
     assert files["skipped_by_reason"]["empty"] == 2 and files["read"] == 72
 
 
 # -- summed over processes -------------------------------------------------------------------------
-def _account_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _report_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     folder = Path(out_dir) / "files"
     paths = [str(folder / name) for name in ("a.png", "b.png", "bad.png", "never.png")]
-    files = ImageFiles(paths, [0, 1, 2, 3], account=FileAccount([*paths, str(folder / "notes")], unsupported=[4]))
+    files = ImageFiles(paths, [0, 1, 2, 3], statuses=FileStatuses([*paths, str(folder / "notes")], unsupported=[4]))
     files = files.dropping_unreadable()
     for index in ((0, 2) if rank == 0 else (0, 1)):  # both read a.png: counted once
         files[index]
-    summary = summarise_accounts([files.account])
+    summary = count_file_statuses([files.statuses])
     (Path(out_dir) / f"summary{rank}.json").write_text(json.dumps(summary))
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_account_is_summed_over_processes_once_per_file(tmp_path):
+def test_file_statuses_are_counted_over_processes_once_per_file(tmp_path):
     folder = tmp_path / "files"
     folder.mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (4, 4)).save(folder / name)
     (folder / "bad.png").write_bytes(b"not a png")
-    spawn_gloo_workers(_account_worker, 2, tmp_path)
+    spawn_gloo_workers(_report_worker, 2, tmp_path)
     summaries = [json.loads((tmp_path / f"summary{rank}.json").read_text()) for rank in range(2)]
     assert summaries[0] == summaries[1]  # every rank gets the total
     summary = summaries[0]

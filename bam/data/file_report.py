@@ -1,11 +1,11 @@
 """What happened to every image file a run listed: read, skipped (and why), or never needed.
 
-A ``FileAccount`` holds one status code per listed file in shared memory, so the reads made by
-DataLoader worker processes land in the account of the process that owns the loader. At the end
-of a conversion, an evaluation stage or a pretraining run, ``summarise_accounts`` merges the
-accounts of every process (a collective: call it on every rank) into one report;
-``settle_accounts`` then prints it as one line on rank 0, writes the skipped paths to a log file
-and returns the field the stage stores in its JSON report.
+A ``FileStatuses`` holds one status code per listed file in shared memory, so the reads made by
+DataLoader worker processes land in the statuses of the process that owns the loader. At the end
+of a conversion, an evaluation stage or a pretraining run, ``count_file_statuses`` merges the
+statuses of every process (a collective: call it on every rank) into counts; ``report_files``
+then prints them as one line on rank 0, writes the skipped paths to a log file and returns the
+``files`` field the stage stores in its JSON results.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def skip_code(reason: str) -> int:
     return 2 + SKIP_REASONS.index(reason)
 
 
-class FileAccount:
+class FileStatuses:
     """One status code per file of a listing, shared with DataLoader workers.
 
     Args:
@@ -56,8 +56,8 @@ class FileAccount:
         return int(self.status[position]) > READ
 
 
-def summarise_accounts(accounts: Iterable[Optional[FileAccount]], device: torch.device | str = "cpu") -> Optional[dict[str, Any]]:
-    """Counts of the distinct files of ``accounts`` over every process; None without any account.
+def count_file_statuses(listings: Iterable[Optional[FileStatuses]], device: torch.device | str = "cpu") -> Optional[dict[str, Any]]:
+    """Counts of the distinct files of ``listings`` over every process; None without any listing.
 
     Collective under ``torch.distributed``: every rank must call it with the same listings (it
     takes each file's highest status over processes, so a file one process read and another never
@@ -67,12 +67,12 @@ def summarise_accounts(accounts: Iterable[Optional[FileAccount]], device: torch.
         ``found``, ``read``, ``skipped``, ``skipped_by_reason``, ``not_read`` (listed but never
         needed, e.g. outside a ``fraction``) and ``skipped_files`` (``[reason, path]`` pairs).
     """
-    unique = list({id(account): account for account in accounts if account is not None}.values())
+    unique = list({id(listing): listing for listing in listings if listing is not None}.values())
     if not unique:
         return None
-    codes = [all_reduce_(account.status.to(device, torch.int32), "max").cpu() for account in unique]
+    codes = [all_reduce_(listing.status.to(device, torch.int32), "max").cpu() for listing in unique]
     status = torch.cat(codes)
-    paths = [path for account in unique for path in account.paths]
+    paths = [path for listing in unique for path in listing.paths]
     counts = torch.bincount(status, minlength=2 + len(SKIP_REASONS)).tolist()
     by_reason = {reason: counts[skip_code(reason)] for reason in SKIP_REASONS}
     return {
@@ -85,7 +85,7 @@ def summarise_accounts(accounts: Iterable[Optional[FileAccount]], device: torch.
     }
 
 
-def format_account(summary: dict[str, Any], log: Optional[Path] = None) -> str:
+def format_file_counts(summary: dict[str, Any], log: Optional[Path] = None) -> str:
     """One line: ``files: 62 found, 60 read, 2 skipped (1 empty, 1 undecodable); paths in LOG``."""
     line = f"files: {summary['found']} found, {summary['read']} read, {summary['skipped']} skipped"
     reasons = [f"{count} {reason.replace('_', ' ')}" for reason, count in summary["skipped_by_reason"].items() if count]
@@ -104,25 +104,25 @@ def write_skipped_log(summary: dict[str, Any], path: Path) -> None:
     path.write_text("".join(f"{reason}\t{file}\n" for reason, file in summary["skipped_files"]))
 
 
-def settle_accounts(
-    accounts: Iterable[Optional[FileAccount]], log_path: Path, device: torch.device | str = "cpu"
+def report_files(
+    listings: Iterable[Optional[FileStatuses]], log_path: Path, device: torch.device | str = "cpu"
 ) -> Optional[dict[str, Any]]:
-    """The end-of-stage account: summed over processes (a collective: call it on every rank), then
+    """The end-of-stage file report: counted over processes (a collective: call it on every rank), then
     on rank 0 only printed as one line, with the skipped paths written to ``log_path`` (when there
     are any). Returns the JSON field (counts and the log's path) on every rank; None without files.
     """
-    summary = summarise_accounts(accounts, device)
+    summary = count_file_statuses(listings, device)
     if summary is None:
         return None
     log = log_path if summary["skipped_files"] else None
     if rank() == 0:
         if log is not None:
             write_skipped_log(summary, log)
-        print(format_account(summary, log), flush=True)
+        print(format_file_counts(summary, log), flush=True)
     field = {key: value for key, value in summary.items() if key != "skipped_files"}
     return {**field, "skipped_log": None if log is None else str(log)}
 
 
-def file_accounts_of(*sources: Any) -> list[FileAccount]:
-    """The accounts behind image sources (in-memory sources have none)."""
-    return [source.account for source in sources if getattr(source, "account", None) is not None]
+def file_statuses_of(*sources: Any) -> list[FileStatuses]:
+    """The file statuses behind image sources (in-memory sources have none)."""
+    return [source.statuses for source in sources if getattr(source, "statuses", None) is not None]
