@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from bam.training.moved_keys import MovedKey, is_flag, read_moved_keys
+from bam.moved_keys import MovedKey, is_flag, read_moved_keys
 from bam.data.sources import Subset
 from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone

@@ -14,9 +14,9 @@ from pytorch_lightning.cli import LightningArgumentParser
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule, LabelSetError
 from bam.features.extract import NonFiniteFeaturesError
+from bam.moved_keys import MovedKey, read_moved_keys
 from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import RunCheckpoint
-from bam.training.moved_keys import MovedKey, read_moved_keys
 from bam.training.plots import CurvePlots
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced

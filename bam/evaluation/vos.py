@@ -54,11 +54,11 @@ from bam.data.synthetic_video import davis_palette, write_indexed_png, write_syn
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.frozen import init_distributed, report_on_first_process, select_device
 from bam.features.extract import patch_feature_map, progress_bar
+from bam.moved_keys import MovedKey, read_moved_keys
 from bam.ops import is_vit
 from bam.ops.distributed import rank, world_size
 from bam.recipe import DataRecipe
 from bam.shipped_configs import with_config_names
-from bam.training.moved_keys import MovedKey, read_moved_keys
 
 RESULTS_FILE = "vos_results.json"
 OVERLAY_FILE = "vos_overlay.png"
