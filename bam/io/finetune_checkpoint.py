@@ -41,7 +41,9 @@ def finetune_spec(
     found = {name: submodule_state(checkpoint["state_dict"], MODEL_PATHS[name]) for name in MODELS}
     present = [name for name in MODELS if found[name]]
     if encoder is not None and encoder not in MODELS:
-        raise CheckpointFormatError(f"a fine-tuning checkpoint holds {present}: encoder= must be one of them, not {encoder!r}")
+        raise CheckpointFormatError(
+            f"a fine-tuning checkpoint holds {present}: encoder= must be one of them, not {encoder!r}"
+        )
     if not present or (encoder is not None and encoder not in present):
         raise CheckpointFormatError(f"the fine-tuning checkpoint has no {encoder or 'model'} weights (found: {present})")
     chosen = encoder or present[0]

@@ -232,7 +232,9 @@ def test_the_old_which_option_exports_the_same_encoder_with_one_line(cnn_pair, l
     """`--which` was the name of `--encoder`: command lines written before still export the student."""
     _, student = cnn_pair
     export_cli.main([str(lightning_file), "--output", str(tmp_path), "--which", "student"])
-    assert capsys.readouterr().err == "bam export: note: the command line: `which` is now `encoder`; read as encoder=student\n"
+    assert capsys.readouterr().err == (
+        "bam export: note: the command line: `which` is now `encoder`; read as encoder=student\n"
+    )
     assert torch.equal(features(load_backbone(tmp_path)), features(student))
 
 
