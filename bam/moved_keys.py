@@ -4,7 +4,7 @@ When settings are gathered into one object (the BPA settings of the frozen-featu
 optimiser settings of the classifier stages) or renamed, their old keys would otherwise get
 jsonargparse's page-long error (argparse's usage error in `bam export`). `read_moved_keys` rewrites
 each old key, on the command line or in a `--config` file, to its new place and prints one line
-naming the new key. It sits below every package so that the checkpoint I/O commands use it too.
+naming the new key. It sits below `bam.io` so that the checkpoint I/O commands use it too.
 """
 from __future__ import annotations
 
