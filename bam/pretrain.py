@@ -29,7 +29,7 @@ from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
 from bam.training.launch_plan import check_launch_plan
-from bam.training.moved_keys import MovedKey, read_moved_keys
+from bam.moved_keys import MovedKey, read_moved_keys
 from bam.training.run_cli import SafeRunCLI, SettingError, launch_rank_is_zero, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node

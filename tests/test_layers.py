@@ -19,7 +19,7 @@ PACKAGE_ROOT = REPO / "bam"
 # lowest first; each entry is one floor: the bam packages or top-level modules that live on it
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("ops", "recipe", "warning_filters", "shipped_configs", "_version"),
-    ("losses", "models", "transforms"),
+    ("losses", "models", "transforms", "moved_keys"),
     ("data",),
     ("io",),
     ("training", "features"),

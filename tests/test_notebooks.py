@@ -29,7 +29,7 @@ assert attention.masked_select(mask).eq(0).all(), "a positive pair kept attentio
 """,
     "02_using_a_checkpoint": """
 with torch.no_grad():
-    assert not torch.allclose(teacher(probe), student(probe)), "teacher and student agree: which= would not show"
+    assert not torch.allclose(teacher(probe), student(probe)), "teacher and student agree: encoder= would not show"
     assert torch.allclose(loaded(probe), teacher(probe)) and torch.allclose(loaded_student(probe), student(probe))
     mnist_probe = (val.images[:8].float() / 255 - MEAN) / STD
     torch.testing.assert_close(backbone(mnist_probe), bam.load_backbone(CHECKPOINT)(mnist_probe))

@@ -38,10 +38,10 @@ class BackboneChangedError(UserInputError):
     """A run is resumed on a backbone whose weights differ from the ones it started with."""
 
 
-def resolve_backbone(backbone: str, which: str | None = None, arch: str | None = None) -> BackboneSpec:
+def resolve_backbone(backbone: str, encoder: str | None = None, arch: str | None = None) -> BackboneSpec:
     """The architecture, weights and data recipe named by `backbone`.
 
-    `which` ("teacher"/"student") and `arch` apply to checkpoints, as in `bam.load_backbone`. A
+    `encoder` ("teacher"/"student") and `arch` apply to checkpoints, as in `bam.load_backbone`. A
     timm model name that is not an existing path gives a randomly initialised backbone
     (`state` empty, no recipe), the baseline every trained backbone should beat.
     """
@@ -54,7 +54,7 @@ def resolve_backbone(backbone: str, which: str | None = None, arch: str | None =
             stacklevel=2,
         )
         return BackboneSpec(backbone, {}, {}, encoder="random init", source_format="timm")
-    return read_backbone(backbone, which, arch)
+    return read_backbone(backbone, encoder, arch)
 
 
 def build_from_spec(spec: BackboneSpec, **overrides: Any) -> nn.Module:

@@ -133,7 +133,7 @@ def run_clustering(
         bpa: BPA settings (`bam.transforms.BPASettings`: `enabled`, `reg`, `iterations`); with
             `enabled`, also cluster the BPA transform of the features (the whole clustered set as one set).
         output_dir: Where the JSON result is written (by process 0).
-        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
+        **frozen: encoder, arch, feature, split, fraction, accelerator: see `embed_split`.
 
     Unreadable files are left out (not replaced); `files` in the result counts what was found,
     read and skipped (the paths in `output_dir/skipped_files.tsv`).

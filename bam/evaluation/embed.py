@@ -36,11 +36,11 @@ from bam.data.file_report import SKIPPED_LOG, file_statuses_of, report_files
 from bam.data.sources import DEFAULT_MAX_PIXELS, ImageFiles, read_file_list, scan_image_folder
 from bam.data.splits import require_locations
 from bam.evaluation.data import ClassificationDataModule
-from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device
+from bam.evaluation.frozen import frozen_extractor, init_distributed, select_device, stage_arguments
 from bam.features.extract import embed_rows
 from bam.features.pictures import PictureSettings, write_pictures
+from bam.io.backbone_reader import ENCODER_MOVED_KEY
 from bam.ops.distributed import rank
-from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import atomic_write
 from bam.training.run_cli import SettingError, one_line_errors
 
@@ -115,7 +115,7 @@ def run_embed(
     images: str,
     output_dir: str = "runs/embed",
     format: str = "torch",
-    which: Optional[str] = None,
+    encoder: Optional[str] = None,
     arch: Optional[str] = None,
     feature: str = "auto",
     batch_size: int = 256,
@@ -138,7 +138,7 @@ def run_embed(
         images: A folder of images in class sub-folders, or a text file of `path label` lines.
         output_dir: Where the embeddings file, the pictures and `skipped_files.tsv` go.
         format: Output format, a key of `EMBEDDING_FORMATS` (`torch`, `csv`, `npy`; see above).
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         batch_size: Images per batch and process.
@@ -164,7 +164,7 @@ def run_embed(
     files, class_names = read_images(images, max_pixels)
     preprocessing = ClassificationDataModule(batch_size, num_workers, image_size, resize_size, interpolation,
                                              mean=mean, std=std)
-    extractor = frozen_extractor(backbone, which, arch, feature, preprocessing).to(device)
+    extractor = frozen_extractor(backbone, encoder, arch, feature, preprocessing).to(device)
     dataset = TransformedSource(files.dropping_unreadable(), preprocessing.eval_transform())
     features, labels, indices = embed_rows(dataset, extractor, device, batch_size, num_workers, progress="embedding")
     output = Path(output_dir)
@@ -187,4 +187,4 @@ def run_embed(
 def main(argv: list[str]) -> None:
     """`bam embed --backbone PATH --images FOLDER_OR_LIST [--output_dir DIR] [--format torch|csv|npy] ...`."""
     with one_line_errors("bam embed"):
-        CLI(run_embed, args=with_config_names("embed", argv), as_positional=False, prog="bam embed")
+        CLI(run_embed, args=stage_arguments("embed", argv, (ENCODER_MOVED_KEY,)), as_positional=False, prog="bam embed")

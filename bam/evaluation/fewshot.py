@@ -173,7 +173,7 @@ def run_fewshot(
             names (e.g. `n01440764`) or integer labels; the novel classes of a few-shot split, not
             seen in pretraining. None: every class of the split.
         output_dir: Where the JSON result and the plot are written (by process 0).
-        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`.
+        **frozen: encoder, arch, feature, split, fraction, accelerator: see `embed_split`.
 
     Returns:
         Per shot count (`"1-shot"`, ...): `raw` and `bpa` mean accuracy and 95% CI half-width (%);

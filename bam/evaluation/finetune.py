@@ -57,7 +57,7 @@ class FineTune(ClassificationStage):
         backbone: Export directory or file, bam pretraining checkpoint, the authors' released
             file, or a timm model name (random initialisation, a baseline).
         num_classes: Number of classes (the CLI takes it from the data).
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         drop_path_rate: Stochastic-depth rate of the rebuilt architecture (0: not passed, for
             architectures without stochastic depth).
@@ -80,7 +80,7 @@ class FineTune(ClassificationStage):
         self,
         backbone: str,
         num_classes: int = 1000,
-        which: Optional[str] = None,
+        encoder: Optional[str] = None,
         arch: Optional[str] = None,
         drop_path_rate: float = 0.1,
         layer_decay: Optional[float] = 0.65,
@@ -102,7 +102,7 @@ class FineTune(ClassificationStage):
             raise ValueError(f"head_lr must be positive (or null: the trunk's lr), got {head_lr}")
         self.head_lr = head_lr
         self.layer_decay = layer_decay
-        spec = resolve_backbone(backbone, which, arch)
+        spec = resolve_backbone(backbone, encoder, arch)
         self.recipe = spec.recipe
         self.architecture = {"model": spec.model_name, "model_kwargs": spec.model_kwargs}
         self.model = _with_stochastic_depth(spec, drop_path_rate)

@@ -7,17 +7,18 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from bam.training.moved_keys import MovedKey, is_flag, read_moved_keys
+from bam.moved_keys import MovedKey, is_flag, read_moved_keys
 from bam.data.sources import Subset
 from bam.ops.distributed import rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
 from bam.features.extract import FeatureExtractor, embed_dataset, resolve_readout
+from bam.io.backbone_reader import ENCODER_MOVED_KEY
 from bam.shipped_configs import with_config_names
 
 # the BPA settings were three flat keys (`bpa: true`, `bpa_reg`, `bpa_iterations`) before they
@@ -25,6 +26,8 @@ from bam.shipped_configs import with_config_names
 BPA_MOVED_KEYS = (
     MovedKey("bpa", "bpa.enabled", is_flag), MovedKey("bpa_reg", "bpa.reg"), MovedKey("bpa_iterations", "bpa.iterations"),
 )
+# what the stages with BPA (k-NN, clustering, few-shot, retrieval) read at a new place
+BPA_STAGE_MOVED_KEYS = (*BPA_MOVED_KEYS, ENCODER_MOVED_KEY)
 
 
 # the feature spaces the frozen-feature stages report, in order, as their tables and plots name them
@@ -51,10 +54,10 @@ def result_plot(path: Path) -> Iterator[Any]:
     figure.savefig(path)
 
 
-def stage_arguments(stage: str, argv: list[str]) -> list[str]:
-    """`argv` of a frozen-backbone stage with shipped config names resolved and old BPA keys read
-    at their new place (one line each)."""
-    return read_moved_keys(with_config_names(stage, argv), BPA_MOVED_KEYS, f"bam {stage}")
+def stage_arguments(stage: str, argv: list[str], moves: Sequence[MovedKey] = BPA_STAGE_MOVED_KEYS) -> list[str]:
+    """`argv` of a frozen-backbone stage with shipped config names resolved and the old keys of
+    `moves` read at their new place (one line each)."""
+    return read_moved_keys(with_config_names(stage, argv), moves, f"bam {stage}")
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -84,12 +87,12 @@ def _leave_process_group() -> None:
 
 
 def frozen_extractor(
-    backbone: str, which: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule
+    backbone: str, encoder: Optional[str], arch: Optional[str], feature: str, data: ClassificationDataModule
 ) -> FeatureExtractor:
     """The named backbone (see `resolve_backbone`), frozen, with its feature readout (`auto`: a ViT's
     class token, otherwise the pooled output); `data` takes the backbone's data recipe for the
     settings it leaves unset."""
-    spec = resolve_backbone(backbone, which, arch)
+    spec = resolve_backbone(backbone, encoder, arch)
     data.apply_recipe(spec.recipe, backbone)
     model = build_from_spec(spec)
     return FeatureExtractor(model, resolve_readout(feature, model, vit_default="cls"))
@@ -107,7 +110,7 @@ def embed_split(
     backbone: str,
     data: ClassificationDataModule,
     purpose: str,
-    which: Optional[str] = None,
+    encoder: Optional[str] = None,
     arch: Optional[str] = None,
     feature: str = "auto",
     split: str = "val",
@@ -124,7 +127,7 @@ def embed_split(
             file, or a timm model name (random initialisation, a baseline).
         data: The labelled data.
         purpose: What the progress bar says the embedding is for.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         split: The split evaluated: "val" (held out) or "train".
@@ -137,7 +140,7 @@ def embed_split(
     device = select_device(accelerator)
     init_distributed(device)
     data.require_classes(purpose)
-    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
+    extractor = frozen_extractor(backbone, encoder, arch, feature, data).to(device)
     features, labels = embed_dataset(
         data.eval_dataset(split, fraction), extractor, device, data.batch_size, data.num_workers,
         progress=f"{purpose}: embedding the {split} split",

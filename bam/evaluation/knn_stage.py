@@ -115,7 +115,7 @@ def _neighbour_counts(k: int | list[int]) -> list[int]:
 def run_knn(
     backbone: str,
     data: ClassificationDataModule,
-    which: Optional[str] = None,
+    encoder: Optional[str] = None,
     arch: Optional[str] = None,
     feature: str = "auto",
     k: Union[int, list[int]] = 20,
@@ -132,7 +132,7 @@ def run_knn(
         backbone: Export directory or file, bam pretraining checkpoint, the authors' released
             file, or a timm model name (random initialisation, a baseline).
         data: The labelled data: bank = training split, queries = held-out split.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature readout (`bam.features.extract`); `auto`: ViT class token, else pooled.
         k: Number of neighbours that vote, or several (`--k 10 20 100 200`, as DINO's `--nb_knn`):
@@ -160,7 +160,7 @@ def run_knn(
     init_distributed(device)
     data.require_classes("k-NN accuracy")
     num_classes = data.num_classes  # the label sets are checked before anything is embedded
-    extractor = frozen_extractor(backbone, which, arch, feature, data).to(device)
+    extractor = frozen_extractor(backbone, encoder, arch, feature, data).to(device)
     bank, bank_labels = embed_dataset(
         data.eval_dataset("train", bank_fraction), extractor, device, data.batch_size, data.num_workers,
         progress="k-NN: embedding the bank",

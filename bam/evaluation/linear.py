@@ -44,7 +44,7 @@ class LinearProbe(ClassificationStage):
         backbone: Export directory or file, bam pretraining checkpoint, the authors' released
             file, or a timm model name (random initialisation, a baseline).
         num_classes: Number of classes (the CLI takes it from the data).
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         feature: Feature readout (`bam.features.extract`): `auto` ([CLS tokens, mean patch token]
             for ViTs, pooled features otherwise), `cls_blocks` (CLS tokens only: the authors'
@@ -62,7 +62,7 @@ class LinearProbe(ClassificationStage):
         self,
         backbone: str,
         num_classes: int = 1000,
-        which: Optional[str] = None,
+        encoder: Optional[str] = None,
         arch: Optional[str] = None,
         feature: str = "auto",
         n_last_blocks: int = 1,
@@ -74,7 +74,7 @@ class LinearProbe(ClassificationStage):
         super().__init__(num_classes, ("val",), optimizer)
         self.save_hyperparameters()
         self.record_optimizer()
-        spec = resolve_backbone(backbone, which, arch)
+        spec = resolve_backbone(backbone, encoder, arch)
         self.recipe = spec.recipe
         net = build_from_spec(spec)
         self.backbone_fingerprint = weights_fingerprint(net)  # checkpoints keep it instead of the backbone

@@ -181,7 +181,7 @@ def run_retrieval(
         query_chunk_rows: Queries ranked at a time (each ranks the whole gallery: memory grows
             with `query_chunk_rows * gallery size`).
         output_dir: Where the JSON result and the plot are written (by process 0).
-        **frozen: which, arch, feature, split, fraction, accelerator: see `embed_split`
+        **frozen: encoder, arch, feature, split, fraction, accelerator: see `embed_split`
             (`query_gallery` takes the queries from the held-out split: leave `split` at "val").
 
     Returns:

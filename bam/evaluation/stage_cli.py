@@ -14,9 +14,10 @@ from pytorch_lightning.cli import LightningArgumentParser
 from bam.evaluation.classifier import ClassificationStage
 from bam.evaluation.data import ClassificationDataModule, LabelSetError
 from bam.features.extract import NonFiniteFeaturesError
+from bam.io.backbone_reader import ENCODER_MOVED_KEY
+from bam.moved_keys import MovedKey, read_moved_keys
 from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import RunCheckpoint
-from bam.training.moved_keys import MovedKey, read_moved_keys
 from bam.training.plots import CurvePlots
 from bam.training.run_cli import SafeRunCLI, one_line_errors
 from bam.warning_filters import expected_warnings_silenced
@@ -30,6 +31,8 @@ OPTIMIZER_MOVED_KEYS = (
         "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "lr_schedule", "lr_decay_epochs", "lr_decay_rate",
     )),
 )
+# what the classifier stages read at a new place: the optimiser settings and the checkpoint's encoder
+CLASSIFIER_MOVED_KEYS = (*OPTIMIZER_MOVED_KEYS, ENCODER_MOVED_KEY.under("model"))
 
 
 class EvalCLI(SafeRunCLI):
@@ -62,7 +65,7 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
             subclass_mode_data=True,
             stage=stage,
             program=f"bam {stage}",
-            argv=read_moved_keys(with_config_names(stage, argv), OPTIMIZER_MOVED_KEYS, f"bam {stage}"),
+            argv=read_moved_keys(with_config_names(stage, argv), CLASSIFIER_MOVED_KEYS, f"bam {stage}"),
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             parser_kwargs={"fit": {"description": description}},

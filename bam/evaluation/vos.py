@@ -52,13 +52,13 @@ from torch import Tensor
 
 from bam.data.synthetic_video import davis_palette, write_indexed_png, write_synthetic_davis
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
-from bam.evaluation.frozen import init_distributed, report_on_first_process, select_device
+from bam.evaluation.frozen import init_distributed, report_on_first_process, select_device, stage_arguments
 from bam.features.extract import patch_feature_map, progress_bar
+from bam.io.backbone_reader import ENCODER_MOVED_KEY
+from bam.moved_keys import MovedKey
 from bam.ops import is_vit
 from bam.ops.distributed import rank, world_size
 from bam.recipe import DataRecipe
-from bam.shipped_configs import with_config_names
-from bam.training.moved_keys import MovedKey, read_moved_keys
 
 RESULTS_FILE = "vos_results.json"
 OVERLAY_FILE = "vos_overlay.png"
@@ -346,10 +346,10 @@ def _hard_labels(soft: Tensor, grid: tuple[int, int], resized: tuple[int, int], 
 
 
 # -- the stage ----------------------------------------------------------------------------------
-def load_vos_backbone(backbone: str, which: Optional[str], arch: Optional[str]) -> tuple[torch.nn.Module, DataRecipe]:
+def load_vos_backbone(backbone: str, encoder: Optional[str], arch: Optional[str]) -> tuple[torch.nn.Module, DataRecipe]:
     """The frozen backbone (a ViT rebuilt with `dynamic_img_size`, for frames of any size) and its
     data recipe (ImageNet's when it records none)."""
-    spec = resolve_backbone(backbone, which, arch)
+    spec = resolve_backbone(backbone, encoder, arch)
     model = build_from_spec(spec)
     if is_vit(model):
         model = build_from_spec(spec, dynamic_img_size=True)
@@ -359,7 +359,7 @@ def load_vos_backbone(backbone: str, which: Optional[str], arch: Optional[str]) 
 def run_vos(
     backbone: str,
     davis_root: str,
-    which: Optional[str] = None,
+    encoder: Optional[str] = None,
     arch: Optional[str] = None,
     sequences_file: str = "ImageSets/2017/val.txt",
     resolution: str = "480p",
@@ -378,7 +378,7 @@ def run_vos(
         backbone: Export directory or file, bam pretraining checkpoint, the authors' released
             file, or a timm model name (random initialisation, a baseline).
         davis_root: Folder with JPEGImages/<resolution>/, Annotations/<resolution>/ and the list.
-        which: Encoder of a checkpoint ("teacher" or "student"; default: the teacher).
+        encoder: The encoder of a checkpoint to evaluate ("teacher" or "student"; default: the teacher).
         arch: Architecture of a checkpoint, instead of the one it records.
         sequences_file: The sequence list, relative to `davis_root`.
         resolution: The sub-folder of JPEGImages/ and Annotations/ read.
@@ -408,7 +408,7 @@ def run_vos(
         dist.barrier()  # the others read what process 0 wrote
     sequences = read_sequences(davis_root, sequences_file, resolution)
     torch.manual_seed(seed)
-    model, recipe = load_vos_backbone(backbone, which, arch)
+    model, recipe = load_vos_backbone(backbone, encoder, arch)
     model = model.to(device)
     out = Path(output_dir)
     mine: dict[str, Any] = {}
@@ -439,11 +439,11 @@ def _gathered(mine: dict[str, Any]) -> dict[str, Any]:
     return {name: scores for part in everyone for name, scores in part.items()}
 
 
-def _named_scores(scores: dict[str, Any], sequences: list[VideoSequence], which: str) -> dict[str, Any]:
+def _named_scores(scores: dict[str, Any], sequences: list[VideoSequence], prediction: str) -> dict[str, Any]:
     per_object = {
         f"{sequence.name}_{number}": object_scores
         for sequence in sequences
-        for number, object_scores in enumerate(scores[sequence.name][which], start=1)
+        for number, object_scores in enumerate(scores[sequence.name][prediction], start=1)
     }
     if not per_object:
         raise ValueError("no sequence has an object in its first annotation: nothing to segment")
@@ -495,7 +495,7 @@ def _report(result: dict[str, Any], output_dir: Path) -> None:
 def main(argv: list[str]) -> None:
     """`bam vos --backbone PATH --davis_root DIR [--config FILE] [--print_config] [overrides]`."""
     try:
-        CLI(run_vos, args=read_moved_keys(with_config_names("vos", argv), PROPAGATION_MOVED_KEYS, "bam vos"),
+        CLI(run_vos, args=stage_arguments("vos", argv, (*PROPAGATION_MOVED_KEYS, ENCODER_MOVED_KEY)),
             as_positional=False, prog="bam vos")
     except (ValueError, FileNotFoundError) as error:  # a setting or the data: one line, no traceback
         sys.exit(f"bam vos: {error}")

@@ -27,16 +27,21 @@ from bam.io.state import (
     network_options,
 )
 from bam.models.backbones import build_backbone
+from bam.moved_keys import MovedKey
 from bam.recipe import DataRecipe
+
+# the option choosing a checkpoint's encoder was named `which` before it was named for what it
+# picks; every command with the option reads the old name (config files too) with a one-line note
+ENCODER_MOVED_KEY = MovedKey("which", "encoder")
 
 
 Detector = Callable[[Mapping[str, Any]], bool]
-SpecReader = Callable[[Mapping[str, Any], str | None, str | None], BackboneSpec]  # (checkpoint, which, arch)
+SpecReader = Callable[[Mapping[str, Any], str | None, str | None], BackboneSpec]  # (checkpoint, encoder, arch)
 
 # checkpoint format -> (recognises the top-level keys, reads the backbone spec); first match wins
 CHECKPOINT_FORMATS: dict[str, tuple[Detector, SpecReader]] = {
-    "finetune": (is_finetune_checkpoint, lambda checkpoint, which, arch: finetune_spec(
-        checkpoint, which, arch, read_start=read_backbone)),
+    "finetune": (is_finetune_checkpoint, lambda checkpoint, encoder, arch: finetune_spec(
+        checkpoint, encoder, arch, read_start=read_backbone)),
     "bam": (is_bam_checkpoint, bam_checkpoint_spec),
     "released": (is_released_checkpoint, released_spec),
 }
@@ -54,32 +59,32 @@ def detect_format(checkpoint: Mapping[str, Any]) -> str:
 
 
 def read_spec(
-    checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None, source_format: str | None = None
+    checkpoint: Mapping[str, Any], encoder: str | None = None, arch: str | None = None, source_format: str | None = None
 ) -> BackboneSpec:
     """The backbone spec of a loaded checkpoint; `source_format` (detected when None) must match."""
     detected = detect_format(checkpoint)
     if source_format is not None and source_format != detected:
         raise CheckpointFormatError(f"expected a {source_format!r} checkpoint, but this is a {detected!r} one")
-    return CHECKPOINT_FORMATS[detected][1](checkpoint, which, arch)
+    return CHECKPOINT_FORMATS[detected][1](checkpoint, encoder, arch)
 
 
-def load_backbone(path: PathLike, which: str | None = None, arch: str | None = None) -> nn.Module:
+def load_backbone(path: PathLike, encoder: str | None = None, arch: str | None = None) -> nn.Module:
     """A timm backbone in eval mode, from an export (directory or one of its files), a bam
     Lightning checkpoint (pretraining or fine-tuning) or the authors' released file.
 
-    `which` and `arch` choose the encoder and architecture of a checkpoint (see `export_backbone`);
+    `encoder` and `arch` choose the encoder and architecture of a checkpoint (see `export_backbone`);
     an export holds one backbone, so they must be left out for it.
     """
-    if export_dir(Path(path)) is not None and (which is not None or arch is not None):
-        raise ValueError(f"{str(path)!r} is an export of one backbone: which= and arch= apply to checkpoints only")
-    return read_backbone(path, which, arch).build()
+    if export_dir(Path(path)) is not None and (encoder is not None or arch is not None):
+        raise ValueError(f"{str(path)!r} is an export of one backbone: encoder= and arch= apply to checkpoints only")
+    return read_backbone(path, encoder, arch).build()
 
 
-def read_backbone(path: PathLike, which: str | None = None, arch: str | None = None) -> BackboneSpec:
+def read_backbone(path: PathLike, encoder: str | None = None, arch: str | None = None) -> BackboneSpec:
     """The architecture, weights and data recipe of an export or a checkpoint."""
     directory = export_dir(Path(path))
     if directory is None:
-        return read_spec(load_checkpoint_file(path), which, arch)
+        return read_spec(load_checkpoint_file(path), encoder, arch)
     if (directory / CONFIG_FILE).is_file() or not (directory / LEGACY_FILES[1]).is_file():
         return _read_export(directory / WEIGHTS_FILE, directory / CONFIG_FILE)
     return _read_legacy_export(directory / LEGACY_FILES[0], directory / LEGACY_FILES[1])

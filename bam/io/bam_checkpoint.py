@@ -21,9 +21,9 @@ def is_bam_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
 
 
 def bam_checkpoint_spec(
-    checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None
+    checkpoint: Mapping[str, Any], encoder: str | None = None, arch: str | None = None
 ) -> BackboneSpec:
-    """The backbone of the `which` encoder (teacher when present by default) of a bam checkpoint.
+    """The backbone of `encoder` (the teacher when present by default) of a bam checkpoint.
 
     `arch` overrides the timm model name stored in the hyper-parameters.
     """
@@ -34,14 +34,14 @@ def bam_checkpoint_spec(
             f"the checkpoint's hyper_parameters name no backbone (a timm model name under 'backbone'; "
             f"found keys {sorted(hparams)}); pass arch= / --arch"
         )
-    encoder, state = select_encoder(checkpoint["state_dict"], which)
+    chosen, state = select_encoder(checkpoint["state_dict"], encoder)
     return BackboneSpec(
         model_name,
         network_options(
             model_name, hparams.get("backbone_kwargs") or {}, "the checkpoint's hyper_parameters['backbone_kwargs']"
         ),
         state,
-        encoder,
+        chosen,
         source_format="bam",
         recipe=checkpoint_recipe(checkpoint),
     )

@@ -5,7 +5,7 @@ reported instead of converted.
 """
 from __future__ import annotations
 
-from bam.io.export_cli import build_parser, run_export
+from bam.io.export_cli import build_parser, parse_command_line, run_export
 from bam.io.export_layout import CONFIG_FILE, WEIGHTS_FILE
 from bam.io.released import RELEASED_ARCHS
 
@@ -15,11 +15,11 @@ The architecture comes from the file's args.arch and args.patch_size ({', '.join
 
 examples:
     bam convert bam_vitb16_checkpoint.pth --output exported/vit_b16
-    bam convert checkpoint.pth --output exported/caformer --arch caformer_m36 --which student"""
+    bam convert checkpoint.pth --output exported/caformer --arch caformer_m36 --encoder student"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`bam convert RELEASED_CKPT --output DIR [--which teacher|student] [--arch NAME]`."""
+    """`bam convert RELEASED_CKPT --output DIR [--encoder teacher|student] [--arch NAME]`."""
     prog = "bam convert"
     parser = build_parser(
         prog,
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> None:
         f"{WEIGHTS_FILE} plus {CONFIG_FILE}, the backbone only, matched strictly to its timm architecture.",
         CONVERT_EPILOG,
     )
-    run_export(parser.parse_args(argv), prog, source_format="released")
+    run_export(parse_command_line(parser, argv, prog), prog, source_format="released")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from bam.io.backbone_reader import read_backbone
-from bam.io.export_cli import CLI_ERRORS
+from bam.io.export_cli import CLI_ERRORS, parse_command_line
 
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 TRACE_BATCH, CHECK_BATCH = 2, 3  # different sizes: the check proves the batch dimension is dynamic
@@ -91,7 +91,7 @@ def deploy_backbone(
     backbone: str | Path,
     output: str | Path,
     format: str = "torchscript",
-    which: str | None = None,
+    encoder: str | None = None,
     arch: str | None = None,
     tolerance: float = 1e-4,
 ) -> tuple[Path, float]:
@@ -104,7 +104,7 @@ def deploy_backbone(
     _, write, run = DEPLOY_FORMATS[format]
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = read_backbone(backbone, which, arch)
+    spec = read_backbone(backbone, encoder, arch)
     model, size = spec.build().float().eval(), spec.data_recipe.input_size
     with torch.no_grad():
         try:
@@ -124,7 +124,7 @@ def deploy_backbone(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`bam deploy BACKBONE --format torchscript|onnx --output FILE [--which ...] [--arch ...]`."""
+    """`bam deploy BACKBONE --format torchscript|onnx --output FILE [--encoder ...] [--arch ...]`."""
     prog = "bam deploy"
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -135,14 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=sorted(DEPLOY_FORMATS), default="torchscript")
     parser.add_argument("--output", "-o", type=Path, default=None,
                         help="file to write (default: model.pt / model.onnx in the export directory)")
-    parser.add_argument("--which", default=None, help="checkpoints only: the encoder (see bam export --help)")
+    parser.add_argument("--encoder", default=None, help="checkpoints only: the encoder (see bam export --help)")
     parser.add_argument("--arch", default=None, help="checkpoints only: the architecture (see bam export --help)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest absolute difference to the eager model accepted (default 1e-4)")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv, prog)
     output = args.output or _default_output(Path(args.backbone), DEPLOY_FORMATS[args.format][0])
     try:
-        path, difference = deploy_backbone(args.backbone, output, args.format, args.which, args.arch, args.tolerance)
+        path, difference = deploy_backbone(args.backbone, output, args.format, args.encoder, args.arch, args.tolerance)
     except (*CLI_ERRORS, ModuleNotFoundError, DeploymentError) as error:
         raise SystemExit(f"{prog}: error: {error}") from error
     print(f"{prog}: wrote {path} ({args.format}); max abs difference to the eager model on the same "

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-
+from bam.io.backbone_reader import ENCODER_MOVED_KEY
 from bam.io.export_layout import CONFIG_FILE, WEIGHTS_FILE
 from bam.io.export_writer import ExportWriteError, export_backbone
 from bam.io.finetune_checkpoint import MODELS
 from bam.io.released import RELEASED_ARCHS
 from bam.io.safe_load import NotACheckpointError, UnsafeCheckpointError
 from bam.io.state import ENCODERS, CheckpointFormatError, CheckpointMismatchError
+from bam.moved_keys import read_moved_keys
 
 
 # what an export holds, in words, by the `encoder` it records
@@ -37,7 +39,7 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
         help=f"directory to write {WEIGHTS_FILE} and {CONFIG_FILE} into (created if needed)",
     )
     parser.add_argument(
-        "--which", choices=(*ENCODERS, *MODELS), default=None,
+        "--encoder", choices=(*ENCODERS, *MODELS), default=None,
         help="pretraining checkpoints: the encoder to export, by default the teacher when the checkpoint has one "
         "(the published numbers use it), else the student; fine-tuning checkpoints: the EMA of the weights "
         "(default, when kept) or the model, exported with its classifier",
@@ -50,10 +52,16 @@ def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentP
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """`argv` (default: the process's) parsed by `parser`, an old `--which` read as `--encoder`."""
+    argv = sys.argv[1:] if argv is None else argv
+    return parser.parse_args(read_moved_keys(argv, (ENCODER_MOVED_KEY,), prog))
+
+
 def run_export(args: argparse.Namespace, prog: str, source_format: str | None = None) -> Path:
     """Export as the parsed command line says, reporting expected failures without a traceback."""
     try:
-        output = export_backbone(args.checkpoint, args.output, args.which, args.arch, source_format)
+        output = export_backbone(args.checkpoint, args.output, args.encoder, args.arch, source_format)
     except CLI_ERRORS as error:
         raise SystemExit(f"{prog}: error: {error}") from error
     config = json.loads((output / CONFIG_FILE).read_text())
@@ -81,11 +89,11 @@ timm itself (after `import bam` for bam's own architectures such as bam_cnn4):
 
 examples:
     bam export runs/bam/last.ckpt --output exported/vit_s16
-    bam export runs/bam/last.ckpt --output exported/student --which student"""
+    bam export runs/bam/last.ckpt --output exported/student --encoder student"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`bam export CKPT --output DIR [--which teacher|student] [--arch NAME]`."""
+    """`bam export CKPT --output DIR [--encoder teacher|student] [--arch NAME]`."""
     prog = "bam export"
     parser = build_parser(
         prog,
@@ -94,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
         "Hugging Face Hub. Fine-tuning checkpoints (bam finetune) export the whole classifier.",
         EXPORT_EPILOG,
     )
-    run_export(parser.parse_args(argv), prog)
+    run_export(parse_command_line(parser, argv, prog), prog)

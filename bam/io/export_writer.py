@@ -27,20 +27,20 @@ from bam.recipe import DataRecipe
 def export_backbone(
     checkpoint_path: PathLike,
     output_dir: PathLike,
-    which: str | None = None,
+    encoder: str | None = None,
     arch: str | None = None,
     source_format: str | None = None,
     recipe: DataRecipe | None = None,
 ) -> Path:
     """Write the backbone of a bam or released checkpoint to `output_dir`; return the directory.
 
-    `which`: "teacher" or "student" of a pretraining checkpoint (None: the teacher when there is
+    `encoder`: "teacher" or "student" of a pretraining checkpoint (None: the teacher when there is
     one, as the published numbers use it); "ema" or "model" of a fine-tuning checkpoint (None: the
     average when it was kept), exported with its classifier. `arch` overrides the architecture
     recorded in the checkpoint; `recipe` the data recipe (by default the checkpoint's, else
     ImageNet's mean and std at 224 px).
     """
-    spec = read_spec(load_checkpoint_file(checkpoint_path), which, arch, source_format)
+    spec = read_spec(load_checkpoint_file(checkpoint_path), encoder, arch, source_format)
     if recipe is not None:
         spec.recipe = recipe
     model = spec.build()

@@ -33,18 +33,20 @@ def is_finetune_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
 
 
 def finetune_spec(
-    checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None, *, read_start: StartReader
+    checkpoint: Mapping[str, Any], encoder: str | None = None, arch: str | None = None, *, read_start: StartReader
 ) -> BackboneSpec:
-    """The fine-tuned classifier `which` ("ema" by default when kept, else "model"). `read_start`
+    """The fine-tuned classifier `encoder` ("ema" by default when kept, else "model"). `read_start`
     reads the starting backbone (an export or a checkpoint: `bam.io.backbone_reader.read_backbone`, passed in
     because the export module reads this format), for checkpoints older than recorded architectures."""
     found = {name: submodule_state(checkpoint["state_dict"], MODEL_PATHS[name]) for name in MODELS}
     present = [name for name in MODELS if found[name]]
-    if which is not None and which not in MODELS:
-        raise CheckpointFormatError(f"a fine-tuning checkpoint holds {present}: which= must be one of them, not {which!r}")
-    if not present or (which is not None and which not in present):
-        raise CheckpointFormatError(f"the fine-tuning checkpoint has no {which or 'model'} weights (found: {present})")
-    chosen = which or present[0]
+    if encoder is not None and encoder not in MODELS:
+        raise CheckpointFormatError(
+            f"a fine-tuning checkpoint holds {present}: encoder= must be one of them, not {encoder!r}"
+        )
+    if not present or (encoder is not None and encoder not in present):
+        raise CheckpointFormatError(f"the fine-tuning checkpoint has no {encoder or 'model'} weights (found: {present})")
+    chosen = encoder or present[0]
     model_name, model_kwargs, recipe = _architecture(checkpoint, arch, read_start)
     return BackboneSpec(
         model_name, model_kwargs, found[chosen], chosen, source_format="finetune", recipe=recipe,

@@ -62,8 +62,8 @@ def resolve_released_arch(args: Any = None, arch: str | None = None) -> str:
     )
 
 
-def released_spec(checkpoint: Mapping[str, Any], which: str | None = None, arch: str | None = None) -> BackboneSpec:
-    """The backbone of the `which` encoder (teacher by default) of a released file."""
+def released_spec(checkpoint: Mapping[str, Any], encoder: str | None = None, arch: str | None = None) -> BackboneSpec:
+    """The backbone of `encoder` (the teacher by default) of a released file."""
     model_name = resolve_released_arch(checkpoint.get("args"), arch)
-    encoder, state = select_encoder(checkpoint["model"], which)
-    return BackboneSpec(model_name, {}, state, encoder, source_format="released")
+    chosen, state = select_encoder(checkpoint["model"], encoder)
+    return BackboneSpec(model_name, {}, state, chosen, source_format="released")

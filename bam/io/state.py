@@ -93,26 +93,26 @@ def submodule_state(state: Mapping[str, Tensor], path: Sequence[str]) -> dict[st
 
 
 def select_encoder(
-    state: Mapping[str, Tensor], which: str | None = None, part: str = "backbone"
+    state: Mapping[str, Tensor], encoder: str | None = None, part: str = "backbone"
 ) -> tuple[str, dict[str, Tensor]]:
-    """The `part` weights of the encoder `which` ("teacher" or "student"), as (encoder, state).
+    """The `part` weights of `encoder` ("teacher" or "student"), as (the encoder chosen, state).
 
-    `which=None` takes the teacher when the checkpoint has one, else the student. An explicit
+    `encoder=None` takes the teacher when the checkpoint has one, else the student. An explicit
     encoder that the checkpoint lacks is an error (a silent fallback would report numbers of the
     wrong network).
     """
-    if which is not None and which not in ENCODERS:
-        raise ValueError(f"which must be one of {ENCODERS} or None, got {which!r}")
+    if encoder is not None and encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS} or None, got {encoder!r}")
     found = {name: submodule_state(state, (name, part)) for name in ENCODERS}
     present = [name for name in ENCODERS if found[name]]
-    if not present or (which is not None and which not in present):
-        wanted = which or " or ".join(ENCODERS)
+    if not present or (encoder is not None and encoder not in present):
+        wanted = encoder or " or ".join(ENCODERS)
         raise CheckpointFormatError(
             f"the checkpoint has no {wanted} {part} weights (encoders found: {present or 'none'}); "
             f"its keys look like: {_listing(sorted(state))}"
         )
-    encoder = which or present[0]
-    return encoder, found[encoder]
+    chosen = encoder or present[0]
+    return chosen, found[chosen]
 
 
 def _listing(keys: Sequence[str]) -> str:

@@ -266,10 +266,10 @@ def test_run_clustering_settings_reach_k_means_and_bpa(checkpoint, tmp_path, cap
     data = synthetic_data(batch_size=16, train_size=32, val_size=20)
     out = tmp_path / "out"
     result = run_clustering(str(checkpoint), data, num_clusters=3, restarts=2, kmeans_iterations=7, seed=5,
-                            bpa=BPASettings(reg=0.3, iterations=4), output_dir=str(out), which="student", split="train",
+                            bpa=BPASettings(reg=0.3, iterations=4), output_dir=str(out), encoder="student", split="train",
                             fraction=0.5, accelerator="cpu")
     assert calls == [((3,), {"restarts": 2, "iterations": 7, "seed": 5})] * 2
-    model = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    model = build_from_spec(resolve_backbone(str(checkpoint), encoder="student"))
     dataset = data.eval_dataset("train", 0.5)
     with torch.no_grad():
         features = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bam.evaluation import cluster, fewshot, finetune, knn_stage, linear, retrieval, vos
+from bam.evaluation import cluster, embed, fewshot, finetune, knn_stage, linear, retrieval, vos
+from cli_runs import run_bam
+from eval_fixtures import CNN, synthetic_args, write_checkpoint
+from recipe_table import config_value
 from repo_paths import REPO
 
 CONFIGS = REPO / "configs" / "eval"
@@ -110,3 +113,41 @@ def test_fine_tuning_keeps_its_own_optimiser_defaults_under_a_partial_override(c
     optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["optimizer"]
     demo = yaml.safe_load((CONFIGS / "finetune_demo.yaml").read_text())["model"]["optimizer"]
     assert optimizer == {**finetune.FINETUNE_OPTIMIZER.__dict__, "lr_decay_epochs": [], **demo, "lr": 0.01}
+
+
+# every stage that reads a checkpoint's encoder, with arguments it parses with
+ENCODER_STAGES = {**{stage: (main, ["--config", "demo"]) for stage, main in STAGES.items()},
+                  "embed": (embed.main, ["--backbone", "bam_cnn4", "--images", "images"])}
+
+
+@pytest.mark.parametrize("stage", sorted(ENCODER_STAGES))
+def test_the_old_which_key_is_read_as_encoder_with_one_line(stage, tmp_path, capsys):
+    """`which` was the name of `encoder` (`model.which` of `model.encoder`): configs and command
+    lines written with it still choose the student, with one line naming the new key."""
+    main, arguments = ENCODER_STAGES[stage]
+    group = "model." if stage in ("linear", "finetune") else ""
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text("model:\n  which: student\n" if group else "which: student\n")
+    old_ways = (([f"--{group}which", "student"], "the command line"), (["--config", str(old_config)], old_config))
+    for old, where in old_ways:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*arguments, *old, "--print_config"])
+        out, err = capsys.readouterr()
+        assert exit_info.value.code in (None, 0), err
+        assert [line for line in err.splitlines() if "is now" in line] == [
+            f"bam {stage}: note: {where}: `{group}which` is now `{group}encoder`; read as {group}encoder=student"
+        ]
+        assert config_value(yaml.safe_load(out), f"{group}encoder") == "student"
+
+
+@pytest.mark.process
+def test_an_old_which_on_the_bam_command_line_runs_with_its_note(tmp_path):
+    """Through the `bam` command too: the stage runs to its results with the old option, and says so."""
+    checkpoint = write_checkpoint(tmp_path, *CNN)
+    done = run_bam(["knn", "--backbone", str(checkpoint), "--which", "student", "--accelerator", "cpu",
+                    *synthetic_args(train_size=16, val_size=8), "--output_dir", str(tmp_path / "knn")],
+                   separate_stderr=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    note = "bam knn: note: the command line: `which` is now `encoder`; read as encoder=student"
+    assert note in done.stderr.splitlines()
+    assert (tmp_path / "knn" / "knn_results.json").is_file()

@@ -101,7 +101,7 @@ def test_backbone_from_checkpoint_and_random_init(tmp_path):
         assert torch.equal(value, spec.state[name]), name
     overridden = resolve_backbone(str(path), arch="resnet18")  # arch replaces the recorded architecture
     assert (overridden.model_name, overridden.model_kwargs, overridden.encoder) == ("resnet18", {"width": 8}, "teacher")
-    student = resolve_backbone(str(path), which="student")
+    student = resolve_backbone(str(path), encoder="student")
     assert student.encoder == "student" and student.model_name == "bam_cnn4"
     random = resolve_backbone("bam_cnn4")
     assert (random.model_name, random.model_kwargs, random.encoder, random.source_format) == (

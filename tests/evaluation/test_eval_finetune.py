@@ -160,8 +160,8 @@ def test_fine_tuning_takes_the_chosen_encoder_and_the_backbone_recipe_and_freeze
     from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
-    student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
-    model = FineTune(str(checkpoints["cnn"]), num_classes=4, which="student", drop_path_rate=0, ema=True)
+    student = resolve_backbone(str(checkpoints["cnn"]), encoder="student").state
+    model = FineTune(str(checkpoints["cnn"]), num_classes=4, encoder="student", drop_path_rate=0, ema=True)
     for name, value in student.items():
         assert torch.equal(model.model.state_dict()[name], value), name
     assert model.recipe is None and model.architecture == {"model": "bam_cnn4", "model_kwargs": {"width": 8}}

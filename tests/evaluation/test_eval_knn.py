@@ -195,12 +195,12 @@ def test_embed_split_embeds_on_the_selected_device(checkpoint, monkeypatch):
 def test_frozen_extractor_takes_the_chosen_encoder(checkpoint):
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=VAL)
     images = torch.stack([data.eval_dataset("val")[i][0] for i in range(4)])
-    for which in ("student", "teacher"):
-        extractor = frozen.frozen_extractor(str(checkpoint), which, None, "auto", data)
-        expected = build_from_spec(resolve_backbone(str(checkpoint), which=which))
+    for encoder in ("student", "teacher"):
+        extractor = frozen.frozen_extractor(str(checkpoint), encoder, None, "auto", data)
+        expected = build_from_spec(resolve_backbone(str(checkpoint), encoder=encoder))
         with torch.no_grad():
             torch.testing.assert_close(extractor(images), expected(images))
-    student = resolve_backbone(str(checkpoint), which="student").state
+    student = resolve_backbone(str(checkpoint), encoder="student").state
     teacher = resolve_backbone(str(checkpoint)).state
     assert any(not torch.equal(student[name], teacher[name]) for name in teacher)  # the test tells them apart
 
@@ -229,9 +229,9 @@ def test_run_knn_settings_reach_the_vote_of_bpa_features(checkpoint, tmp_path, c
     options = {"train_size": 48, "val_size": 22, "image_size": 32, "num_classes": 8}
     data = BuiltinClassificationData("synthetic", options, image_size=32, resize_size=32, num_workers=0, batch_size=8)
     out = tmp_path / "out"
-    result = run_knn(str(checkpoint), data, which="student", k=17, temperature=0.5, bank_fraction=0.5,
+    result = run_knn(str(checkpoint), data, encoder="student", k=17, temperature=0.5, bank_fraction=0.5,
                      bank_chunk_rows=5, accelerator="cpu", output_dir=str(out), bpa=BPASettings(reg=0.2, iterations=3))
-    student = build_from_spec(resolve_backbone(str(checkpoint), which="student"))
+    student = build_from_spec(resolve_backbone(str(checkpoint), encoder="student"))
     bank, bank_labels = _embedded(student, data.eval_dataset("train", 0.5))
     queries, labels = _embedded(student, data.eval_dataset("val"))
     assert len(bank) == 24 and torch.equal(bank_labels.bincount(), torch.full((8,), 3))
@@ -300,9 +300,9 @@ def test_results_go_to_runs_knn_by_default(checkpoint, tmp_path, monkeypatch):
 
 def test_embed_split_takes_the_chosen_encoder_split_fraction_and_names_its_purpose(checkpoint, capsys):
     data = synthetic_data(batch_size=BATCH, train_size=TRAIN, val_size=24)
-    embedded = frozen.embed_split(str(checkpoint), data, "testing", which="student", feature="pooled", split="val",
+    embedded = frozen.embed_split(str(checkpoint), data, "testing", encoder="student", feature="pooled", split="val",
                                   fraction=0.5, accelerator="cpu")
-    features, labels = _embedded(build_from_spec(resolve_backbone(str(checkpoint), which="student")),
+    features, labels = _embedded(build_from_spec(resolve_backbone(str(checkpoint), encoder="student")),
                                  data.eval_dataset("val", 0.5))
     assert len(labels) == 12
     torch.testing.assert_close(embedded.features, features)

@@ -253,8 +253,8 @@ def test_probe_takes_the_chosen_encoder_and_the_backbone_recipe(checkpoints, tmp
     from bam.io import export_backbone
     from bam.recipe import DataRecipe
 
-    student = resolve_backbone(str(checkpoints["cnn"]), which="student").state
-    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, which="student")
+    student = resolve_backbone(str(checkpoints["cnn"]), encoder="student").state
+    probe = LinearProbe(str(checkpoints["cnn"]), num_classes=4, encoder="student")
     for name, value in student.items():
         assert torch.equal(probe.extractor.backbone.state_dict()[name], value), name
     assert probe.recipe is None  # a pretraining checkpoint records none

@@ -76,12 +76,12 @@ def test_export_config_is_timms_layout_with_the_recipe(lightning_file, tmp_path)
 
 def test_student_on_request_and_every_way_of_naming_the_export(cnn_pair, lightning_file, tmp_path):
     _, student = cnn_pair
-    output = export_backbone(lightning_file, tmp_path, which="student")
+    output = export_backbone(lightning_file, tmp_path, encoder="student")
     for path in (output, output / "model.safetensors", output / "config.json"):
         assert torch.equal(features(load_backbone(path)), features(student)), path
-    message = f"{str(output)!r} is an export of one backbone: which= and arch= apply to checkpoints only"
+    message = f"{str(output)!r} is an export of one backbone: encoder= and arch= apply to checkpoints only"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        load_backbone(output, which="teacher")
+        load_backbone(output, encoder="teacher")
 
 
 def test_loading_an_export_unpickles_nothing(lightning_file, tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_loading_an_export_unpickles_nothing(lightning_file, tmp_path, monkeypat
 def test_load_backbone_reads_checkpoints_directly(cnn_pair, lightning_file):
     teacher, student = cnn_pair
     assert torch.equal(features(load_backbone(lightning_file)), features(teacher))
-    assert torch.equal(features(load_backbone(lightning_file, which="student")), features(student))
+    assert torch.equal(features(load_backbone(lightning_file, encoder="student")), features(student))
 
 
 def test_checkpoint_without_teacher(cnn_pair, tmp_path):
@@ -107,12 +107,12 @@ def test_checkpoint_without_teacher(cnn_pair, tmp_path):
     assert config["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert torch.equal(features(load_backbone(output)), features(student))
     with pytest.raises(CheckpointFormatError, match="no teacher backbone"):
-        export_backbone(path, tmp_path / "export", which="teacher")
+        export_backbone(path, tmp_path / "export", encoder="teacher")
 
 
 def test_an_export_reads_back_with_its_provenance_and_recipe(cnn_pair, lightning_file, tmp_path):
     _, student = cnn_pair
-    output = export_backbone(lightning_file, tmp_path / "export", which="student")
+    output = export_backbone(lightning_file, tmp_path / "export", encoder="student")
     spec = read_backbone(output)
     assert (spec.model_name, spec.encoder, spec.source_format, spec.num_classes) == ("bam_cnn4", "student", "bam", 0)
     assert spec.recipe == DataRecipe((0.1307,) * 3, (0.3081,) * 3, 28, crop_pct=1.0, interpolation="bicubic")
@@ -214,7 +214,7 @@ def test_convert_cli_round_trip(vit_small_pair, released_file, tmp_path, capsys)
     assert torch.equal(features(load_backbone(tmp_path / "teacher"), images), features(teacher, images))
 
     student_dir = str(tmp_path / "student")
-    convert_cli.main([str(released_file), "--output", student_dir, "--which", "student", "--arch", "vit_small"])
+    convert_cli.main([str(released_file), "--output", student_dir, "--encoder", "student", "--arch", "vit_small"])
     loaded = load_backbone(tmp_path / "student")
     assert torch.equal(features(loaded, images), features(student, images))
     config = json.loads((tmp_path / "student" / "config.json").read_text())
@@ -224,7 +224,17 @@ def test_convert_cli_round_trip(vit_small_pair, released_file, tmp_path, capsys)
 
 def test_export_cli_round_trip(cnn_pair, lightning_file, tmp_path):
     _, student = cnn_pair
+    export_cli.main([str(lightning_file), "--output", str(tmp_path), "--encoder", "student"])
+    assert torch.equal(features(load_backbone(tmp_path)), features(student))
+
+
+def test_the_old_which_option_exports_the_same_encoder_with_one_line(cnn_pair, lightning_file, tmp_path, capsys):
+    """`--which` was the name of `--encoder`: command lines written before still export the student."""
+    _, student = cnn_pair
     export_cli.main([str(lightning_file), "--output", str(tmp_path), "--which", "student"])
+    assert capsys.readouterr().err == (
+        "bam export: note: the command line: `which` is now `encoder`; read as encoder=student\n"
+    )
     assert torch.equal(features(load_backbone(tmp_path)), features(student))
 
 
@@ -240,7 +250,7 @@ def test_cli_reports_errors_without_traceback(lightning_file, tmp_path):
 # `bam export --help` as a user reads it (compared with its whitespace collapsed, and printed for a
 # terminal wide enough that argparse wraps no line: it may break one at a hyphen)
 EXPORT_HELP = """
-usage: bam export [-h] --output OUTPUT [--which {teacher,student,ema,model}] [--arch ARCH] checkpoint
+usage: bam export [-h] --output OUTPUT [--encoder {teacher,student,ema,model}] [--arch ARCH] checkpoint
 
 Export the backbone of a pretraining checkpoint (bam's Lightning checkpoint or the authors' released file, detected
 from its contents) as model.safetensors plus config.json, the layout of timm and the Hugging Face Hub. Fine-tuning
@@ -252,7 +262,7 @@ positional arguments:
 options:
   -h, --help  show this help message and exit
   --output OUTPUT, -o OUTPUT  directory to write model.safetensors and config.json into (created if needed)
-  --which {teacher,student,ema,model}  pretraining checkpoints: the encoder to export, by default the teacher when the
+  --encoder {teacher,student,ema,model}  pretraining checkpoints: the encoder to export, by default the teacher when the
       checkpoint has one (the published numbers use it), else the student; fine-tuning checkpoints: the EMA of the
       weights (default, when kept) or the model, exported with its classifier
   --arch ARCH  architecture to load the weights into, instead of the one the checkpoint records: one of the authors'
@@ -267,7 +277,7 @@ timm itself (after `import bam` for bam's own architectures such as bam_cnn4):
 
 examples:
     bam export runs/bam/last.ckpt --output exported/vit_s16
-    bam export runs/bam/last.ckpt --output exported/student --which student
+    bam export runs/bam/last.ckpt --output exported/student --encoder student
 """,
     convert_cli: """
 The architecture comes from the file's args.arch and args.patch_size (caformer_m36, vit_base/16, vit_small/16);
@@ -275,7 +285,7 @@ The architecture comes from the file's args.arch and args.patch_size (caformer_m
 
 examples:
     bam convert bam_vitb16_checkpoint.pth --output exported/vit_b16
-    bam convert checkpoint.pth --output exported/caformer --arch caformer_m36 --which student
+    bam convert checkpoint.pth --output exported/caformer --arch caformer_m36 --encoder student
 """,
 }
 CONVERT_DESCRIPTION = (
@@ -313,7 +323,7 @@ def test_convert_help_has_its_own_description_on_one_line(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["x.ckpt"], "the following arguments are required: --output/-o"),
-    (["x.ckpt", "-o", "out", "--which", "best"], "argument --which: invalid choice: 'best'"),
+    (["x.ckpt", "-o", "out", "--encoder", "best"], "argument --encoder: invalid choice: 'best'"),
 ])
 def test_cli_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -323,7 +333,7 @@ def test_cli_usage_errors(argv, message, capsys):
 
 def test_cli_reports_the_export_and_its_recipe(cnn_pair, lightning_file, tmp_path, capsys):
     teacher, student = cnn_pair
-    export_cli.main([str(lightning_file), "-o", str(tmp_path / "student"), "--which", "student"])
+    export_cli.main([str(lightning_file), "-o", str(tmp_path / "student"), "--encoder", "student"])
     out = tmp_path / "student"
     assert capsys.readouterr().out == (
         f"bam export: wrote the student backbone (bam_cnn4, 32-d features, 0 classes) to {out / 'model.safetensors'} "
@@ -367,9 +377,9 @@ def test_export_of_a_checkpoint_written_by_bam_module(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, TinyCropsDataModule(num_images=8, batch_size=8, num_local=2))
     trainer.save_checkpoint(tmp_path / "bam.ckpt")
-    for which, encoder in (("teacher", module.teacher), ("student", module.student)):
-        output = export_backbone(tmp_path / "bam.ckpt", tmp_path / which, which=which)
-        assert torch.equal(features(load_backbone(output)), features(encoder.backbone)), which
+    for name, encoder in (("teacher", module.teacher), ("student", module.student)):
+        output = export_backbone(tmp_path / "bam.ckpt", tmp_path / name, encoder=name)
+        assert torch.equal(features(load_backbone(output)), features(encoder.backbone)), name
     assert not torch.equal(features(module.teacher.backbone), features(module.student.backbone))
 
 

@@ -50,7 +50,7 @@ def test_a_failed_export_leaves_the_previous_pair_whole(checkpoint, tmp_path, mo
 
     monkeypatch.setattr(export_writer, "_write_config", disk_full)  # the weights are written, config.json fails
     with pytest.raises(export_writer.ExportWriteError) as error:
-        export_backbone(checkpoint, output, which="student")
+        export_backbone(checkpoint, output, encoder="student")
     assert str(error.value) == (f"no space left on {tmp_path}: nothing was written to {output} (its previous "
                                 "contents are unchanged); free some space and export again")
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before

@@ -42,7 +42,7 @@ def test_the_recorded_architecture_and_recipe_are_used_and_arch_overrides_the_na
     assert (spec.model_name, spec.model_kwargs, spec.encoder, spec.num_classes) == ("bam_cnn4", {"width": 48}, "ema", 10)
     assert spec.source_format == "finetune" and spec.recipe == RECIPE
     assert torch.equal(spec.state["weight"], torch.zeros(2))  # the EMA when it was kept
-    spec = finetune_spec(finetune_checkpoint(architecture=RECORDED), which="model", arch="resnet18", read_start=never_read)
+    spec = finetune_spec(finetune_checkpoint(architecture=RECORDED), encoder="model", arch="resnet18", read_start=never_read)
     assert (spec.model_name, spec.encoder) == ("resnet18", "model") and torch.equal(spec.state["weight"], torch.ones(2))
     spec = finetune_spec(finetune_checkpoint(architecture={**RECORDED, "data_recipe": None}), read_start=never_read)
     assert spec.recipe is None
@@ -62,10 +62,10 @@ def test_older_files_read_the_architecture_from_their_start_unless_told():
 def test_errors_name_what_the_file_holds_and_what_to_pass():
     only_model = finetune_checkpoint(models=("model",), architecture=RECORDED)
     with pytest.raises(CheckpointFormatError) as error:
-        finetune_spec(only_model, which="student", read_start=never_read)
-    assert str(error.value) == "a fine-tuning checkpoint holds ['model']: which= must be one of them, not 'student'"
+        finetune_spec(only_model, encoder="student", read_start=never_read)
+    assert str(error.value) == "a fine-tuning checkpoint holds ['model']: encoder= must be one of them, not 'student'"
     with pytest.raises(CheckpointFormatError) as error:
-        finetune_spec(only_model, which="ema", read_start=never_read)
+        finetune_spec(only_model, encoder="ema", read_start=never_read)
     assert str(error.value) == "the fine-tuning checkpoint has no ema weights (found: ['model'])"
     with pytest.raises(CheckpointFormatError) as error:
         finetune_spec(finetune_checkpoint(models=(), architecture=RECORDED), read_start=never_read)

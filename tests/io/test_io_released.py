@@ -73,7 +73,7 @@ def test_vit_small_file_loads_the_teacher_with_12_heads(vit_small_pair, vit_smal
 
 def test_vit_small_file_loads_the_student_on_request(vit_small_pair, vit_small_file):
     teacher, student = vit_small_pair
-    assert torch.equal(features(load_backbone(vit_small_file, which="student")), features(student))
+    assert torch.equal(features(load_backbone(vit_small_file, encoder="student")), features(student))
 
 
 def test_timm_six_head_vit_small_would_accept_the_keys_and_compute_something_else(vit_small_pair):
@@ -88,8 +88,8 @@ def test_timm_six_head_vit_small_would_accept_the_keys_and_compute_something_els
 def test_compiled_and_ddp_prefixes_are_removed(vit_small_pair, layout):
     teacher, student = vit_small_pair
     checkpoint = released_checkpoint(student, teacher, released_args("vit_small"), layout=layout)
-    for which, writer in (("teacher", teacher), ("student", student)):
-        assert torch.equal(features(released_spec(checkpoint, which).build()), features(writer))
+    for encoder, writer in (("teacher", teacher), ("student", student)):
+        assert torch.equal(features(released_spec(checkpoint, encoder).build()), features(writer))
 
 
 def test_vit_base_maps_to_timm_vit_base():
@@ -148,7 +148,7 @@ def test_explicit_teacher_without_a_teacher_is_an_error(vit_small_pair):
     checkpoint = released_checkpoint(student, None, released_args("vit_small"))
     assert released_spec(checkpoint).encoder == "student"
     with pytest.raises(CheckpointFormatError, match=r"no teacher backbone weights \(encoders found: \['student'\]"):
-        released_spec(checkpoint, which="teacher")
+        released_spec(checkpoint, encoder="teacher")
 
 
 @pytest.mark.parametrize(

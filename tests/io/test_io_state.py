@@ -11,8 +11,8 @@ from bam.io.state import CheckpointFormatError, CheckpointMismatchError, load_st
 
 def test_an_unknown_encoder_name_is_refused_with_the_choices():
     with pytest.raises(ValueError) as error:
-        select_encoder({"teacher.backbone.w": torch.ones(1)}, which="ema")
-    assert str(error.value) == "which must be one of ('teacher', 'student') or None, got 'ema'"
+        select_encoder({"teacher.backbone.w": torch.ones(1)}, encoder="ema")
+    assert str(error.value) == "encoder must be one of ('teacher', 'student') or None, got 'ema'"
 
 
 def test_a_missing_encoder_names_what_was_wanted_and_found_and_lists_at_most_eight_keys():
@@ -24,7 +24,7 @@ def test_a_missing_encoder_names_what_was_wanted_and_found_and_lists_at_most_eig
         "the checkpoint has no teacher or student backbone weights (encoders found: none); "
         f"its keys look like: {listed}, ... (+2 more)")
     with pytest.raises(CheckpointFormatError) as error:
-        select_encoder({"student.backbone.w": torch.ones(1)}, which="teacher")
+        select_encoder({"student.backbone.w": torch.ones(1)}, encoder="teacher")
     assert str(error.value) == (
         "the checkpoint has no teacher backbone weights (encoders found: ['student']); "
         "its keys look like: student.backbone.w")

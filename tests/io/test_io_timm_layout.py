@@ -169,17 +169,17 @@ def finetuned(tmp_path_factory):
     return module, directory / "finetuned.ckpt"
 
 
-@pytest.mark.parametrize("which", ["ema", "model"])
-def test_finetuned_checkpoints_export_with_their_head(finetuned, which, tmp_path):
+@pytest.mark.parametrize("encoder", ["ema", "model"])
+def test_finetuned_checkpoints_export_with_their_head(finetuned, encoder, tmp_path):
     module, checkpoint = finetuned
-    export = export_backbone(checkpoint, tmp_path / which, which=which)
-    expected = module.ema.module if which == "ema" else module.model
+    export = export_backbone(checkpoint, tmp_path / encoder, encoder=encoder)
+    expected = module.ema.module if encoder == "ema" else module.model
     with torch.no_grad():
         logits = expected.eval()(IMAGES)
     assert logits.shape == (2, 4)
     assert torch.equal(features(load_backbone(export)), logits)
     config = json.loads((export / "config.json").read_text())
-    assert config["model_args"]["num_classes"] == 4 and config["bam"]["encoder"] == which
+    assert config["model_args"]["num_classes"] == 4 and config["bam"]["encoder"] == encoder
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]  # the fine-tuning data's preprocessing
     assert not torch.equal(module.ema.module.head.weight, module.model.head.weight)  # two different models
 
@@ -198,7 +198,7 @@ def test_finetuned_checkpoints_written_before_the_architecture_was_recorded(fine
     torch.save(old, tmp_path / "old.ckpt")
     from bam.io import export_cli
 
-    export_cli.main([str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "export"), "--which", "model"])
+    export_cli.main([str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "export"), "--encoder", "model"])
     assert "wrote the fine-tuned model (bam_cnn4, 32-d features, 4 classes)" in capsys.readouterr().out
     with torch.no_grad():
         assert torch.equal(features(load_backbone(tmp_path / "export")), module.model.eval()(IMAGES))

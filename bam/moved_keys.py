@@ -1,9 +1,10 @@
 """Config keys that moved: configs and command lines written before keep loading.
 
 When settings are gathered into one object (the BPA settings of the frozen-feature stages, the
-optimiser settings of the classifier stages), their old flat keys would otherwise get
-jsonargparse's page-long error. `read_moved_keys` rewrites each old key, on the command line or
-in a `--config` file, to its new place and prints one line naming the new key.
+optimiser settings of the classifier stages) or renamed, their old keys would otherwise get
+jsonargparse's page-long error (argparse's usage error in `bam export`). `read_moved_keys` rewrites
+each old key, on the command line or in a `--config` file, to its new place and prints one line
+naming the new key. It sits below `bam.io` so that the checkpoint I/O commands use it too.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class MovedKey:
     old: str
     new: str
     applies: Callable[[Any], bool] = _always
+
+    def under(self, group: str) -> MovedKey:
+        """The same move inside the settings group `group` (e.g. `model`)."""
+        return MovedKey(f"{group}.{self.old}", f"{group}.{self.new}", self.applies)
 
 
 def is_flag(value: Any) -> bool:

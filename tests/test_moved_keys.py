@@ -1,10 +1,10 @@
-"""Old config keys read at their new place (bam.training.moved_keys): what moves, what is left
+"""Old config keys read at their new place (bam.moved_keys): what moves, what is left
 alone, and the one line that names each move."""
 from __future__ import annotations
 
 import yaml
 
-from bam.training.moved_keys import MovedKey, is_flag, read_moved_keys
+from bam.moved_keys import MovedKey, is_flag, read_moved_keys
 
 MOVES = (MovedKey("bpa", "bpa.enabled", is_flag), MovedKey("bpa_reg", "bpa.reg"), MovedKey("model.lr", "model.optimizer.lr"))
 
@@ -30,3 +30,8 @@ def test_old_keys_move_in_both_option_forms_and_in_nested_config_keys(tmp_path, 
         "bam knn: note: the command line: `bpa_reg` is now `bpa.reg`; read as bpa.reg=0.2",
         "bam knn: note: the command line: `bpa` is now `bpa.enabled`; read as bpa.enabled=true",
     ]
+
+
+def test_a_move_inside_a_group_keeps_its_condition():
+    flag = MovedKey("bpa", "bpa.enabled", is_flag).under("model")
+    assert (flag.old, flag.new, flag.applies) == ("model.bpa", "model.bpa.enabled", is_flag)
