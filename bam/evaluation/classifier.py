@@ -150,10 +150,10 @@ class ClassificationStage(pl.LightningModule):
         path = run_dir / RESULTS_FILE
         lines = [f"{'':<14} {'top-1':>7} {'top-5':>7}  epoch"]
         for name, result in summary.items():
-            for which in ("best", "last"):
+            for epoch in ("best", "last"):
                 lines.append(
-                    f"{which + ' ' + name:<14} {result[which + '_top1']:>6.2f}% {result[which + '_top5']:>6.2f}%  "
-                    f"{result[which + '_epoch']}"
+                    f"{epoch + ' ' + name:<14} {result[epoch + '_top1']:>6.2f}% {result[epoch + '_top5']:>6.2f}%  "
+                    f"{result[epoch + '_epoch']}"
                 )
         rank_zero_info("\n".join([*lines, f"(written to {path})"]))
         if self.trainer.is_global_zero:
