@@ -25,10 +25,12 @@ from bam.data import MultiCropConfig, SSLDataModule
 from bam.data.recipe_fit import recipe_misfits, sample_images, too_few_images
 from bam.losses import BAMObjective
 from bam.methods import SSLMethod
+from bam.models.projector import FLAT_PROJECTOR_KEYS
 from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
 from bam.training.launch_plan import check_launch_plan
+from bam.training.moved_keys import MovedKey, read_moved_keys
 from bam.training.run_cli import SafeRunCLI, SettingError, launch_rank_is_zero, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
@@ -36,6 +38,12 @@ from bam.warning_filters import expected_warnings_silenced
 
 
 CROP_COUNTS = ("num_global_crops", "num_local_crops")
+# The projector's settings, gathered into one `model.init_args.projector` (`bam.models.ProjectorSettings`):
+# configs and command lines written before keep working (`--model.proj_*` too, jsonargparse's short form).
+PRETRAIN_MOVED_KEYS = tuple(
+    MovedKey(f"{prefix}{old}", f"{prefix}projector.{new}")
+    for prefix in ("model.init_args.", "model.") for old, new in FLAT_PROJECTOR_KEYS.items()
+)
 
 
 class PretrainCLI(SafeRunCLI):
@@ -156,7 +164,7 @@ def _config_files(argv: list[str]) -> list[Path]:
 
 def pretrain_cli(argv: list[str], run: bool = True) -> PretrainCLI:
     """Parse `argv` as `bam pretrain` does and build everything; with `run`, also train."""
-    argv = with_config_names("pretrain", argv)
+    argv = read_moved_keys(with_config_names("pretrain", argv), PRETRAIN_MOVED_KEYS, "bam pretrain")
     refuse_moved_objective_keys(argv)
     return PretrainCLI(
         SSLMethod,

@@ -2,13 +2,11 @@
 (encoders, teacher, optimiser, schedules, multi-crop) comes from `SSLMethod`."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from bam.losses import BAMLoss, BAMObjective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.ops.distributed import world_size
 from bam.training.schedules import linear_ramp
@@ -43,9 +41,7 @@ class BAMModule(SSLMethod):
         if reg_final is not None and reg_final <= 0:
             raise ValueError(f"reg_final must be positive (the entropic regularisation of the target), got {reg_final}")
         super().__init__(**kwargs)
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(BAMObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
-        self.hparams["objective"] = dataclasses.asdict(objective)
+        objective = self.record_objective(BAMObjective, objective)
         self.loss_fn = BAMLoss(num_global_crops + num_local_crops, num_global_crops, objective)
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
