@@ -48,6 +48,9 @@ class SSLMethod(pl.LightningModule):
     `model.data_recipe` so that exports carry it.
 
     Args:
+        num_global_crops: global crops per image (the crops the targets come from; `bam
+            pretrain` sets both counts from `data.init_args.crops`).
+        num_local_crops: local crops per image (a method may have its own default).
         backbone: timm model name (bam's presets included, see `bam.models.backbones`).
         backbone_kwargs: extra keyword arguments for `timm.create_model`.
         init_weights: start the backbone from these weights instead of a random initialisation: a
@@ -82,6 +85,8 @@ class SSLMethod(pl.LightningModule):
 
     def __init__(
         self,
+        num_global_crops: int = 2,
+        num_local_crops: int = 6,
         backbone: str = "bam_vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
         init_weights: str | None = None,
@@ -105,6 +110,7 @@ class SSLMethod(pl.LightningModule):
         **flat_projector_keys: Any,
     ) -> None:
         super().__init__()
+        check_crop_counts(num_global_crops, num_local_crops, prefix="model ")
         projector = _projector_settings(projector, flat_projector_keys, type(self))
         # Called here so that the subclass's arguments (collected from its __init__ frame too)
         # and every default end up in the checkpoint's hyper_parameters; the settings groups as
@@ -161,10 +167,10 @@ class SSLMethod(pl.LightningModule):
             raise ValueError(f"{method} has no momentum teacher ({targets_from}); "
                              f"remove momentum_teacher from the {cls.__name__} arguments")
 
-    @staticmethod
-    def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
-        """Reject impossible crop counts when the model is built, naming the setting."""
-        check_crop_counts(num_global_crops, num_local_crops, prefix="model ")
+    @property
+    def num_crops(self) -> int:
+        """Crops per image: global and local."""
+        return self.hparams.num_global_crops + self.hparams.num_local_crops
 
     @staticmethod
     def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:
@@ -327,9 +333,18 @@ def _projector_settings(given: ProjectorSettings | Mapping[str, Any], flat: dict
 
 
 def _default_projector(method: type) -> ProjectorSettings:
-    """The method's `projector` default (`SSLMethod`'s where its constructor has none of its own)."""
-    parameter = inspect.signature(method.__init__).parameters.get("projector")
-    return parameter.default if parameter is not None and isinstance(parameter.default, ProjectorSettings) else ProjectorSettings()
+    default = constructor_default(method, "projector")
+    return default if isinstance(default, ProjectorSettings) else ProjectorSettings()
+
+
+def constructor_default(method: type, name: str) -> Any:
+    """The default of `method`'s argument `name`: its own constructor's, or that of the nearest
+    base class whose constructor has it (the argument passed on in `**kwargs`)."""
+    for owner in method.__mro__:
+        parameter = inspect.signature(owner.__init__).parameters.get(name)
+        if parameter is not None:
+            return parameter.default
+    raise KeyError(f"{method.__name__} has no argument {name!r}")
 
 
 def _crops_of(batch: Any) -> list[torch.Tensor]:

@@ -25,8 +25,8 @@ class DINOModule(SSLMethod):
     (`self.loss_fn.center`): it is in every checkpoint and the same on every process.
 
     Args:
-        num_global_crops: global crops per image (the teacher sees only them).
-        num_local_crops: local crops per image.
+        num_local_crops: local crops per image, 8 by default (DINO's); the teacher sees only the
+            `num_global_crops` global ones (`SSLMethod`'s crop counts).
         objective: the objective's settings (`DINOObjective`: `student_temperature` 0.1,
             `teacher_temperature` 0.04 at the start, `center_momentum` 0.9); in a config
             `objective.student_temperature` etc.
@@ -50,7 +50,6 @@ class DINOModule(SSLMethod):
 
     def __init__(
         self,
-        num_global_crops: int = 2,
         num_local_crops: int = 8,
         objective: DINOObjective = DINOObjective(),
         teacher_temperature_final: float = 0.07,
@@ -65,16 +64,15 @@ class DINOModule(SSLMethod):
     ) -> None:
         if kwargs.pop("momentum_teacher", True) is not True:
             raise ValueError("DINO distils a momentum teacher into the student; remove momentum_teacher: false")
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if teacher_temperature_final <= 0:
             raise ValueError(f"teacher_temperature_final={teacher_temperature_final} must be positive")
         if freeze_last_layer_epochs < 0:
             raise ValueError(f"freeze_last_layer_epochs={freeze_last_layer_epochs} must be >= 0")
         super().__init__(
-            projector=projector, momentum_teacher=True, teacher_momentum=teacher_momentum, lr=lr, **kwargs,
+            num_local_crops=num_local_crops, projector=projector, momentum_teacher=True, teacher_momentum=teacher_momentum, lr=lr, **kwargs,
         )
         objective = self.record_objective(DINOObjective, objective)
-        self.loss_fn = DINOLoss(out_dim, num_global_crops + num_local_crops, num_global_crops, objective)
+        self.loss_fn = DINOLoss(out_dim, self.num_crops, self.hparams.num_global_crops, objective)
         _disable_stochastic_depth(self.teacher)
 
     def make_head(self, in_dim: int) -> nn.Module:

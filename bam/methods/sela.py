@@ -45,7 +45,8 @@ class SeLaModule(SSLMethod):
     every checkpoint and the same on every process.
 
     Args:
-        num_global_crops, num_local_crops: crops per image (the bank records the first global crop).
+        num_local_crops: local crops per image, none by default (SeLa's one crop); the bank
+            records the first of the `num_global_crops` global crops (`SSLMethod`'s crop counts).
         objective: the objective's settings (`SeLaObjective`: `num_clusters`, `num_heads`, `lam`,
             `sinkhorn_iterations`, `temperature`, `cosine_heads`); in a config `objective.lam` etc.
         label_updates: how many label optimisations the `quadratic` schedule spreads over training.
@@ -68,7 +69,6 @@ class SeLaModule(SSLMethod):
 
     def __init__(
         self,
-        num_global_crops: int = 2,
         num_local_crops: int = 0,
         objective: SeLaObjective = SeLaObjective(),
         label_updates: int = 100,
@@ -78,14 +78,13 @@ class SeLaModule(SSLMethod):
         **kwargs: Any,
     ) -> None:
         self.refuse_momentum_teacher(kwargs, "SeLa", "its labels come from the network's own heads")
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if label_schedule not in LABEL_SCHEDULES:
             raise ValueError(f"unknown label_schedule {label_schedule!r}; choose one of {sorted(LABEL_SCHEDULES)}")
         if label_updates < 1:
             raise ValueError(f"label_updates={label_updates} must be >= 1")
-        super().__init__(projector=projector, **kwargs)
+        super().__init__(num_local_crops=num_local_crops, projector=projector, **kwargs)
         objective = self.record_objective(SeLaObjective, objective)
-        self.loss_fn = SeLaLoss(self.head_dim, num_global_crops + num_local_crops, objective)
+        self.loss_fn = SeLaLoss(self.head_dim, self.num_crops, objective)
         self._label_steps: set[int] | None = None
 
     def make_head(self, in_dim: int) -> nn.Module:
