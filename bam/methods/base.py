@@ -318,7 +318,9 @@ class SSLMethod(pl.LightningModule):
                 self.teacher = convert_sync_batchnorm(self.teacher, device)
 
 
-def _projector_settings(given: ProjectorSettings | Mapping[str, Any], flat: dict[str, Any], method: type) -> ProjectorSettings:
+def _projector_settings(
+    given: ProjectorSettings | Mapping[str, Any], flat: dict[str, Any], method: type
+) -> ProjectorSettings:
     """The method's projector settings: `given`, where a mapping (a YAML config's, a checkpoint's)
     and the flat `proj_*` keys of before (`flat`) change only the settings they name of the
     method's own defaults (its `projector` default); another unknown keyword is refused as Python

@@ -68,9 +68,8 @@ class DINOModule(SSLMethod):
             raise ValueError(f"teacher_temperature_final={teacher_temperature_final} must be positive")
         if freeze_last_layer_epochs < 0:
             raise ValueError(f"freeze_last_layer_epochs={freeze_last_layer_epochs} must be >= 0")
-        super().__init__(
-            num_local_crops=num_local_crops, projector=projector, momentum_teacher=True, teacher_momentum=teacher_momentum, lr=lr, **kwargs,
-        )
+        super().__init__(num_local_crops=num_local_crops, projector=projector, momentum_teacher=True,
+                         teacher_momentum=teacher_momentum, lr=lr, **kwargs)
         objective = self.record_objective(DINOObjective, objective)
         self.loss_fn = DINOLoss(out_dim, self.num_crops, self.hparams.num_global_crops, objective)
         _disable_stochastic_depth(self.teacher)
