@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from bam.methods.swav import SwAVModule
     from bam.models.backbones import build_backbone
     from bam.models.gsp import GSPPool
-    from bam.models.projector import Projector
+    from bam.models.projector import Projector, ProjectorSettings
     from bam.ops import sinkhorn_blocked, sinkhorn_differentiable, sinkhorn_distributed, sinkhorn_distributed_
     from bam.recipe import DataRecipe
     from bam.transforms.bpa import BPA, bpa
@@ -74,6 +74,7 @@ _LAZY = {
     "SeLaModule": "bam.methods.sela",
     "build_backbone": "bam.models.backbones",
     "Projector": "bam.models.projector",
+    "ProjectorSettings": "bam.models.projector",
     "GSPPool": "bam.models.gsp",
     "bpa": "bam.transforms.bpa",
     "BPA": "bam.transforms.bpa",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from bam.data import MultiCropConfig, SSLDataModule
 from bam.data.recipe_fit import recipe_misfits, sample_images, too_few_images
 from bam.losses import BAMObjective
 from bam.methods import SSLMethod
+from bam.methods.base import constructor_default
+from bam.models.projector import FLAT_PROJECTOR_KEYS
 from bam.shipped_configs import CONFIG_OPTION, with_config_names
 from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_allocation
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
@@ -37,8 +38,14 @@ from bam.warning_filters import expected_warnings_silenced
 
 
 CROP_COUNTS = ("num_global_crops", "num_local_crops")
-# callback groups renamed since a run's saved config.yaml may have been written
-PRETRAIN_MOVED_KEYS = (MovedKey("data_account.enabled", "file_report.enabled"),)
+# Keys that moved since configs (a run's saved config.yaml among them) may have been written: the
+# projector's settings, gathered into one `model.init_args.projector` (`bam.models.ProjectorSettings`;
+# `--model.proj_*` too, jsonargparse's short form), and the file report's callback group.
+PRETRAIN_MOVED_KEYS = (
+    *(MovedKey(f"{prefix}{old}", f"{prefix}projector.{new}")
+      for prefix in ("model.init_args.", "model.") for old, new in FLAT_PROJECTOR_KEYS.items()),
+    MovedKey("data_account.enabled", "file_report.enabled"),
+)
 
 
 class PretrainCLI(SafeRunCLI):
@@ -88,7 +95,7 @@ def _crop_count(name: str, crops: Any, model_class: str, model_value: Any) -> in
     values = {} if crops is None else crops.get("init_args", crops)
     count = values.get(name, getattr(MultiCropConfig(), name))
     module, _, class_name = model_class.rpartition(".")
-    default = inspect.signature(getattr(importlib.import_module(module), class_name)).parameters[name].default
+    default = constructor_default(getattr(importlib.import_module(module), class_name), name)
     if model_value not in (count, default):
         raise ValueError(
             f"model.init_args.{name}={model_value} disagrees with data.init_args.crops.{name}={count}: the crop "

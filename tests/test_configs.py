@@ -69,10 +69,35 @@ def test_recipes_follow_the_authors_numbers():
     assert model["backbone"] == "bam_vit_small_patch16_224"  # 12 heads
     objective = model["objective"]
     assert (objective["top_k"], objective["num_target_crops"], objective["sinkhorn_iterations"]) == (128, 2, 3)
-    assert (model["proj_hidden_dim"], model["proj_out_dim"], model["proj_batch_norm"]) == (4096, 4096, False)
+    projector = model["projector"]
+    assert (projector["hidden_dim"], projector["out_dim"], projector["batch_norm"]) == (4096, 4096, False)
     assert (model["weight_decay"], model["weight_decay_final"], model["warmup_epochs"]) == (0.04, 0.4, 40)
     assert vit_s["trainer"]["gradient_clip_val"] == 0.3
     assert vit_s["trainer"]["devices"] * vit_s["trainer"]["num_nodes"] * vit_s["data"]["init_args"]["batch_size"] == 4096
+
+
+@pytest.mark.process
+def test_flat_projector_keys_written_before_they_moved_are_read_into_the_projector_group(tmp_path):
+    """`bam pretrain` as a user runs it: the projector's flat keys of before (an old config file,
+    the command line) are read at their new place, `model.init_args.projector`, with one note each."""
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text("model:\n  init_args:\n    proj_out_dim: 32\n    proj_init: trunc_normal\n")
+    finished = run_bam(["pretrain", "--config", "swav_demo", "--config", str(old_config),
+                        "--model.init_args.proj_hidden_dim", "64", "--print_config"], separate_stderr=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    notes = [line for line in finished.stderr.splitlines() if line.startswith("bam pretrain: note: ")]
+    assert notes == [
+        f"bam pretrain: note: {old_config}: `model.init_args.proj_out_dim` is now "
+        "`model.init_args.projector.out_dim`; read as model.init_args.projector.out_dim=32",
+        f"bam pretrain: note: {old_config}: `model.init_args.proj_init` is now "
+        "`model.init_args.projector.init`; read as model.init_args.projector.init=trunc_normal",
+        "bam pretrain: note: the command line: `model.init_args.proj_hidden_dim` is now "
+        "`model.init_args.projector.hidden_dim`; read as model.init_args.projector.hidden_dim=64",
+    ]
+    projector = yaml.safe_load(finished.stdout)["model"]["init_args"]["projector"]
+    # the old keys' values over swav_demo.yaml's projector (the BAM demo's: 3 layers, GELU, batch norm)
+    assert projector == dict(hidden_dim=64, out_dim=32, num_layers=3, activation="gelu", batch_norm=True,
+                             last_batch_norm=False, bias=True, init="trunc_normal")
 
 
 @pytest.mark.process

@@ -35,7 +35,7 @@ class MultiCropImages(Dataset):
 
 def tiny_module(**kwargs) -> BAMModule:
     return BAMModule(backbone="bam_cnn4", backbone_kwargs={"width": 8}, num_local_crops=2, warmup_epochs=0,
-                     proj_hidden_dim=16, proj_out_dim=8, proj_layers=2, **kwargs)
+                     projector=dict(hidden_dim=16, out_dim=8, num_layers=2), **kwargs)
 
 
 def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:

@@ -69,7 +69,7 @@ def test_the_shipped_demo_study_names_configs_and_overrides_that_exist():
 
 # a toy study: 200 digits, 2 epochs of a small head; k-NN of the held-out digits against 200 training digits
 TOY_PRETRAIN = ["--data.init_args.fraction=0.05", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1",
-                "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--trainer.max_epochs=2",
+                "--model.init_args.projector.hidden_dim=64", "--model.init_args.projector.out_dim=32", "--trainer.max_epochs=2",
                 "--knn.every_n_epochs=1000", "--knn.compare_baselines=false", "--plots.enabled=false",
                 "--precise_bn.enabled=false"]
 

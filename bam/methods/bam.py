@@ -2,13 +2,11 @@
 (encoders, teacher, optimiser, schedules, multi-crop) comes from `SSLMethod`."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from bam.losses import BAMLoss, BAMObjective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
 from bam.ops.distributed import world_size
 from bam.training.schedules import linear_ramp
@@ -17,9 +15,10 @@ from bam.training.schedules import linear_ramp
 class BAMModule(SSLMethod):
     """Balanced self-Attention Matching (Shalam & Korman, ECCV 2024) as a LightningModule.
 
+    The targets come from the `num_global_crops` global crops (`SSLMethod`'s crop counts, 2 + 6 by
+    default).
+
     Args:
-        num_global_crops: global crops per image (targets come from them).
-        num_local_crops: local crops per image.
         objective: the objective's settings (`BAMObjective`: `num_target_crops`, `reg` at the start
             of training, `temperature`, `sinkhorn_iterations`, `top_k`, `positive_masking`,
             `column_block_size`, `balance_local_rows`); in a config or on the command line
@@ -27,26 +26,21 @@ class BAMModule(SSLMethod):
         reg_final: value `objective.reg` reaches linearly after `reg_warmup_epochs` (default: no
             schedule, `reg` stays).
         reg_warmup_epochs: length of the linear `reg` schedule, in epochs.
-        **kwargs: the shared arguments of `SSLMethod` (backbone, projector, teacher, optimiser).
+        **kwargs: the shared arguments of `SSLMethod` (crop counts, backbone, projector, teacher, optimiser).
     """
 
     def __init__(
         self,
-        num_global_crops: int = 2,
-        num_local_crops: int = 6,
         objective: BAMObjective = BAMObjective(),
         reg_final: float | None = None,
         reg_warmup_epochs: float = 30,
         **kwargs: Any,
     ) -> None:
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if reg_final is not None and reg_final <= 0:
             raise ValueError(f"reg_final must be positive (the entropic regularisation of the target), got {reg_final}")
         super().__init__(**kwargs)
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(BAMObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
-        self.hparams["objective"] = dataclasses.asdict(objective)
-        self.loss_fn = BAMLoss(num_global_crops + num_local_crops, num_global_crops, objective)
+        objective = self.record_objective(BAMObjective, objective)
+        self.loss_fn = BAMLoss(self.num_crops, self.hparams.num_global_crops, objective)
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         self.check_crop_count(crops, self.loss_fn.num_crops)

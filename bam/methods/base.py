@@ -8,6 +8,9 @@ multi-crop plumbing and the loss health checks. A method implements `compute_los
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,7 +22,9 @@ from torch import nn
 from bam.io.initial_weights import load_initial_weights
 from bam.io.safe_load import secure_checkpoint_loading
 from bam.methods.monitoring import LossMonitor, NonFiniteLossError
-from bam.models import Projector, build_backbone, feature_dim
+from bam.losses.settings import Settings, settings_of
+from bam.models import Projector, ProjectorSettings, build_backbone, feature_dim
+from bam.models.projector import FLAT_PROJECTOR_KEYS, with_projector_gathered
 from bam.models.encoder import MultiCropEncoder
 from bam.ops.errors import UserInputError
 from bam.ops.crops import check_crop_counts
@@ -43,15 +48,19 @@ class SSLMethod(pl.LightningModule):
     `model.data_recipe` so that exports carry it.
 
     Args:
+        num_global_crops: global crops per image (the crops the targets come from; `bam
+            pretrain` sets both counts from `data.init_args.crops`).
+        num_local_crops: local crops per image (a method may have its own default).
         backbone: timm model name (bam's presets included, see `bam.models.backbones`).
         backbone_kwargs: extra keyword arguments for `timm.create_model`.
         init_weights: start the backbone from these weights instead of a random initialisation: a
             bam export, a timm state dict (`.safetensors`, `.pth`), a bam checkpoint or the authors'
             released file (see `bam.io.initial_weights`), loaded weights-only and strictly. Only
             the backbone: the projector, optimiser and schedules start anew, unlike `--ckpt_path`.
-        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm,
-        proj_last_batch_norm, proj_bias, proj_init: the projector MLP (see `bam.models.Projector`;
-            `proj_init="trunc_normal"` is the authors' initialisation).
+        projector: the projector MLP's settings (`bam.models.ProjectorSettings`: `hidden_dim`,
+            `out_dim`, `num_layers`, `activation`, `batch_norm`, `last_batch_norm`, `bias`,
+            `init`; `init="trunc_normal"` is the authors' initialisation); in a config
+            `projector.hidden_dim` etc.
         momentum_teacher: keep an EMA copy of the student that embeds the targets.
         teacher_momentum, teacher_momentum_final: cosine EMA momentum schedule over all steps.
         optimizer: any name timm's optimiser factory knows (adamw, sgd, lars, lamb, ...).
@@ -69,21 +78,19 @@ class SSLMethod(pl.LightningModule):
             the global crops only, not from the local crops' different distribution.
         sync_batchnorm: convert batch norm to SyncBatchNorm when training on several processes.
         stuck_loss_patience: steps at log(N) before warning that nothing is learned (0 = off).
+        **flat_projector_keys: the projector's settings under their names of before
+            (`proj_hidden_dim`, ...: `bam.models.projector.FLAT_PROJECTOR_KEYS`), as checkpoints
+            written before hold them: read into `projector`.
     """
 
     def __init__(
         self,
+        num_global_crops: int = 2,
+        num_local_crops: int = 6,
         backbone: str = "bam_vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
         init_weights: str | None = None,
-        proj_hidden_dim: int = 4096,
-        proj_out_dim: int = 4096,
-        proj_layers: int = 3,
-        proj_activation: str = "gelu",
-        proj_batch_norm: bool = False,
-        proj_last_batch_norm: bool = False,
-        proj_bias: bool = True,
-        proj_init: str = "pytorch",
+        projector: ProjectorSettings = ProjectorSettings(),
         momentum_teacher: bool = False,
         teacher_momentum: float = 0.995,
         teacher_momentum_final: float = 1.0,
@@ -100,11 +107,16 @@ class SSLMethod(pl.LightningModule):
         bn_stats_from_global_crops: bool = True,
         sync_batchnorm: bool = True,
         stuck_loss_patience: int = 200,
+        **flat_projector_keys: Any,
     ) -> None:
         super().__init__()
+        check_crop_counts(num_global_crops, num_local_crops, prefix="model ")
+        projector = _projector_settings(projector, flat_projector_keys, type(self))
         # Called here so that the subclass's arguments (collected from its __init__ frame too)
-        # and every default end up in the checkpoint's hyper_parameters.
-        self.save_hyperparameters()
+        # and every default end up in the checkpoint's hyper_parameters; the settings groups as
+        # plain values (loadable without unpickling any class), the flat keys of before only there.
+        self.save_hyperparameters(ignore=list(flat_projector_keys))
+        self.hparams["projector"] = dataclasses.asdict(projector)
         net = build_backbone(backbone, **(backbone_kwargs or {}))
         if init_weights:  # before the teacher copies the student: both start from these weights
             loaded = load_initial_weights(net, init_weights, backbone)
@@ -121,11 +133,23 @@ class SSLMethod(pl.LightningModule):
 
     # ----------------------------------------------------------------- method interface
     def make_head(self, in_dim: int) -> nn.Module:
-        """The head on the backbone's `in_dim` features: the `proj_*` settings' `Projector` (a
-        method with another head, e.g. DINO's, overrides this and reads its settings from `self.hparams`)."""
-        hp = self.hparams
-        return Projector(in_dim, hp.proj_hidden_dim, hp.proj_out_dim, hp.proj_layers, hp.proj_activation,
-                         hp.proj_batch_norm, hp.proj_last_batch_norm, hp.proj_bias, hp.proj_init)
+        """The head on the backbone's `in_dim` features: the `Projector` of `projector_settings`
+        (a method with another head, e.g. DINO's, overrides this)."""
+        return Projector(in_dim, self.projector_settings)
+
+    def record_objective(self, kind: type[Settings], given: Settings | Mapping[str, Any]) -> Settings:
+        """The objective's settings `given` (a `kind`, or a mapping: a YAML config's or a
+        checkpoint's), recorded in the hyper-parameters as plain values (lists for tuples), so that
+        a checkpoint loads without unpickling any class."""
+        objective = settings_of(kind, given, {})
+        fields = dataclasses.asdict(objective)
+        self.hparams["objective"] = {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
+        return objective
+
+    @property
+    def projector_settings(self) -> ProjectorSettings:
+        """The projector's settings (`projector`), from the hyper-parameters."""
+        return ProjectorSettings(**self.hparams["projector"])
 
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -143,10 +167,10 @@ class SSLMethod(pl.LightningModule):
             raise ValueError(f"{method} has no momentum teacher ({targets_from}); "
                              f"remove momentum_teacher from the {cls.__name__} arguments")
 
-    @staticmethod
-    def check_crop_settings(num_global_crops: int, num_local_crops: int) -> None:
-        """Reject impossible crop counts when the model is built, naming the setting."""
-        check_crop_counts(num_global_crops, num_local_crops, prefix="model ")
+    @property
+    def num_crops(self) -> int:
+        """Crops per image: global and local."""
+        return self.hparams.num_global_crops + self.hparams.num_local_crops
 
     @staticmethod
     def check_crop_count(crops: list[torch.Tensor], expected: int) -> None:
@@ -292,6 +316,37 @@ class SSLMethod(pl.LightningModule):
             self.student = convert_sync_batchnorm(self.student, device)
             if self.teacher is not None:
                 self.teacher = convert_sync_batchnorm(self.teacher, device)
+
+
+def _projector_settings(
+    given: ProjectorSettings | Mapping[str, Any], flat: dict[str, Any], method: type
+) -> ProjectorSettings:
+    """The method's projector settings: `given`, where a mapping (a YAML config's, a checkpoint's)
+    and the flat `proj_*` keys of before (`flat`) change only the settings they name of the
+    method's own defaults (its `projector` default); another unknown keyword is refused as Python
+    refuses it."""
+    unknown = sorted(set(flat) - set(FLAT_PROJECTOR_KEYS))
+    if unknown:
+        raise TypeError(f"{method.__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+    gathered = with_projector_gathered({"projector": given, **flat})["projector"]
+    if isinstance(gathered, Mapping):
+        gathered = {**vars(_default_projector(method)), **gathered}
+    return settings_of(ProjectorSettings, gathered, {}, what="projector")
+
+
+def _default_projector(method: type) -> ProjectorSettings:
+    default = constructor_default(method, "projector")
+    return default if isinstance(default, ProjectorSettings) else ProjectorSettings()
+
+
+def constructor_default(method: type, name: str) -> Any:
+    """The default of `method`'s argument `name`: its own constructor's, or that of the nearest
+    base class whose constructor has it (the argument passed on in `**kwargs`)."""
+    for owner in method.__mro__:
+        parameter = inspect.signature(owner.__init__).parameters.get(name)
+        if parameter is not None:
+            return parameter.default
+    raise KeyError(f"{method.__name__} has no argument {name!r}")
 
 
 def _crops_of(batch: Any) -> list[torch.Tensor]:

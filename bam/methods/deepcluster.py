@@ -3,14 +3,14 @@ objective with its memory bank, the clustering at each epoch's start and the dat
 bank is kept by; encoders, optimiser, schedules and multi-crop come from `SSLMethod`."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from bam.losses import DeepClusterV2Loss, DeepClusterV2Objective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod, dataset_indices_of
+from bam.models import ProjectorSettings
+from bam.models.projector import SWAV_PROJECTOR
 from bam.ops.errors import UserInputError
 
 
@@ -27,43 +27,36 @@ class DeepClusterV2Module(SSLMethod):
 
     The bank is kept by dataset index: the training batches must carry them, as bam's data modules'
     do (`(views, labels, indices)`), and the data module must say how many images it trains on
-    (`training_set_size()`). It holds `num_global_crops x N x proj_out_dim` floats, whole on every
+    (`training_set_size()`). It holds `num_global_crops x N x projector.out_dim` floats, whole on every
     process (ImageNet, 2 x 1.28M x 128: 1.3 GB).
 
+    Each of the `num_global_crops` global crops (`SSLMethod`'s crop counts, 2 + 6 by default) has
+    its bank; head h clusters bank h mod G.
+
     Args:
-        num_global_crops: global crops per image (each has its bank; head h clusters bank h mod G).
-        num_local_crops: local crops per image.
         objective: the objective's settings (`DeepClusterV2Objective`: `num_prototypes` per head,
             `temperature`, `kmeans_iterations`); in a config `objective.num_prototypes` etc.
         cluster_seed: seeds the bank's random start and each clustering's starting centroids
             (with the epoch and head), so that a resumed run clusters as the uninterrupted one.
-        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the projection
-            head, the reference's by default (2048 -> 128, 2 layers, batch norm, ReLU).
-        **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
+        projector: the projection head's settings (`bam.models.ProjectorSettings`), the
+            reference's by default (SwAV's: 2048 -> 128, 2 layers, batch norm, ReLU); in a config
+            `projector.out_dim` etc.
+        **kwargs: the shared arguments of `SSLMethod` (crop counts, backbone, optimiser, schedules), except
             `momentum_teacher`: the targets come from the clustering.
     """
 
     def __init__(
         self,
-        num_global_crops: int = 2,
-        num_local_crops: int = 6,
         objective: DeepClusterV2Objective = DeepClusterV2Objective(),
         cluster_seed: int = 0,
-        proj_hidden_dim: int = 2048,
-        proj_out_dim: int = 128,
-        proj_layers: int = 2,
-        proj_activation: str = "relu",
-        proj_batch_norm: bool = True,
+        projector: ProjectorSettings = SWAV_PROJECTOR,
         **kwargs: Any,
     ) -> None:
         self.refuse_momentum_teacher(kwargs, "DeepCluster-v2", "its targets are last epoch's clusters")
-        self.check_crop_settings(num_global_crops, num_local_crops)
-        super().__init__(proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim, proj_layers=proj_layers,
-                         proj_activation=proj_activation, proj_batch_norm=proj_batch_norm, **kwargs)
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(DeepClusterV2Objective, objective, {})  # a mapping too: a config's or a checkpoint's
-        self.hparams["objective"] = {**dataclasses.asdict(objective), "num_prototypes": list(objective.num_prototypes)}
-        self.loss_fn = DeepClusterV2Loss(proj_out_dim, num_global_crops + num_local_crops, num_global_crops, objective)
+        super().__init__(projector=projector, **kwargs)
+        objective = self.record_objective(DeepClusterV2Objective, objective)
+        self.loss_fn = DeepClusterV2Loss(self.projector_settings.out_dim, self.num_crops, self.hparams.num_global_crops,
+                                         objective)
         # Every process keeps the loss's state equal by construction (gathered writes, split
         # k-means): DDP need not broadcast the bank from process 0 before every step.
         self._ddp_params_and_buffers_to_ignore = [f"loss_fn.{name}" for name, _ in self.loss_fn.named_buffers()]

@@ -3,7 +3,6 @@ the centre), its head and its two schedules; encoders, momentum teacher, optimis
 schedules and multi-crop come from `SSLMethod`."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -11,9 +10,9 @@ from timm.layers import DropPath
 from torch import nn
 
 from bam.losses import DINOLoss, DINOObjective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
-from bam.models import DINOHead
+from bam.models import DINOHead, ProjectorSettings
+from bam.models.projector import DINO_PROJECTOR
 from bam.training.schedules import linear_ramp
 
 
@@ -26,8 +25,8 @@ class DINOModule(SSLMethod):
     (`self.loss_fn.center`): it is in every checkpoint and the same on every process.
 
     Args:
-        num_global_crops: global crops per image (the teacher sees only them).
-        num_local_crops: local crops per image.
+        num_local_crops: local crops per image, 8 by default (DINO's); the teacher sees only the
+            `num_global_crops` global ones (`SSLMethod`'s crop counts).
         objective: the objective's settings (`DINOObjective`: `student_temperature` 0.1,
             `teacher_temperature` 0.04 at the start, `center_momentum` 0.9); in a config
             `objective.student_temperature` etc.
@@ -38,8 +37,9 @@ class DINOModule(SSLMethod):
         norm_last_layer: fix the gains of the head's weight-normalised last layer at 1.
         freeze_last_layer_epochs: the head's last layer receives no update for this many (possibly
             fractional) epochs: the paper's remedy for an unstable start.
-        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the head's
-            MLP (2048 wide, 3 layers, GELU, no batch norm) and its bottleneck (`proj_out_dim`, 256).
+        projector: the head's MLP (`bam.models.ProjectorSettings`; DINO's by default: 2048 wide,
+            3 layers, GELU, no batch norm, `init: trunc_normal`) and its bottleneck
+            (`projector.out_dim`, 256); in a config `projector.hidden_dim` etc.
         teacher_momentum, lr: DINO's values by default (0.996 -> 1; 5e-4 per 256 images).
         **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules); the
             teacher is DINO's own, so `momentum_teacher: false` is refused.
@@ -50,7 +50,6 @@ class DINOModule(SSLMethod):
 
     def __init__(
         self,
-        num_global_crops: int = 2,
         num_local_crops: int = 8,
         objective: DINOObjective = DINOObjective(),
         teacher_temperature_final: float = 0.07,
@@ -58,37 +57,25 @@ class DINOModule(SSLMethod):
         out_dim: int = 65536,
         norm_last_layer: bool = True,
         freeze_last_layer_epochs: float = 1,
-        proj_hidden_dim: int = 2048,
-        proj_out_dim: int = 256,
-        proj_layers: int = 3,
-        proj_activation: str = "gelu",
-        proj_batch_norm: bool = False,
+        projector: ProjectorSettings = DINO_PROJECTOR,
         teacher_momentum: float = 0.996,
         lr: float = 5e-4,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("momentum_teacher", True) is not True:
             raise ValueError("DINO distils a momentum teacher into the student; remove momentum_teacher: false")
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if teacher_temperature_final <= 0:
             raise ValueError(f"teacher_temperature_final={teacher_temperature_final} must be positive")
         if freeze_last_layer_epochs < 0:
             raise ValueError(f"freeze_last_layer_epochs={freeze_last_layer_epochs} must be >= 0")
-        super().__init__(
-            proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim, proj_layers=proj_layers,
-            proj_activation=proj_activation, proj_batch_norm=proj_batch_norm, momentum_teacher=True,
-            teacher_momentum=teacher_momentum, lr=lr, **kwargs,
-        )
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(DINOObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
-        self.hparams["objective"] = dataclasses.asdict(objective)
-        self.loss_fn = DINOLoss(out_dim, num_global_crops + num_local_crops, num_global_crops, objective)
+        super().__init__(num_local_crops=num_local_crops, projector=projector, momentum_teacher=True,
+                         teacher_momentum=teacher_momentum, lr=lr, **kwargs)
+        objective = self.record_objective(DINOObjective, objective)
+        self.loss_fn = DINOLoss(out_dim, self.num_crops, self.hparams.num_global_crops, objective)
         _disable_stochastic_depth(self.teacher)
 
     def make_head(self, in_dim: int) -> nn.Module:
-        hp = self.hparams
-        return DINOHead(in_dim, hp.out_dim, hp.proj_out_dim, hp.norm_last_layer, hidden_dim=hp.proj_hidden_dim,
-                        num_layers=hp.proj_layers, activation=hp.proj_activation, batch_norm=hp.proj_batch_norm)
+        return DINOHead(in_dim, self.hparams.out_dim, self.projector_settings, self.hparams.norm_last_layer)
 
     # ----------------------------------------------------------------- method interface
     def compute_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:

@@ -48,7 +48,7 @@ class LossMonitor:
                 f"the loss has stayed at log(N) = {chance_level:.4f} for {self.steps_at_chance} steps "
                 f"(step {step}): the attention is uniform and nothing is being learned. Typical causes: "
                 "collapse, a too-high temperature, or (small CNNs) a projector without batch norm "
-                "(set proj_batch_norm: true).",
+                "(set model.init_args.projector.batch_norm: true).",
                 StuckLossWarning,
                 stacklevel=2,
             )

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from bam.losses import SeLaLoss, SeLaObjective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod, dataset_indices_of
+from bam.models import ProjectorSettings
+from bam.models.projector import SWAV_PROJECTOR
 from bam.training.optim import StepBudget
 
 CHECKPOINT_LABELS_KEY = "sela_labels"
@@ -44,7 +45,8 @@ class SeLaModule(SSLMethod):
     every checkpoint and the same on every process.
 
     Args:
-        num_global_crops, num_local_crops: crops per image (the bank records the first global crop).
+        num_local_crops: local crops per image, none by default (SeLa's one crop); the bank
+            records the first of the `num_global_crops` global crops (`SSLMethod`'s crop counts).
         objective: the objective's settings (`SeLaObjective`: `num_clusters`, `num_heads`, `lam`,
             `sinkhorn_iterations`, `temperature`, `cosine_heads`); in a config `objective.lam` etc.
         label_updates: how many label optimisations the `quadratic` schedule spreads over training.
@@ -52,12 +54,14 @@ class SeLaModule(SSLMethod):
             `(i / label_updates)^2` of the steps) or `every_epoch` (SeLa-v2: at each epoch's start,
             `label_updates` unused).
         label_seed: seed of the first, random labels.
-        proj_layers: 0 puts the heads on the backbone's features (SeLa's ResNet); 1 or more puts
-            a `Projector` between (SeLa-v2: 2 layers, 2048 -> 128, batch norm, ReLU).
+        projector: the projection head's settings (`bam.models.ProjectorSettings`): by default
+            `num_layers: 0`, which puts the heads on the backbone's features (SeLa's ResNet); 1 or
+            more puts a `Projector` between (SeLa-v2: SwAV's 2 layers, 2048 -> 128, batch norm,
+            ReLU, the other defaults); in a config `projector.num_layers` etc.
         **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
             `momentum_teacher`: SeLa's labels come from the network itself.
 
-    SeLa-v2 is this module with `proj_layers: 2`, `objective.cosine_heads: true`,
+    SeLa-v2 is this module with `projector.num_layers: 2`, `objective.cosine_heads: true`,
     `objective.temperature: 0.1` and `label_schedule: every_epoch` (see configs/pretrain/sela_v2_demo.yaml).
     The heads are trained in their own parameter group: cosine heads without weight decay (like
     SwAV's prototypes, they are re-normalised every step), linear heads with the optimiser's.
@@ -65,38 +69,28 @@ class SeLaModule(SSLMethod):
 
     def __init__(
         self,
-        num_global_crops: int = 2,
         num_local_crops: int = 0,
         objective: SeLaObjective = SeLaObjective(),
         label_updates: int = 100,
         label_schedule: str = "quadratic",
         label_seed: int = 0,
-        proj_hidden_dim: int = 2048,
-        proj_out_dim: int = 128,
-        proj_layers: int = 0,
-        proj_activation: str = "relu",
-        proj_batch_norm: bool = True,
+        projector: ProjectorSettings = dataclasses.replace(SWAV_PROJECTOR, num_layers=0),
         **kwargs: Any,
     ) -> None:
         self.refuse_momentum_teacher(kwargs, "SeLa", "its labels come from the network's own heads")
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if label_schedule not in LABEL_SCHEDULES:
             raise ValueError(f"unknown label_schedule {label_schedule!r}; choose one of {sorted(LABEL_SCHEDULES)}")
         if label_updates < 1:
             raise ValueError(f"label_updates={label_updates} must be >= 1")
-        if proj_layers < 0:
-            raise ValueError(f"proj_layers={proj_layers} must be >= 0 (0: the heads read the backbone's features)")
-        super().__init__(proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim, proj_layers=proj_layers,
-                         proj_activation=proj_activation, proj_batch_norm=proj_batch_norm, **kwargs)
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(SeLaObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
-        self.hparams["objective"] = dataclasses.asdict(objective)
-        self.loss_fn = SeLaLoss(self.head_dim, num_global_crops + num_local_crops, objective)
+        super().__init__(num_local_crops=num_local_crops, projector=projector, **kwargs)
+        objective = self.record_objective(SeLaObjective, objective)
+        self.loss_fn = SeLaLoss(self.head_dim, self.num_crops, objective)
         self._label_steps: set[int] | None = None
 
     def make_head(self, in_dim: int) -> nn.Module:
-        self.head_dim = self.hparams.proj_out_dim if self.hparams.proj_layers else in_dim
-        return super().make_head(in_dim) if self.hparams.proj_layers else nn.Identity()
+        layers = self.projector_settings.num_layers
+        self.head_dim = self.projector_settings.out_dim if layers else in_dim
+        return super().make_head(in_dim) if layers else nn.Identity()
 
     # ----------------------------------------------------------------- method interface
     def step_loss(self, crops: list[torch.Tensor], batch: Any) -> torch.Tensor:

@@ -3,14 +3,14 @@ prototypes and their freeze; encoders, optimiser, schedules and multi-crop come 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from bam.losses import SwAVLoss, SwAVObjective
-from bam.losses.settings import settings_of
 from bam.methods.base import SSLMethod
+from bam.models import ProjectorSettings
+from bam.models.projector import SWAV_PROJECTOR
 
 
 class SwAVModule(SSLMethod):
@@ -21,9 +21,10 @@ class SwAVModule(SSLMethod):
     same image is trained to predict that code (see `bam.losses.swav_loss`), optionally with SwAV's
     queue of past embeddings.
 
+    The codes come from the `num_global_crops` global crops (`SSLMethod`'s crop counts, 2 + 6 by
+    default).
+
     Args:
-        num_global_crops: global crops per image (codes come from them).
-        num_local_crops: local crops per image.
         objective: the objective's settings (`SwAVObjective`: `num_prototypes`, `reg`,
             `temperature`, `sinkhorn_iterations`); in a config `objective.num_prototypes` etc.
         freeze_prototypes_epochs: the prototypes receive no update for this many (possibly
@@ -33,9 +34,9 @@ class SwAVModule(SSLMethod):
             SwAV uses 3840 at a global batch of 256), a multiple of the number of processes. It is
             filled from `queue_start_epoch` (possibly fractional) on and balanced with the batch's
             codes once full; it is part of the checkpoint and the same on every process.
-        proj_hidden_dim, proj_out_dim, proj_layers, proj_activation, proj_batch_norm: the projection
-            head, SwAV's by default (2048 -> 128, 2 layers, batch norm, ReLU).
-        **kwargs: the shared arguments of `SSLMethod` (backbone, optimiser, schedules), except
+        projector: the projection head's settings (`bam.models.ProjectorSettings`), SwAV's by
+            default (2048 -> 128, 2 layers, batch norm, ReLU); in a config `projector.out_dim` etc.
+        **kwargs: the shared arguments of `SSLMethod` (crop counts, backbone, optimiser, schedules), except
             `momentum_teacher`: SwAV's codes come from the network itself.
 
     The prototypes (`self.loss_fn.prototypes`, a bias-free linear layer) are re-normalised at the
@@ -46,37 +47,21 @@ class SwAVModule(SSLMethod):
 
     def __init__(
         self,
-        num_global_crops: int = 2,
-        num_local_crops: int = 6,
         objective: SwAVObjective = SwAVObjective(),
         freeze_prototypes_epochs: float = 1,
         queue_length: int = 0,
         queue_start_epoch: float = 15,
-        proj_hidden_dim: int = 2048,
-        proj_out_dim: int = 128,
-        proj_layers: int = 2,
-        proj_activation: str = "relu",
-        proj_batch_norm: bool = True,
+        projector: ProjectorSettings = SWAV_PROJECTOR,
         **kwargs: Any,
     ) -> None:
         self.refuse_momentum_teacher(kwargs, "SwAV", "its codes come from the network's own global crops")
-        self.check_crop_settings(num_global_crops, num_local_crops)
         if freeze_prototypes_epochs < 0:
             raise ValueError(f"freeze_prototypes_epochs={freeze_prototypes_epochs} must be >= 0")
         if queue_start_epoch < 0:
             raise ValueError(f"queue_start_epoch={queue_start_epoch} must be >= 0")
-        super().__init__(
-            proj_hidden_dim=proj_hidden_dim,
-            proj_out_dim=proj_out_dim,
-            proj_layers=proj_layers,
-            proj_activation=proj_activation,
-            proj_batch_norm=proj_batch_norm,
-            **kwargs,
-        )
-        # The checkpoint's settings hold plain values only (loadable without unpickling any class).
-        objective = settings_of(SwAVObjective, objective, {})  # a mapping too: a YAML config's or a checkpoint's
-        self.hparams["objective"] = dataclasses.asdict(objective)
-        self.loss_fn = SwAVLoss(num_global_crops + num_local_crops, num_global_crops, proj_out_dim, objective,
+        super().__init__(projector=projector, **kwargs)
+        objective = self.record_objective(SwAVObjective, objective)
+        self.loss_fn = SwAVLoss(self.num_crops, self.hparams.num_global_crops, self.projector_settings.out_dim, objective,
                                 queue_length=queue_length)
 
     # ----------------------------------------------------------------- method interface

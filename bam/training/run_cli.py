@@ -44,6 +44,7 @@ from bam.io.safe_load import (
     local_copy,
 )
 from bam.io.state import CheckpointFormatError, CheckpointMismatchError
+from bam.models.projector import with_projector_gathered
 from bam.ops.errors import UserInputError
 from bam.training.fault_tolerance import AtomicCheckpointIO, DiskFullError, is_disk_full
 from bam.training.launch_plan import LaunchPlanError
@@ -158,7 +159,8 @@ class SafeRunCLI(LightningCLI):
             raise FileNotFoundError(f"checkpoint file not found: {requested!r} (--ckpt_path)")
         if config.ckpt_path and Path(config.ckpt_path).is_file():
             checkpoint = load_checkpoint_file(config.ckpt_path, mmap=True)  # refuses unsafe files up front
-            changes = changed_settings(checkpoint.get("hyper_parameters") or {}, config.model)
+            # a checkpoint written before the projector's settings were gathered names them flat
+            changes = changed_settings(with_projector_gathered(checkpoint.get("hyper_parameters") or {}), config.model)
             changes += changed_data_order(checkpoint.get(RUN_SETTINGS_KEY) or {}, data_order_settings(config))
             if changes and launch_rank_is_zero():
                 print(_changes_message(requested, changes, self.derived_settings), file=sys.stderr, flush=True)

@@ -178,7 +178,7 @@ def describe_shape(shape: StepShape, model: Any, data: Any) -> str:
     crops = data.crops
     return (f"{shape.name}: {model.hparams.backbone}, batch {data.batch_size}, {crops.num_global_crops}x"
             f"{crops.global_size} + {crops.num_local_crops}x{crops.local_size} px crops, projector "
-            f"{model.hparams.proj_hidden_dim}/{model.hparams.proj_out_dim}, top-k {model.loss_fn.objective.top_k}")
+            f"{model.projector_settings.hidden_dim}/{model.projector_settings.out_dim}, top-k {model.loss_fn.objective.top_k}")
 
 
 def print_step_table(title: str, result: dict[str, dict[str, float]]) -> None:

@@ -55,7 +55,7 @@ def test_loop_baseline_matches_bam_loss():
 
 # the shipped demo through `bam pretrain`, shrunk: 200 digits, batches of 32, a small head, no plots
 TINY_DEMO = ["--trainer.max_epochs=1", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
-             "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--plots.enabled=false"]
+             "--model.init_args.projector.hidden_dim=64", "--model.init_args.projector.out_dim=32", "--plots.enabled=false"]
 
 
 @pytest.mark.slow  # 12 CPU-seconds: longer than a fast-tier test may take (a few seconds)

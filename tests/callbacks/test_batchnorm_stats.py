@@ -50,7 +50,7 @@ def test_no_batch_norm_is_a_no_op_and_no_images_is_an_error():
 def test_callback_sets_the_trained_backbones_statistics_from_clean_images(tmp_path, enabled):
     data = TinyCropsDataModule(num_images=16, batch_size=8)
     model = BAMModule(backbone="bam_cnn4", num_local_crops=2, momentum_teacher=True, warmup_epochs=0,
-                      proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+                      projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[PreciseBatchNorm(enabled=enabled)])
@@ -75,7 +75,7 @@ def test_pretrain_cli_runs_precise_batch_norm_before_the_knn_evaluation(tmp_path
 
 
 # ------------------------------------------------------------------ the callback on a stand-in trainer
-SMALL_HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 
 
 def _loader(seed: int, count: int, scale: float) -> DataLoader:

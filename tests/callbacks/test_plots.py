@@ -95,7 +95,7 @@ def test_pretrain_writes_curve_plots(tmp_path):
         "--data.init_args.fraction", "0.05", "--data.init_args.batch_size", "64",
         "--data.init_args.knn_bank_fraction", "0.05",
         "--knn.every_n_epochs", "1", "--knn.compare_baselines", "false",
-        "--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
+        "--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32",
     ])
     names = {path.name for path in (run_dir / "plots").glob("*.png")}
     expected = {"train_loss.png", "train_lr.png", "train_reg.png", "train_weight_decay.png", "knn_top1.png", "summary.png"}

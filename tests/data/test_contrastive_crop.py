@@ -372,9 +372,9 @@ def test_two_gloo_processes_compute_the_same_boxes_as_one(tmp_path):
 
 # -- Lightning: schedule and checkpoints ---------------------------------------------------------
 def _method() -> BAMModule:
-    return BAMModule(backbone="bam_cnn4", backbone_kwargs=dict(width=8), proj_hidden_dim=32, proj_out_dim=16,
-                     proj_layers=2, num_global_crops=2, num_local_crops=2, objective=BAMObjective(top_k=0), lr=1e-3,
-                     warmup_epochs=0, momentum_teacher=True, stuck_loss_patience=0)
+    return BAMModule(backbone="bam_cnn4", backbone_kwargs=dict(width=8), projector=dict(hidden_dim=32, out_dim=16, num_layers=2),
+                     num_global_crops=2, num_local_crops=2, objective=BAMObjective(top_k=0), lr=1e-3, warmup_epochs=0,
+                     momentum_teacher=True, stuck_loss_patience=0)
 
 
 def _trainer(tmp_path: Path, max_epochs: int, callback: ContrastiveCrop) -> pl.Trainer:

@@ -208,8 +208,8 @@ def test_pretraining_run_ends_with_the_file_report_over_workers(root, tmp_path):
         "--data", "bam.data.ImageFolderDataModule", "--data.root", str(root), "--data.augment_on", "cpu",
         "--data.batch_size", "31", "--data.num_workers", "2", "--data.eval_size", "16", "--data.base_size", "24",
         "--data.crops.global_size", "16", "--data.crops.local_size", "8", "--data.crops.num_local_crops", "2",
-        "--model.init_args.num_local_crops", "2", "--model.init_args.proj_hidden_dim", "32",
-        "--model.init_args.proj_out_dim", "16", "--trainer.max_epochs", "1", "--knn.every_n_epochs", "1",
+        "--model.init_args.num_local_crops", "2", "--model.init_args.projector.hidden_dim", "32",
+        "--model.init_args.projector.out_dim", "16", "--trainer.max_epochs", "1", "--knn.every_n_epochs", "1",
         "--knn.compare_baselines", "false", "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
     ], tmp_path)

@@ -137,7 +137,7 @@ def test_pretraining_and_knn_read_an_animated_gif(animated, tmp_path):
         "--data.root", str(animated), "--data.augment_on", "cpu", "--data.batch_size", "4", "--data.num_workers", "0",
         "--data.val_fraction", "0.2", "--data.eval_size", "16", "--data.base_size", "24",
         "--data.crops.global_size", "16", "--data.crops.local_size", "8", "--data.crops.num_local_crops", "2",
-        "--model.init_args.proj_hidden_dim", "32", "--model.init_args.proj_out_dim", "16", "--trainer.max_epochs", "1",
+        "--model.init_args.projector.hidden_dim", "32", "--model.init_args.projector.out_dim", "16", "--trainer.max_epochs", "1",
         "--knn.compare_baselines", "false", "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false"])
     assert pretrain.returncode == 0, pretrain.stdout[-3000:]

@@ -123,8 +123,8 @@ def test_embedding_spread_matches_its_definitions():
 TINY = ["--config", "configs/pretrain/demo.yaml", "--data", "bam.data.ImageFolderDataModule",
         "--data.augment_on", "cpu", "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_fraction", "0.25",
         "--data.eval_size", "16", "--data.base_size", "24", "--data.crops.global_size", "16",
-        "--data.crops.local_size", "8", "--data.crops.num_local_crops", "2", "--model.init_args.proj_hidden_dim", "32",
-        "--model.init_args.proj_out_dim", "16", "--trainer.max_epochs", "1", "--knn.every_n_epochs", "1",
+        "--data.crops.local_size", "8", "--data.crops.num_local_crops", "2", "--model.init_args.projector.hidden_dim", "32",
+        "--model.init_args.projector.out_dim", "16", "--trainer.max_epochs", "1", "--knn.every_n_epochs", "1",
         "--trainer.enable_progress_bar", "false"]
 
 

@@ -28,7 +28,7 @@ def test_pretrain_export_knn_linear(tmp_path, monkeypatch):
         "--trainer.default_root_dir", str(tmp_path / "pretrain"), "--trainer.max_epochs", "1",
         "--data.init_args.fraction", "0.05", "--data.init_args.batch_size", "64",
         "--data.init_args.knn_bank_fraction", "0.1", "--knn.compare_baselines", "false",
-        "--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32",
+        "--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32",
     ])
     # the demo ends with pictures of the 1,000 held-out digits: 6 queries with 5 neighbours each, and
     # their 2-D map coloured by the 10 classes

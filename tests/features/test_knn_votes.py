@@ -52,7 +52,7 @@ class HeldOutKNNData(TinyCropsDataModule):
 
 def test_online_knn_votes_with_k_neighbours_on_held_out_queries(tmp_path):
     torch.manual_seed(0)
-    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, warmup_epochs=0, proj_hidden_dim=64, proj_out_dim=32)
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, warmup_epochs=0, projector=dict(hidden_dim=64, out_dim=32))
     data = HeldOutKNNData()
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

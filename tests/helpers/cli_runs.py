@@ -23,7 +23,7 @@ from repo_paths import REPO
 # per epoch), 2 epochs, a small head, one loss row per step, no plots or pictures, k-NN only after the last epoch
 SHRUNK_DEMO = ["--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
                "--trainer.enable_progress_bar=false", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
-               "--model.init_args.proj_hidden_dim=64", "--model.init_args.proj_out_dim=32", "--knn.every_n_epochs=100",
+               "--model.init_args.projector.hidden_dim=64", "--model.init_args.projector.out_dim=32", "--knn.every_n_epochs=100",
                "--knn.compare_baselines=false", "--plots.enabled=false", "--pictures.enabled=false"]
 DEMO = ["--config", "configs/pretrain/demo.yaml", *SHRUNK_DEMO]
 DEMO_STEPS = 12

@@ -37,7 +37,7 @@ from bam.training import AtomicCheckpointIO, CPUSyncBatchNorm, PreemptionCheckpo
 GLOBAL_BATCH = 8
 NUM_IMAGES = 32  # 4 steps per epoch
 EPOCHS = 2
-HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+HEAD = dict(projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 MODELS: dict[str, dict[str, Any]] = {
     "vit": dict(backbone="vit_tiny_patch16_224",
                 backbone_kwargs=dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)),

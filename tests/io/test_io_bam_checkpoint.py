@@ -30,7 +30,7 @@ def test_arch_overrides_the_recorded_backbone():
 
 def test_hyper_parameters_without_a_backbone_name_the_keys_they_have():
     with pytest.raises(CheckpointFormatError) as error:
-        bam_checkpoint_spec(lightning_checkpoint(lr=0.1, proj_out_dim=8))
+        bam_checkpoint_spec(lightning_checkpoint(lr=0.1, projector=dict(out_dim=8)))
     assert str(error.value) == (
         "the checkpoint's hyper_parameters name no backbone (a timm model name under 'backbone'; "
-        "found keys ['lr', 'proj_out_dim']); pass arch= / --arch")
+        "found keys ['lr', 'projector']); pass arch= / --arch")

@@ -372,7 +372,7 @@ def test_export_of_a_checkpoint_written_by_bam_module(tmp_path):
     from tiny_runs import TinyCropsDataModule
 
     module = BAMModule(backbone="bam_cnn4", backbone_kwargs=CNN_KWARGS, num_local_crops=2, momentum_teacher=True,
-                       warmup_epochs=0, proj_hidden_dim=16, proj_out_dim=8, proj_layers=2)
+                       warmup_epochs=0, projector=dict(hidden_dim=16, out_dim=8, num_layers=2))
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, TinyCropsDataModule(num_images=8, batch_size=8, num_local=2))

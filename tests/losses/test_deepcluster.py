@@ -24,8 +24,8 @@ from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
 from tiny_runs import IndexedTinyCrops, spawn_gloo_workers
 
 NUM_GLOBAL, NUM_IMAGES, HEADS = 2, 20, [4, 3]
-SMALL = dict(backbone="bam_cnn4", backbone_kwargs=dict(width=8), num_local_crops=2, proj_hidden_dim=32,
-             proj_out_dim=16, proj_layers=2, objective=dict(num_prototypes=[4, 3]))
+SMALL = dict(backbone="bam_cnn4", backbone_kwargs=dict(width=8), num_local_crops=2,
+             projector=dict(hidden_dim=32, out_dim=16, num_layers=2), objective=dict(num_prototypes=[4, 3]))
 DEMO = REPO / "configs" / "pretrain" / "deepclusterv2_demo.yaml"
 
 
@@ -286,8 +286,10 @@ def test_demo_config_matches_the_bam_demo_except_the_model():
     ours, bam = yaml.safe_load(DEMO.read_text()), yaml.safe_load((DEMO.parent / "demo.yaml").read_text())
     assert ours["data"] == bam["data"] and ours["trainer"] == {**bam["trainer"], "default_root_dir": "runs/deepclusterv2_demo"}
     assert ours["knn"] == bam["knn"] and ours["seed_everything"] == bam["seed_everything"]
-    for key in ("backbone", "backbone_kwargs", "channels_last", "lr", "warmup_epochs", "proj_hidden_dim", "proj_out_dim"):
+    for key in ("backbone", "backbone_kwargs", "channels_last", "lr", "warmup_epochs"):
         assert ours["model"]["init_args"][key] == bam["model"]["init_args"][key]
+    for key in ("hidden_dim", "out_dim", "num_layers", "batch_norm"):
+        assert ours["model"]["init_args"]["projector"][key] == bam["model"]["init_args"]["projector"][key]
 
 
 @pytest.mark.parametrize("name", ["deepclusterv2_demo", "deepclusterv2_resnet50"])

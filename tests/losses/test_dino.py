@@ -3,6 +3,7 @@ update, DINO's head, multi-process equality (loss, gradients and centre), and th
 teacher, schedules and last-layer freeze in a tiny run."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -17,12 +18,13 @@ import yaml
 from bam.losses import DINOLoss, batch_center, dino_loss
 from bam.methods import DINOModule
 from bam.models import DINOHead
+from bam.models.projector import DINO_PROJECTOR
 from repo_paths import REPO
 from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
 from tiny_runs import TinyCropsDataModule, spawn_gloo_workers
 
 NUM_GLOBAL = 2
-SMALL = dict(backbone="bam_cnn4", num_local_crops=2, out_dim=24, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+SMALL = dict(backbone="bam_cnn4", num_local_crops=2, out_dim=24, projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 DEMO = REPO / "configs" / "pretrain" / "dino_demo.yaml"
 
 
@@ -122,7 +124,7 @@ def test_bad_shapes_are_explained():
 # ----------------------------------------------------------------- the head
 def test_head_is_an_mlp_a_normalised_bottleneck_and_a_unit_norm_last_layer():
     torch.manual_seed(0)
-    head = DINOHead(10, out_dim=7, hidden_dim=12, bottleneck_dim=5, num_layers=3)
+    head = DINOHead(10, out_dim=7, mlp=dataclasses.replace(DINO_PROJECTOR, hidden_dim=12, out_dim=5))
     linears = [layer for layer in head.mlp if isinstance(layer, torch.nn.Linear)]
     assert [(l.in_features, l.out_features) for l in linears] == [(10, 12), (12, 12), (12, 5)]
     assert all(bool((l.bias == 0).all()) for l in linears)
@@ -227,7 +229,7 @@ def test_teacher_is_dinos_and_without_stochastic_depth():
     with pytest.raises(ValueError, match=r"^DINO distils a momentum teacher into the student; remove momentum_teacher: false$"):
         DINOModule(**SMALL, momentum_teacher=False)
     model = DINOModule(backbone="vit_tiny_patch16_224", backbone_kwargs=dict(drop_path_rate=0.1, img_size=32),
-                       out_dim=8, proj_hidden_dim=8, proj_out_dim=8)
+                       out_dim=8, projector=dict(hidden_dim=8, out_dim=8))
     from timm.layers import DropPath
     student = [m.drop_prob for m in model.student.modules() if isinstance(m, DropPath)]
     teacher = [m.drop_prob for m in model.teacher.modules() if isinstance(m, DropPath)]

@@ -244,7 +244,7 @@ def test_resuming_labels_of_another_data_set_is_explained(tmp_path):
 
 
 def test_heads_read_the_backbone_without_a_projector_and_the_projection_with_one():
-    plain, projected = SeLaModule(**SMALL), SeLaModule(**SMALL, proj_layers=2, proj_hidden_dim=16, proj_out_dim=8)
+    plain, projected = SeLaModule(**SMALL), SeLaModule(**SMALL, projector=dict(num_layers=2, hidden_dim=16, out_dim=8))
     assert isinstance(plain.student.projector, torch.nn.Identity)
     assert plain.loss_fn.heads[0].in_features == feature_dim(plain.student.backbone)  # the CNN's features
     assert projected.loss_fn.heads[0].in_features == 8

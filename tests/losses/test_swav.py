@@ -21,7 +21,7 @@ from test_loss_distributed import BATCH, DIM, NUM_CROPS, global_batch, rows_of
 from repo_paths import REPO
 
 NUM_GLOBAL, NUM_PROTOTYPES = 2, 5
-SMALL_HEAD = dict(proj_hidden_dim=64, proj_out_dim=32, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=64, out_dim=32, num_layers=2))
 DEMO = REPO / "configs" / "pretrain" / "swav_demo.yaml"
 
 

@@ -14,7 +14,7 @@ from bam.models import build_backbone
 from safety_runs import pretrain
 
 FROZEN_STEP = ["--model.lr=0", "--model.min_lr=0", "--model.weight_decay=0", "--model.weight_decay_final=0"]
-TINY_CNN = {"backbone": "bam_cnn4", "backbone_kwargs": {"width": 8}, "proj_hidden_dim": 16, "proj_out_dim": 8}
+TINY_CNN = {"backbone": "bam_cnn4", "backbone_kwargs": {"width": 8}, "projector": {"hidden_dim": 16, "out_dim": 8}}
 
 
 def backbone_parameters(checkpoint: dict, encoder: str) -> dict[str, torch.Tensor]:

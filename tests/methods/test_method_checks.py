@@ -13,7 +13,7 @@ from bam.methods import BAMModule, NonFiniteLossError, SSLMethod, StuckLossWarni
 from bam.methods.base import _crops_of
 from bam.methods.monitoring import LossMonitor
 
-SMALL_HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 CHANCE = 1000.0  # with the default tolerance 0.002 the loss may differ from it by 2.0 (exact in binary)
 
 
@@ -34,7 +34,7 @@ def test_stuck_loss_counts_consecutive_steps_within_the_tolerance():
     assert [w.category for w in caught] == [StuckLossWarning]
     assert str(caught[0].message).startswith("the loss has stayed at log(N) = 1000.0000 for 3 steps (step 5): ")
     assert str(caught[0].message).endswith("Typical causes: collapse, a too-high temperature, or (small CNNs) a projector "
-                                           "without batch norm (set proj_batch_norm: true).")
+                                           "without batch norm (set model.init_args.projector.batch_norm: true).")
     assert not caught[0].filename.endswith("monitoring.py")  # names the caller of update(), not the monitor
     assert updates(monitor, [1000.0] * 5, first_step=6) == []  # once per run
     assert monitor.last_finite == 1000.0
@@ -136,16 +136,18 @@ def test_swav_prototypes_may_be_free_from_the_start_but_not_negative():
 # What a Python user (or a config that leaves a key out) trains with. A default changed by accident
 # changes every such run without a word, so changing one means changing this table too.
 SHARED_DEFAULTS = dict(
-    backbone="bam_vit_small_patch16_224", backbone_kwargs=None, proj_layers=3, proj_activation="gelu",
-    proj_batch_norm=False, proj_last_batch_norm=False, proj_bias=True, proj_init="pytorch", momentum_teacher=False,
+    backbone="bam_vit_small_patch16_224", backbone_kwargs=None, momentum_teacher=False,
     teacher_momentum=0.995, teacher_momentum_final=1.0, optimizer="adamw", lr=3e-4, min_lr=1e-6, warmup_epochs=10,
     weight_decay=0.04, weight_decay_final=0.4, sgd_momentum=0.9, gradient_checkpointing=False, compile_backbone=False,
     channels_last=False, bn_stats_from_global_crops=True, sync_batchnorm=True, stuck_loss_patience=200,
 )
-BAM_DEFAULTS = dict(SHARED_DEFAULTS, proj_hidden_dim=4096, proj_out_dim=4096, num_global_crops=2, num_local_crops=6,
-                    reg_final=None, reg_warmup_epochs=30)
-SWAV_DEFAULTS = dict(SHARED_DEFAULTS, proj_hidden_dim=2048, proj_out_dim=128, proj_layers=2, proj_activation="relu",
-                     proj_batch_norm=True, num_global_crops=2, num_local_crops=6, freeze_prototypes_epochs=1)
+PROJECTOR_DEFAULTS = dict(last_batch_norm=False, bias=True, init="pytorch")
+BAM_DEFAULTS = dict(SHARED_DEFAULTS, num_global_crops=2, num_local_crops=6, reg_final=None, reg_warmup_epochs=30,
+                    projector=dict(PROJECTOR_DEFAULTS, hidden_dim=4096, out_dim=4096, num_layers=3, activation="gelu",
+                                   batch_norm=False))
+SWAV_DEFAULTS = dict(SHARED_DEFAULTS, num_global_crops=2, num_local_crops=6, freeze_prototypes_epochs=1,
+                     projector=dict(PROJECTOR_DEFAULTS, hidden_dim=2048, out_dim=128, num_layers=2, activation="relu",
+                                    batch_norm=True))
 
 
 def _linear_shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -160,29 +162,30 @@ def test_a_method_built_without_arguments_has_the_documented_defaults(method, de
     assert model.teacher is None and model.loss_monitor.patience == 200 and model.data_recipe is None
     assert model.student.memory_format == torch.contiguous_format and model.student.global_running_stats
     assert model.loss_fn.num_crops == 8
-    hidden, out = defaults["proj_hidden_dim"], defaults["proj_out_dim"]
-    widths = [384] + [hidden] * (defaults["proj_layers"] - 1) + [out]  # ViT-S/16 features: 384
+    projector = defaults["projector"]
+    widths = [384] + [projector["hidden_dim"]] * (projector["num_layers"] - 1) + [projector["out_dim"]]  # ViT-S/16: 384
     assert _linear_shapes(model.student.projector) == [(b, a) for a, b in zip(widths, widths[1:])]
     norms = [m for m in model.student.projector.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert len(norms) == (defaults["proj_layers"] - 1 if defaults["proj_batch_norm"] else 0)
-    activation = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}[defaults["proj_activation"]]
+    assert len(norms) == (projector["num_layers"] - 1 if projector["batch_norm"] else 0)
+    activation = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}[projector["activation"]]
     activations = [type(m) for m in model.student.projector.modules() if isinstance(m, (torch.nn.GELU, torch.nn.ReLU))]
-    assert activations == [activation] * (defaults["proj_layers"] - 1)
+    assert activations == [activation] * (projector["num_layers"] - 1)
     assert all(m.bias is not None for m in model.student.projector.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_projector_and_encoder_settings_reach_the_modules():
-    model = BAMModule(backbone="bam_cnn4", proj_hidden_dim=32, proj_out_dim=16, proj_layers=2, proj_batch_norm=True,
-                      proj_last_batch_norm=True, proj_bias=False, proj_init="trunc_normal", channels_last=True,
-                      bn_stats_from_global_crops=False)
+    model = BAMModule(backbone="bam_cnn4", projector=dict(hidden_dim=32, out_dim=16, num_layers=2, batch_norm=True,
+                                                          last_batch_norm=True, bias=False, init="trunc_normal"),
+                      channels_last=True, bn_stats_from_global_crops=False)
     projector = model.student.projector
     assert all(m.bias is None for m in projector.modules() if isinstance(m, torch.nn.Linear))
     assert [type(m) for m in projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))] == [
         torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.Linear, torch.nn.BatchNorm1d]
     assert model.student.memory_format == torch.channels_last and model.student.global_running_stats is False
     # the authors' initialisation zeroes the biases; PyTorch's leaves them random
-    authors = BAMModule(backbone="bam_cnn4", proj_init="trunc_normal", **SMALL_HEAD).student.projector
-    pytorch = BAMModule(backbone="bam_cnn4", proj_init="pytorch", **SMALL_HEAD).student.projector
+    head = SMALL_HEAD["projector"]
+    authors = BAMModule(backbone="bam_cnn4", projector=dict(head, init="trunc_normal")).student.projector
+    pytorch = BAMModule(backbone="bam_cnn4", projector=dict(head, init="pytorch")).student.projector
     biases = [(m.bias, n.bias) for m, n in zip(authors.modules(), pytorch.modules()) if isinstance(m, torch.nn.Linear)]
     assert all(not a.any() and b.abs().sum() > 0 for a, b in biases)
 

@@ -18,7 +18,7 @@ from repo_paths import REPO
 
 pytestmark = [pytest.mark.process, pytest.mark.distributed]
 
-SMALL_HEAD = ["--model.init_args.proj_hidden_dim", "64", "--model.init_args.proj_out_dim", "32"]
+SMALL_HEAD = ["--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32"]
 
 
 def dino_state_is_saved(checkpoint: dict) -> None:

@@ -16,7 +16,7 @@ from bam.recipe import CHECKPOINT_KEY, DataRecipe
 from bam.training.health import NonFiniteStateError
 from tiny_runs import TinyCropsDataModule
 
-SMALL_HEAD = dict(proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 RECIPE = DataRecipe(mean=(0.25, 0.5, 0.75), std=(0.5, 0.5, 0.5), input_size=32)
 
 

@@ -13,7 +13,7 @@ from bam.methods import BAMModule, NonFiniteLossError, StuckLossWarning
 from bam.methods.monitoring import LossMonitor
 from tiny_runs import TinyCropsDataModule
 
-SMALL_HEAD = dict(proj_hidden_dim=64, proj_out_dim=32, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=64, out_dim=32, num_layers=2))
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:

@@ -46,7 +46,7 @@ def test_authors_recipes_cover_the_issue_settings():
         if entry["script"] is None:
             continue
         keys = {row["key"] for row in entry["settings"]}
-        assert {"model.init_args.min_lr", "model.init_args.proj_init", "contrastive_crop.warmup_epochs",
+        assert {"model.init_args.min_lr", "model.init_args.projector.init", "contrastive_crop.warmup_epochs",
                 "contrastive_crop.loc_interval", "trainer.precision"} <= keys, name
         if name.startswith("vit"):
             assert {f"model.init_args.backbone_kwargs.{key}" for key in
@@ -115,9 +115,9 @@ def test_options_refuse_a_cnn():
         build_backbone("resnet18", sincos_pos_embed=True)
 
 
-def _module(**kwargs):
+def _module(projector=None, **kwargs):
     config = yaml.safe_load((RECIPES_DIR / "vit_small_patch16.yaml").read_text())["model"]["init_args"]
-    config.update({"proj_hidden_dim": 64, "proj_out_dim": 32, **kwargs})
+    config.update(projector={**config["projector"], "hidden_dim": 64, "out_dim": 32, **(projector or {})}, **kwargs)
     module = BAMModule(**config)
     module.trainer = type("T", (), {"estimated_stepping_batches": 10, "max_epochs": 1, "world_size": 1,
                                     "num_devices": 1, "num_nodes": 1, "accumulate_grad_batches": 1})()
@@ -149,7 +149,7 @@ def test_optimiser_gets_no_frozen_parameter_and_decays_what_the_authors_decay():
 
 
 def test_projector_init_is_truncated_normal():
-    projector = _module(proj_hidden_dim=512, proj_out_dim=512).student.projector
+    projector = _module(projector=dict(hidden_dim=512, out_dim=512)).student.projector
     for linear in (layer for layer in projector if isinstance(layer, torch.nn.Linear)):
         weight = linear.weight.detach().double()
         kurtosis = ((weight - weight.mean()) ** 4).mean() / weight.var() ** 2
@@ -165,7 +165,7 @@ def test_a_training_step_leaves_the_frozen_parts_and_moves_the_rest(tmp_path):
     vit = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "weight_init": "moco",
            "sincos_pos_embed": True, "freeze_patch_embed": True}
     model = BAMModule(backbone="vit_tiny_patch16_224", backbone_kwargs=vit, num_local_crops=2, momentum_teacher=True,
-                      warmup_epochs=0, lr=0.1, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2, proj_init="trunc_normal")
+                      warmup_epochs=0, lr=0.1, projector=dict(hidden_dim=32, out_dim=16, num_layers=2, init="trunc_normal"))
     before = {name: param.detach().clone() for name, param in model.student.named_parameters()}
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, default_root_dir=tmp_path, max_steps=1, gradient_clip_val=0.3,

@@ -8,7 +8,7 @@ import torch
 from bam import BAMModule
 from tiny_runs import TinyCropsDataModule
 
-SMALL_HEAD = dict(proj_hidden_dim=64, proj_out_dim=32, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=64, out_dim=32, num_layers=2))
 STEPS = 3
 
 

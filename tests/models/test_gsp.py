@@ -14,7 +14,7 @@ from bam.models.gsp import GSPPool
 from tiny_runs import TinyCropsDataModule
 from eval_fixtures import write_checkpoint
 
-SMALL_HEAD = dict(proj_hidden_dim=64, proj_out_dim=32, proj_layers=2)
+SMALL_HEAD = dict(projector=dict(hidden_dim=64, out_dim=32, num_layers=2))
 
 
 def _map(batch: int = 3, channels: int = 16, size: int = 7, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from bam.models import Projector, build_backbone, feature_dim
+from bam.models import Projector, ProjectorSettings, build_backbone, feature_dim
 from bam.models.encoder import MultiCropEncoder
 
 
@@ -35,13 +35,15 @@ def test_unknown_backbone_suggests_close_names():
 
 
 def test_projector_layout():
-    projector = Projector(8, hidden_dim=16, out_dim=4, num_layers=3, batch_norm=True, last_batch_norm=True)
+    projector = Projector(8, ProjectorSettings(hidden_dim=16, out_dim=4, num_layers=3, batch_norm=True, last_batch_norm=True))
     linear = [m for m in projector if isinstance(m, nn.Linear)]
     norms = [m for m in projector if isinstance(m, nn.BatchNorm1d)]
     assert [layer.out_features for layer in linear] == [16, 16, 4]
     assert len(norms) == 3 and norms[-1].affine is False
-    with pytest.raises(ValueError, match="activation"):
-        Projector(8, activation="swishy")
+    with pytest.raises(ValueError, match=r"^unknown projector activation 'swishy'; choose from \['gelu', 'relu', 'silu'\]$"):
+        ProjectorSettings(activation="swishy")
+    with pytest.raises(ValueError, match=r"^the projector needs at least 1 layer, got num_layers=0$"):
+        Projector(8, ProjectorSettings(num_layers=0))
 
 
 def test_encoder_runs_the_backbone_once_per_resolution():

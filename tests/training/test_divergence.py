@@ -26,7 +26,7 @@ from cli_runs import NaNOnce, logged_losses, pretrain, run_bam
 from repo_paths import REPO
 from tiny_runs import TinyCropsDataModule
 
-SMALL = dict(backbone="bam_cnn4", num_local_crops=2, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+SMALL = dict(backbone="bam_cnn4", num_local_crops=2, projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
 
 
 class RecordLosses(pl.Callback):

@@ -75,7 +75,7 @@ def test_bam_linear_refuses_a_crafted_checkpoint_url(served, tmp_path):
 
 def test_python_api_fit_refuses_a_crafted_checkpoint_url_and_file(served, tmp_path):
     base, marker, site = served
-    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
     for ckpt_path in (f"{base}/evil.ckpt", str(site / "evil.ckpt")):
         trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, default_root_dir=tmp_path)

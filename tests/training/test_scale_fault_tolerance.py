@@ -145,7 +145,7 @@ class PoisonAt(pl.Callback):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, proj_hidden_dim=32, proj_out_dim=16, proj_layers=2)
+    model = BAMModule(backbone="bam_cnn4", num_local_crops=2, projector=dict(hidden_dim=32, out_dim=16, num_layers=2))
     directory = tmp_path / "checkpoints"
     poison = PoisonAt(step=3, checkpoint=directory / "last.ckpt")
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=directory, save_last=True, every_n_train_steps=1, save_top_k=-1)
