@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import threading
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -221,6 +222,12 @@ def _free_metadata(writer: Any) -> None:
             metadata.unlink()
 
 
+# The watcher thread reaches the main thread through Python's handler of this signal, simulated
+# (`_thread.interrupt_main`), never sent: SIGINT's handler is not Python's where SIGINT is ignored
+# (a job started in the background, CI, nohup), and the wait would then never end.
+WORKER_DEATH_SIGNAL = signal.SIGUSR2
+
+
 @contextmanager
 def _dead_workers_raise(ffcv_writer: ModuleType, partial: Path) -> Iterator[None]:
     """Inside, the processes FFCV's writer starts are watched; the first that exits with an
@@ -239,28 +246,32 @@ def _dead_workers_raise(ffcv_writer: ModuleType, partial: Path) -> Iterator[None
         while not finished.wait(0.2):
             dead.extend(process for process in list(started) if process.exitcode not in (None, 0))
             if dead:
-                _thread.interrupt_main()
+                _thread.interrupt_main(WORKER_DEATH_SIGNAL)
                 return
+
+    def raise_in_main_thread(signum: int, frame: Any) -> None:
+        if dead:  # not a real SIGUSR2 from elsewhere
+            raise ConverterWorkerDied(
+                f"a writer process of FFCV (pid {dead[0].pid}) died with exit code {dead[0].exitcode} while writing "
+                f"{partial}; nothing was written (its error is printed above). Fix its cause and run again, or try "
+                "--num-workers 1"
+            )
 
     # FFCV's writer keeps no handle on its processes; the class it starts them with records them
     original, ffcv_writer.Process = ffcv_writer.Process, WatchedProcess
+    previous_handler = signal.signal(WORKER_DEATH_SIGNAL, raise_in_main_thread)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         yield
-    except KeyboardInterrupt:
-        if not dead:  # the user's Ctrl-C
-            raise
+    except ConverterWorkerDied:
         for process in started:
             process.kill()
-        raise ConverterWorkerDied(
-            f"a writer process of FFCV (pid {dead[0].pid}) died with exit code {dead[0].exitcode} while writing "
-            f"{partial}; nothing was written (its error is printed above). Fix its cause and run again, or try "
-            "--num-workers 1"
-        ) from None
+        raise
     finally:
         finished.set()
         watcher.join()
+        signal.signal(WORKER_DEATH_SIGNAL, previous_handler)
         ffcv_writer.Process = original
 
 

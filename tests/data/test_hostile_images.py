@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -154,8 +155,10 @@ def test_pretraining_and_knn_read_an_animated_gif(animated, tmp_path):
 
 
 @pytest.mark.process
-def test_a_converter_process_that_dies_ends_the_conversion_with_an_error(tmp_path):
-    """FFCV's writer waits for its sample count forever when a worker dies; here it must stop."""
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_converter_process_that_dies_ends_the_conversion_with_an_error(tmp_path, sigint):
+    """FFCV's writer waits for its sample count forever when a worker dies; here it must stop, also
+    where SIGINT is ignored (a conversion started in the background, under nohup or by CI)."""
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
@@ -174,5 +177,9 @@ def test_a_converter_process_that_dies_ends_the_conversion_with_an_error(tmp_pat
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
     with pytest.raises(ConverterWorkerDied, match=r"a writer process of FFCV \(pid \d+\) died with exit code 3 while "
                                                    f"writing {output}.partial; nothing was written"):
-        write_complete(DiesAtThirdImage(), output, fields, num_workers=2)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+        try:
+            write_complete(DiesAtThirdImage(), output, fields, num_workers=2)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     assert list(output.parent.iterdir()) == []
