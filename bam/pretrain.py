@@ -31,6 +31,7 @@ from bam.training import PreemptionCheckpoint, RunCheckpoint, check_slurm_alloca
 from bam.training.run_setup import CHECKPOINT_DEFAULTS
 from bam.training.launch_plan import check_launch_plan
 from bam.moved_keys import MovedKey, read_moved_keys
+from bam.ops.distributed import leave_process_group
 from bam.training.run_cli import SafeRunCLI, SettingError, launch_rank_is_zero, one_line_errors
 from bam.training.health import explain_divergence
 from bam.training.slurm import devices_per_node
@@ -187,3 +188,4 @@ def main(argv: list[str]) -> None:
     """`bam pretrain [--config FILE|NAME] [--ckpt_path last] [--print_config] [overrides]`."""
     with one_line_errors("bam pretrain"), explain_divergence("bam pretrain", argv), expected_warnings_silenced():
         pretrain_cli(argv)
+    leave_process_group()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from bam.moved_keys import MovedKey, is_flag, read_moved_keys
 from bam.data.sources import Subset
-from bam.ops.distributed import rank
+from bam.ops.distributed import leave_process_group, rank
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import ClassificationDataModule
 from bam.features.extract import FeatureExtractor, embed_dataset, resolve_readout
@@ -74,16 +74,7 @@ def init_distributed(device: torch.device) -> None:
     """Join the process group `torchrun` describes in the environment (if any, and not joined yet)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave_process_group)
-
-
-def _leave_process_group() -> None:
-    """At exit, every process waits for the others, then leaves the group: a process whose group is
-    torn down by the interpreter while a peer is still finishing (process 0 writing the results) can
-    abort in gloo's threads ("terminate called without an active exception", exit -6)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        atexit.register(leave_process_group)
 
 
 def frozen_extractor(

@@ -16,6 +16,7 @@ from bam.evaluation.data import ClassificationDataModule, LabelSetError
 from bam.features.extract import NonFiniteFeaturesError
 from bam.io.backbone_reader import ENCODER_MOVED_KEY
 from bam.moved_keys import MovedKey, read_moved_keys
+from bam.ops.distributed import leave_process_group
 from bam.shipped_configs import with_config_names
 from bam.training.fault_tolerance import RunCheckpoint
 from bam.training.plots import CurvePlots
@@ -58,7 +59,7 @@ class EvalCLI(SafeRunCLI):
 def run_stage(model_class: type[ClassificationStage], stage: str, description: str, argv: list[str]) -> EvalCLI:
     """Parse `argv` (config files and overrides) and fit `model_class` on the configured data."""
     with one_line_errors(f"bam {stage}", also=(NonFiniteFeaturesError, LabelSetError)), expected_warnings_silenced():
-        return EvalCLI(
+        cli = EvalCLI(
             model_class,
             ClassificationDataModule,
             subclass_mode_model=False,
@@ -70,3 +71,5 @@ def run_stage(model_class: type[ClassificationStage], stage: str, description: s
             seed_everything_default=0,
             parser_kwargs={"fit": {"description": description}},
         )
+    leave_process_group()
+    return cli

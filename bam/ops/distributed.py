@@ -22,6 +22,16 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def leave_process_group() -> None:
+    """Wait for every process, then leave the default process group (if one was joined). Called on
+    every rank at the end of a stage: a process whose gloo group the interpreter tears down at exit
+    while a peer is still finishing (rank 0 printing the k-NN table, writing results) can abort in
+    gloo's threads ("terminate called without an active exception", exit -6)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class _GatherWithGradient(torch.autograd.Function):
     """All-gather whose backward returns, to each process, the sum over every process of the
     gradient that process's loss sends to this process's rows.
