@@ -76,13 +76,13 @@ def bam_caformer_m36(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     the authors' file through `bam.load_backbone`, or an export through timm's `local-dir:`)."""
     kwargs.setdefault("res_scale_init_values", None)
     kwargs.setdefault("layer_scale_init_values", None)
+    kwargs.setdefault("depths", (3, 12, 18, 3))  # a shallower variant of the same stages when given
+    kwargs.setdefault("dims", (96, 192, 384, 576))
     return build_model_with_cfg(
         MetaFormer,
         "bam_caformer_m36",
         pretrained,
         feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2, 3)},
-        depths=(3, 12, 18, 3),
-        dims=(96, 192, 384, 576),
         token_mixers=(GeluSepConv, GeluSepConv, Attention, Attention),
         norm_layers=(LayerNorm2dNoBias,) * 2 + (LayerNormNoBias,) * 2,
         mlp_act=nn.GELU,
