@@ -7,6 +7,7 @@ what must shrink: crop sizes, batch size, data, epochs, schedules of the periodi
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 from cli_runs import bam_env as checkout_env
@@ -21,6 +23,8 @@ from processes import finish_process_group
 from repo_paths import REPO
 
 PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+# the demos that tests/methods/test_method_demo_runs.py runs on 2 processes, then exports and evaluates
+METHOD_DEMOS = ("dino_demo", "deepclusterv2_demo", "sela_demo", "sela_v2_demo")
 BIN = Path(sys.executable).parent
 BAM = str(BIN / "bam")
 # The launch tests run on CPU; tests/gpu/check.sh sets "gpu" to run them over NCCL on 2+ GPUs.
@@ -85,10 +89,12 @@ def recipe_data_class(config: Path) -> str:
     return yaml.safe_load(config.read_text())["data"]["class_path"]
 
 
-def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs: int = 1) -> list[str]:
+def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs: int = 1,
+                       shrink_model: bool = True) -> list[str]:
     """`--config <recipe>` plus what must shrink for 2 CPU processes and a few seconds: one step
-    per epoch, k-NN and ContrastiveCrop boxes already in the first epoch; full precision on CPU
-    (a recipe's bf16/fp16 is run on GPUs by tests/gpu/check.sh)."""
+    per epoch, k-NN and ContrastiveCrop boxes already in the first epoch, the model unless
+    `shrink_model` is false (see `shrunk_model_args`); full precision on CPU (a recipe's
+    bf16/fp16 is run on GPUs by tests/gpu/check.sh)."""
     args = [
         "--config", str(config),
         "--trainer.accelerator", ACCELERATOR, "--trainer.num_nodes", "1",
@@ -108,17 +114,50 @@ def shrunk_recipe_args(config: Path, image_root: Path, run_dir: Path, max_epochs
         ]
     else:  # a built-in data set (the demos): keep it, train on a class-balanced 20 of its images
         args += ["--data.init_args.fraction", "0.004"]
-    return args + shrunk_clusters_args(config)
+    return args + (shrunk_model_args(config) if shrink_model else [])
 
 
-def shrunk_clusters_args(config: Path) -> list[str]:
-    """DeepCluster-v2 makes k-means clusters of the training images: on the 8 or 20 images above,
-    2 clusters per head (as many heads as the recipe)."""
+# One block per stage of the recipe's architecture, its widths, heads and patches kept: a collective
+# or a callback runs the same on it, at a tenth of the CPU time and checkpoint size of the ImageNet
+# networks (tests/test_configs.py builds every recipe's network at its full depth).
+ONE_BLOCK_PER_STAGE = {"vit_": {"depth": 1}, "bam_vit_": {"depth": 1}, "resnet": {"layers": [1, 1, 1, 1]},
+                       "bam_caformer_": {"depths": [1, 1, 1, 1]}}
+
+
+def shrunk_model_args(config: Path) -> list[str]:
+    """The recipe's method and architecture, smaller: one block per stage, a 64-32 projector,
+    DINO's head of 128 prototypes, and DeepCluster-v2's k-means clusters 2 per head (on the 8 or
+    20 images above), as many heads as the recipe."""
     model = yaml.safe_load(config.read_text())["model"]
-    if model["class_path"] != "bam.methods.DeepClusterV2Module":
-        return []
-    heads = len(model["init_args"]["objective"]["num_prototypes"])
-    return ["--model.init_args.objective.num_prototypes", str([2] * heads)]
+    settings, args = model["init_args"], []
+    depth = next((kwargs for prefix, kwargs in ONE_BLOCK_PER_STAGE.items() if settings["backbone"].startswith(prefix)), None)
+    if depth is not None:
+        backbone_kwargs = {**settings.get("backbone_kwargs", {}), **depth}
+        args += ["--model.init_args.backbone_kwargs", json.dumps(backbone_kwargs)]
+    if settings["projector"].get("num_layers") != 0:  # SeLa's heads read the backbone directly
+        args += ["--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32"]
+    if model["class_path"] == "bam.methods.DINOModule":
+        args += ["--model.init_args.out_dim", "128"]
+    if model["class_path"] == "bam.methods.DeepClusterV2Module":
+        heads = len(settings["objective"]["num_prototypes"])
+        args += ["--model.init_args.objective.num_prototypes", str([2] * heads)]
+    return args
+
+
+def assert_run_complete(run_dir: Path, log: Path) -> dict:
+    """A multi-process `bam pretrain` run that ended well: one version folder per logger, a k-NN
+    report, a loadable last checkpoint (returned), plots; the report printed once (rank 0 only).
+    A collective called on one rank only hangs or kills the run at the end of fit instead."""
+    output = log.read_text(errors="replace")
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"], output[-3000:]
+    report_path = run_dir / "csv" / "version_0" / "knn_report.json"
+    assert report_path.is_file(), output[-3000:]
+    assert "trained backbone" in json.loads(report_path.read_text())
+    assert output.count("k-NN (k=20) on the held-out split") == 1
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] >= 1
+    assert any((run_dir / "plots").glob("*.png"))
+    return checkpoint
 
 
 def lightning_launch(args: list[str], processes: int = 2) -> list[str]:

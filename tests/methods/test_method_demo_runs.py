@@ -1,8 +1,11 @@
 """The methods beside BAM as users run them: `bam pretrain --config configs/pretrain/<demo>.yaml` on
-2 processes (Lightning's launcher), then `bam export`, `bam knn` and `bam linear` on what it wrote,
-each through the console script; each method's state beyond the networks (DINO's centre,
-DeepCluster-v2's bank and clusters, SeLa's labels) is checked in the checkpoint. (Every shipped recipe also runs under torchrun in
-tests/launch/test_launch_pretrain.py; exact resume is tests/training/test_exact_resume.py's.)"""
+2 processes (Lightning's launcher), then `bam export` and `bam knn` on what it wrote, each through
+the console script (an export is a timm model whatever the method: `bam linear` and the other
+stages read the BAM demo's in tests/evaluation/test_eval_configs_run.py); each method's state
+beyond the networks (DINO's centre, DeepCluster-v2's bank and clusters, SeLa's labels) is checked
+in the checkpoint. These are the
+demos' 2-process runs (product_runs.METHOD_DEMOS); the other recipes run on 2 processes in
+tests/launch/test_launch_pretrain.py, and exact resume is tests/training/test_exact_resume.py's."""
 from __future__ import annotations
 
 import json
@@ -13,13 +16,10 @@ import pytest
 import torch
 
 from cli_runs import run_bam
-from product_runs import lightning_launch, run, shrunk_recipe_args, tail
+from product_runs import METHOD_DEMOS, assert_run_complete, lightning_launch, run, shrunk_recipe_args, tail
 from repo_paths import REPO
 
 pytestmark = [pytest.mark.process, pytest.mark.distributed]
-
-SMALL_HEAD = ["--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32"]
-
 
 def dino_state_is_saved(checkpoint: dict) -> None:
     assert checkpoint["hyper_parameters"]["teacher_temperature_final"] == 0.07
@@ -52,23 +52,22 @@ def deepcluster_state_is_saved(checkpoint: dict) -> None:
     assert all(state[f"loss_fn.centroids_{head}"].shape == (2, 32) for head in range(3))
 
 
-# demo config -> (its command-line options, the check of its checkpoint)
-DEMOS: dict[str, tuple[list[str], Callable[[dict], None]]] = {
-    "dino_demo": (SMALL_HEAD + ["--model.init_args.out_dim", "128"], dino_state_is_saved),
-    "deepclusterv2_demo": (SMALL_HEAD, deepcluster_state_is_saved),
-    "sela_demo": ([], sela_labels_are_saved),
-    "sela_v2_demo": (SMALL_HEAD, sela_labels_are_saved),
+# demo config -> the check of its method's state in its checkpoint (the model: product_runs.shrunk_model_args)
+STATE_CHECKS: dict[str, Callable[[dict], None]] = {
+    "dino_demo": dino_state_is_saved,
+    "deepclusterv2_demo": deepcluster_state_is_saved,
+    "sela_demo": sela_labels_are_saved,
+    "sela_v2_demo": sela_labels_are_saved,
 }
 
 
-@pytest.mark.parametrize("demo", DEMOS)
-def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path, demo: str):
+@pytest.mark.parametrize("demo", METHOD_DEMOS)
+def test_demo_on_two_processes_then_export_and_knn(tmp_path: Path, demo: str):
     run_dir, log = tmp_path / "run", tmp_path / "pretrain.txt"
-    options, state_is_saved = DEMOS[demo]
     config = REPO / "configs" / "pretrain" / f"{demo}.yaml"
-    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + options + ["--knn.compare_baselines", "false"]
+    args = shrunk_recipe_args(config, tmp_path, run_dir, max_epochs=2) + ["--knn.compare_baselines", "false"]
     assert run(lightning_launch(args), log) == 0, tail(log)
-    state_is_saved(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
+    STATE_CHECKS[demo](assert_run_complete(run_dir, log))
 
     export = tmp_path / "backbone"
     exported = run_bam(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--output", str(export)])
@@ -78,10 +77,3 @@ def test_demo_on_two_processes_then_export_knn_and_linear(tmp_path: Path, demo: 
     assert knn.returncode == 0, knn.stdout[-3000:]
     results = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
     assert (results["bank_size"], results["num_queries"]) == (400, 1000) and 0 <= results["top1"] <= 100
-
-    linear = run_bam(["linear", "--config", "demo", "--model.backbone", str(export), "--trainer.max_epochs", "1",
-                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "linear"),
-                      "--data.init_args.fraction", "0.1"])
-    assert linear.returncode == 0, linear.stdout[-3000:]
-    probe = json.loads((tmp_path / "linear" / "results.json").read_text())
-    assert probe["val"]["best_epoch"] == 1
