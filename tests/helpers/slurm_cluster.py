@@ -41,8 +41,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # a requeued job may start again cred_expire seconds after it was requeued (120 s by default: idle
-# time in the requeue test); 20 s still leaves a loaded machine ample time to launch a step with it
-AuthInfo=cred_expire=20
+# time in the requeue test); a credential is checked when slurmd launches a step, within a second or
+# two of its making even on a loaded machine, so 10 s still leaves ample time
+AuthInfo=cred_expire=10
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid

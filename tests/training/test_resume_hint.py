@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 
 import pytest
 from jsonargparse import Namespace
@@ -32,11 +33,14 @@ def test_the_hint_pastes_back_dicts_lists_and_strings():
 
 
 @pytest.mark.process
-def test_the_hint_after_a_crop_count_change_pastes_back_through_the_crop_link_and_resumes(tmp_path):
-    run = ["pretrain", *TINY_PRETRAIN, "--data.fraction=0.02", "--trainer.max_epochs=1",
-           "--trainer.limit_train_batches=2", f"--trainer.default_root_dir={tmp_path / 'run'}"]
-    first = run_bam(run)
-    assert first.returncode == 0, first.stdout[-3000:]
+def test_the_hint_after_a_crop_count_change_pastes_back_through_the_crop_link_and_resumes(tmp_path,
+                                                                                         four_step_run):
+    # the first run is the session's shared four-step run (tests/training/conftest.py), copied: the
+    # same command resumed with two settings changed, then with the hint pasted
+    shutil.copytree(four_step_run, tmp_path / "run")
+    # no k-NN baselines: the resumed runs train no step, and would evaluate nothing else on all the digits
+    run = ["pretrain", *TINY_PRETRAIN, "--trainer.max_steps=4", "--knn.compare_baselines=false",
+           f"--trainer.default_root_dir={tmp_path / 'run'}"]
     changed = [*run, "--ckpt_path=last", "--data.crops.num_local_crops=2", "--model.lr=2e-3"]
     second = run_bam(changed)
     assert second.returncode == 0, second.stdout[-3000:]

@@ -13,7 +13,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import cli_runs
 import scale_worker
 from bam.methods import BAMModule, NonFiniteLossError
 from bam.training import AtomicCheckpointIO, PreemptionCheckpoint, atomic_save
@@ -186,17 +185,11 @@ def test_slurm_requeue_comes_after_the_complete_checkpoint(tmp_path, monkeypatch
 
 
 
-@pytest.mark.process
-def test_bam_pretrain_writes_checkpoints_atomically_and_handles_signals(tmp_path, monkeypatch, capsys):
+def test_bam_pretrain_handles_the_preemption_signals_by_default(monkeypatch, capsys):
+    """The signals `bam pretrain` saves and stops on, from its own configuration; that a run really
+    saves through AtomicCheckpointIO is checked on a `bam pretrain` run by
+    test_signal_during_evaluation.py::test_a_sigterm_during_the_last_epochs_evaluation_stops_after_saving_first."""
     from bam.pretrain import main
-
-    recorded = tmp_path / "checkpoint_io.txt"
-    run = cli_runs.pretrain(tmp_path / "run", "--trainer.max_epochs=1", "--trainer.callbacks+=cli_runs.RecordCheckpointIO",
-                            f"--trainer.callbacks.init_args.path={recorded}")
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert recorded.read_text().rsplit(".", 1)[-1] == AtomicCheckpointIO.__name__  # what `bam pretrain` saves with
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file() and not list(checkpoints.glob("*.tmp"))
 
     monkeypatch.setattr(sys, "argv", ["bam"])
     with pytest.raises(SystemExit):
