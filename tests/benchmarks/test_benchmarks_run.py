@@ -53,9 +53,12 @@ def test_loop_baseline_matches_bam_loss():
     torch.testing.assert_close(loop_x.grad, ours_x.grad, rtol=1e-4, atol=1e-6)
 
 
-# the shipped demo through `bam pretrain`, shrunk: 200 digits, batches of 32, a small head, no plots
+# the shipped demo through `bam pretrain`, shrunk: 200 digits, batches of 32, a small head, a k-NN bank
+# of 200 digits, no plots and no end-of-run pictures (their t-SNE map is no part of either ledger; the
+# demo chain in tests/evaluation/test_eval_demo_chain.py draws them)
 TINY_DEMO = ["--trainer.max_epochs=1", "--data.init_args.fraction=0.05", "--data.init_args.batch_size=32",
-             "--model.init_args.projector.hidden_dim=64", "--model.init_args.projector.out_dim=32", "--plots.enabled=false"]
+             "--data.init_args.knn_bank_fraction=0.05", "--model.init_args.projector.hidden_dim=64",
+             "--model.init_args.projector.out_dim=32", "--plots.enabled=false", "--pictures.enabled=false"]
 
 
 @pytest.mark.slow  # 12 CPU-seconds: longer than a fast-tier test may take (a few seconds)

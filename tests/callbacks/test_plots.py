@@ -96,6 +96,7 @@ def test_pretrain_writes_curve_plots(tmp_path):
         "--data.init_args.knn_bank_fraction", "0.05",
         "--knn.every_n_epochs", "1", "--knn.compare_baselines", "false",
         "--model.init_args.projector.hidden_dim", "64", "--model.init_args.projector.out_dim", "32",
+        "--pictures.enabled", "false",  # the t-SNE map: tests/evaluation/test_eval_demo_chain.py draws it
     ])
     names = {path.name for path in (run_dir / "plots").glob("*.png")}
     expected = {"train_loss.png", "train_lr.png", "train_reg.png", "train_weight_decay.png", "knn_top1.png", "summary.png"}

@@ -11,6 +11,7 @@ from bam.io import export_backbone
 from bam.io.initial_weights import initial_backbone_state
 from bam.methods import BAMModule
 from bam.models import build_backbone
+from eval_fixtures import write_checkpoint
 from safety_runs import pretrain
 
 FROZEN_STEP = ["--model.lr=0", "--model.min_lr=0", "--model.weight_decay=0", "--model.weight_decay_final=0"]
@@ -26,9 +27,11 @@ def backbone_parameters(checkpoint: dict, encoder: str) -> dict[str, torch.Tenso
 
 @pytest.mark.process
 def test_bam_pretrain_starts_a_new_run_from_an_export(tmp_path):
-    status, _, err = pretrain(tmp_path / "first", "--trainer.max_steps=3")
-    assert status == 0, err[-3000:]
-    export = export_backbone(tmp_path / "first" / "checkpoints" / "last.ckpt", tmp_path / "export")
+    """The export is made in process from a checkpoint of seeded random weights (none a fresh run
+    starts from); `bam export` of a checkpoint that `bam pretrain` wrote is tested by
+    tests/methods/test_method_demo_runs.py."""
+    checkpoint = write_checkpoint(tmp_path, "bam_cnn4", {}, seed=7)
+    export = export_backbone(checkpoint, tmp_path / "export")
 
     # one optimiser step at lr 0: the new run's weights are still exactly the ones it started from
     status, out, err = pretrain(tmp_path / "second", f"--model.init_args.init_weights={export}",
@@ -36,7 +39,7 @@ def test_bam_pretrain_starts_a_new_run_from_an_export(tmp_path):
     assert status == 0, err[-3000:]
     assert f"bam: backbone bam_cnn4 initialised from {export} (" in out + err
     started = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert started["global_step"] == 1  # a new run from step 0, not the first one (step 3) resumed
+    assert started["global_step"] == 1  # a new run from step 0 with its own optimiser
     expected = {key: value for key, value in load_file(str(export / "model.safetensors")).items()
                 if "running_" not in key and "num_batches" not in key}
     loaded = backbone_parameters(started, "student")  # the tiny run has no teacher (the in-process tests do)
