@@ -116,6 +116,15 @@ def configured_epochs(arm: Arm, pretrain_args: list[str]) -> int:
     return int(yaml.safe_load(printed.stdout)["trainer"]["max_epochs"])
 
 
+def finished_epochs(arm_dir: Path, seeds: list[int]) -> int | None:
+    """The epochs of an arm whose `epochs` runs all finished before, as they recorded them; None
+    while one is missing. Rerunning a finished study then starts no `--print_config` process per arm."""
+    results = [arm_dir / f"seed_{seed}" / RESULT_FILE for seed in seeds]
+    if not all(result.is_file() for result in results):
+        return None
+    return int(json.loads(results[0].read_text())["epochs"])
+
+
 def json_value(document: dict[str, Any], path: str) -> float:
     """The value at a dotted path (`val.last_top1`) of a results document."""
     value: Any = document
@@ -265,7 +274,8 @@ def run_study(
     """
     check_study(arms, budgets, reference)
     reference, output_dir = reference or arms[0].name, Path(output_dir)
-    base_epochs = {arm.name: configured_epochs(arm, pretrain_args) for arm in arms}
+    base_epochs = {arm.name: finished_epochs(output_dir / "epochs" / arm.name, seeds)
+                   or configured_epochs(arm, pretrain_args) for arm in arms}
     columns = [column for evaluation in evaluations for column in evaluation.columns]
     runs = [train_and_evaluate(output_dir / "epochs" / arm.name / f"seed_{seed}", arm, seed, base_epochs[arm.name],
                                "epochs", pretrain_args, evaluations) for arm in arms for seed in seeds]

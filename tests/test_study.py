@@ -67,6 +67,46 @@ def test_the_shipped_demo_study_names_configs_and_overrides_that_exist():
         assert evaluation["config"] in shipped_configs(evaluation["stage"])
 
 
+def test_a_study_runs_every_arm_and_seed_once_and_matches_cpu_budgets(tmp_path, monkeypatch):
+    """The study's bookkeeping over seeds, in process: pretraining and evaluation stand-ins cost
+    10 CPU-s per epoch for the reference and 5 for the cheap arm, so the cheap arm's CPU budget
+    is 4 epochs; the summary is the mean and std over both seeds; a second call reruns nothing.
+    (The toy study below runs the real stages, with one seed.)"""
+    cost_per_epoch = {"ref": 10.0, "cheap": 5.0}
+    pretrained = []
+
+    def pretrain_once(run_dir, arm, seed, epochs, pretrain_args):
+        pretrained.append((run_dir.relative_to(tmp_path).as_posix(), seed, epochs, pretrain_args))
+        return cost_per_epoch[arm.name] * epochs + seed
+
+    def evaluate(run_dir, evaluations):
+        budget, arm, seed = run_dir.relative_to(tmp_path).parts
+        return {"knn_top1": 50.0 + 10 * int(seed[-1]) + (arm == "cheap") + (budget == "cpu")}
+
+    monkeypatch.setattr(study, "pretrain_once", pretrain_once)
+    monkeypatch.setattr(study, "evaluate", evaluate)
+    monkeypatch.setattr(study, "configured_epochs", lambda arm, pretrain_args: 2)
+    arms = [study.Arm("ref", "demo"), study.Arm("cheap", "demo", ["--x=1"])]
+    arguments = dict(arms=arms, evaluations=[study.Evaluation("knn", "knn_demo")], seeds=[0, 1],
+                     budgets=["epochs", "cpu"], pretrain_args=["--y=2"], output_dir=tmp_path)
+    summary = study.run_study(**arguments)
+
+    assert pretrained == [("epochs/ref/seed_0", 0, 2, ["--y=2"]), ("epochs/ref/seed_1", 1, 2, ["--y=2"]),
+                          ("epochs/cheap/seed_0", 0, 2, ["--y=2"]), ("epochs/cheap/seed_1", 1, 2, ["--y=2"]),
+                          ("cpu/cheap/seed_0", 0, 4, ["--y=2"]), ("cpu/cheap/seed_1", 1, 4, ["--y=2"])]
+    rows = {(row["budget"], row["arm"]): row for row in summary}
+    assert list(rows) == [("epochs", "ref"), ("epochs", "cheap"), ("cpu", "ref"), ("cpu", "cheap")]
+    assert (rows["cpu", "ref"]["epochs"], rows["cpu", "cheap"]["epochs"]) == (2, 4)
+    assert rows["epochs", "cheap"]["knn_top1"] == 56.0 and rows["cpu", "cheap"]["knn_top1"] == 57.0
+    assert rows["cpu", "ref"]["knn_top1_std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
+    assert rows["epochs", "ref"]["cpu_seconds"] == 20.5 and rows["cpu", "cheap"]["seeds"] == 2
+    assert len(list(csv.DictReader((tmp_path / "runs.csv").open()))) == 8
+
+    pretrained.clear()
+    monkeypatch.setattr(study, "configured_epochs", None)  # finished arms need no `--print_config`
+    assert study.run_study(**arguments) == summary and pretrained == []
+
+
 # a toy study: 200 digits, 2 epochs of a small head; k-NN of the held-out digits against 200 training digits
 TOY_PRETRAIN = ["--data.init_args.fraction=0.05", "--data.init_args.batch_size=32", "--trainer.log_every_n_steps=1",
                 "--model.init_args.projector.hidden_dim=64", "--model.init_args.projector.out_dim=32", "--trainer.max_epochs=2",
@@ -77,8 +117,10 @@ TOY_PRETRAIN = ["--data.init_args.fraction=0.05", "--data.init_args.batch_size=3
 @pytest.mark.slow
 @pytest.mark.process
 def test_toy_study_through_the_console_script_and_resumed(tmp_path):
+    """One seed (the bookkeeping over several is the in-process test above): 3 pretrainings, the
+    cheaper arm's CPU-budget run among them, then one rerun after an evaluation was lost."""
     config = {
-        "output_dir": str(tmp_path / "study"), "seeds": [0, 1], "budgets": ["epochs", "cpu"], "reference": "bam",
+        "output_dir": str(tmp_path / "study"), "seeds": [1], "budgets": ["epochs", "cpu"], "reference": "bam",
         "pretrain_args": TOY_PRETRAIN,
         "arms": [{"name": "bam", "config": "demo"},
                  {"name": "no_local_crops", "config": "demo", "overrides": ["--data.init_args.crops.num_local_crops=0"]}],
@@ -91,15 +133,15 @@ def test_toy_study_through_the_console_script_and_resumed(tmp_path):
 
     runs = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
     assert sorted((run["budget"], run["arm"], run["seed"]) for run in runs) == sorted(
-        (budget, arm, seed) for budget in ("epochs", "cpu") for arm in ("bam", "no_local_crops") for seed in "01")
-    for run in runs:  # every run's figures are its own stages' results
+        (budget, arm, "1") for budget in ("epochs", "cpu") for arm in ("bam", "no_local_crops"))
+    for run in runs:  # every run's figures are its own stages' results, of a pretraining with its seed
         # a CPU-budget run of an arm's own epochs (2) is its equal-epochs run, read from there
         budget = "epochs" if int(run["epochs"]) == 2 else run["budget"]
         run_dir = tmp_path / "study" / budget / run["arm"] / f"seed_{run['seed']}"
         knn = json.loads((run_dir / "knn" / "knn_results.json").read_text())
         assert (float(run["knn_top1"]), float(run["knn_top5"])) == (knn["top1"], knn["top5"])
-    cost = {arm: statistics.fmean(float(run["cpu_seconds"]) for run in runs
-                                  if run["arm"] == arm and run["budget"] == "epochs") for arm in ("bam", "no_local_crops")}
+        assert yaml.safe_load(next(run_dir.rglob("config.yaml")).read_text())["seed_everything"] == 1
+    cost = {run["arm"]: float(run["cpu_seconds"]) for run in runs if run["budget"] == "epochs"}
     matched = {run["arm"]: int(run["epochs"]) for run in runs if run["budget"] == "cpu"}
     assert matched == {"bam": 2, "no_local_crops": study.cpu_matched_epochs(2, cost["no_local_crops"], cost["bam"])}
     # the reference's CPU budget is its own epochs: the same runs, not run twice
@@ -107,24 +149,23 @@ def test_toy_study_through_the_console_script_and_resumed(tmp_path):
 
     summary = list(csv.DictReader((tmp_path / "study" / "summary.csv").open()))
     bam_epochs = next(row for row in summary if (row["budget"], row["arm"]) == ("epochs", "bam"))
-    top1 = [float(run["knn_top1"]) for run in runs if (run["budget"], run["arm"]) == ("epochs", "bam")]
-    assert float(bam_epochs["knn_top1"]) == pytest.approx(statistics.fmean(top1))
-    assert float(bam_epochs["knn_top1_std"]) == pytest.approx(statistics.stdev(top1))
+    top1 = next(float(run["knn_top1"]) for run in runs if (run["budget"], run["arm"]) == ("epochs", "bam"))
+    assert (float(bam_epochs["knn_top1"]), float(bam_epochs["knn_top1_std"])) == (pytest.approx(top1), 0.0)
     assert (tmp_path / "study" / "study.png").stat().st_size > 0
-    assert (tmp_path / "study" / "summary.md").read_text().splitlines()[0].startswith("| budget | arm |")
+    table = (tmp_path / "study" / "summary.md").read_text()
+    assert table.splitlines()[0].startswith("| budget | arm |") and table in first.stdout
 
-    # finished runs are read back: the second call starts no pretraining (no new log) and prints the same table
-    logs = {path: path.stat().st_mtime_ns for path in (tmp_path / "study").rglob("pretrain.log")}
+    # a run whose evaluation failed after its pretraining finished reruns the evaluations only;
+    # finished runs are read back: no new pretraining or evaluation log, the same table
+    logs = {path: path.stat().st_mtime_ns for path in (tmp_path / "study").rglob("*.log")}
+    redo = tmp_path / "study" / "epochs" / "bam" / "seed_1"
+    (redo / "result.json").unlink()
     second = run_bam(["study", "--config", str(tmp_path / "study.yaml")])
     assert second.returncode == 0, second.stdout[-3000:]
-    assert {path: path.stat().st_mtime_ns for path in logs} == logs
-    assert (tmp_path / "study" / "summary.md").read_text() in second.stdout
-
-    # a run whose evaluation failed after its pretraining finished reruns the evaluations only
-    redo = tmp_path / "study" / "epochs" / "bam" / "seed_0"
-    (redo / "result.json").unlink()
-    third = run_bam(["study", "--config", str(tmp_path / "study.yaml")])
-    assert third.returncode == 0, third.stdout[-3000:]
-    assert {path: path.stat().st_mtime_ns for path in logs} == logs
+    rewritten = {redo / "export.log", redo / "knn.log"}
+    assert {path: path.stat().st_mtime_ns for path in logs if path not in rewritten} == {
+        path: mtime for path, mtime in logs.items() if path not in rewritten}
+    assert all(path.stat().st_mtime_ns != logs[path] for path in rewritten)
     assert json.loads((redo / "result.json").read_text())["cpu_seconds"] == pytest.approx(
         json.loads((redo / "pretrain_done.json").read_text())["cpu_seconds"], abs=0.05)
+    assert (tmp_path / "study" / "summary.md").read_text() == table and table in second.stdout

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from bam.cli import main as bam
-from bam.data.file_report import FileStatuses, count_file_statuses
-from bam.data.sources import ImageFiles, decode_image_file
+from bam.data.sources import decode_image_file
 from bam.evaluation.data import FolderClassificationData
 from bam.features.extract import embed_dataset
 from ffcv_check import require_ffcv
 from tiny_runs import spawn_gloo_workers
 from eval_fixtures import CNN, write_checkpoint
+from file_status_workers import count_file_statuses_of_two_ranks
 from cli_runs import run_bam
 from repo_paths import REPO
 
@@ -219,19 +219,6 @@ def test_pretraining_run_ends_with_the_file_report_over_workers(root, tmp_path):
 
 
 # -- summed over processes -------------------------------------------------------------------------
-def _report_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    folder = Path(out_dir) / "files"
-    paths = [str(folder / name) for name in ("a.png", "b.png", "bad.png", "never.png")]
-    files = ImageFiles(paths, [0, 1, 2, 3], statuses=FileStatuses([*paths, str(folder / "notes")], unsupported=[4]))
-    files = files.dropping_unreadable()
-    for index in ((0, 2) if rank == 0 else (0, 1)):  # both read a.png: counted once
-        files[index]
-    summary = count_file_statuses([files.statuses])
-    (Path(out_dir) / f"summary{rank}.json").write_text(json.dumps(summary))
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_file_statuses_are_counted_over_processes_once_per_file(tmp_path):
     folder = tmp_path / "files"
@@ -239,7 +226,7 @@ def test_file_statuses_are_counted_over_processes_once_per_file(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (4, 4)).save(folder / name)
     (folder / "bad.png").write_bytes(b"not a png")
-    spawn_gloo_workers(_report_worker, 2, tmp_path)
+    spawn_gloo_workers(count_file_statuses_of_two_ranks, 2, tmp_path)
     summaries = [json.loads((tmp_path / f"summary{rank}.json").read_text()) for rank in range(2)]
     assert summaries[0] == summaries[1]  # every rank gets the total
     summary = summaries[0]

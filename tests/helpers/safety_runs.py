@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from cli_runs import run_bam
+from shared_runs import made_once
+
+from bam.training.run_folder import LOCK_NAME
 
 # a 4-layer CNN on the built-in digits, batch 8, a checkpoint every 2 steps
 TINY_PRETRAIN = [
@@ -24,6 +28,25 @@ def pretrain(run_dir: Path, *extra: str) -> tuple[int, str, str]:
     """(status, stdout, stderr) of a tiny `bam pretrain` into `run_dir`, with `extra` appended."""
     done = run_bam(["pretrain", *TINY_PRETRAIN, f"--trainer.default_root_dir={run_dir}", *extra], separate_stderr=True)
     return done.returncode, done.stdout, done.stderr
+
+
+EMPTY_LOCK_KNN_ARGS = ("--trainer.max_steps=3", "--knn.compare_baselines=true", "--data.knn_bank_fraction=0.1")
+
+
+def empty_lock_knn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny `bam pretrain` (EMPTY_LOCK_KNN_ARGS) into a folder holding an empty run lock (what a
+    full disk left behind), ended by `max_steps` with the k-NN baselines on; made once per session
+    for the stuck-lock and the k-NN report tests. Its output is in `stdout.txt` and `stderr.txt`."""
+
+    def make(run_dir: Path) -> None:
+        run_dir.mkdir(parents=True)
+        (run_dir / LOCK_NAME).write_bytes(b"")
+        status, out, err = pretrain(run_dir, *EMPTY_LOCK_KNN_ARGS)
+        assert status == 0, err[-3000:]
+        (run_dir / "stdout.txt").write_text(out)
+        (run_dir / "stderr.txt").write_text(err)
+
+    return made_once(tmp_path_factory, "empty_lock_knn_run", make)
 
 
 def dead_pid() -> int:

@@ -13,7 +13,7 @@ import pytest
 from bam.pretrain import main as pretrain_main
 from bam.training import atomic_save
 from cli_runs import run_bam
-from safety_runs import TINY_PRETRAIN, pretrain
+from safety_runs import TINY_PRETRAIN, empty_lock_knn_run
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -57,11 +57,10 @@ def test_impossible_settings_are_rejected_at_start_up_naming_them(tmp_path, monk
 
 
 @pytest.mark.process
-def test_knn_report_of_a_run_ended_by_max_steps_has_the_trained_backbone(tmp_path):
-    status, _, err = pretrain(tmp_path, "--trainer.max_steps=3", "--knn.compare_baselines=true",
-                              "--data.knn_bank_fraction=0.1")
-    assert status == 0, err[-3000:]
-    (report,) = tmp_path.glob("csv/version_*/knn_report.json")
+def test_knn_report_of_a_run_ended_by_max_steps_has_the_trained_backbone(tmp_path_factory):
+    """The run (3 steps) is shared with test_safety_stuck_lock's empty-lock test (safety_runs.empty_lock_knn_run)."""
+    run_dir = empty_lock_knn_run(tmp_path_factory)
+    (report,) = run_dir.glob("csv/version_*/knn_report.json")
     rows = json.loads(report.read_text())
     assert list(rows) == ["trained backbone", "random init (same architecture)", "raw pixels"]
     assert 0 < rows["trained backbone"]["top1"] <= 100

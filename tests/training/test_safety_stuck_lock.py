@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from bam.training.run_folder import LOCK_NAME, RunLock
-from safety_runs import pretrain
+from safety_runs import empty_lock_knn_run
 
 UNREADABLE_LOCKS = {
     "empty": b"",
@@ -56,9 +56,8 @@ def test_a_full_disk_at_start_up_leaves_no_lock_behind(tmp_path, monkeypatch):
 
 
 @pytest.mark.process
-def test_pretraining_into_a_folder_with_an_empty_lock_runs(tmp_path):
-    (tmp_path / LOCK_NAME).write_bytes(b"")  # what a full disk left behind before locks were written atomically
-    status, out, err = pretrain(tmp_path, "--trainer.max_steps=2")
-    assert status == 0, err[-3000:]
-    assert takeover_message(tmp_path / LOCK_NAME) in out
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / LOCK_NAME).exists()
+def test_pretraining_into_a_folder_with_an_empty_lock_runs(tmp_path_factory):
+    """The run is shared with test_safety_settings' k-NN report test (safety_runs.empty_lock_knn_run)."""
+    run_dir = empty_lock_knn_run(tmp_path_factory)
+    assert takeover_message(run_dir / LOCK_NAME) in (run_dir / "stdout.txt").read_text()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / LOCK_NAME).exists()
