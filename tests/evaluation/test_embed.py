@@ -1,6 +1,7 @@
 """`bam embed`: a generated image folder through a tiny ViT export, checked against the backbone run
 directly on the same files; the output formats read back; two torchrun processes writing the
-file one process writes; bad input in one line."""
+features that one process writes (the single-process run is the one both process tests read);
+bad input in one line."""
 from __future__ import annotations
 
 import csv
@@ -57,16 +58,26 @@ def embedded_directly(export: Path, paths: list[Path]) -> torch.Tensor:
 READABLE = [f"class{label}/{index}.jpg" for label in range(2) for index in range(4)]
 
 
-@pytest.mark.process
-def test_bam_embed_writes_the_backbone_features_with_their_file_names_and_the_pictures(export, images, tmp_path):
-    out = tmp_path / "out"
-    done = run_bam(["embed", "--backbone", str(export), "--images", str(images), "--output_dir", str(out),
-                    "--accelerator", "cpu", "--num_workers", "0", "--batch_size", "3",
+COMMON = ["--accelerator", "cpu", "--num_workers", "0", "--batch_size", "3"]
+
+
+@pytest.fixture(scope="module")
+def single(export, images, tmp_path_factory) -> tuple[Path, str]:
+    """`bam embed` on one process, with the pictures: its output folder and printed output; read
+    by the test of its files and by the 2-process test, which must write the same features."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    done = run_bam(["embed", "--backbone", str(export), "--images", str(images), "--output_dir", str(out), *COMMON,
                     "--pictures.queries", "2", "--pictures.k", "3", "--pictures.attention_images", "2"])
     assert done.returncode == 0, done.stdout
-    assert "files: 9 found, 8 read, 1 skipped" in done.stdout
+    return out, done.stdout
+
+
+@pytest.mark.process
+def test_bam_embed_writes_the_backbone_features_with_their_file_names_and_the_pictures(export, images, single):
+    out, printed = single
+    assert "files: 9 found, 8 read, 1 skipped" in printed
     assert (f"bam embed: 8 images -> 48-d cls features; wrote {out / 'embeddings.pt'}, {out / 'neighbours.png'}, "
-            f"{out / 'embedding_map.png'}, {out / 'attention.png'}") in done.stdout
+            f"{out / 'embedding_map.png'}, {out / 'attention.png'}") in printed
     written = torch.load(out / "embeddings.pt", weights_only=True)
     assert written["filenames"] == READABLE
     assert written["labels"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -80,19 +91,19 @@ def test_bam_embed_writes_the_backbone_features_with_their_file_names_and_the_pi
 
 @pytest.mark.process
 @pytest.mark.distributed
-def test_two_torchrun_processes_write_the_file_one_process_writes(export, images, tmp_path):
-    common = ["--backbone", str(export), "--images", str(images), "--accelerator", "cpu", "--num_workers", "0",
-              "--batch_size", "3", "--format", "npy", "--pictures.enabled", "false"]
-    single = run_bam(["embed", *common, "--output_dir", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stdout
+def test_two_torchrun_processes_write_the_file_one_process_writes(export, images, single, tmp_path):
+    """As the single process's run (the `single` fixture's, in the torch format), in the npy format."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'helpers'}", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "bam", "embed", *common, "--output_dir", str(tmp_path / "two")]
+              "-m", "bam", "embed", "--backbone", str(export), "--images", str(images), *COMMON, "--format", "npy",
+              "--pictures.enabled", "false", "--output_dir", str(tmp_path / "two")]
     double = run_process_group(launch, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     assert double.returncode == 0, double.stdout
     assert double.stdout.count("bam embed: 8 images") == 1  # process 0 alone writes and reports
-    assert (tmp_path / "two" / "filenames.csv").read_text() == (tmp_path / "one" / "filenames.csv").read_text()
-    np.testing.assert_allclose(np.load(tmp_path / "two" / "embeddings.npy"), np.load(tmp_path / "one" / "embeddings.npy"),
+    one = torch.load(single[0] / "embeddings.pt", weights_only=True)
+    rows = "".join(f"{name},{label}\n" for name, label in zip(one["filenames"], one["labels"].tolist()))
+    assert (tmp_path / "two" / "filenames.csv").read_text() == "filename,label\n" + rows
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "embeddings.npy"), one["embeddings"].numpy(),
                                rtol=1e-6, atol=1e-6)
 
 

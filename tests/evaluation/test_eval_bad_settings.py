@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bam.cli import main as bam_main
 from bam.io.export import export_backbone, read_backbone
 from bam.io.state import CheckpointFormatError
 from cli_runs import run_bam
@@ -37,18 +38,28 @@ def test_a_probe_with_a_batch_norm_head_refuses_batches_of_one_image(backbone, t
     )
 
 
-@pytest.mark.process
 def test_fine_tuning_with_mixup_refuses_an_odd_batch(backbone, tmp_path):
+    """In this process, through the `bam` entry point: the stage's exit message is the line the
+    console script prints (the stage's one_line_errors), as the batch-norm head's refusal above
+    shows through the console script."""
     no_drop_path = ("--model.drop_path_rate", "0")  # the small CNN has no stochastic depth
-    assert refusal("finetune", backbone, tmp_path, *no_drop_path, batch_size=1) == (
+    with pytest.raises(SystemExit) as stop:
+        bam_main(["finetune", "--model.backbone", backbone, *synthetic_args(batch_size=1),
+                  *trainer_args(tmp_path / "run"), *no_drop_path])
+    assert str(stop.value.code) == (
         "bam finetune: data.init_args.batch_size=1 per process: Mixup/CutMix pair each image of a batch with another, "
         "which needs an even number; set an even --data.init_args.batch_size (or --model.mixup 0 --model.cutmix 0)"
     )
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.process
 def test_a_zero_in_the_data_std_is_refused(backbone, tmp_path):
-    assert refusal("linear", backbone, tmp_path, "--data.std=[0.3, 0.0, 0.3]") == (
+    """In this process, through the `bam` entry point, as the mixup refusal above."""
+    with pytest.raises(SystemExit) as stop:
+        bam_main(["linear", "--model.backbone", backbone, *synthetic_args(), *trainer_args(tmp_path / "run"),
+                  "--data.std=[0.3, 0.0, 0.3]"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert str(stop.value.code) == (
         "bam linear: data std [0.3, 0.0, 0.3] has an entry that is not a positive number: images are divided by the "
         "std, so that channel would become infinite or NaN. Give each channel's standard deviation over the images "
         "(e.g. ImageNet's [0.229, 0.224, 0.225])"

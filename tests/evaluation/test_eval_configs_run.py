@@ -4,24 +4,26 @@ ones on a tiny generated ImageNet-like folder with the architecture each names: 
 `resnet50` (random init), ViT-S/16 as a checkpoint of a 4-block ViT-S/16 (384 wide, 16 px patches,
 224 px; 12 blocks are 3x the CPU time, and 4 are what the ViT-S readout reads). Only sizes shrink
 on the command line (epochs, batches, episodes, CPU and float32 instead of the GPUs' settings);
-each config's stage logic is kept. Also through the command: the published-protocol options (several k,
-a subset list, novel classes, the student's online k-NN), on 2 processes where the stage runs so,
-and a bad subset list or k named in one line.
+each config's stage logic is kept. Also through the command: the published-protocol options
+(several k, a subset list, novel classes, the student's online k-NN), on 2 processes where the
+stage runs so. The demo pretraining and export are made once per session
+(eval_fixtures.demo_export); the linear, fine-tuning and clustering demo configs run on them on
+2 processes in tests/launch/test_launch_evaluation.py. Bad input to these stages ends in one line
+in the in-process tests named below.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from bam import study
-from cli_runs import DEMO, run_bam
-from eval_fixtures import write_checkpoint, write_imagenet_like_folder
+from cli_runs import run_bam
+from eval_fixtures import assert_study_reads, demo_export, write_checkpoint, write_imagenet_like_folder
+from product_runs import BAM, BIN, bam_env
 from processes import run_process_group
 from repo_paths import REPO
 
@@ -38,12 +40,6 @@ TINY_TRAINING = [
 TINY_FOLDER = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
 
 
-def assert_study_reads(stage: str, document: dict) -> None:
-    """`bam study` finds its default columns of this stage in the stage's real results file."""
-    for path in study.STAGES[stage].default_metrics.values():
-        study.json_value(document, path)
-
-
 def bam_ok(*args: str) -> str:
     """`bam ARGS`, which must succeed; its output."""
     done = run_bam(list(map(str, args)))
@@ -52,11 +48,10 @@ def bam_ok(*args: str) -> str:
 
 
 def torchrun_ok(*args: str) -> str:
-    """`bam ARGS` on 2 CPU processes under torchrun, which must succeed; its output."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bam",
-               *map(str, args)]
-    done = run_process_group(command, stderr=-2, cwd=REPO, env=env)
+    """`bam ARGS` on 2 CPU processes under torchrun as docs/distributed.md has users start it (the
+    `torchrun` and `bam` console scripts), which must succeed; its output."""
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", BAM, *map(str, args)]
+    done = run_process_group(command, stderr=-2, cwd=REPO, env=bam_env())
     assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout
 
@@ -75,11 +70,9 @@ def named_architecture(config: Path, architectures: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
-    """The shrunk demo pretrained (online k-NN of teacher and student) and exported, as docs/demo.md's chain."""
-    folder = tmp_path_factory.mktemp("demo")
-    bam_ok("pretrain", *DEMO, f"--trainer.default_root_dir={folder / 'run'}", "--knn.include_student=true")
-    bam_ok("export", folder / "run" / "checkpoints" / "last.ckpt", "--output", folder / "backbone")
-    return {"run": folder / "run", "backbone": folder / "backbone"}
+    """The shrunk demo pretrained (online k-NN of teacher and student) and exported, as docs/demo.md's
+    chain; made once per session, tests/launch/test_launch_evaluation.py runs its demo configs on it too."""
+    return demo_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +97,7 @@ def test_pretraining_logs_the_online_knn_of_teacher_and_student(demo):
     assert float(logged["knn/top1"]) == pytest.approx(report["trained backbone"]["top1"], abs=1e-3)
 
 
+@pytest.mark.distributed
 def test_knn_demo_at_several_k_on_one_and_two_processes(demo, tmp_path):
     args = ["knn", "--config", CONFIGS / "knn_demo.yaml", "--backbone", demo["backbone"], "--k", "10", "20", "100", "200"]
     printed = bam_ok(*args, "--output_dir", tmp_path / "one")
@@ -117,37 +111,24 @@ def test_knn_demo_at_several_k_on_one_and_two_processes(demo, tmp_path):
     assert json.loads((tmp_path / "two" / "knn_results.json").read_text())["by_k"] == single["by_k"]
 
 
-def test_linear_demo(demo, tmp_path):
-    bam_ok("linear", "--config", CONFIGS / "linear_demo.yaml", "--model.backbone", demo["backbone"],
-           "--trainer.max_epochs", "1", "--trainer.default_root_dir", tmp_path, "--data.init_args.fraction", "0.05",
-           "--data.init_args.batch_size", "64")  # 200 digits: 3 full batches
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["val"]["last_epoch"] == 1
-    assert_study_reads("linear", results)
+# linear_demo, finetune_demo and cluster_demo run on 2 processes, with these checks, in
+# tests/launch/test_launch_evaluation.py (CONFIG_RUNS_ELSEWHERE), on the same export
 
 
-def test_finetune_demo(demo, tmp_path):
-    bam_ok("finetune", "--config", CONFIGS / "finetune_demo.yaml", "--model.backbone", demo["backbone"],
-           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-           "--trainer.default_root_dir", tmp_path, "--data.init_args.batch_size", "16")
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"val", "val_ema"}  # the config's EMA is evaluated
-
-
-def test_cluster_demo(demo, tmp_path):
-    bam_ok("cluster", "--config", CONFIGS / "cluster_demo.yaml", "--backbone", demo["backbone"], "--output_dir", tmp_path)
-    results = json.loads((tmp_path / "cluster_results.json").read_text())
-    assert results["num_images"] == 1000
-    assert_study_reads("cluster", results)
-
-
+@pytest.mark.distributed
 def test_fewshot_demo_on_novel_classes_on_one_and_two_processes(demo, tmp_path):
     (tmp_path / "novel.txt").write_text("5\n6\n7\n8\n9\n")
     args = ["fewshot", "--config", CONFIGS / "fewshot_demo.yaml", "--backbone", demo["backbone"], "--episodes", "5",
             "--novel_classes", tmp_path / "novel.txt"]
-    bam_ok(*args, "--output_dir", tmp_path / "one")
+    printed = bam_ok(*args, "--output_dir", tmp_path / "one")
     single = json.loads((tmp_path / "one" / "fewshot_results.json").read_text())
     assert single["novel_classes"]["labels"] == [5, 6, 7, 8, 9] and list(single["results"]) == ["1-shot", "5-shot"]
+    assert (single["ways"], single["episodes"]) == (5, 5)
+    for row in single["results"].values():  # the config's BPA is reported beside the raw features
+        for space in ("raw", "bpa"):
+            assert 0 <= row[space]["mean"] <= 100 and row[space]["ci95"] >= 0
+    assert (tmp_path / "one" / "fewshot.png").stat().st_size > 1000
+    assert "1-shot" in printed and "BPA" in printed
     assert_study_reads("fewshot", single)
     torchrun_ok(*args, "--output_dir", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "fewshot_results.json").read_text())["results"] == single["results"]
@@ -195,10 +176,11 @@ def test_finetune_imagenet(folders, architectures, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["val"]["last_epoch"] == 1
 
 
-@pytest.mark.parametrize("percent", [1, 10])
-def test_semisupervised_configs_train_on_the_listed_images(folders, architectures, tmp_path, percent):
-    config = CONFIGS / f"finetune_imagenet_semisup_{percent}pct.yaml"
-    listed = tmp_path / f"{percent}percent.txt"
+def test_semisupervised_config_trains_on_the_listed_images(folders, architectures, tmp_path):
+    """The 1% config's run; it stands for the 10% one, which differs from it only in numbers
+    (test_the_10pct_config_is_the_1pct_one_with_its_own_learning_rates)."""
+    config = CONFIGS / "finetune_imagenet_semisup_1pct.yaml"
+    listed = tmp_path / "1percent.txt"
     listed.write_text("".join(f"n{label:08d}_{index}.JPEG\n" for label in range(5) for index in (0, 3)))
     position = TINY_TRAINING.index("--trainer.limit_train_batches")
     every_batch = TINY_TRAINING[:position] + TINY_TRAINING[position + 2 :]  # every batch of the listed images
@@ -209,36 +191,32 @@ def test_semisupervised_configs_train_on_the_listed_images(folders, architecture
     assert saved["global_step"] == 2  # 10 listed images in full batches of 4 (all 20 would make 5 steps)
 
 
-def test_a_subset_list_naming_absent_images_is_one_line(folders, tmp_path):
-    listed = tmp_path / "1percent.txt"
-    listed.write_text("n00000000_0.JPEG\nn01440764_10026.JPEG\nn01440764_10027.JPEG\n")
-    done = run_bam(["finetune", "--config", "finetune_imagenet_semisup_1pct", "--model.backbone", "resnet50",
-                    "--data.init_args.root", str(folders["small"]), "--data.init_args.fraction", str(listed),
-                    "--trainer.default_root_dir", str(tmp_path), *TINY_TRAINING, *TINY_FOLDER])
-    assert done.returncode != 0
-    assert done.stdout.strip().splitlines()[-1] == (
-        f"bam finetune: 2 of the 3 images named in {listed} are not in the split's 20 images, e.g. "
-        "n01440764_10026.JPEG, n01440764_10027.JPEG; check that the list belongs to this dataset"
-    )
-    assert "Traceback" not in done.stdout
+def test_the_10pct_config_is_the_1pct_one_with_its_own_learning_rates():
+    """So the run above of the 1% config is the 10% one's code path too: only the published learning
+    rates, the run folder and the subset list's placeholder differ."""
+    one, ten = (yaml.safe_load((CONFIGS / f"finetune_imagenet_semisup_{percent}pct.yaml").read_text())
+                for percent in (1, 10))
+    differing = {("model", "optimizer", "lr"): (0.02, 0.01), ("model", "head_lr"): (5.0, 0.2),
+                 ("trainer", "default_root_dir"): ("runs/finetune_imagenet_semisup_1pct",
+                                                   "runs/finetune_imagenet_semisup_10pct"),
+                 ("data", "init_args", "fraction"): ("/path/to/1percent.txt", "/path/to/10percent.txt")}
+    for keys, values in differing.items():
+        *parents, last = keys
+        sections = [one, ten]
+        for key in parents:
+            sections = [section[key] for section in sections]
+        assert tuple(section.pop(last) for section in sections) == values
+    assert one == ten
 
 
-def test_a_bad_k_is_one_line(folders):
-    done = run_bam(["knn", "--config", "knn_imagenet", "--backbone", "resnet18", "--data.init_args.root",
-                    str(folders["small"]), "--k", "20", "20"])
-    assert done.returncode != 0 and "Traceback" not in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == (
-        "bam knn: k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; "
-        "got [20, 20]"
-    )
+# a subset list naming absent images, given to `bam finetune` with the 1% config:
+# test_eval_protocols.py's test_bam_finetune_names_the_absent_images_of_a_subset_list_in_one_line
+# a bad k given to `bam knn`: test_eval_knn.py's test_a_repeated_k_on_the_bam_command_line_is_one_line
 
 
 # shipped config -> the test above that runs it
 CONFIG_RUNS = {
     "knn_demo": "test_knn_demo_at_several_k_on_one_and_two_processes",
-    "linear_demo": "test_linear_demo",
-    "finetune_demo": "test_finetune_demo",
-    "cluster_demo": "test_cluster_demo",
     "fewshot_demo": "test_fewshot_demo_on_novel_classes_on_one_and_two_processes",
     "knn_imagenet": "test_knn_imagenet",
     "cluster_imagenet": "test_cluster_imagenet",
@@ -246,13 +224,18 @@ CONFIG_RUNS = {
     "linear_imagenet": "test_linear_imagenet_configs",
     "linear_imagenet_vit_small": "test_linear_imagenet_configs",
     "finetune_imagenet": "test_finetune_imagenet",
-    "finetune_imagenet_semisup_1pct": "test_semisupervised_configs_train_on_the_listed_images",
-    "finetune_imagenet_semisup_10pct": "test_semisupervised_configs_train_on_the_listed_images",
+    "finetune_imagenet_semisup_1pct": "test_semisupervised_config_trains_on_the_listed_images",
+    "finetune_imagenet_semisup_10pct": "test_semisupervised_config_trains_on_the_listed_images",  # by its twin
 }
 
 
-# the retrieval and VOS stages' configs run in those stages' own test files (test function named)
+# configs run in other test files (path from this folder, test function): the retrieval and VOS
+# stages' own files, and the trained stages' and clustering's demo configs on 2 processes
+LAUNCH_EVALUATION = "../launch/test_launch_evaluation.py"
 CONFIG_RUNS_ELSEWHERE = {
+    "linear_demo": (LAUNCH_EVALUATION, "test_trained_stages_with_lightnings_launcher"),
+    "finetune_demo": (LAUNCH_EVALUATION, "test_trained_stages_with_lightnings_launcher"),
+    "cluster_demo": (LAUNCH_EVALUATION, "test_cluster_demo_under_torchrun"),
     "retrieval_demo": ("test_retrieval.py", "test_bam_retrieval_demo_config_on_the_held_out_digits"),
     "retrieval_market1501": ("test_retrieval.py", "test_bam_retrieval_on_a_query_gallery_folder_with_the_reid_config"),
     "vos_demo": ("test_vos.py", "test_bam_vos_demo_config_writes_and_scores_the_synthetic_videos"),

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bam.cli import main as bam_main
 from bam.evaluation import frozen, knn_class_scores, knn_stage
 from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.classifier import accuracy_metrics
@@ -283,6 +284,18 @@ def test_bad_neighbour_counts_are_named(checkpoint, tmp_path, k):
         run_knn(str(checkpoint), synthetic_data(), k=k, accelerator="cpu", output_dir=str(tmp_path))
     assert str(error.value) == (
         f"k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; got {k}"
+    )
+
+
+def test_a_repeated_k_on_the_bam_command_line_is_one_line(checkpoint, tmp_path):
+    """`bam knn ... --k 20 20` (the command's entry point, in this process: the stage's exit message
+    is the one line the console script prints)."""
+    with pytest.raises(SystemExit) as stop:
+        bam_main(["knn", "--backbone", str(checkpoint), *synthetic_args(), "--accelerator", "cpu",
+                  "--output_dir", str(tmp_path), "--k", "20", "20"])
+    assert str(stop.value.code) == (
+        "bam knn: k must be one or more distinct neighbour counts of at least 1, e.g. 20 or [10, 20, 100, 200]; "
+        "got [20, 20]"
     )
 
 

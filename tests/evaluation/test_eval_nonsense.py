@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
+from bam.cli import main as bam_main
 from bam.data.splits import MissingLabelsError
 from bam.evaluation.data import FolderClassificationData, LabelSetError
 from cli_runs import run_bam
@@ -79,7 +80,7 @@ def test_a_single_class_is_refused(tmp_path):
 
 
 @pytest.mark.process
-def test_bam_knn_stops_on_non_finite_features_and_on_bad_label_sets(nan_checkpoint, tmp_path):
+def test_bam_knn_stops_on_non_finite_features(nan_checkpoint, tmp_path):
     knn = run_bam(["knn", "--backbone", str(nan_checkpoint), *synthetic_args(train_size=16, val_size=8),
                    "--accelerator", "cpu", "--output_dir", str(tmp_path / "knn")])
     assert knn.returncode == 1
@@ -87,25 +88,46 @@ def test_bam_knn_stops_on_non_finite_features_and_on_bad_label_sets(nan_checkpoi
         count=16, total=16, split="train")
     assert not (tmp_path / "knn" / "knn_results.json").exists()
 
+
+def test_bam_knn_stops_on_a_bad_label_set(tmp_path):
+    """In this process, through the `bam` entry point: the stage's exit message is the line the
+    console script prints, by the route of the non-finite features' stop above (a process)."""
     lists = listed_images(tmp_path / "images", {"train": [0, 0, 1, 1], "val": [0, 7]})
     sound = write_checkpoint(tmp_path, *CNN)
-    knn = run_bam(["knn", "--backbone", str(sound), *list_data_args(lists), "--accelerator", "cpu",
-                   "--output_dir", str(tmp_path / "knn")])
-    assert knn.returncode == 1
-    assert knn.stdout.strip().splitlines()[-1].startswith(
+    with pytest.raises(SystemExit) as stop:
+        bam_main(["knn", "--backbone", str(sound), *list_data_args(lists), "--accelerator", "cpu",
+                  "--output_dir", str(tmp_path / "knn")])
+    assert str(stop.value.code).startswith(
         "bam knn: the held-out split has 1 images with labels [7] that the training split never has")
+    assert not (tmp_path / "knn" / "knn_results.json").exists()
+
+
+def stage_on_the_nan_checkpoint(stage: str, checkpoint: Path, run_dir: Path) -> list[str]:
+    no_mixing = ["--model.mixup", "0", "--model.cutmix", "0", "--model.drop_path_rate", "0"]
+    options = no_mixing if stage == "finetune" else []
+    return [stage, "--model.backbone", str(checkpoint), *options, *synthetic_args(train_size=16, val_size=8),
+            *trainer_args(run_dir, max_epochs=1)]
+
+
+def assert_nothing_saved(run_dir: Path) -> None:
+    assert not list(run_dir.glob("checkpoints/*.ckpt")) and not (run_dir / "results.json").exists()
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("stage", ["linear", "finetune"])
-def test_linear_and_finetune_stop_on_a_non_finite_loss_and_save_nothing(nan_checkpoint, tmp_path, stage):
-    no_mixing = ["--model.mixup", "0", "--model.cutmix", "0", "--model.drop_path_rate", "0"]
-    options = no_mixing if stage == "finetune" else []
-    run = run_bam([stage, "--model.backbone", str(nan_checkpoint), *options, *synthetic_args(train_size=16, val_size=8),
-                   *trainer_args(tmp_path, max_epochs=1)])
+def test_linear_stops_on_a_non_finite_loss_and_saves_nothing(nan_checkpoint, tmp_path):
+    run = run_bam(stage_on_the_nan_checkpoint("linear", nan_checkpoint, tmp_path))
     assert run.returncode == 1
-    assert run.stdout.strip().splitlines()[-1] == f"bam {stage}: " + NON_FINITE_LOSS.format(loss="nan")
-    assert not list(tmp_path.glob("checkpoints/*.ckpt")) and not (tmp_path / "results.json").exists()
+    assert run.stdout.strip().splitlines()[-1] == "bam linear: " + NON_FINITE_LOSS.format(loss="nan")
+    assert_nothing_saved(tmp_path)
+
+
+def test_finetune_stops_on_a_non_finite_loss_and_saves_nothing(nan_checkpoint, tmp_path):
+    """In this process, through the `bam` entry point (the linear probe's stop above is the
+    console script's, by the same route: the trained stages' shared training step)."""
+    with pytest.raises(SystemExit) as stop:
+        bam_main(stage_on_the_nan_checkpoint("finetune", nan_checkpoint, tmp_path))
+    assert str(stop.value.code) == "bam finetune: " + NON_FINITE_LOSS.format(loss="nan")
+    assert_nothing_saved(tmp_path)
 
 
 def test_a_probe_refuses_to_save_a_non_finite_head(tmp_path):

@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import nn
 
+from bam.cli import main as bam_main
 from bam.data.sources import TensorImages, listed_subset
 from bam.evaluation import fewshot
 from bam.evaluation.data import BuiltinClassificationData, FolderClassificationData
@@ -88,6 +89,24 @@ def test_names_missing_from_the_split_are_counted_and_the_first_three_shown(imag
         f"5 of the 6 images named in {listed} are not in the split's 12 images, e.g. n09999999_0.JPEG, "
         "n09999999_1.JPEG, n09999999_2.JPEG; check that the list belongs to this dataset"
     )
+
+
+def test_bam_finetune_names_the_absent_images_of_a_subset_list_in_one_line(images, tmp_path):
+    """Through the `bam` entry point with the 1% config (a subset-list run of the console script is
+    test_eval_configs_run.py's test_semisupervised_config_trains_on_the_listed_images)."""
+    listed = _subset_file(tmp_path / "1percent.txt", ["n00000000_0.JPEG", "n01440764_10026.JPEG", "n01440764_10027.JPEG"])
+    on_this_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                   "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+    with pytest.raises(SystemExit) as stop:
+        bam_main(["finetune", "--config", "finetune_imagenet_semisup_1pct", "--model.backbone", "resnet18",
+                  "--data.init_args.root", str(images), "--data.init_args.fraction", listed,
+                  "--trainer.default_root_dir", str(tmp_path / "run"), *on_this_cpu])
+    assert str(stop.value.code) == (
+        f"bam finetune: 2 of the 3 images named in {listed} are not in the split's 12 images, e.g. "
+        "n01440764_10026.JPEG, n01440764_10027.JPEG; check that the list belongs to this dataset"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_missing_list_and_images_without_file_names_are_explained(tmp_path):

@@ -1,5 +1,5 @@
 """`bam fewshot`: episode sampling, the prototype classifier, transductive BPA, the 95% interval,
-and the stage end to end through the `bam` command."""
+and the stage end to end (through the `bam` command: test_eval_configs_run.py's fewshot demo)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,6 @@ from bam.evaluation.backbone import build_from_spec, resolve_backbone
 from bam.evaluation.data import BuiltinClassificationData
 from bam.evaluation.fewshot import episode_accuracies, evaluate_fewshot, prototype_accuracy, run_fewshot, sample_episode
 from bam.transforms import BPASettings, bpa
-from cli_runs import run_bam
 from eval_fixtures import CNN, record_figures, synthetic_args, synthetic_data, write_checkpoint
 
 
@@ -114,24 +113,10 @@ def test_bad_settings_are_explained():
         run_fewshot("bam_cnn4", synthetic_data(), split="test", accelerator="cpu")
 
 
-@pytest.mark.process
-def test_stage_through_the_bam_command(tmp_path):
+def test_the_stage_is_a_bam_command():
+    """Its run through the `bam` command (results, table, plot, on 1 and 2 processes) is
+    test_eval_configs_run.py's test_fewshot_demo_on_novel_classes_on_one_and_two_processes."""
     assert STAGES["fewshot"][0] == "bam.evaluation.fewshot"
-    checkpoint = write_checkpoint(tmp_path, *CNN)
-    done = run_bam([
-        "fewshot", "--backbone", str(checkpoint), "--accelerator", "cpu", "--output_dir", str(tmp_path / "out"),
-        "--ways", "3", "--shots", "[1, 2]", "--queries", "4", "--episodes", "20",
-        *synthetic_args(batch_size=16, train_size=32, val_size=32),
-    ])
-    assert done.returncode == 0, done.stdout[-3000:]
-    result = json.loads((tmp_path / "out" / "fewshot_results.json").read_text())
-    assert set(result["results"]) == {"1-shot", "2-shot"}
-    for row in result["results"].values():
-        for space in ("raw", "bpa"):
-            assert 0 <= row[space]["mean"] <= 100 and row[space]["ci95"] >= 0
-    assert (result["ways"], result["episodes"], result["num_images"]) == (3, 20, 32)
-    assert (tmp_path / "out" / "fewshot.png").stat().st_size > 1000
-    assert "1-shot" in done.stdout and "BPA" in done.stdout
 
 
 def test_stage_in_process_result_table_and_plot(tmp_path, capsys, monkeypatch):

@@ -253,10 +253,11 @@ def test_bam_retrieval_demo_config_on_the_held_out_digits(export, tmp_path):
     assert f"retrieval (within): 1000 val queries against the rest of the split" in run.stdout
 
 
-@pytest.mark.process
 def test_a_missing_query_folder_is_one_line(export, tmp_path):
+    """In this process: the stage's exit message is the one line `bam retrieval` prints (the
+    tests above run the console script)."""
     _labelled_folder(tmp_path / "gallery", {"id1": 2}, seed=0)
-    run = run_bam(["retrieval", "--config", "market1501", "--backbone", str(export), "--accelerator", "cpu",
-                   "--data.init_args.root", str(tmp_path / "gallery"), "--data.init_args.val_root", str(tmp_path / "nope")])
-    assert run.returncode == 1 and run.stdout.strip().splitlines()[-1] == (
-        f"bam retrieval: image folder or list not found: {tmp_path / 'nope'}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "market1501", "--backbone", str(export), "--accelerator", "cpu",
+              "--data.init_args.root", str(tmp_path / "gallery"), "--data.init_args.val_root", str(tmp_path / "nope")])
+    assert str(exit_info.value.code) == f"bam retrieval: image folder or list not found: {tmp_path / 'nope'}"

@@ -7,9 +7,12 @@ from typing import Any
 import torch
 from torchvision.io import write_jpeg
 
+from bam import study
 from bam.evaluation.data import BuiltinClassificationData
 from bam.models.backbones import build_backbone
+from cli_runs import DEMO, run_bam
 from io_layouts import bam_checkpoint, randomise_buffers
+from shared_runs import made_once
 
 CNN = ("bam_cnn4", {"width": 8})
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3})
@@ -81,3 +84,25 @@ def write_imagenet_like_folder(root: Path, classes: int = 5, train_per_class: in
                 pixels[label % 3] += 100 + 30 * (label // 3)
                 write_jpeg(pixels, str(folder / f"{wnid}_{index}.JPEG"))
     return root
+
+
+def _pretrain_and_export_the_demo(folder: Path) -> None:
+    for args in (["pretrain", *DEMO, f"--trainer.default_root_dir={folder / 'run'}", "--knn.include_student=true"],
+                 ["export", str(folder / "run" / "checkpoints" / "last.ckpt"), "--output", str(folder / "backbone")]):
+        done = run_bam(args)
+        assert done.returncode == 0, done.stdout[-4000:]
+
+
+def demo_export(tmp_path_factory) -> dict[str, Path]:
+    """The shrunk demo (cli_runs.DEMO) pretrained with the online k-NN of teacher and student, then
+    exported, as docs/demo.md's chain, through `python -m bam`: `run` (its run folder) and
+    `backbone` (the export). Made once per test session for every evaluation file that runs a
+    stage's demo config on it (shared_runs.made_once); read it, copy what you change."""
+    folder = made_once(tmp_path_factory, "demo_export", _pretrain_and_export_the_demo)
+    return {"run": folder / "run", "backbone": folder / "backbone"}
+
+
+def assert_study_reads(stage: str, document: dict) -> None:
+    """`bam study` finds its default columns of this stage in the stage's real results file."""
+    for path in study.STAGES[stage].default_metrics.values():
+        study.json_value(document, path)
