@@ -116,10 +116,15 @@ def configured_epochs(arm: Arm, pretrain_args: list[str]) -> int:
     return int(yaml.safe_load(printed.stdout)["trainer"]["max_epochs"])
 
 
-def finished_epochs(arm_dir: Path, seeds: list[int]) -> int | None:
+def run_folder(output_dir: Path, budget: str, arm: Arm, seed: int) -> Path:
+    """Where one run of a study lives: `<output_dir>/<budget>/<arm>/seed_<seed>`."""
+    return output_dir / budget / arm.name / f"seed_{seed}"
+
+
+def finished_epochs(output_dir: Path, arm: Arm, seeds: list[int]) -> int | None:
     """The epochs of an arm whose `epochs` runs all finished before, as they recorded them; None
     while one is missing. Rerunning a finished study then starts no `--print_config` process per arm."""
-    results = [arm_dir / f"seed_{seed}" / RESULT_FILE for seed in seeds]
+    results = [run_folder(output_dir, "epochs", arm, seed) / RESULT_FILE for seed in seeds]
     if not all(result.is_file() for result in results):
         return None
     return int(json.loads(results[0].read_text())["epochs"])
@@ -274,10 +279,10 @@ def run_study(
     """
     check_study(arms, budgets, reference)
     reference, output_dir = reference or arms[0].name, Path(output_dir)
-    base_epochs = {arm.name: finished_epochs(output_dir / "epochs" / arm.name, seeds)
-                   or configured_epochs(arm, pretrain_args) for arm in arms}
+    base_epochs = {arm.name: finished_epochs(output_dir, arm, seeds) or configured_epochs(arm, pretrain_args)
+                   for arm in arms}
     columns = [column for evaluation in evaluations for column in evaluation.columns]
-    runs = [train_and_evaluate(output_dir / "epochs" / arm.name / f"seed_{seed}", arm, seed, base_epochs[arm.name],
+    runs = [train_and_evaluate(run_folder(output_dir, "epochs", arm, seed), arm, seed, base_epochs[arm.name],
                                "epochs", pretrain_args, evaluations) for arm in arms for seed in seeds]
     if "cpu" in budgets:
         runs += cpu_budget_runs(runs, arms, seeds, base_epochs, reference, pretrain_args, evaluations, output_dir)
@@ -302,7 +307,7 @@ def cpu_budget_runs(epoch_runs: list[dict[str, Any]], arms: list[Arm], seeds: li
                 same = next(run for run in epoch_runs if (run["arm"], run["seed"]) == (arm.name, seed))
                 runs.append({**same, "budget": "cpu"})
             else:
-                runs.append(train_and_evaluate(output_dir / "cpu" / arm.name / f"seed_{seed}", arm, seed, epochs,
+                runs.append(train_and_evaluate(run_folder(output_dir, "cpu", arm, seed), arm, seed, epochs,
                                                "cpu", pretrain_args, evaluations))
     return runs
 

@@ -23,7 +23,7 @@ import yaml
 
 from cli_runs import run_bam
 from eval_fixtures import assert_study_reads, demo_export, write_checkpoint, write_imagenet_like_folder
-from product_runs import BAM, BIN, bam_env
+from product_runs import bam_env, torchrun_bam
 from processes import run_process_group
 from repo_paths import REPO
 
@@ -50,8 +50,7 @@ def bam_ok(*args: str) -> str:
 def torchrun_ok(*args: str) -> str:
     """`bam ARGS` on 2 CPU processes under torchrun as docs/distributed.md has users start it (the
     `torchrun` and `bam` console scripts), which must succeed; its output."""
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", BAM, *map(str, args)]
-    done = run_process_group(command, stderr=-2, cwd=REPO, env=bam_env())
+    done = run_process_group(torchrun_bam(list(map(str, args))), stderr=-2, cwd=REPO, env=bam_env())
     assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout
 

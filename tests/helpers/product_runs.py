@@ -170,6 +170,12 @@ def torchrun_single_node(args: list[str], processes: int = 2) -> tuple[list[str]
     return ["bash", str(REPO / "launch" / "torchrun_single_node.sh"), *args], {"GPUS": str(processes)}
 
 
+def torchrun_bam(args: list[str], processes: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N $(which bam) ARGS`, docs/distributed.md's evaluation
+    row (the `torchrun` and `bam` console scripts of this environment)."""
+    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), BAM, *args]
+
+
 def torchrun_multi_node(args: list[str], node_rank: int, nodes: int, port: int) -> tuple[list[str], dict[str, str]]:
     """`launch/torchrun_multi_node.sh` for one "node" on localhost, one process per node."""
     env = {"NNODES": str(nodes), "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1",

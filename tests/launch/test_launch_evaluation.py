@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from eval_fixtures import assert_study_reads, demo_export
-from product_runs import BAM, BIN, REPO, run, tail
+from product_runs import BAM, REPO, run, tail, torchrun_bam
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,14 +29,10 @@ def backbone(tmp_path_factory) -> Path:
     return demo_export(tmp_path_factory)["backbone"]
 
 
-def torchrun(*args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", BAM, *args]
-
-
 def test_cluster_demo_under_torchrun(backbone: Path, tmp_path: Path):
     log, out = tmp_path / "log.txt", tmp_path / "cluster"
-    command = torchrun("cluster", "--config", str(EVAL_CONFIGS / "cluster_demo.yaml"), "--backbone", str(backbone),
-                       "--output_dir", str(out))
+    command = torchrun_bam(["cluster", "--config", str(EVAL_CONFIGS / "cluster_demo.yaml"), "--backbone", str(backbone),
+                            "--output_dir", str(out)])
     assert run(command, log) == 0, tail(log)
     results = json.loads((out / "cluster_results.json").read_text())
     assert results["num_images"] == 1000  # the held-out digits, each embedded once over the 2 processes
